@@ -1,0 +1,47 @@
+"""onceflow: exactly-once stream processing on Ray with Arrow micro-batches.
+
+This package is the public API only; it re-exports names from ``runtime``,
+``operators`` and ``checkpoint`` and holds no logic.
+
+Example:
+    >>> import onceflow as of
+    >>> flow = of.Dataflow("features")
+    >>> isinstance(flow, of.Dataflow)
+    True
+"""
+
+from checkpoint.errors import (
+    DataError,
+    JobFailedError,
+    OnceflowError,
+    OperatorError,
+    PlanError,
+    SinkCommitError,
+)
+from onceflow import agg, sinks, sources, windows
+from operators.watermark import BoundedOutOfOrderness
+from runtime.dataflow import Dataflow, KeyedStream, Stream, WindowedStream
+from runtime.job import JobHandle, JobResult, JobStatus, run, submit
+
+__all__ = [
+    "BoundedOutOfOrderness",
+    "DataError",
+    "Dataflow",
+    "JobFailedError",
+    "JobHandle",
+    "JobResult",
+    "JobStatus",
+    "KeyedStream",
+    "OnceflowError",
+    "OperatorError",
+    "PlanError",
+    "SinkCommitError",
+    "Stream",
+    "WindowedStream",
+    "agg",
+    "run",
+    "sinks",
+    "sources",
+    "submit",
+    "windows",
+]

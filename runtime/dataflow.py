@@ -1,0 +1,295 @@
+"""The dataflow graph users build: ``Dataflow``, ``Stream`` and friends.
+
+These classes only record a graph of small picklable configuration objects;
+:mod:`runtime.plan` turns it into subtask actors and channels, and
+:func:`runtime.job.run` executes it.
+
+Example:
+    >>> import pyarrow as pa
+    >>> from operators.sources.testing import TestingSource
+    >>> from operators.sinks.testing import TestingSink
+    >>> from operators.watermark import BoundedOutOfOrderness
+    >>> from operators import agg
+    >>> from operators.windows import Tumbling
+    >>> flow = Dataflow("doc")
+    >>> events = flow.source(TestingSource([{"user": 1, "t": 5}]),
+    ...                      watermark=BoundedOutOfOrderness("t"))
+    >>> counts = events.key_by("user").window(Tumbling(size_ms=10)).aggregate(n=agg.count())
+    >>> counts.sink(TestingSink())
+    >>> [node.name for node in flow.nodes]
+    ['source_0', 'window_1', 'sink_2']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from checkpoint.errors import PlanError
+from checkpoint.two_phase_commit import TransactionalSink
+from operators.keyed import KeyedProcess, KeyedReduce, ProcessFn, ReduceFn
+from operators.logic import LATE, MAIN
+from operators.sources.base import Source
+from operators.stateless import Filter, FlatMap, Map, MapBatches, Row
+from operators.watermark import BoundedOutOfOrderness
+from operators.windows import WindowAggregate
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from operators.agg import Aggregation
+    from operators.windows import Session, Sliding, Tumbling
+
+__all__ = ["Dataflow", "Edge", "KeyedStream", "Node", "NodeKind", "Stream", "WindowedStream"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class NodeKind(Enum):
+    """What a node of the graph does; the runtime executes each kind differently."""
+
+    SOURCE = "source"
+    TRANSFORM = "transform"
+    SINK = "sink"
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """An input of a node: the upstream node, its output port, and how rows are routed.
+
+    Attributes:
+        node: the upstream node's id.
+        port: the upstream output port (:data:`MAIN` or a side output).
+        keys: hash-partition by these columns (``key_by``); ``None`` routes
+            forward when the parallelism matches and round-robin otherwise.
+        key_by: the ``key_by`` step's name, for error messages.
+    """
+
+    node: int
+    port: int = MAIN
+    keys: tuple[str, ...] | None = None
+    key_by: str | None = None
+
+
+@dataclass(slots=True)
+class Node:
+    """One logical operator.
+
+    Attributes:
+        id: the node's index in :attr:`Dataflow.nodes`.
+        name: unique, readable name (``map_1``), used in actor names and errors.
+        kind: source, transform or sink.
+        spec: the picklable config (a ``Source``, an object with ``build(ctx)``,
+            or a ``TransactionalSink``).
+        inputs: the node's input edges.
+        parallelism: fixed by the user, or ``None`` for the default.
+        keyed: whether the node needs a keyed (hash-partitioned) input.
+        watermark: a source's watermark strategy.
+    """
+
+    id: int
+    name: str
+    kind: NodeKind
+    spec: Any
+    inputs: list[Edge] = field(default_factory=list)
+    parallelism: int | None = None
+    keyed: bool = False
+    watermark: BoundedOutOfOrderness | None = None
+
+
+class Dataflow:
+    """A named graph of sources, operators and sinks.
+
+    Args:
+        name: the job name; subtask actors are named ``<name>/<operator>/<subtask>``.
+    """
+
+    def __init__(self, name: str) -> None:
+        if not _NAME.match(name):
+            msg = f"dataflow name {name!r} must be letters, digits, '_', '.' or '-'; pick another name"
+            raise PlanError(msg)
+        self.name = name
+        self.nodes: list[Node] = []
+        self._names: set[str] = set()
+
+    def _name(self, requested: str | None, kind: str) -> str:
+        name = requested if requested is not None else f"{kind}_{len(self.nodes)}"
+        if not _NAME.match(name):
+            msg = f"operator name {name!r} must be letters, digits, '_', '.' or '-'; pick another name"
+            raise PlanError(msg)
+        if name in self._names:
+            msg = f"operator name {name!r} is used twice in dataflow {self.name!r}; names must be unique"
+            raise PlanError(msg)
+        self._names.add(name)
+        return name
+
+    def _add(self, kind: NodeKind, label: str, spec: Any, inputs: list[Edge], *, name: str | None,
+             parallelism: int | None = None, keyed: bool = False,
+             watermark: BoundedOutOfOrderness | None = None) -> Node:
+        if parallelism is not None and parallelism < 1:
+            msg = f"operator {name or label!r}: parallelism must be >= 1, got {parallelism}"
+            raise PlanError(msg)
+        node = Node(len(self.nodes), self._name(name, label), kind, spec, inputs, parallelism, keyed, watermark)
+        self.nodes.append(node)
+        return node
+
+    def source(self, source: Source, *, name: str | None = None,
+               watermark: BoundedOutOfOrderness | None = None, parallelism: int | None = None) -> Stream:
+        """Add a source.
+
+        Args:
+            source: a replayable source config (``GeneratorSource``, ``ParquetSource``, ...).
+            name: the operator name; ``source_<n>`` by default.
+            watermark: how event time and watermarks derive from the rows; without
+                one the stream has no event time and cannot be windowed.
+            parallelism: subtasks reading the source; the job's parallelism by default.
+        """
+        if not isinstance(source, Source):
+            msg = f"flow.source() needs a onceflow source, got {type(source).__name__}; wrap your data in one"
+            raise PlanError(msg)
+        node = self._add(NodeKind.SOURCE, "source", source, [], name=name, parallelism=parallelism,
+                         watermark=watermark)
+        return Stream(self, node, MAIN, watermark.column if watermark else None)
+
+
+class Stream:
+    """A stream of Arrow record batches flowing out of one operator port."""
+
+    def __init__(self, flow: Dataflow, node: Node, port: int, time_column: str | None) -> None:
+        self.flow = flow
+        self.node = node
+        self.port = port
+        self.time_column = time_column
+
+    def _edge(self) -> Edge:
+        return Edge(self.node.id, self.port)
+
+    def _transform(self, label: str, spec: Any, name: str | None, parallelism: int | None) -> Stream:
+        node = self.flow._add(NodeKind.TRANSFORM, label, spec, [self._edge()], name=name, parallelism=parallelism)
+        return Stream(self.flow, node, MAIN, self.time_column)
+
+    def map(self, fn: Callable[[Row], Row], *, name: str | None = None, parallelism: int | None = None) -> Stream:
+        """Apply ``fn(row: dict) -> dict`` to every row (row-wise: prefer :meth:`map_batches`)."""
+        return self._transform("map", Map(fn), name, parallelism)
+
+    def filter(self, predicate: Callable[[Row], bool], *, name: str | None = None,
+               parallelism: int | None = None) -> Stream:
+        """Keep the rows for which ``predicate(row: dict)`` is true (row-wise)."""
+        return self._transform("filter", Filter(predicate), name, parallelism)
+
+    def flat_map(self, fn: Callable[[Row], Iterable[Row]], *, name: str | None = None,
+                 parallelism: int | None = None) -> Stream:
+        """Replace every row by the dicts ``fn(row)`` returns (row-wise)."""
+        return self._transform("flat_map", FlatMap(fn), name, parallelism)
+
+    def map_batches(self, fn: Callable[[pa.RecordBatch], pa.RecordBatch | pa.Table], *,
+                    name: str | None = None, schema: pa.Schema | None = None,
+                    parallelism: int | None = None) -> Stream:
+        """Apply a vectorised ``fn(batch) -> batch``; every output must have one schema."""
+        return self._transform("map_batches", MapBatches(fn, schema), name, parallelism)
+
+    def key_by(self, columns: str | Sequence[str], *, name: str | None = None) -> KeyedStream:
+        """Partition the stream by the values of ``columns`` (hashed into key groups)."""
+        keys = (columns,) if isinstance(columns, str) else tuple(columns)
+        if not keys or not all(isinstance(k, str) and k for k in keys):
+            msg = f"key_by needs one or more column names, got {columns!r}"
+            raise PlanError(msg)
+        label = self.flow._name(name, "key_by")
+        return KeyedStream(self, keys, label)
+
+    def union(self, *others: Stream, name: str | None = None, parallelism: int | None = None) -> Stream:
+        """Merge this stream with ``others`` (same columns expected downstream)."""
+        for other in others:
+            if other.flow is not self.flow:
+                msg = "union() takes streams of the same dataflow"
+                raise PlanError(msg)
+        inputs = [self._edge(), *(o._edge() for o in others)]
+        node = self.flow._add(NodeKind.TRANSFORM, "union", MapBatches(_identity), inputs, name=name,
+                              parallelism=parallelism)
+        return Stream(self.flow, node, MAIN, self.time_column)
+
+    def sink(self, sink: TransactionalSink, *, name: str | None = None, parallelism: int | None = None) -> None:
+        """Write the stream to ``sink`` (committed in two phases)."""
+        if not isinstance(sink, TransactionalSink):
+            msg = f"stream.sink() needs a onceflow sink, got {type(sink).__name__}"
+            raise PlanError(msg)
+        self.flow._add(NodeKind.SINK, "sink", sink, [self._edge()], name=name, parallelism=parallelism)
+
+
+def _identity(batch: pa.RecordBatch) -> pa.RecordBatch:
+    return batch
+
+
+class KeyedStream:
+    """A stream partitioned by key: keyed state and windows live here."""
+
+    def __init__(self, stream: Stream, keys: tuple[str, ...], name: str) -> None:
+        self._stream = stream
+        self.keys = keys
+        self.name = name
+
+    def _keyed(self, label: str, spec: Any, name: str | None, parallelism: int | None) -> Node:
+        edge = Edge(self._stream.node.id, self._stream.port, self.keys, self.name)
+        return self._stream.flow._add(NodeKind.TRANSFORM, label, spec, [edge], name=name,
+                                      parallelism=parallelism, keyed=True)
+
+    def window(self, window: Tumbling | Sliding | Session, *, time_column: str | None = None,
+               allowed_lateness_ms: int = 0) -> WindowedStream:
+        """Group each key's events into event-time windows.
+
+        Args:
+            window: ``Tumbling``, ``Sliding`` or ``Session``.
+            time_column: the event time column; the source's watermark column by default.
+            allowed_lateness_ms: keep a fired window's state this long for late events.
+        """
+        column = time_column or self._stream.time_column
+        if column is None:
+            msg = (
+                f"{self.name}: the stream has no event time; give its source "
+                "watermark=BoundedOutOfOrderness(column, ...) or pass window(..., time_column=)"
+            )
+            raise PlanError(msg)
+        return WindowedStream(self, window, column, allowed_lateness_ms)
+
+    def process(self, fn: ProcessFn, *, name: str | None = None, parallelism: int | None = None) -> Stream:
+        """Run ``fn(state, row) -> (state, output)`` per row with state per key."""
+        node = self._keyed("process", KeyedProcess(fn, self.keys), name, parallelism)
+        return Stream(self._stream.flow, node, MAIN, self._stream.time_column)
+
+    def reduce(self, fn: ReduceFn, *, name: str | None = None, parallelism: int | None = None) -> Stream:
+        """Fold rows per key with ``fn(accumulated, row)``; emit every updated row."""
+        node = self._keyed("reduce", KeyedReduce(fn, self.keys), name, parallelism)
+        return Stream(self._stream.flow, node, MAIN, self._stream.time_column)
+
+
+class WindowedStream:
+    """A keyed stream grouped into windows; call :meth:`aggregate`."""
+
+    def __init__(self, keyed: KeyedStream, window: Tumbling | Sliding | Session, time_column: str,
+                 allowed_lateness_ms: int) -> None:
+        self._keyed = keyed
+        self._window = window
+        self._time_column = time_column
+        self._allowed_lateness_ms = allowed_lateness_ms
+
+    def aggregate(self, *, name: str | None = None, parallelism: int | None = None,
+                  **aggregates: Aggregation) -> WindowAggregateStream:
+        """Aggregate every window; emit keys, ``window_start``, ``window_end`` and one column per aggregate."""
+        if not aggregates:
+            msg = f"{self._keyed.name}: aggregate() needs at least one named aggregation, e.g. count=agg.count()"
+            raise PlanError(msg)
+        spec = WindowAggregate(self._window, list(self._keyed.keys), self._time_column, dict(aggregates),
+                               self._allowed_lateness_ms)
+        node = self._keyed._keyed("window", spec, name, parallelism)
+        return WindowAggregateStream(self._keyed._stream.flow, node, MAIN, None)
+
+
+class WindowAggregateStream(Stream):
+    """The output of a window aggregation; :meth:`late_events` gives its late input."""
+
+    def late_events(self) -> Stream:
+        """The input rows that arrived after their window fired (a side output)."""
+        return Stream(self.flow, self.node, LATE, None)

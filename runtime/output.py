@@ -1,0 +1,196 @@
+"""Output side of a subtask: partitioning, batch coalescing and credit waits.
+
+An :class:`OutputGate` serves one outgoing edge. It partitions every batch
+(forward, by key group, or round-robin), appends the parts to per-channel
+buffers, and flushes a buffer as one Ray call when it holds
+``batch_bytes`` or has waited ``linger_s``. Each channel's
+:class:`~runtime.channel.ChannelSender` bounds the unacknowledged calls; a
+flush with no credit left waits for the oldest call to be acknowledged, which
+is how backpressure reaches the source.
+
+The actor serialises every use of a gate under its processing lock, so
+flushes of one channel never interleave and sequence numbers follow data
+order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from checkpoint.errors import DataError
+from operators.keygroups import hash_columns, key_group_range, split_by_subtask
+from runtime.channel import NO_WATERMARK, ChannelMessage, ChannelSender
+from runtime.plan import OutputSpec, Routing
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+__all__ = ["DownstreamFailedError", "OutputChannel", "OutputGate"]
+
+
+class DownstreamFailedError(Exception):
+    """A receiver reported that it failed; the real cause is reported by that receiver."""
+
+
+class OutputChannel:
+    """One channel: a buffer, a sequence and credits, and the calls in flight."""
+
+    def __init__(self, handle: ActorHandle, channel: int, credits: int) -> None:
+        self._handle = handle
+        self._channel = channel
+        self._sender = ChannelSender(credits)
+        self._in_flight: deque[Any] = deque()
+        self._buffer: list[pa.RecordBatch] = []
+        self.buffered_bytes = 0
+        self.buffered_since = 0.0
+        self._watermark = NO_WATERMARK
+        self._sent_watermark = NO_WATERMARK
+        self.backpressure_s = 0.0
+        self.messages = 0
+
+    def append(self, batch: pa.RecordBatch) -> None:
+        if not self._buffer:
+            self.buffered_since = time.monotonic()
+        self._buffer.append(batch)
+        self.buffered_bytes += batch.nbytes
+
+    def set_watermark(self, watermark: int) -> None:
+        if watermark > self._watermark:
+            if not self._buffer and self._watermark == self._sent_watermark:
+                self.buffered_since = time.monotonic()
+            self._watermark = watermark
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buffer) or self._watermark > self._sent_watermark
+
+    async def _acknowledge_oldest(self) -> None:
+        ok = await self._in_flight.popleft()
+        self._sender.on_ack()
+        if not ok:
+            raise DownstreamFailedError
+
+    async def flush(self, *, eof: bool = False) -> None:
+        """Send the buffered rows and the newest watermark (and ``eof``) as one message."""
+        if not self.pending and not eof:
+            return
+        if not self._sender.has_credit():
+            started = time.monotonic()
+            while not self._sender.has_credit():
+                await self._acknowledge_oldest()
+            self.backpressure_s += time.monotonic() - started
+        batch = None
+        if self._buffer:
+            batch = self._buffer[0] if len(self._buffer) == 1 else pa.concat_batches(self._buffer)
+        watermark = self._watermark if self._watermark > self._sent_watermark else None
+        self._buffer = []
+        self.buffered_bytes = 0
+        self._sent_watermark = self._watermark
+        message = ChannelMessage(self._channel, self._sender.on_send(), batch, watermark, eof)
+        self._in_flight.append(self._handle.push.remote(message))
+        self.messages += 1
+
+    async def drain(self) -> None:
+        """Wait until the receiver acknowledged every message sent."""
+        while self._in_flight:
+            await self._acknowledge_oldest()
+
+
+class OutputGate:
+    """One outgoing edge: routes batches to its channels.
+
+    Args:
+        spec: the edge.
+        subtask: the sending subtask's index.
+        handles: the downstream vertex's actors, by subtask.
+        operator: the emitting operator's name, for errors.
+        max_parallelism: the number of key groups.
+        credits: unacknowledged messages per channel.
+        batch_bytes: flush a channel once it buffers this many bytes.
+    """
+
+    def __init__(self, spec: OutputSpec, subtask: int, handles: list[ActorHandle], *, operator: str,
+                 max_parallelism: int, credits: int, batch_bytes: int) -> None:
+        self.spec = spec
+        self._operator = operator
+        self._batch_bytes = batch_bytes
+        self._max_parallelism = max_parallelism
+        self._parallelism = len(handles)
+        offset = subtask if spec.routing is not Routing.FORWARD else 0
+        if spec.routing is Routing.FORWARD:
+            self.channels = [OutputChannel(handles[subtask], spec.channel_base, credits)]
+        else:
+            self.channels = [OutputChannel(h, spec.channel_base + offset, credits) for h in handles]
+        self._next = subtask % len(self.channels)
+        # Key group -> downstream subtask, for vectorised routing.
+        self._subtask_of_group = np.zeros(max_parallelism, dtype=np.int64)
+        for target in range(self._parallelism):
+            self._subtask_of_group[list(key_group_range(target, self._parallelism, max_parallelism))] = target
+
+    def _partition(self, batch: pa.RecordBatch) -> list[tuple[OutputChannel, pa.RecordBatch]]:
+        if self.spec.routing is Routing.FORWARD:
+            return [(self.channels[0], batch)]
+        if self.spec.routing is Routing.REBALANCE:
+            channel = self.channels[self._next]
+            self._next = (self._next + 1) % len(self.channels)
+            return [(channel, batch)]
+        assert self.spec.keys is not None
+        name = self.spec.key_by or self._operator
+        if self._parallelism == 1:
+            hash_columns(batch, self.spec.keys, operator=name)  # validates the key columns
+            return [(self.channels[0], batch)]
+        groups = hash_columns(batch, self.spec.keys, operator=name) % np.uint32(self._max_parallelism)
+        targets = self._subtask_of_group[groups]
+        parts = split_by_subtask(batch, targets, self._parallelism)
+        return [(self.channels[i], part) for i, part in enumerate(parts) if part is not None]
+
+    async def send(self, batch: pa.RecordBatch) -> None:
+        """Route ``batch``; flush the channels whose buffers are full."""
+        if batch.num_rows == 0:
+            return
+        for channel, part in self._partition(batch):
+            if channel._buffer and not part.schema.equals(channel._buffer[0].schema):
+                msg = (
+                    f"operator {self._operator!r}: emitted batches with different schemas "
+                    f"([{part.schema.to_string(show_schema_metadata=False)}] after "
+                    f"[{channel._buffer[0].schema.to_string(show_schema_metadata=False)}]); "
+                    "make every input of a union or sink carry the same columns"
+                )
+                raise DataError(msg, operator=self._operator)
+            channel.append(part)
+            if channel.buffered_bytes >= self._batch_bytes:
+                await channel.flush()
+
+    def set_watermark(self, watermark: int) -> None:
+        """Attach ``watermark`` to the next message of every channel (never ahead of data)."""
+        for channel in self.channels:
+            channel.set_watermark(watermark)
+
+    async def flush_lingering(self, linger_s: float) -> None:
+        """Flush channels whose oldest buffered data waited at least ``linger_s``."""
+        now = time.monotonic()
+        for channel in self.channels:
+            if channel.pending and now - channel.buffered_since >= linger_s:
+                await channel.flush()
+
+    async def close(self) -> None:
+        """Flush everything with end-of-input, then wait for every acknowledgement."""
+        for channel in self.channels:
+            await channel.flush(eof=True)
+        await asyncio.gather(*(channel.drain() for channel in self.channels))
+
+    @property
+    def backpressure_s(self) -> float:
+        """Seconds spent waiting for credits."""
+        return sum(c.backpressure_s for c in self.channels)
+
+    @property
+    def messages(self) -> int:
+        """Messages sent."""
+        return sum(c.messages for c in self.channels)

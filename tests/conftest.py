@@ -1,0 +1,37 @@
+"""Shared fixtures: one embedded Ray per test session, started in a fresh temp dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import ray
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """An embedded local Ray for the whole session (a fresh temp dir avoids stale cluster files)."""
+    if ray.is_initialized():
+        yield
+        return
+    temp_dir = tempfile.mkdtemp(prefix="ray-of-")
+    ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 2),
+             _temp_dir=temp_dir, logging_level="WARNING", namespace="onceflow-tests")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``slow`` tests unless ONCEFLOW_SLOW=1 (CI runs a representative subset)."""
+    if os.environ.get("ONCEFLOW_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set ONCEFLOW_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
