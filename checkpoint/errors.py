@@ -46,6 +46,7 @@ class DataError(OnceflowError):
     Attributes:
         operator: the name of the operator that rejected the batch.
         column: the offending column, where there is one.
+
     """
 
     def __init__(self, message: str, *, operator: str = "", column: str | None = None) -> None:
@@ -60,6 +61,7 @@ class OperatorError(OnceflowError):
     Attributes:
         operator: the name of the operator that failed.
         subtask: the failing subtask index, or ``None`` where unknown.
+
     """
 
     def __init__(self, message: str, *, operator: str = "", subtask: int | None = None) -> None:
@@ -78,6 +80,7 @@ class JobFailedError(OnceflowError):
     Attributes:
         job: the job name.
         operator: the operator (``<operator>/<subtask>``) that failed first, if known.
+
     """
 
     def __init__(self, message: str, *, job: str = "", operator: str = "") -> None:

@@ -37,6 +37,7 @@ class SinkContext:
         operator: the sink operator's name.
         subtask: this subtask's index.
         parallelism: the sink's parallelism.
+
     """
 
     job: str

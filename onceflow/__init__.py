@@ -8,6 +8,7 @@ Example:
     >>> flow = of.Dataflow("features")
     >>> isinstance(flow, of.Dataflow)
     True
+
 """
 
 from checkpoint.errors import (

@@ -1,0 +1,1 @@
+"""Operators, windows, aggregations, sources and sinks (no Ray code)."""

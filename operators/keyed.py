@@ -13,6 +13,7 @@ Example:
     >>> logic = KeyedProcess(running_count, ["user"]).build(OperatorContext("process_1"))
     >>> logic.on_batch(pa.record_batch({"user": ["a", "b", "a"]}))[0][1].to_pydict()
     {'user': ['a', 'b', 'a'], 'count': [1, 1, 2]}
+
 """
 
 from __future__ import annotations

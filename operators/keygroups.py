@@ -17,6 +17,7 @@ Example:
     True
     >>> subtask_of_key_group(127, parallelism=2, max_parallelism=128)
     1
+
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def murmur3_int64(values: np.ndarray, seed: int = SEED) -> np.ndarray:
 
     Returns:
         A uint32 array equal to ``mmh3.hash(v.tobytes(), seed, signed=False)``.
+
     """
     words = np.ascontiguousarray(values).astype("<u8", copy=False).view("<u4").reshape(-1, 2)
     h = np.full(len(words), seed, dtype=np.uint32)
@@ -116,6 +118,7 @@ def hash_columns(batch: pa.RecordBatch, columns: Sequence[str], *, operator: str
 
     Raises:
         DataError: a key column is missing or has a type that cannot be a key.
+
     """
     combined: np.ndarray | None = None
     for column in columns:
@@ -173,6 +176,7 @@ def split_by_subtask(batch: pa.RecordBatch, subtasks: np.ndarray, parallelism: i
 
     Returns:
         One batch per subtask (``None`` where no row goes there).
+
     """
     if parallelism == 1:
         return [batch]

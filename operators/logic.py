@@ -47,6 +47,7 @@ class OperatorContext:
         max_parallelism: the number of key groups.
         key_groups: the contiguous key-group range this subtask owns.
         options: runtime options an operator may read (batch sizes).
+
     """
 
     operator: str

@@ -10,6 +10,7 @@ Example:
     >>> logic = Map(lambda row: {"x": row["x"] * 2}).build(OperatorContext("map_1"))
     >>> logic.on_batch(pa.record_batch({"x": [1, 2]}))[0][1].to_pydict()
     {'x': [2, 4]}
+
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ class MapBatches:
     Args:
         fn: the vectorised function.
         schema: the output schema, if known; otherwise the first output's schema.
+
     """
 
     fn: Callable[[pa.RecordBatch], pa.RecordBatch | pa.Table]

@@ -12,6 +12,7 @@ Example:
     24
     >>> generator.on_batch(pa.record_batch({"event_time": [12]})) is None
     True
+
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def event_time_ms(batch: pa.RecordBatch, column: str, *, operator: str) -> np.nd
 
     Raises:
         DataError: the column is missing, has nulls, or is not an integer or timestamp.
+
     """
     index = batch.schema.get_field_index(column)
     if index < 0:
@@ -92,6 +94,7 @@ class BoundedOutOfOrderness:
     Args:
         column: the event time column (int64 milliseconds or a timestamp).
         max_delay_ms: how far out of order events may arrive.
+
     """
 
     column: str

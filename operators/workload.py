@@ -16,6 +16,7 @@ Example:
     [0, 1, 2]
     >>> feature_events(5, 2).equals(feature_events(0, 7).slice(5))
     True
+
 """
 
 from __future__ import annotations

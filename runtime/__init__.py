@@ -1,0 +1,1 @@
+"""The runtime: dataflow graph, planning, subtask actors, channels and jobs."""

@@ -46,6 +46,7 @@ class RuntimeOptions:
         batch_bytes: a channel sends once it buffers this many bytes.
         linger_s: a channel sends buffered rows at the latest after this long.
         credits: unacknowledged messages per channel (bounds memory in flight).
+
     """
 
     batch_bytes: int = 1 << 20
@@ -226,12 +227,17 @@ class SubtaskActor:
         self._finished.set()
 
     async def _apply(self, message: ChannelMessage) -> None:
-        if message.batch is not None and message.batch.num_rows:
-            await self._deliver(0, message.batch)
-        if message.watermark is not None:
-            advanced = self._watermarks_in.update(message.channel, message.watermark)
+        batch = message.batch
+        done = 0
+        for rows, watermark in message.watermarks:
+            if batch is not None and rows > done:
+                await self._deliver(0, batch.slice(done, rows - done))
+                done = rows
+            advanced = self._watermarks_in.update(message.channel, watermark)
             if advanced is not None:
                 await self._advance_watermark(advanced)
+        if batch is not None and batch.num_rows > done:
+            await self._deliver(0, batch.slice(done) if done else batch)
         if message.eof:
             self._eof[message.channel] = True
             advanced = self._watermarks_in.update(message.channel, END_OF_TIME)
@@ -274,7 +280,6 @@ class SubtaskActor:
                     if isinstance(item, Idle):
                         pass
                     else:
-                        self._records_out[0] += item.num_rows
                         await self._route(0, [(MAIN, item)])
                         if self._watermarks_out is not None:
                             watermark = self._watermarks_out.on_batch(item)
@@ -307,16 +312,22 @@ class SubtaskActor:
 
     # -- two-phase commit -----------------------------------------------------------
 
-    def commit(self) -> int:
+    async def commit(self) -> int:
         """Commit what the sink pre-committed at the end of input; return the committables count."""
+        return await asyncio.to_thread(self._commit)
+
+    def _commit(self) -> int:
         if self._sink is None:
             return 0
         ctx = SinkContext(self._plan.job, self._vertex.nodes[-1].name, self._subtask, self._vertex.parallelism)
         self._sink_spec.create_committer(ctx).commit(self._sink.committables)
         return len(self._sink.committables)
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
         """Discard everything this subtask's sink wrote or pre-committed."""
+        await asyncio.to_thread(self._abort)
+
+    def _abort(self) -> None:
         if self._sink is None:
             return
         with contextlib.suppress(Exception):

@@ -18,6 +18,7 @@ Example:
     [0, 1]
     >>> receiver.accept(ChannelMessage(0, 1))  # a duplicate is dropped
     []
+
 """
 
 from __future__ import annotations
@@ -42,21 +43,25 @@ class ChannelMessage:
         channel: the channel's index among the receiver's inputs.
         seq: the message's sequence number on its channel, from 0.
         batch: the records, or ``None`` for a control-only message.
-        watermark: the sender's output watermark after ``batch``, if it advanced.
+        watermarks: ``(rows, watermark)`` pairs in order: the sender's watermark
+            advanced to ``watermark`` after the first ``rows`` rows of ``batch``.
+            Keeping the position makes coalescing batches never move a
+            watermark ahead of (or behind) the rows it followed.
         eof: the last message on the channel.
+
     """
 
     channel: int
     seq: int
     batch: pa.RecordBatch | None = None
-    watermark: int | None = None
+    watermarks: tuple[tuple[int, int], ...] = ()
     eof: bool = False
 
 
 class ChannelReceiver:
     """Puts one channel's messages back in sequence order, dropping repeats."""
 
-    __slots__ = ("_early", "expected", "duplicates")
+    __slots__ = ("_early", "duplicates", "expected")
 
     def __init__(self) -> None:
         self.expected = 0
@@ -89,6 +94,7 @@ class ChannelSender:
 
     Args:
         credits: the most unacknowledged messages the channel may carry.
+
     """
 
     __slots__ = ("credits", "next_seq", "unacked")

@@ -17,7 +17,8 @@ Example:
     >>> counts = events.key_by("user").window(Tumbling(size_ms=10)).aggregate(n=agg.count())
     >>> counts.sink(TestingSink())
     >>> [node.name for node in flow.nodes]
-    ['source_0', 'window_1', 'sink_2']
+    ['source_0', 'window_2', 'sink_3']
+
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Edge:
         keys: hash-partition by these columns (``key_by``); ``None`` routes
             forward when the parallelism matches and round-robin otherwise.
         key_by: the ``key_by`` step's name, for error messages.
+
     """
 
     node: int
@@ -88,6 +90,7 @@ class Node:
         parallelism: fixed by the user, or ``None`` for the default.
         keyed: whether the node needs a keyed (hash-partitioned) input.
         watermark: a source's watermark strategy.
+
     """
 
     id: int
@@ -105,6 +108,7 @@ class Dataflow:
 
     Args:
         name: the job name; subtask actors are named ``<name>/<operator>/<subtask>``.
+
     """
 
     def __init__(self, name: str) -> None:
@@ -114,9 +118,11 @@ class Dataflow:
         self.name = name
         self.nodes: list[Node] = []
         self._names: set[str] = set()
+        self._steps = 0
 
     def _name(self, requested: str | None, kind: str) -> str:
-        name = requested if requested is not None else f"{kind}_{len(self.nodes)}"
+        name = requested if requested is not None else f"{kind}_{self._steps}"
+        self._steps += 1
         if not _NAME.match(name):
             msg = f"operator name {name!r} must be letters, digits, '_', '.' or '-'; pick another name"
             raise PlanError(msg)
@@ -146,6 +152,7 @@ class Dataflow:
             watermark: how event time and watermarks derive from the rows; without
                 one the stream has no event time and cannot be windowed.
             parallelism: subtasks reading the source; the job's parallelism by default.
+
         """
         if not isinstance(source, Source):
             msg = f"flow.source() needs a onceflow source, got {type(source).__name__}; wrap your data in one"
@@ -244,6 +251,7 @@ class KeyedStream:
             window: ``Tumbling``, ``Sliding`` or ``Session``.
             time_column: the event time column; the source's watermark column by default.
             allowed_lateness_ms: keep a fired window's state this long for late events.
+
         """
         column = time_column or self._stream.time_column
         if column is None:

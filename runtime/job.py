@@ -57,6 +57,7 @@ class JobResult:
             ``late_events``, ``backpressure_s`` and ``operators`` (per operator:
             ``records_in``, ``records_out`` and operator counters summed over subtasks).
         plan: the physical plan, one line per vertex.
+
     """
 
     job: str
@@ -107,7 +108,7 @@ class JobHandle:
         self.startup_s = time.monotonic() - created_at
         self._started = time.monotonic()
         names = [f"{self.job}/{v.name}/{i}" for v in plan_.vertices for i in range(v.parallelism)]
-        self._pending = {a.done.remote(): name for a, name in zip(everyone, names, strict=True)}
+        self._pending: dict[Any, str] = {a.done.remote(): name for a, name in zip(everyone, names, strict=True)}
         self._runs = [a.run.remote() for a in self._sources]
 
     @property
@@ -127,7 +128,7 @@ class JobHandle:
         """Live counters summed over subtasks (as :attr:`JobResult.metrics`)."""
         if self._result is not None:
             return self._result.metrics
-        per_actor = ray.get([a.metrics.remote() for a in self._all], timeout=timeout_s)
+        per_actor: list[dict[str, Any]] = ray.get([a.metrics.remote() for a in self._all], timeout=timeout_s)
         return _sum_metrics(per_actor, self._plan)
 
     def stop(self, timeout_s: float | None = None) -> JobResult:
@@ -148,6 +149,7 @@ class JobHandle:
         Raises:
             JobFailedError: an operator failed; nothing of this job was committed.
             TimeoutError: ``timeout_s`` passed first (the job keeps running).
+
         """
         if self._result is not None:
             return self._result
@@ -172,7 +174,7 @@ class JobHandle:
             del self._pending[ready[0]]
         ray.get(self._runs)
         processed = time.monotonic()
-        per_actor = ray.get([a.metrics.remote() for a in self._all])
+        per_actor: list[dict[str, Any]] = ray.get([a.metrics.remote() for a in self._all])
         try:
             ray.get([a.commit.remote() for a in self._sinks])
         except Exception as error:
@@ -200,18 +202,18 @@ class JobHandle:
         """Find the root failure, abort every sink, kill the actors."""
         root: BaseException | None = None
         failed_actor = ""
-        outcomes = {}
+        outcomes: dict[Any, BaseException] = {}
         ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=2.0)
         for ref in ready:
             try:
                 ray.get(ref)
             except Exception as error:  # noqa: BLE001 - classified below
                 outcomes[ref] = error
-        for ref, error in outcomes.items():
-            cause = getattr(error, "cause", None) or error
+        for ref, outcome in outcomes.items():
+            cause = getattr(outcome, "cause", None) or outcome
             if isinstance(cause, DownstreamFailedError):
                 continue
-            if root is None or isinstance(cause, OnceflowError) and not isinstance(root, OnceflowError):
+            if root is None or (isinstance(cause, OnceflowError) and not isinstance(root, OnceflowError)):
                 root = cause
                 failed_actor = self._pending[ref]
         if root is None:
@@ -226,7 +228,7 @@ class JobHandle:
         self._abort_and_kill()
 
     def _abort_and_kill(self) -> None:
-        refs = [a.abort.remote() for a in self._sinks]
+        refs: list[Any] = [a.abort.remote() for a in self._sinks]
         with contextlib.suppress(Exception):
             ray.wait(refs, num_returns=len(refs), timeout=10)
         self._kill()
@@ -260,6 +262,7 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
     Raises:
         PlanError: the dataflow cannot run (no sink, bad parallelism, a job of
             the same name is already running).
+
     """
     physical = plan(flow, parallelism, max_parallelism=max_parallelism, chaining=chaining)
     defaults = RuntimeOptions()
@@ -273,7 +276,7 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
     for node in flow.nodes:
         if node.kind is NodeKind.SINK:
             node.spec.prepare()
-    remote_cls = ray.remote(SubtaskActor)
+    remote_cls: Any = ray.remote(SubtaskActor)
     ray_options = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1000, **(actor_options or {})}
     actors: dict[int, list[ActorHandle]] = {}
     created: list[ActorHandle] = []
@@ -313,6 +316,7 @@ def run(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
     Raises:
         JobFailedError: an operator failed; the message names it. Nothing of
             the job was committed.
+
     """
     handle = submit(flow, parallelism=parallelism, address=address, max_parallelism=max_parallelism,
                     batch_bytes=batch_bytes, linger_s=linger_s, credits=credits, chaining=chaining,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 
 from checkpoint.errors import DataError
 from operators.keygroups import hash_columns, key_group_range, split_by_subtask
@@ -47,31 +48,43 @@ class OutputChannel:
         self._sender = ChannelSender(credits)
         self._in_flight: deque[Any] = deque()
         self._buffer: list[pa.RecordBatch] = []
+        self.buffered_rows = 0
         self.buffered_bytes = 0
         self.buffered_since = 0.0
+        self._marks: list[tuple[int, int]] = []
         self._watermark = NO_WATERMARK
-        self._sent_watermark = NO_WATERMARK
         self.backpressure_s = 0.0
         self.messages = 0
 
     def append(self, batch: pa.RecordBatch) -> None:
-        if not self._buffer:
+        if not self.pending:
             self.buffered_since = time.monotonic()
         self._buffer.append(batch)
+        self.buffered_rows += batch.num_rows
         self.buffered_bytes += batch.nbytes
 
     def set_watermark(self, watermark: int) -> None:
-        if watermark > self._watermark:
-            if not self._buffer and self._watermark == self._sent_watermark:
-                self.buffered_since = time.monotonic()
-            self._watermark = watermark
+        """Record that the watermark advanced after the rows buffered so far."""
+        if watermark <= self._watermark:
+            return
+        if not self.pending:
+            self.buffered_since = time.monotonic()
+        self._watermark = watermark
+        if self._marks and self._marks[-1][0] == self.buffered_rows:
+            self._marks[-1] = (self.buffered_rows, watermark)
+        else:
+            self._marks.append((self.buffered_rows, watermark))
 
     @property
     def pending(self) -> bool:
-        return bool(self._buffer) or self._watermark > self._sent_watermark
+        return bool(self._buffer) or bool(self._marks)
 
     async def _acknowledge_oldest(self) -> None:
-        ok = await self._in_flight.popleft()
+        try:
+            ok = await self._in_flight.popleft()
+        except ray.exceptions.RayActorError as error:
+            # The receiver died; the job reports that death as the cause.
+            raise DownstreamFailedError from error
         self._sender.on_ack()
         if not ok:
             raise DownstreamFailedError
@@ -88,11 +101,11 @@ class OutputChannel:
         batch = None
         if self._buffer:
             batch = self._buffer[0] if len(self._buffer) == 1 else pa.concat_batches(self._buffer)
-        watermark = self._watermark if self._watermark > self._sent_watermark else None
+        message = ChannelMessage(self._channel, self._sender.on_send(), batch, tuple(self._marks), eof)
         self._buffer = []
+        self.buffered_rows = 0
         self.buffered_bytes = 0
-        self._sent_watermark = self._watermark
-        message = ChannelMessage(self._channel, self._sender.on_send(), batch, watermark, eof)
+        self._marks = []
         self._in_flight.append(self._handle.push.remote(message))
         self.messages += 1
 
@@ -113,6 +126,7 @@ class OutputGate:
         max_parallelism: the number of key groups.
         credits: unacknowledged messages per channel.
         batch_bytes: flush a channel once it buffers this many bytes.
+
     """
 
     def __init__(self, spec: OutputSpec, subtask: int, handles: list[ActorHandle], *, operator: str,

@@ -40,6 +40,7 @@ class OutputSpec:
         keys: the hash columns (``HASH`` only).
         key_by: the ``key_by`` step's name, for error messages.
         channel_base: the receiver's index of this edge's first channel.
+
     """
 
     stage: int
@@ -62,6 +63,7 @@ class VertexSpec:
         parallelism: the number of subtasks.
         input_channels: channels into each subtask.
         outputs: outgoing edges.
+
     """
 
     id: int
@@ -134,6 +136,7 @@ def plan(flow: Dataflow, parallelism: int = 1, *, max_parallelism: int = DEFAULT
 
     Raises:
         PlanError: the graph has no sink, or a parallelism is out of range.
+
     """
     if parallelism < 1:
         msg = f"parallelism must be >= 1, got {parallelism}"

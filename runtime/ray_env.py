@@ -25,6 +25,7 @@ def ensure_ray(address: str | None) -> bool:
 
     Returns:
         Whether this call started Ray (the caller then owns it).
+
     """
     if ray.is_initialized():
         return False

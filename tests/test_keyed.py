@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 
 from checkpoint.errors import DataError
-from operators.keygroups import key_group_range, key_groups_of
 from operators.keyed import KeyedProcess, KeyedReduce
+from operators.keygroups import key_group_range, key_groups_of
 from operators.logic import OperatorContext
 
 CTX = OperatorContext("process_1")

@@ -26,6 +26,7 @@ class Idle:
 
     Attributes:
         seconds: how long the runtime should wait before reading again.
+
     """
 
     seconds: float
@@ -39,6 +40,7 @@ class SourceContext:
         operator: the source operator's name (``source_0``).
         subtask: this subtask's index.
         parallelism: how many subtasks read this source together.
+
     """
 
     operator: str

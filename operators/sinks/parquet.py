@@ -1,0 +1,377 @@
+"""A two-phase-commit sink writing Parquet files into a directory.
+
+Each sink subtask's writer writes into a hidden *in-progress* file
+``.{job}-{operator}-{subtask}-{uuid}-{n}.parquet.inprogress``. A file rolls
+(closes) past ``rolling_bytes`` of written batches or ``rolling_interval_s``;
+a closed file is renamed to a hidden *pending* name
+``_{job}-{operator}-{subtask}-{uuid}-{n}.parquet.pending``.
+``prepare_commit()`` closes the open file into pending too and hands out the
+pending files as committables; the committer renames each to its visible name
+``part-{job}-{operator}-{subtask}-{uuid}-{n}.parquet``. Renames are atomic,
+and committing again is a no-op, so
+``pyarrow.dataset.dataset(path, format="parquet")`` (which skips names that
+start with ``_`` or ``.``) shows exactly the committed rows.
+
+Committable (version 1)::
+
+    {"v": 1, "pending": "<path of the pending file>", "final": "<path of the part file>"}
+
+Example:
+    >>> import tempfile
+    >>> import pyarrow as pa, pyarrow.dataset as ds
+    >>> from checkpoint.two_phase_commit import SinkContext
+    >>> folder = tempfile.mkdtemp()
+    >>> sink = ParquetSink(folder)
+    >>> ctx = SinkContext(job="demo", operator="sink_1")
+    >>> writer = sink.create_writer(ctx)
+    >>> writer.write(pa.record_batch({"x": [1, 2]}))
+    >>> committables = writer.prepare_commit()
+    >>> ds.dataset(folder, format="parquet").to_table().num_rows  # pre-committed, invisible
+    0
+    >>> sink.create_committer(ctx).commit(committables)
+    >>> ds.dataset(folder, format="parquet").to_table().to_pydict()
+    {'x': [1, 2]}
+
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from checkpoint.errors import DataError, PlanError, SinkCommitError
+from checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+
+__all__ = ["ParquetSink", "ParquetSinkCommitter", "ParquetSinkWriter"]
+
+COMMITTABLE_VERSION = 1
+"""The version of the committables this module writes and reads."""
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=-]")
+
+
+class ParquetSink(TransactionalSink):
+    """Writes committed rows as Parquet files into a directory, exactly once.
+
+    Args:
+        path: the output directory (a plain path or a ``pyarrow.fs`` URI such
+            as ``file:///data/out``); created if missing.
+        rolling_bytes: roll to a new file once this many bytes of batches
+            (Arrow size, approximate) were written into the open one.
+        rolling_interval_s: also roll a file open this long, or ``None``.
+        compression: the Parquet compression codec (``"snappy"``, ``"zstd"``, ``"none"``).
+        clock: a monotonic clock in seconds (tests pass a fake one).
+
+    Raises:
+        PlanError: an option is out of range.
+
+    Example:
+        >>> import tempfile, os
+        >>> import pyarrow as pa
+        >>> from checkpoint.two_phase_commit import SinkContext
+        >>> folder = tempfile.mkdtemp()
+        >>> sink = ParquetSink(folder, rolling_bytes=1)  # one file per batch
+        >>> writer = sink.create_writer(SinkContext(job="demo", operator="sink_1"))
+        >>> writer.write(pa.record_batch({"x": [1]}))
+        >>> writer.write(pa.record_batch({"x": [2]}))
+        >>> len(writer.prepare_commit())
+        2
+        >>> writer.abort()  # nothing was open, the handed-out files stay
+        >>> sorted(name.split("-")[0] for name in os.listdir(folder))
+        ['_demo', '_demo']
+
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        rolling_bytes: int = 128 * 1024 * 1024,
+        rolling_interval_s: float | None = None,
+        compression: str = "snappy",
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rolling_bytes <= 0:
+            msg = f"parquet sink: rolling_bytes must be > 0, got {rolling_bytes}; pass a file size in bytes"
+            raise PlanError(msg)
+        if rolling_interval_s is not None and rolling_interval_s <= 0:
+            msg = (
+                f"parquet sink: rolling_interval_s must be > 0 or None, got {rolling_interval_s}; "
+                "pass None to roll by size only"
+            )
+            raise PlanError(msg)
+        text = os.fspath(path)
+        self.path = text if "://" in text else os.path.abspath(os.path.expanduser(text))
+        self.rolling_bytes = rolling_bytes
+        self.rolling_interval_s = rolling_interval_s
+        self.compression = compression
+        self.clock = clock
+
+    def prepare(self) -> None:
+        """Create the output directory."""
+        fs, path = _resolve(self.path)
+        fs.create_dir(path, recursive=True)
+
+    def create_writer(self, ctx: SinkContext) -> ParquetSinkWriter:
+        """Return the writer for ``ctx.subtask``.
+
+        Args:
+            ctx: where the writer runs.
+
+        Returns:
+            A writer with a fresh unique file-name stem.
+
+        """
+        fs, path = _resolve(self.path)
+        fs.create_dir(path, recursive=True)
+        return ParquetSinkWriter(self, fs, path, ctx)
+
+    def create_committer(self, ctx: SinkContext) -> ParquetSinkCommitter:
+        """Return the committer for this sink's committables.
+
+        Args:
+            ctx: where the committer runs.
+
+        Returns:
+            The committer.
+
+        """
+        fs, _ = _resolve(self.path)
+        return ParquetSinkCommitter(fs, ctx)
+
+
+class ParquetSinkWriter(SinkWriter):
+    """Writes one sink subtask's batches into in-progress and pending files.
+
+    Args:
+        sink: the sink config.
+        fs: the filesystem of the output directory.
+        directory: the output directory in ``fs``.
+        ctx: where the writer runs.
+
+    """
+
+    def __init__(self, sink: ParquetSink, fs: pafs.FileSystem, directory: str, ctx: SinkContext) -> None:
+        self._sink = sink
+        self._fs = fs
+        self._directory = directory.rstrip("/")
+        self._ctx = ctx
+        stem = f"{ctx.job}-{ctx.operator}-{ctx.subtask}-{uuid.uuid4().hex[:12]}"
+        self._stem = _UNSAFE.sub("_", stem)
+        self._sequence = 0
+        self._schema: pa.Schema | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._name = ""
+        self._bytes = 0
+        self._opened_at = 0.0
+        self._pending: list[Committable] = []
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Write ``batch`` into the open file, rolling first or after where due.
+
+        Raises:
+            DataError: ``batch`` has a schema different from the first batch's.
+
+        """
+        if batch.num_rows == 0:
+            return
+        if self._schema is None:
+            self._schema = batch.schema
+        elif not batch.schema.equals(self._schema, check_metadata=False):
+            raise self._schema_error(batch.schema)
+        if self._writer is not None and self._interval_due():
+            self._roll()
+        if self._writer is None:
+            self._open()
+        assert self._writer is not None
+        if batch.schema.metadata != self._schema.metadata:
+            batch = batch.replace_schema_metadata(self._schema.metadata)
+        self._writer.write_batch(batch)
+        self._bytes += batch.nbytes
+        if self._bytes >= self._sink.rolling_bytes:
+            self._roll()
+
+    def flush(self, end_of_input: bool) -> None:
+        """Roll the open file if its interval is over."""
+        if self._writer is not None and self._interval_due():
+            self._roll()
+
+    def prepare_commit(self) -> list[Committable]:
+        """Close the open file into pending and hand out every pending file.
+
+        Returns:
+            One committable per pending file since the last ``prepare_commit``.
+
+        """
+        if self._writer is not None:
+            self._roll()
+        committables, self._pending = self._pending, []
+        return committables
+
+    def abort(self) -> None:
+        """Delete the open file and the pending files not handed out yet."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._writer = None
+                _delete(self._fs, self._path(f".{self._name}.inprogress"))
+        for committable in self._pending:
+            _delete(self._fs, committable["pending"])
+        self._pending = []
+
+    def _path(self, name: str) -> str:
+        return f"{self._directory}/{name}"
+
+    def _open(self) -> None:
+        self._name = f"{self._stem}-{self._sequence}.parquet"
+        self._sequence += 1
+        self._writer = pq.ParquetWriter(
+            self._path(f".{self._name}.inprogress"),
+            self._schema,
+            filesystem=self._fs,
+            compression=self._sink.compression,
+        )
+        self._bytes = 0
+        self._opened_at = self._sink.clock()
+
+    def _roll(self) -> None:
+        """Close the open file and rename it to its pending name."""
+        assert self._writer is not None
+        self._writer.close()
+        self._writer = None
+        in_progress = self._path(f".{self._name}.inprogress")
+        pending = self._path(f"_{self._name}.pending")
+        _fsync(self._fs, in_progress)
+        self._fs.move(in_progress, pending)
+        _fsync_directory(self._fs, self._directory)
+        self._pending.append({"v": COMMITTABLE_VERSION, "pending": pending, "final": self._path(f"part-{self._name}")})
+
+    def _interval_due(self) -> bool:
+        interval = self._sink.rolling_interval_s
+        return interval is not None and self._sink.clock() - self._opened_at >= interval
+
+    def _schema_error(self, schema: pa.Schema) -> DataError:
+        assert self._schema is not None
+        operator = self._ctx.operator
+        column, detail = "", f"columns {schema.names} instead of {self._schema.names}"
+        for field in schema:
+            index = self._schema.get_field_index(field.name)
+            if index < 0:
+                column, detail = field.name, f"a new column '{field.name}'"
+                break
+            if not self._schema.field(index).type.equals(field.type):
+                column = field.name
+                detail = f"column '{field.name}' as {field.type}, not {self._schema.field(index).type}"
+                break
+        else:
+            for field in self._schema:
+                if schema.get_field_index(field.name) < 0:
+                    column, detail = field.name, f"no column '{field.name}'"
+                    break
+        msg = (
+            f"parquet sink {operator}: a batch has {detail}, unlike the first batch; "
+            "give every batch the sink receives the same schema (cast before the sink)"
+        )
+        return DataError(msg, operator=operator, column=column or None)
+
+
+class ParquetSinkCommitter(Committer):
+    """Renames pending files to their visible names, idempotently.
+
+    Args:
+        fs: the filesystem of the output directory.
+        ctx: where the committer runs.
+
+    """
+
+    def __init__(self, fs: pafs.FileSystem, ctx: SinkContext) -> None:
+        self._fs = fs
+        self._ctx = ctx
+
+    def commit(self, committables: list[Committable]) -> None:
+        """Rename each pending file to its final name; a committed one is skipped.
+
+        Raises:
+            SinkCommitError: a committable has an unknown version, or neither
+                its pending nor its final file exists (the rest are committed).
+
+        """
+        lost = []
+        directories = set()
+        for committable in committables:
+            pending, final = self._paths(committable)
+            if _exists(self._fs, pending):
+                self._fs.move(pending, final)
+                directories.add(final.rsplit("/", 1)[0])
+            elif not _exists(self._fs, final):
+                lost.append(pending)
+        for directory in directories:
+            _fsync_directory(self._fs, directory)
+        if lost:
+            msg = (
+                f"parquet sink {self._ctx.operator}: cannot commit {len(lost)} file(s), neither the "
+                f"pending file nor its part file exists (first: '{lost[0]}'); they were aborted or "
+                "deleted, so the output misses rows: rerun the job from an earlier checkpoint"
+            )
+            raise SinkCommitError(msg)
+
+    def abort(self, committables: list[Committable]) -> None:
+        """Delete the pending files of ``committables`` (committed ones stay)."""
+        for committable in committables:
+            pending, _ = self._paths(committable)
+            _delete(self._fs, pending)
+
+    def _paths(self, committable: Committable) -> tuple[str, str]:
+        version = committable.get("v")
+        if version != COMMITTABLE_VERSION:
+            msg = (
+                f"parquet sink {self._ctx.operator}: committable version {version!r} is not "
+                f"supported (this onceflow reads version {COMMITTABLE_VERSION}); resolve the "
+                "checkpoint with the onceflow version that wrote it"
+            )
+            raise SinkCommitError(msg)
+        return committable["pending"], committable["final"]
+
+
+def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _delete(fs: pafs.FileSystem, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
+def _fsync(fs: pafs.FileSystem, path: str) -> None:
+    """Flush a closed local file to disk (other filesystems are durable on close)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_directory(fs: pafs.FileSystem, directory: str) -> None:
+    """Make renames in a local directory durable."""
+    if isinstance(fs, pafs.LocalFileSystem) and hasattr(os, "O_DIRECTORY"):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,367 @@
+"""A replayable source reading Parquet files, split by row group.
+
+The input is one file or a directory searched recursively for ``*.parquet``
+files (sorted by path; names or directories starting with ``_`` or ``.`` are
+skipped, as :func:`pyarrow.dataset.dataset` does). Its *work units* are the
+``(file, row group)`` pairs in that order; with parallelism *p*, subtask *i*
+reads units ``i, i + p, i + 2p, ...``. A reader's offset is
+``{"unit": u, "row": r}``: the unit it is in and the rows of it already
+returned, so a resumed reader continues in the middle of a row group.
+
+The input must not change between taking an offset and resuming from it.
+
+Example:
+    >>> import tempfile, os
+    >>> import pyarrow as pa, pyarrow.parquet as pq
+    >>> from operators.sources.base import SourceContext
+    >>> folder = tempfile.mkdtemp()
+    >>> pq.write_table(pa.table({"id": [0, 1, 2]}), os.path.join(folder, "a.parquet"))
+    >>> reader = ParquetSource(folder, batch_size=2).build(SourceContext("source_0"))
+    >>> reader.read().column("id").to_pylist(), reader.offset()
+    ([0, 1], {'unit': 0, 'row': 2})
+    >>> reader.read().column("id").to_pylist(), reader.offset()
+    ([2], {'unit': 1, 'row': 0})
+    >>> reader.read() is None
+    True
+
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from checkpoint.errors import DataError, PlanError
+from operators.sources.base import Source, SourceContext, SourceReader
+
+__all__ = ["ParquetSource", "ParquetSourceReader", "absolute_path", "list_data_files", "resolve_filesystem"]
+
+
+def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """Return the filesystem and the path in it for a plain path or a URI.
+
+    Args:
+        path: a local path (made absolute) or a ``pyarrow.fs`` URI
+            (``file:///data``, ``s3://bucket/key``).
+
+    Returns:
+        ``(filesystem, path inside it)``.
+
+    """
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_path(path: str | os.PathLike[str]) -> str:
+    """Return ``path`` as a string, made absolute unless it is a URI."""
+    text = os.fspath(path)
+    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
+
+
+def list_data_files(fs: pafs.FileSystem, path: str, suffixes: Sequence[str], *, operator: str, kind: str) -> list[str]:
+    """Return the data files at ``path``: the file itself, or a directory's files.
+
+    A directory is searched recursively for names ending in one of
+    ``suffixes``; names and directories starting with ``_`` or ``.`` are
+    skipped. The result is sorted.
+
+    Args:
+        fs: the filesystem.
+        path: a file or directory in ``fs``.
+        suffixes: the file name endings to keep (``".parquet"``).
+        operator: the source operator's name, for errors.
+        kind: the source kind (``"parquet"``), for errors.
+
+    Returns:
+        The sorted file paths.
+
+    Raises:
+        PlanError: ``path`` does not exist.
+
+    """
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        msg = f"{kind} source {operator}: path '{path}' does not exist; pass an existing file or directory"
+        raise PlanError(msg)
+    if info.type != pafs.FileType.Directory:
+        return [path]
+    base = path.rstrip("/")
+    files = []
+    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if entry.type != pafs.FileType.File or not entry.path.endswith(tuple(suffixes)):
+            continue
+        relative = entry.path[len(base) :].lstrip("/")
+        if any(part.startswith(("_", ".")) for part in relative.split("/")):
+            continue
+        files.append(entry.path)
+    return sorted(files)
+
+
+class ParquetSource(Source):
+    """Reads Parquet files, split across subtasks by ``(file, row group)``.
+
+    Args:
+        path: a Parquet file, or a directory searched recursively (a plain path
+            or a ``pyarrow.fs`` URI).
+        batch_size: the most rows per batch.
+        columns: the columns to read, or ``None`` for all.
+
+    Raises:
+        PlanError: ``batch_size`` is not positive.
+
+    Example:
+        >>> import tempfile, os
+        >>> import pyarrow as pa, pyarrow.parquet as pq
+        >>> from operators.sources.base import SourceContext
+        >>> folder = tempfile.mkdtemp()
+        >>> table = pa.table({"id": list(range(6)), "x": ["a"] * 6})
+        >>> pq.write_table(table, os.path.join(folder, "a.parquet"), row_group_size=3)
+        >>> source = ParquetSource(folder, columns=["id"])
+        >>> second = source.build(SourceContext("source_0", subtask=1, parallelism=2))
+        >>> second.read().to_pydict()
+        {'id': [3, 4, 5]}
+
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        batch_size: int = 65_536,
+        columns: Sequence[str] | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            msg = f"parquet source: batch_size must be > 0, got {batch_size}; pass a positive row count"
+            raise PlanError(msg)
+        self.path = absolute_path(path)
+        self.batch_size = batch_size
+        self.columns = None if columns is None else list(columns)
+
+    def build(self, ctx: SourceContext, resume_offset: Any | None = None) -> ParquetSourceReader:
+        """List the input and return the reader of ``ctx.subtask``'s units.
+
+        Args:
+            ctx: where the reader runs.
+            resume_offset: an ``offset()`` of an earlier reader of the same
+                subtask at the same parallelism, or ``None`` to start.
+
+        Returns:
+            The reader.
+
+        Raises:
+            DataError: a file is not Parquet, lacks a requested column or has a
+                schema different from the first file's.
+            PlanError: the path does not exist, or ``resume_offset`` is malformed.
+
+        """
+        fs, path = resolve_filesystem(self.path)
+        files = list_data_files(fs, path, (".parquet",), operator=ctx.operator, kind="parquet")
+        units: list[_Unit] = []
+        first: tuple[str, pa.Schema] | None = None
+        for file in files:
+            metadata = _read_metadata(fs, file, ctx.operator)
+            schema = _project(metadata.schema.to_arrow_schema(), self.columns, file, ctx.operator)
+            if first is None:
+                first = (file, schema)
+            elif not schema.equals(first[1], check_metadata=False):
+                _raise_schema_mismatch(ctx.operator, file, schema, first[0], first[1])
+            for group in range(metadata.num_row_groups):
+                rows = metadata.row_group(group).num_rows
+                if rows > 0:
+                    units.append(_Unit(file, group, rows))
+        unit, row = _parse_offset(ctx, resume_offset)
+        return ParquetSourceReader(fs, units, ctx, self.batch_size, self.columns, unit, row)
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """One row group of one file."""
+
+    file: str
+    row_group: int
+    num_rows: int
+
+
+class ParquetSourceReader(SourceReader):
+    """Reads one subtask's row groups of a :class:`ParquetSource`.
+
+    Args:
+        fs: the filesystem the files are in.
+        units: every work unit of the source, in order.
+        ctx: where the reader runs.
+        batch_size: the most rows per batch.
+        columns: the columns to read, or ``None`` for all.
+        unit: the unit to start in.
+        row: the rows of ``unit`` already returned.
+
+    """
+
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        units: list[_Unit],
+        ctx: SourceContext,
+        batch_size: int,
+        columns: list[str] | None,
+        unit: int,
+        row: int,
+    ) -> None:
+        self._fs = fs
+        self._units = units
+        self._ctx = ctx
+        self._step = max(ctx.parallelism, 1)
+        self._batch_size = batch_size
+        self._columns = columns
+        self._unit = unit
+        self._row = row
+        self._batches: Iterator[pa.RecordBatch] | None = None
+        self._handle: pa.NativeFile | None = None
+        self._file: pq.ParquetFile | None = None
+        self._file_path: str | None = None
+        self._skip_finished_unit()
+
+    def read(self) -> pa.RecordBatch | None:
+        """Return the next batch of this subtask's row groups, ``None`` at the end."""
+        while self._unit < len(self._units):
+            if self._batches is None:
+                self._batches = self._open_unit(self._units[self._unit])
+            batch = next(self._batches, None)
+            if batch is None or batch.num_rows == 0:
+                if batch is None:  # the row group had fewer rows than its metadata said
+                    self._next_unit()
+                continue
+            self._row += batch.num_rows
+            self._skip_finished_unit()
+            return batch
+        self.close()
+        return None
+
+    def offset(self) -> dict[str, int]:
+        """Return ``{"unit": u, "row": r}``: the current unit and its rows already returned."""
+        return {"unit": self._unit, "row": self._row}
+
+    def close(self) -> None:
+        """Close the open file."""
+        self._batches = None
+        if self._file is not None:
+            self._file.close()
+        if self._handle is not None:
+            self._handle.close()
+        self._handle = None
+        self._file = None
+        self._file_path = None
+
+    def _skip_finished_unit(self) -> None:
+        """Move to the next unit of this subtask once the current one is done."""
+        if self._unit < len(self._units) and self._row >= self._units[self._unit].num_rows:
+            self._next_unit()
+
+    def _next_unit(self) -> None:
+        self._unit += self._step
+        self._row = 0
+        self._batches = None
+
+    def _open_unit(self, unit: _Unit) -> Iterator[pa.RecordBatch]:
+        """Return the batches of ``unit`` after the rows already returned."""
+        if self._file_path != unit.file:
+            self.close()
+            try:
+                self._handle = self._fs.open_input_file(unit.file)
+                self._file = pq.ParquetFile(self._handle)
+            except (OSError, pa.ArrowException) as error:
+                raise _unreadable(self._ctx.operator, unit.file, error) from error
+            self._file_path = unit.file
+        assert self._file is not None
+        batches = self._file.iter_batches(
+            batch_size=self._batch_size, row_groups=[unit.row_group], columns=self._columns
+        )
+        return _skip_rows(batches, self._row)
+
+
+def _skip_rows(batches: Iterator[pa.RecordBatch], skip: int) -> Iterator[pa.RecordBatch]:
+    """Yield ``batches`` without their first ``skip`` rows."""
+    for batch in batches:
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        yield batch.slice(skip) if skip else batch
+        skip = 0
+
+
+def _read_metadata(fs: pafs.FileSystem, file: str, operator: str) -> pq.FileMetaData:
+    try:
+        with fs.open_input_file(file) as handle:
+            return pq.read_metadata(handle)
+    except (OSError, pa.ArrowException) as error:
+        raise _unreadable(operator, file, error) from error
+
+
+def _unreadable(operator: str, file: str, error: Exception) -> DataError:
+    msg = f"parquet source {operator}: cannot read '{file}' as parquet ({error}); remove or fix the file"
+    return DataError(msg, operator=operator)
+
+
+def _project(schema: pa.Schema, columns: list[str] | None, file: str, operator: str) -> pa.Schema:
+    """Return ``schema`` narrowed to ``columns``, checking they exist in ``file``."""
+    if columns is None:
+        return schema
+    for column in columns:
+        if schema.get_field_index(column) < 0:
+            msg = (
+                f"parquet source {operator}: file '{file}' has no column '{column}' "
+                f"(it has {schema.names}); pass columns that every file has"
+            )
+            raise DataError(msg, operator=operator, column=column)
+    return pa.schema([schema.field(column) for column in columns])
+
+
+def _raise_schema_mismatch(operator: str, file: str, schema: pa.Schema, first_file: str, first: pa.Schema) -> None:
+    """Raise a :class:`DataError` that names ``file`` and the first differing column."""
+    column, detail = "", f"columns {schema.names} instead of {first.names}"
+    for field in first:
+        index = schema.get_field_index(field.name)
+        if index < 0:
+            column, detail = field.name, "no column"
+            break
+        if not schema.field(index).type.equals(field.type):
+            column, detail = field.name, f"column '{field.name}' as {schema.field(index).type}, not {field.type}"
+            break
+    else:
+        for field in schema:
+            if first.get_field_index(field.name) < 0:
+                column, detail = field.name, f"an extra column '{field.name}'"
+                break
+    if detail == "no column":
+        detail = f"no column '{column}'"
+    msg = (
+        f"parquet source {operator}: file '{file}' has {detail}, unlike the schema of "
+        f"'{first_file}'; give every file the same schema or pass columns= to read common columns"
+    )
+    raise DataError(msg, operator=operator, column=column or None)
+
+
+def _parse_offset(ctx: SourceContext, resume_offset: Any | None) -> tuple[int, int]:
+    """Return ``(unit, row)`` from ``resume_offset``, checked against ``ctx``."""
+    if resume_offset is None:
+        return ctx.subtask, 0
+    unit = resume_offset.get("unit") if isinstance(resume_offset, dict) else None
+    row = resume_offset.get("row") if isinstance(resume_offset, dict) else None
+    if not isinstance(unit, int) or not isinstance(row, int) or unit < 0 or row < 0:
+        msg = (
+            f"parquet source {ctx.operator}: resume offset {resume_offset!r} is not "
+            "{'unit': u, 'row': r}; resume from an offset() of a ParquetSource reader"
+        )
+        raise PlanError(msg)
+    if unit % max(ctx.parallelism, 1) != ctx.subtask:
+        msg = (
+            f"parquet source {ctx.operator}: resume offset {resume_offset!r} does not belong to "
+            f"subtask {ctx.subtask} of {ctx.parallelism}; restore at the parallelism the offset was taken with"
+        )
+        raise PlanError(msg)
+    return unit, row

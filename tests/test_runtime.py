@@ -1,0 +1,211 @@
+"""End-to-end jobs on a real embedded Ray: results, actors, backpressure, errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+import ray
+
+import onceflow as of
+from operators.workload import feature_events, feature_window_reference
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def feature_flow(name: str, total: int, sink: of.sinks.TransactionalSink, batch_size: int = 20_000) -> of.Dataflow:
+    flow = of.Dataflow(name)
+    events = flow.source(of.sources.GeneratorSource(feature_events, total=total, batch_size=batch_size),
+                         watermark=of.BoundedOutOfOrderness("event_time"))
+    (events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
+     .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(sink))
+    return flow
+
+
+def assert_matches_reference(table: pa.Table, total: int) -> None:
+    order = [("window_start", "ascending"), ("user_id", "ascending")]
+    got = table.sort_by(order)
+    expected = feature_window_reference(total).sort_by(order)
+    assert got.column_names == ["user_id", "window_start", "window_end", "count", "total"]
+    for column in ("user_id", "window_start", "window_end", "count"):
+        assert got[column].equals(expected[column]), column
+    np.testing.assert_allclose(got["total"].to_numpy(), expected["total"].to_numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_feature_window_equals_numpy_reference(parallelism: int) -> None:
+    sink = of.sinks.TestingSink()
+    result = of.run(feature_flow(f"fw-{parallelism}", 300_000, sink), parallelism=parallelism)
+    assert_matches_reference(sink.table(), 300_000)
+    m = result.metrics
+    assert m["events_in"] == 300_000
+    assert m["events_out"] == sink.table().num_rows
+    assert m["late_events"] == 0
+    assert (m["checkpoints_completed"], m["restarts"]) == (0, 0)
+    assert m["duration_s"] > 0
+
+
+def test_feature_window_into_parquet_shows_exactly_the_committed_rows(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    of.run(feature_flow("fw-parquet", 200_000, of.sinks.ParquetSink(str(out))), parallelism=2)
+    assert_matches_reference(ds.dataset(out, format="parquet").to_table(), 200_000)
+    assert not [p for p in out.iterdir() if p.name.startswith(("_", "."))]
+
+
+def test_stateless_chain_union_and_rebalance() -> None:
+    flow = of.Dataflow("chain")
+    items = [{"x": i} for i in range(20)]
+    source = flow.source(of.sources.TestingSource(items, batch_size=3))
+    evens = source.filter(lambda r: r["x"] % 2 == 0).map(lambda r: {"x": r["x"] * 10})
+    odds = source.map_batches(lambda b: b.filter(pc.equal(pc.bit_wise_and(b["x"], 1), 1)))
+    tripled = evens.union(odds).flat_map(lambda r: [r] * 3, parallelism=2)
+    sink = of.sinks.TestingSink()
+    tripled.sink(sink)
+    of.run(flow, parallelism=2)
+    got = sorted(sink.table().column("x").to_pylist())
+    assert got == sorted([x * 10 for x in range(0, 20, 2)] * 3 + list(range(1, 20, 2)) * 3)
+
+
+def test_keyed_process_and_late_events_side_output() -> None:
+    rows = [{"user": u, "t": t} for u, t in [("a", 1), ("b", 2), ("a", 15), ("b", 16), ("a", 3), ("a", 25)]]
+    flow = of.Dataflow("late")
+    events = flow.source(of.sources.TestingSource(rows, batch_size=2),
+                         watermark=of.BoundedOutOfOrderness("t", max_delay_ms=0))
+    windows = events.key_by("user").window(of.windows.Tumbling(size_ms=10)).aggregate(n=of.agg.count())
+    late, counted, running = of.sinks.TestingSink(), of.sinks.TestingSink(), of.sinks.TestingSink()
+    windows.sink(counted)
+    windows.late_events().sink(late)
+    events.key_by("user").process(lambda s, r: ((s or 0) + 1, {"user": r["user"], "seen": (s or 0) + 1})).sink(
+        running)
+    result = of.run(flow, parallelism=2)
+    assert late.rows() == [{"user": "a", "t": 3}]
+    assert sorted((r["user"], r["window_start"], r["n"]) for r in counted.rows()) == [
+        ("a", 0, 1), ("a", 10, 1), ("a", 20, 1), ("b", 0, 1), ("b", 10, 1)]
+    assert sorted((r["user"], r["seen"]) for r in running.rows()) == [
+        ("a", 1), ("a", 2), ("a", 3), ("a", 4), ("b", 1), ("b", 2)]
+    assert result.metrics["late_events"] == 1
+
+
+def wait_until(condition, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_named_actors_exist_while_the_job_runs() -> None:
+    flow = feature_flow("named", 0, of.sinks.TestingSink())
+    flow.nodes[0].spec = of.sources.GeneratorSource(feature_events, total=None, batch_size=1_000,
+                                                    max_events_per_s=20_000)
+    handle = of.submit(flow, parallelism=2)
+    try:
+        expected = {"named/source_0/0", "named/source_0/1", "named/window_2/0", "named/window_2/1"}
+        assert set(handle.actor_names) == expected
+
+        def listed() -> set[str]:
+            return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["namespace"] == "onceflow" and a["name"].startswith("named/")}
+
+        assert listed() == expected
+        wait_until(lambda: handle.metrics()["events_in"] > 2_000, what="events to flow")
+        assert handle.status() is of.JobStatus.RUNNING
+        result = handle.stop()
+    finally:
+        handle.cancel()
+    assert result.metrics["events_in"] >= 2_000
+    assert sum(r["count"] for r in flow.nodes[-1].spec.rows()) == result.metrics["events_in"]
+    wait_until(lambda: not listed(), what="actors to go away")
+
+
+def test_slow_operator_backpressures_the_source() -> None:
+    """A slow consumer holds the source back: records in flight stay within the credit bound."""
+    batch, credits, sources = 1_000, 2, 2
+
+    def slow(b: pa.RecordBatch) -> pa.RecordBatch:
+        time.sleep(0.02)
+        return b
+
+    flow = of.Dataflow("backpressure")
+    events = flow.source(of.sources.GeneratorSource(feature_events, total=None, batch_size=batch))
+    events.map_batches(slow, parallelism=1).sink(of.sinks.TestingSink())
+    handle = of.submit(flow, parallelism=sources, credits=credits, batch_bytes=1, linger_s=0.01)
+    try:
+        bound = sources * (credits + 1) * batch  # per channel: credits in flight + one being produced
+        samples = []
+        for _ in range(20):
+            m = handle.metrics()
+            ops = m["operators"]
+            samples.append(ops["source_0"]["records_out"] - ops["map_batches_1"]["records_in"])
+            time.sleep(0.1)
+        final = handle.metrics()["operators"]
+        assert final["source_0"]["records_out"] < 200_000, "the source was not held back"
+        assert max(samples) <= bound, samples
+        assert handle.metrics()["backpressure_s"] > 0.5
+    finally:
+        handle.cancel()
+
+
+def test_missing_key_column_fails_cleanly_and_leaves_nothing_visible(tmp_path: Path) -> None:
+    flow = of.Dataflow("badkey")
+    events = flow.source(of.sources.GeneratorSource(feature_events, total=50_000, batch_size=5_000),
+                         watermark=of.BoundedOutOfOrderness("event_time"))
+    events.map_batches(lambda b: b).sink(of.sinks.ParquetSink(str(tmp_path / "side")))
+    events.key_by("account").window(of.windows.Tumbling(size_ms=1_000)).aggregate(n=of.agg.count()).sink(
+        of.sinks.ParquetSink(str(tmp_path / "out")))
+    with pytest.raises(of.JobFailedError, match="key_by_3.*'account' is missing") as info:
+        of.run(flow, parallelism=2)
+    assert info.value.operator == "key_by_3"
+    for directory in ("side", "out"):
+        if (tmp_path / directory).exists():
+            assert ds.dataset(tmp_path / directory, format="parquet").count_rows() == 0
+
+
+def test_wrong_time_column_type_names_operator_and_column() -> None:
+    flow = of.Dataflow("badtime")
+    rows = [{"user": "a", "t": "yesterday"}]
+    events = flow.source(of.sources.TestingSource(rows), watermark=of.BoundedOutOfOrderness("t"))
+    events.sink(of.sinks.TestingSink())
+    with pytest.raises(of.JobFailedError, match=r"source_0.*column 't' has type string"):
+        of.run(flow)
+
+
+def test_map_batches_changing_schema_is_reported() -> None:
+    flow = of.Dataflow("badschema")
+    events = flow.source(of.sources.GeneratorSource(feature_events, total=30_000, batch_size=10_000))
+    events.map_batches(lambda b: b if b["event_time"][0].as_py() == 0 else b.drop_columns(["amount"]),
+                       name="shape").sink(of.sinks.TestingSink())
+    with pytest.raises(of.JobFailedError, match=r"'shape': map_batches returned schema.*'amount'"):
+        of.run(flow)
+
+
+def test_non_deterministic_generator_is_detected() -> None:
+    rng = np.random.default_rng()
+
+    def random_batch(offset: int, n: int) -> pa.RecordBatch:
+        return pa.record_batch({"x": rng.integers(0, 10, n)})
+
+    flow = of.Dataflow("nondet")
+    flow.source(of.sources.GeneratorSource(random_batch, total=100, batch_size=10)).sink(of.sinks.TestingSink())
+    with pytest.raises(of.JobFailedError, match="not deterministic"):
+        of.run(flow)
+
+
+def test_a_killed_actor_fails_the_job_without_committing(tmp_path: Path) -> None:
+    flow = feature_flow("killed", 0, of.sinks.ParquetSink(str(tmp_path / "out")))
+    flow.nodes[0].spec = of.sources.GeneratorSource(feature_events, total=None, batch_size=2_000,
+                                                    max_events_per_s=50_000)
+    handle = of.submit(flow, parallelism=2)
+    wait_until(lambda: handle.metrics()["events_out"] > 0, what="output to be written")
+    ray.kill(ray.get_actor("killed/window_2/1", namespace="onceflow"))
+    with pytest.raises(of.JobFailedError, match="killed/window_2/1"):
+        handle.wait(timeout_s=60)
+    assert handle.status() is of.JobStatus.FAILED
+    assert ds.dataset(tmp_path / "out", format="parquet").count_rows() == 0
