@@ -25,8 +25,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from checkpoint.errors import DataError, OnceflowError, OperatorError
-from operators.keygroups import key_groups_of
+from checkpoint.errors import OnceflowError, OperatorError
+from operators.keygroups import key_groups_of, require_key_columns
 from operators.logic import Emitted, OperatorContext, OperatorLogic
 from operators.stateless import Row, _RowsToBatch
 
@@ -47,20 +47,11 @@ class _KeyedLogic(OperatorLogic):
         if resume_state is not None:
             self._restore(resume_state)
 
-    def _check_keys(self, batch: pa.RecordBatch) -> None:
-        for column in self._keys:
-            if batch.schema.get_field_index(column) < 0:
-                msg = (
-                    f"operator {self._ctx.operator!r}: key column {column!r} is missing from the input "
-                    f"(columns: {', '.join(batch.schema.names)}); key by a column the stream has"
-                )
-                raise DataError(msg, operator=self._ctx.operator, column=column)
-
     def _step(self, key: tuple[Any, ...], row: Row) -> Row | Iterable[Row] | None:
         raise NotImplementedError
 
     def on_batch(self, batch: pa.RecordBatch) -> Emitted:
-        self._check_keys(batch)
+        require_key_columns(batch.schema, self._keys, operator=self._ctx.operator)
         keys = self._keys
         outputs: list[Row] = []
         try:

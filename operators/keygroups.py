@@ -37,6 +37,7 @@ __all__ = [
     "key_group_range",
     "key_groups_of",
     "murmur3_int64",
+    "require_key_columns",
     "split_by_subtask",
     "subtask_of_key_group",
 ]
@@ -113,6 +114,21 @@ def _hash_array(array: pa.Array, seed: int) -> np.ndarray:
     raise TypeError(msg)
 
 
+def require_key_columns(schema: pa.Schema, columns: Sequence[str], *, operator: str) -> None:
+    """Check that every key column is in ``schema``.
+
+    Raises:
+        DataError: a key column is missing; the message names the operator and column.
+    """
+    for column in columns:
+        if schema.get_field_index(column) < 0:
+            msg = (
+                f"operator {operator!r}: key column {column!r} is missing from the input "
+                f"(columns: {', '.join(schema.names)}); key by a column the stream has"
+            )
+            raise DataError(msg, operator=operator, column=column)
+
+
 def hash_columns(batch: pa.RecordBatch, columns: Sequence[str], *, operator: str = "") -> np.ndarray:
     """Return a stable uint32 hash per row over the key ``columns``.
 
@@ -120,16 +136,10 @@ def hash_columns(batch: pa.RecordBatch, columns: Sequence[str], *, operator: str
         DataError: a key column is missing or has a type that cannot be a key.
 
     """
+    require_key_columns(batch.schema, columns, operator=operator)
     combined: np.ndarray | None = None
     for column in columns:
-        index = batch.schema.get_field_index(column)
-        if index < 0:
-            msg = (
-                f"operator {operator!r}: key column {column!r} is missing from the input "
-                f"(columns: {', '.join(batch.schema.names)}); key by a column the stream has"
-            )
-            raise DataError(msg, operator=operator, column=column)
-        array = batch.column(index)
+        array = batch.column(column)
         if isinstance(array, pa.ChunkedArray):
             array = array.combine_chunks()
         try:

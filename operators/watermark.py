@@ -30,34 +30,43 @@ __all__ = ["BoundedOutOfOrderness", "WatermarkGenerator", "event_time_ms"]
 _UNIT_TO_MS = {"s": (1000, 1), "ms": (1, 1), "us": (1, 1000), "ns": (1, 1_000_000)}
 
 
-def event_time_ms(batch: pa.RecordBatch, column: str, *, operator: str) -> np.ndarray:
-    """Return ``column`` of ``batch`` as int64 milliseconds.
+def event_time_ms(data: pa.RecordBatch | pa.Table, column: str, *, operator: str) -> np.ndarray:
+    """Return ``column`` of ``data`` as int64 milliseconds.
 
     Integer columns are taken as milliseconds; timestamps of any unit are
-    converted.
+    converted (rounding down).
 
     Raises:
         DataError: the column is missing, has nulls, or is not an integer or timestamp.
-
     """
-    index = batch.schema.get_field_index(column)
+    index = data.schema.get_field_index(column)
     if index < 0:
         msg = (
             f"operator {operator!r}: event time column {column!r} is missing from the input "
-            f"(columns: {', '.join(batch.schema.names)}); add it or name the right column"
+            f"(columns: {', '.join(data.schema.names)}); add it or name the right column"
         )
         raise DataError(msg, operator=operator, column=column)
-    array = batch.column(index)
+    array = data.column(index)
     kind = array.type
     if array.null_count:
-        msg = f"operator {operator!r}: event time column {column!r} has {array.null_count} null values; fill them first"
+        msg = (
+            f"operator {operator!r}: event time column {column!r} has {array.null_count} null values; "
+            "every event needs a time, so fill or filter them first"
+        )
         raise DataError(msg, operator=operator, column=column)
     if pa.types.is_timestamp(kind):
         multiply, divide = _UNIT_TO_MS[kind.unit]
-        ints = pc.cast(array, pa.int64()).to_numpy(zero_copy_only=False)
+        ints = np.asarray(pc.cast(array, pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
         return ints * multiply if divide == 1 else ints // divide
     if pa.types.is_integer(kind):
-        return pc.cast(array, pa.int64()).to_numpy(zero_copy_only=False)
+        try:
+            return np.asarray(pc.cast(array, pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
+        except pa.ArrowInvalid as error:
+            msg = (
+                f"operator {operator!r}: event time column {column!r} has values beyond int64 ms; "
+                "use int64 milliseconds or a timestamp column"
+            )
+            raise DataError(msg, operator=operator, column=column) from error
     msg = (
         f"operator {operator!r}: event time column {column!r} has type {kind}, "
         "expected an integer (milliseconds) or a timestamp; cast it before this operator"

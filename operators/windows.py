@@ -70,6 +70,7 @@ from checkpoint.errors import DataError, PlanError
 from operators.agg import Aggregation, reduce_groups
 from operators.keygroups import key_groups_of
 from operators.logic import LATE, MAIN, Emitted, OperatorContext, OperatorLogic
+from operators.watermark import event_time_ms
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -88,8 +89,6 @@ _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
 _COMPACT_AT = 8
 _RESERVED = frozenset({"key_group", "window_start", "window_end"})
-_MS_PER_SECOND = 1_000
-_UNITS_PER_MS = {"ms": 1, "us": 1_000, "ns": 1_000_000}
 
 
 def _check_int(owner: str, name: str, value: object, *, minimum: int) -> None:
@@ -550,36 +549,9 @@ class WindowAggregateLogic(OperatorLogic):
         return pa.table(columns), times
 
     def _times(self, table: pa.Table) -> np.ndarray:
-        operator = self._operator
         name = self._config.time_column
-        column = self._find(table, name, "time column", "pass the event-time column's name as time_column")
-        kind = column.type
-        if column.null_count:
-            msg = (
-                f"operator {operator!r}: time column {name!r} has {column.null_count} null values; "
-                "every event needs a time, so fill or filter them before the window"
-            )
-            raise DataError(msg, operator=operator, column=name)
-        if pa.types.is_timestamp(kind):
-            raw = column.cast(pa.int64()).to_numpy()
-            if kind.unit == "s":
-                return raw * np.int64(_MS_PER_SECOND)
-            per_ms = _UNITS_PER_MS[kind.unit]
-            return raw // np.int64(per_ms) if per_ms != 1 else raw
-        if pa.types.is_integer(kind):
-            try:
-                return column.cast(pa.int64()).to_numpy()
-            except pa.ArrowInvalid as error:
-                msg = (
-                    f"operator {operator!r}: time column {name!r} has values beyond int64 ms; "
-                    "use int64 milliseconds or a timestamp column"
-                )
-                raise DataError(msg, operator=operator, column=name) from error
-        msg = (
-            f"operator {operator!r}: time column {name!r} has type {kind}, expected an integer (milliseconds) "
-            "or timestamp column; cast it before the window"
-        )
-        raise DataError(msg, operator=operator, column=name)
+        self._find(table, name, "time column", "pass the event-time column's name as time_column")
+        return event_time_ms(table, name, operator=self._operator)
 
     def _conform(self, piece: pa.Table) -> pa.Table:
         """Give ``piece`` the state's schema (the first batch's types)."""

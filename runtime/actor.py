@@ -43,13 +43,15 @@ class RuntimeOptions:
     """Data-plane settings shared by every subtask of a job.
 
     Attributes:
-        batch_bytes: a channel sends once it buffers this many bytes.
+        batch_bytes: a channel sends once it buffers this many bytes (4 MiB
+            measured best on the feature-window benchmark: far above Ray's
+            100 KiB inline-argument cliff, where transport per row is cheapest).
         linger_s: a channel sends buffered rows at the latest after this long.
         credits: unacknowledged messages per channel (bounds memory in flight).
 
     """
 
-    batch_bytes: int = 1 << 20
+    batch_bytes: int = 4 << 20
     linger_s: float = 0.05
     credits: int = 4
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import ray
 
 from checkpoint.errors import DataError
-from operators.keygroups import hash_columns, key_group_range, split_by_subtask
+from operators.keygroups import hash_columns, key_group_range, require_key_columns, split_by_subtask
 from runtime.channel import NO_WATERMARK, ChannelMessage, ChannelSender
 from runtime.plan import OutputSpec, Routing
 
@@ -157,7 +157,7 @@ class OutputGate:
         assert self.spec.keys is not None
         name = self.spec.key_by or self._operator
         if self._parallelism == 1:
-            hash_columns(batch, self.spec.keys, operator=name)  # validates the key columns
+            require_key_columns(batch.schema, self.spec.keys, operator=name)
             return [(self.channels[0], batch)]
         groups = hash_columns(batch, self.spec.keys, operator=name) % np.uint32(self._max_parallelism)
         targets = self._subtask_of_group[groups]

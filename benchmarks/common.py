@@ -1,0 +1,76 @@
+"""Shared benchmark helpers: Ray start-up, peak memory sampling, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import ray
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def start_ray() -> None:
+    """Start an embedded Ray with no dashboard (as ``of.run`` would)."""
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
+
+class PeakMemory:
+    """Samples the summed RSS of the driver and every onceflow subtask actor process."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self.peak_bytes = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = psutil.Process().memory_info().rss
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info.get("cmdline") or []
+            if cmdline and cmdline[0].startswith("ray::SubtaskActor"):
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._sample())
+            time.sleep(self._period_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/<name>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                **payload}, indent=2))
+    return path
