@@ -125,30 +125,38 @@ def test_named_actors_exist_while_the_job_runs() -> None:
     wait_until(lambda: not listed(), what="actors to go away")
 
 
-def test_slow_operator_backpressures_the_source() -> None:
-    """A slow consumer holds the source back: records in flight stay within the credit bound."""
+def test_slow_sink_backpressures_the_source() -> None:
+    """A slow sink holds the source back: records in flight stay within the credit bound."""
     batch, credits, sources = 1_000, 2, 2
 
-    def slow(b: pa.RecordBatch) -> pa.RecordBatch:
-        time.sleep(0.02)
-        return b
+    class SlowSink(of.sinks.TestingSink):
+        def create_writer(self, ctx):
+            writer = super().create_writer(ctx)
+            write = writer.write
+
+            def slow_write(b: pa.RecordBatch) -> None:
+                time.sleep(0.02)
+                write(b)
+
+            writer.write = slow_write
+            return writer
 
     flow = of.Dataflow("backpressure")
     events = flow.source(of.sources.GeneratorSource(feature_events, total=None, batch_size=batch))
-    events.map_batches(slow, parallelism=1).sink(of.sinks.TestingSink())
+    events.sink(SlowSink(), parallelism=1)
     handle = of.submit(flow, parallelism=sources, credits=credits, batch_bytes=1, linger_s=0.01)
     try:
+        assert handle.actor_names == ["backpressure/source_0/0", "backpressure/source_0/1", "backpressure/sink_1/0"]
         bound = sources * (credits + 1) * batch  # per channel: credits in flight + one being produced
         samples = []
         for _ in range(20):
             m = handle.metrics()
-            ops = m["operators"]
-            samples.append(ops["source_0"]["records_out"] - ops["map_batches_1"]["records_in"])
+            samples.append(m["operators"]["source_0"]["records_out"] - m["operators"]["sink_1"]["records_in"])
             time.sleep(0.1)
-        final = handle.metrics()["operators"]
-        assert final["source_0"]["records_out"] < 200_000, "the source was not held back"
+        final = handle.metrics()
+        assert final["operators"]["source_0"]["records_out"] < 200_000, "the source was not held back"
         assert max(samples) <= bound, samples
-        assert handle.metrics()["backpressure_s"] > 0.5
+        assert final["backpressure_s"] > 0.5
     finally:
         handle.cancel()
 
