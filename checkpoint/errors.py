@@ -12,6 +12,7 @@ import these names from ``onceflow``.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "DataError",
     "JobFailedError",
     "OnceflowError",
@@ -68,6 +69,18 @@ class OperatorError(OnceflowError):
         super().__init__(message)
         self.operator = operator
         self.subtask = subtask
+
+
+class CheckpointError(OnceflowError):
+    """A checkpoint could not complete, or too many failed in a row.
+
+    Attributes:
+        reason: why (``"expired"``, ``"declined"``, ``"too many failures"``...).
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class SinkCommitError(OnceflowError):

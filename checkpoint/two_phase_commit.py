@@ -76,6 +76,14 @@ class Committer(ABC):
     def abort(self, committables: list[Committable]) -> None:
         """Discard pre-committed ``committables`` that will never be published."""
 
+    def abort_lingering(self, keep: list[Committable]) -> None:  # noqa: B027 - optional hook
+        """On recovery: discard this subtask's transactions left by earlier attempts, except ``keep``.
+
+        ``keep`` holds the committables of the restored checkpoint (already
+        committed again). Anything else this sink subtask pre-committed or
+        started before the failure will never be committed.
+        """
+
 
 class TransactionalSink(ABC):
     """A picklable sink config that builds a writer and a committer."""

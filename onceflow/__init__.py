@@ -11,7 +11,9 @@ Example:
 
 """
 
+from checkpoint.config import CheckpointConfig, RestartStrategy
 from checkpoint.errors import (
+    CheckpointError,
     DataError,
     JobFailedError,
     OnceflowError,
@@ -26,6 +28,8 @@ from runtime.job import JobHandle, JobResult, JobStatus, run, submit
 
 __all__ = [
     "BoundedOutOfOrderness",
+    "CheckpointConfig",
+    "CheckpointError",
     "DataError",
     "Dataflow",
     "JobFailedError",
@@ -36,6 +40,7 @@ __all__ = [
     "OnceflowError",
     "OperatorError",
     "PlanError",
+    "RestartStrategy",
     "SinkCommitError",
     "Stream",
     "WindowedStream",

@@ -1,23 +1,42 @@
 """The subtask actor: one per subtask of a vertex (a chain of fused operators).
 
-The actor is a thin adapter. It builds the chain's live logic, accepts
-:class:`~runtime.channel.ChannelMessage` calls (``push``), puts them back in
-sequence order, tracks input watermarks, runs the chain, and hands outputs to
-its :class:`~runtime.output.OutputGate` objects. A source vertex runs its own
-read loop (``run``). Everything an actor does is serialised by one asyncio
-lock, so operator logic never sees two batches at once.
+The actor is a thin adapter. It builds the chain's live logic (from a restored
+snapshot when the job recovers), accepts :class:`~runtime.channel.ChannelMessage`
+calls (``push``), puts them back in sequence order, aligns checkpoint barriers
+(:class:`~checkpoint.barrier_handler.AlignedBarrierHandler`), tracks input
+watermarks, runs the chain, and hands outputs to its
+:class:`~runtime.output.OutputGate` objects. A source vertex runs its own read
+loop (``run``) and injects barriers when the coordinator triggers a checkpoint.
+
+Everything that touches operator state runs under one asyncio lock, so
+operator logic never sees two events at once. A ``push`` returns (and so
+gives its sender the credit back) only once its message was applied: a channel
+blocked by barrier alignment holds its sender back, as in Flink.
+
+Snapshots have a synchronous part (under the lock: every stage returns an
+immutable Arrow table, the sink pre-commits, the barrier goes downstream) and
+an asynchronous part (``ray.put`` owned by the coordinator, the Arrow IPC file
+in durable storage, the acknowledgement) that runs while processing goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import ray
+
+from checkpoint.barrier_handler import AbortAlignment, AlignedBarrierHandler, Release, Snapshot
+from checkpoint.coordinator import TaskAck
 from checkpoint.errors import OnceflowError, OperatorError
+from checkpoint.state import read_sink_state, read_source_state, sink_state, source_state
+from checkpoint.storage import CheckpointStorage
 from checkpoint.two_phase_commit import Committable, SinkContext, SinkWriter
 from operators.keygroups import key_group_range
 from operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
@@ -27,13 +46,12 @@ from runtime.dataflow import NodeKind
 from runtime.output import DownstreamFailedError, OutputGate
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     from ray.actor import ActorHandle
 
     from operators.watermark import WatermarkGenerator
     from runtime.plan import PhysicalPlan, VertexSpec
 
-__all__ = ["RuntimeOptions", "SubtaskActor"]
+__all__ = ["CheckpointSetup", "RestoredState", "RuntimeOptions", "SubtaskActor"]
 
 log = logging.getLogger("onceflow")
 
@@ -48,7 +66,6 @@ class RuntimeOptions:
             100 KiB inline-argument cliff, where transport per row is cheapest).
         linger_s: a channel sends buffered rows at the latest after this long.
         credits: unacknowledged messages per channel (bounds memory in flight).
-
     """
 
     batch_bytes: int = 4 << 20
@@ -56,34 +73,74 @@ class RuntimeOptions:
     credits: int = 4
 
 
+@dataclass(frozen=True, slots=True)
+class CheckpointSetup:
+    """How a subtask takes part in checkpoints.
+
+    Attributes:
+        coordinator: the ``<job>/coordinator`` actor (owns the cached snapshots).
+        storage: the durable storage URI of ``CheckpointConfig.storage``.
+    """
+
+    coordinator: ActorHandle
+    storage: str
+
+
+@dataclass(frozen=True, slots=True)
+class RestoredState:
+    """Where one operator's state of one subtask is kept in a checkpoint.
+
+    Attributes:
+        path: the Arrow IPC file in durable storage.
+        cached: a Ray object reference to the same table, or ``None`` when the
+            object store copy is gone (the coordinator restarted).
+    """
+
+    path: str
+    cached: Any = None
+
+
+@dataclass(slots=True)
+class _Restore:
+    checkpoint_id: int
+    states: dict[str, RestoredState] = field(default_factory=dict)
+
+
 class _SinkStage(OperatorLogic):
-    """Adapts a sink writer to the chain: writes batches, pre-commits at the end."""
+    """Adapts a sink writer to the chain: writes batches, pre-commits on barriers and at the end."""
 
     def __init__(self, writer: SinkWriter) -> None:
         self.writer = writer
         self.rows = 0
-        self.committables: list[Committable] = []
+        self.uncommitted: dict[int, list[Committable]] = {}
+        self.final: list[Committable] = []
 
     def on_batch(self, batch: pa.RecordBatch) -> Emitted:
         self.writer.write(batch)
         self.rows += batch.num_rows
         return []
 
-    def on_eof(self) -> Emitted:
-        self.writer.flush(end_of_input=True)
-        self.committables = self.writer.prepare_commit()
-        return []
+    def pre_commit(self, checkpoint_id: int) -> pa.Table:
+        self.writer.flush(end_of_input=False)
+        committables = self.writer.prepare_commit()
+        if committables:
+            self.uncommitted[checkpoint_id] = committables
+        return sink_state(self.uncommitted)
 
 
 class SubtaskActor:
     """Runs one subtask of one vertex. Created by the job as a named async Ray actor."""
 
-    def __init__(self, plan: PhysicalPlan, vertex_id: int, subtask: int, options: RuntimeOptions) -> None:
+    def __init__(self, plan: PhysicalPlan, vertex_id: int, subtask: int, options: RuntimeOptions,
+                 checkpointing: CheckpointSetup | None = None, restore: _Restore | None = None) -> None:
         self._plan = plan
         self._vertex: VertexSpec = plan.vertices[vertex_id]
         self._subtask = subtask
         self._options = options
-        self._label = f"{plan.job}/{self._vertex.name}/{subtask}"
+        self._checkpointing = checkpointing
+        self.task = f"{self._vertex.name}/{subtask}"
+        self._label = f"{plan.job}/{self.task}"
+        self._storage = CheckpointStorage(checkpointing.storage, plan.job) if checkpointing else None
         vertex = self._vertex
         self._reader: SourceReader | None = None
         self._watermarks_out: WatermarkGenerator | None = None
@@ -92,42 +149,78 @@ class SubtaskActor:
         self._sink_spec: Any = None
         self._records_in = [0] * len(vertex.nodes)
         self._records_out = [0] * len(vertex.nodes)
+        self._restored_from = restore.checkpoint_id if restore else None
+        states = {name: self._load(name, handle) for name, handle in (restore.states if restore else {}).items()}
         for node in vertex.nodes:
             if node.kind is NodeKind.SOURCE:
-                ctx = SourceContext(node.name, subtask, vertex.parallelism)
-                self._reader = node.spec.build(ctx)
+                offset, max_event_time = read_source_state(states[node.name]) if node.name in states else (None, None)
+                self._reader = node.spec.build(SourceContext(node.name, subtask, vertex.parallelism), offset)
                 if node.watermark is not None:
-                    self._watermarks_out = node.watermark.build(node.name)
+                    self._watermarks_out = node.watermark.build(node.name, max_event_time)
                 self._stages.append(None)
             elif node.kind is NodeKind.SINK:
-                sink_ctx = SinkContext(plan.job, node.name, subtask, vertex.parallelism)
                 self._sink_spec = node.spec
-                self._sink = _SinkStage(node.spec.create_writer(sink_ctx))
+                self._sink = _SinkStage(node.spec.create_writer(self._sink_context()))
+                if node.name in states:
+                    self._recover_sink(read_sink_state(states[node.name]))
                 self._stages.append(self._sink)
             else:
                 op_ctx = OperatorContext(
                     node.name, subtask, vertex.parallelism, plan.max_parallelism,
                     key_group_range(subtask, vertex.parallelism, plan.max_parallelism),
                 )
-                self._stages.append(node.spec.build(op_ctx))
-        self._receivers = [ChannelReceiver() for _ in range(vertex.input_channels)]
-        self._eof = [False] * vertex.input_channels
-        self._watermarks_in = InputWatermarks(vertex.input_channels)
+                if node.name in states:
+                    self._stages.append(node.spec.build(op_ctx, resume_state=states[node.name]))
+                else:
+                    self._stages.append(node.spec.build(op_ctx))
+        channels = vertex.input_channels
+        self._receivers = [ChannelReceiver() for _ in range(channels)]
+        self._held: list[collections.deque[ChannelMessage]] = [collections.deque() for _ in range(channels)]
+        self._applied = [-1] * channels
+        self._eof = [False] * channels
+        self._watermarks_in = InputWatermarks(channels)
+        self._barriers = AlignedBarrierHandler(channels, time.monotonic)
         self._gates: dict[tuple[int, int], list[OutputGate]] = {}
         self._failure: BaseException | None = None
         self._stop_requested = False
+        self._ended = False
         self._finished_at: float | None = None
         self._started_at: float | None = None
         self._lock: asyncio.Lock | None = None
+        self._applied_changed: asyncio.Condition | None = None
         self._finished: asyncio.Event | None = None
-        self._linger_task: asyncio.Task[None] | None = None
+        self._failed: asyncio.Event | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._checkpoint_metrics: list[dict[str, float]] = []
+        self._last_barrier = 0
+
+    def _sink_context(self) -> SinkContext:
+        return SinkContext(self._plan.job, self._vertex.nodes[-1].name, self._subtask, self._vertex.parallelism)
+
+    def _load(self, operator: str, handle: RestoredState) -> pa.Table:
+        if handle.cached is not None:
+            with contextlib.suppress(Exception):
+                table = ray.get(handle.cached, timeout=30)
+                if isinstance(table, pa.Table):
+                    return table
+        assert self._storage is not None
+        return self._storage.read_state(handle.path)
+
+    def _recover_sink(self, restored: dict[int, list[Committable]]) -> None:
+        """Re-commit what the restored checkpoint pre-committed; abort every other lingering transaction."""
+        committables = [c for _, items in sorted(restored.items()) for c in items]
+        committer = self._sink_spec.create_committer(self._sink_context())
+        committer.commit(committables)
+        committer.abort_lingering(committables)
 
     # -- wiring ---------------------------------------------------------------------
 
     async def connect(self, downstream: dict[int, list[ActorHandle]]) -> str:
         """Receive the handles of downstream subtasks; start the linger timer."""
         self._lock = asyncio.Lock()
+        self._applied_changed = asyncio.Condition(self._lock)
         self._finished = asyncio.Event()
+        self._failed = asyncio.Event()
         for spec in self._vertex.outputs:
             gate = OutputGate(
                 spec, self._subtask, downstream[spec.target], operator=self._vertex.nodes[spec.stage].name,
@@ -135,22 +228,25 @@ class SubtaskActor:
                 batch_bytes=self._options.batch_bytes,
             )
             self._gates.setdefault((spec.stage, spec.port), []).append(gate)
-        self._linger_task = asyncio.get_running_loop().create_task(self._linger_loop())
-        if self._vertex.input_channels == 0 and not self._vertex.is_source:
-            msg = f"vertex {self._vertex.name!r} has no inputs"
-            raise OnceflowError(msg)
+        self._spawn(self._linger_loop())
         return self._label
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _all_gates(self) -> list[OutputGate]:
+        return [gate for group in self._gates.values() for gate in group]
 
     async def _linger_loop(self) -> None:
         assert self._lock is not None
-        gates = [gate for group in self._gates.values() for gate in group]
+        gates = self._all_gates()
         if not gates:
             return
         period = max(self._options.linger_s / 2, 0.001)
-        while True:
+        while self._failure is None:
             await asyncio.sleep(period)
-            if self._finished is not None and self._finished.is_set():
-                return
             async with self._lock:
                 try:
                     for gate in gates:
@@ -174,8 +270,12 @@ class SubtaskActor:
             self._failure = wrapped
         if not isinstance(error, DownstreamFailedError):
             log.error("%s failed: %s", self._label, self._failure)
-        if self._finished is not None:
+        if self._finished is not None and self._failed is not None:
             self._finished.set()
+            self._failed.set()
+        if self._applied_changed is not None and self._lock is not None and self._lock.locked():
+            with contextlib.suppress(RuntimeError):
+                self._applied_changed.notify_all()
 
     async def _route(self, stage: int, emitted: Emitted) -> None:
         for port, batch in emitted:
@@ -207,9 +307,8 @@ class SubtaskActor:
                     self._fail(error, stage)
                     raise
                 await self._route(stage, emitted)
-        for group in self._gates.values():
-            for gate in group:
-                gate.set_watermark(watermark)
+        for gate in self._all_gates():
+            gate.set_watermark(watermark)
 
     async def _end_of_input(self) -> None:
         for stage, logic in enumerate(self._stages):
@@ -220,10 +319,14 @@ class SubtaskActor:
                     self._fail(error, stage)
                     raise
                 await self._route(stage, emitted)
-        for group in self._gates.values():
-            for gate in group:
-                gate.set_watermark(END_OF_TIME)
-                await gate.close()
+        for gate in self._all_gates():
+            gate.set_watermark(END_OF_TIME)
+            await gate.close()
+        if self._sink is not None and self._checkpointing is None:
+            # Without checkpoints the job commits once, after every subtask ended.
+            self._sink.writer.flush(end_of_input=True)
+            self._sink.final = self._sink.writer.prepare_commit()
+        self._ended = True
         self._finished_at = time.monotonic()
         assert self._finished is not None
         self._finished.set()
@@ -240,6 +343,14 @@ class SubtaskActor:
                 await self._advance_watermark(advanced)
         if batch is not None and batch.num_rows > done:
             await self._deliver(0, batch.slice(done) if done else batch)
+        if message.barrier is not None:
+            checkpoint_id, triggered_at = message.barrier
+            for action in self._barriers.on_barrier(message.channel, checkpoint_id):
+                if isinstance(action, Snapshot):
+                    await self._snapshot(action.checkpoint_id, triggered_at, action.alignment_s)
+                elif isinstance(action, AbortAlignment):
+                    log.debug("%s: alignment of checkpoint %d abandoned", self._label, action.checkpoint_id)
+                # Block and Release need nothing here: _drain asks is_blocked() before every message.
         if message.eof:
             self._eof[message.channel] = True
             advanced = self._watermarks_in.update(message.channel, END_OF_TIME)
@@ -248,23 +359,44 @@ class SubtaskActor:
             if all(self._eof):
                 await self._end_of_input()
 
+    async def _drain(self) -> None:
+        """Apply every held message whose channel is not blocked, until none is left."""
+        progress = True
+        while progress:
+            progress = False
+            for channel, held in enumerate(self._held):
+                while held and not self._barriers.is_blocked(channel):
+                    message = held.popleft()
+                    self._applied[channel] = message.seq
+                    await self._apply(message)
+                    progress = True
+
     async def push(self, message: ChannelMessage) -> bool:
-        """Apply one channel message (in sequence order); ``False`` if this subtask failed."""
-        assert self._lock is not None
+        """Apply one channel message in sequence order; ``False`` if this subtask failed.
+
+        Returns only once the message was applied, so a channel blocked by
+        barrier alignment keeps its sender's credit.
+        """
+        assert self._applied_changed is not None
         if self._failure is not None:
             return False
         if self._started_at is None:
             self._started_at = time.monotonic()
-        async with self._lock:
+        channel = message.channel
+        async with self._applied_changed:
             if self._failure is not None:
                 return False
             try:
-                for ready in self._receivers[message.channel].accept(message):
-                    await self._apply(ready)
+                self._held[channel].extend(self._receivers[channel].accept(message))
+                await self._drain()
             except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
                 self._fail(error, stage=None)
                 return False
-        return True
+            finally:
+                self._applied_changed.notify_all()
+            await self._applied_changed.wait_for(
+                lambda: self._failure is not None or self._applied[channel] >= message.seq)
+        return self._failure is None
 
     async def run(self) -> None:
         """Read the source until it ends (or ``stop``), pushing batches through the chain."""
@@ -279,25 +411,21 @@ class SubtaskActor:
                     item = reader.read()
                     if item is None:
                         break
-                    if isinstance(item, Idle):
-                        pass
-                    else:
+                    if not isinstance(item, Idle):
                         await self._route(0, [(MAIN, item)])
                         if self._watermarks_out is not None:
                             watermark = self._watermarks_out.on_batch(item)
                             if watermark is not None:
                                 await self._advance_watermark(watermark)
-                if isinstance(item, Idle):
-                    await asyncio.sleep(item.seconds)
-                else:
-                    await asyncio.sleep(0)
+                await asyncio.sleep(item.seconds if isinstance(item, Idle) else 0)
             if self._failure is None:
                 async with self._lock:
                     await self._end_of_input()
         except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
             self._fail(error, stage=0)
         finally:
-            reader.close()
+            if self._checkpointing is None:
+                reader.close()
 
     def stop(self) -> None:
         """Ask a source to end its input now (a graceful, draining stop)."""
@@ -307,12 +435,106 @@ class SubtaskActor:
         """Return when this subtask processed its end of input; raise its failure if it failed."""
         assert self._finished is not None
         await self._finished.wait()
-        if self._linger_task is not None:
-            self._linger_task.cancel()
         if self._failure is not None:
             raise self._failure
 
-    # -- two-phase commit -----------------------------------------------------------
+    async def watch(self) -> None:
+        """Return only if this subtask fails (raising its failure); for the job's supervision."""
+        assert self._failed is not None
+        await self._failed.wait()
+        assert self._failure is not None
+        raise self._failure
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    async def trigger_checkpoint(self, checkpoint_id: int, triggered_at: float) -> None:
+        """Source subtasks only: snapshot the position and inject barrier ``checkpoint_id``."""
+        assert self._lock is not None
+        async with self._lock:
+            if self._failure is None and checkpoint_id > self._last_barrier:
+                try:
+                    await self._snapshot(checkpoint_id, triggered_at, 0.0)
+                except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+                    self._fail(error, stage=0)
+
+    async def _snapshot(self, checkpoint_id: int, triggered_at: float, alignment_s: float) -> None:
+        """The synchronous part, under the lock: state tables, pre-commit, barrier downstream."""
+        started = time.monotonic()
+        self._last_barrier = checkpoint_id
+        tables: dict[str, pa.Table] = {}
+        for stage, node in enumerate(self._vertex.nodes):
+            logic = self._stages[stage]
+            try:
+                if node.kind is NodeKind.SOURCE:
+                    assert self._reader is not None
+                    max_time = self._watermarks_out.max_event_time if self._watermarks_out else None
+                    tables[node.name] = source_state(self._reader.offset(), max_time)
+                elif logic is self._sink and self._sink is not None:
+                    tables[node.name] = self._sink.pre_commit(checkpoint_id)
+                elif logic is not None:
+                    table = logic.snapshot()
+                    if table is not None:
+                        tables[node.name] = table
+            except Exception as error:
+                self._fail(error, stage)
+                raise
+        for gate in self._all_gates():
+            await gate.barrier(checkpoint_id, triggered_at)
+        metrics = {
+            "sync_s": time.monotonic() - started,
+            "alignment_s": alignment_s,
+            "start_delay_s": max(time.time() - triggered_at - alignment_s, 0.0),
+        }
+        self._spawn(self._persist(checkpoint_id, tables, metrics))
+
+    async def _persist(self, checkpoint_id: int, tables: dict[str, pa.Table], metrics: dict[str, float]) -> None:
+        """The asynchronous part: cache in the object store, write durably, acknowledge."""
+        assert self._checkpointing is not None and self._storage is not None
+        coordinator = self._checkpointing.coordinator
+        started = time.monotonic()
+        try:
+            states: dict[str, dict[str, Any]] = {}
+            cache: dict[str, Any] = {}
+            for operator, table in tables.items():
+                handle = await asyncio.to_thread(self._storage.write_state, checkpoint_id, self.task, operator, table)
+                states[operator] = {"path": handle.path, "bytes": handle.bytes, "rows": handle.rows}
+                with contextlib.suppress(Exception):  # the cache is optional; the file is not
+                    cache[operator] = await asyncio.to_thread(ray.put, table, _owner=coordinator)
+            metrics = {**metrics, "async_s": time.monotonic() - started,
+                       "state_bytes": float(sum(s["bytes"] for s in states.values()))}
+            self._checkpoint_metrics.append({"checkpoint_id": checkpoint_id, **metrics})
+            coordinator.acknowledge.remote(checkpoint_id, TaskAck(self.task, states, cache, metrics))
+        except Exception as error:  # noqa: BLE001 - a failed snapshot declines the checkpoint
+            log.warning("%s: checkpoint %d failed: %s", self._label, checkpoint_id, error)
+            coordinator.decline.remote(checkpoint_id, self.task, str(error))
+
+    async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        """Checkpoint ``checkpoint_id`` is complete: a sink commits everything pre-committed up to it."""
+        if self._sink is None or self._lock is None:
+            return
+        async with self._lock:
+            ready = [c_id for c_id in self._sink.uncommitted if c_id <= checkpoint_id]
+            committables = [c for c_id in sorted(ready) for c in self._sink.uncommitted[c_id]]
+        if committables:
+            committer = self._sink_spec.create_committer(self._sink_context())
+            await asyncio.to_thread(committer.commit, committables)
+        async with self._lock:
+            for c_id in ready:
+                self._sink.uncommitted.pop(c_id, None)
+
+    async def abort_checkpoint(self, checkpoint_id: int) -> None:
+        """The coordinator gave up on ``checkpoint_id``: stop aligning it."""
+        assert self._applied_changed is not None
+        async with self._applied_changed:
+            actions = self._barriers.on_checkpoint_aborted(checkpoint_id)
+            if any(isinstance(a, Release) for a in actions):
+                try:
+                    await self._drain()
+                except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+                    self._fail(error, stage=None)
+                self._applied_changed.notify_all()
+
+    # -- two-phase commit without checkpoints ---------------------------------------
 
     async def commit(self) -> int:
         """Commit what the sink pre-committed at the end of input; return the committables count."""
@@ -321,12 +543,11 @@ class SubtaskActor:
     def _commit(self) -> int:
         if self._sink is None:
             return 0
-        ctx = SinkContext(self._plan.job, self._vertex.nodes[-1].name, self._subtask, self._vertex.parallelism)
-        self._sink_spec.create_committer(ctx).commit(self._sink.committables)
-        return len(self._sink.committables)
+        self._sink_spec.create_committer(self._sink_context()).commit(self._sink.final)
+        return len(self._sink.final)
 
     async def abort(self) -> None:
-        """Discard everything this subtask's sink wrote or pre-committed."""
+        """Discard everything this subtask's sink wrote or pre-committed and never committed."""
         await asyncio.to_thread(self._abort)
 
     def _abort(self) -> None:
@@ -334,8 +555,8 @@ class SubtaskActor:
             return
         with contextlib.suppress(Exception):
             self._sink.writer.abort()
-        ctx = SinkContext(self._plan.job, self._vertex.nodes[-1].name, self._subtask, self._vertex.parallelism)
-        self._sink_spec.create_committer(ctx).abort(self._sink.committables)
+        pending = [c for items in self._sink.uncommitted.values() for c in items] + self._sink.final
+        self._sink_spec.create_committer(self._sink_context()).abort(pending)
 
     # -- observation ----------------------------------------------------------------
 
@@ -347,12 +568,13 @@ class SubtaskActor:
             extra = logic.metrics() if logic is not None else {}
             operators[node.name] = {"records_in": self._records_in[stage], "records_out": self._records_out[stage],
                                     **extra}
-        gates = [gate for group in self._gates.values() for gate in group]
+        gates = self._all_gates()
         busy = None
         if self._started_at is not None:
             busy = (self._finished_at or time.monotonic()) - self._started_at
         return {
             "actor": self._label,
+            "task": self.task,
             "vertex": self._vertex.name,
             "subtask": self._subtask,
             "is_source": self._vertex.is_source,
@@ -363,9 +585,11 @@ class SubtaskActor:
             "duplicates_dropped": sum(r.duplicates for r in self._receivers),
             "input_watermark": self._watermarks_in.current,
             "active_s": busy,
-            "finished": self._finished is not None and self._finished.is_set() and self._failure is None,
+            "ended": self._ended,
+            "restored_from": self._restored_from,
+            "checkpoints": list(self._checkpoint_metrics),
         }
 
     def source_offset(self) -> Any:
-        """The source reader's current offset (what a checkpoint will record)."""
+        """Return the source reader's current offset (what a checkpoint records)."""
         return self._reader.offset() if self._reader is not None else None

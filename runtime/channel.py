@@ -47,14 +47,15 @@ class ChannelMessage:
             advanced to ``watermark`` after the first ``rows`` rows of ``batch``.
             Keeping the position makes coalescing batches never move a
             watermark ahead of (or behind) the rows it followed.
-        eof: the last message on the channel.
-
+        barrier: ``(checkpoint id, trigger time)`` after the rows and watermarks.
+        eof: the end of the channel's data (barriers may still follow).
     """
 
     channel: int
     seq: int
     batch: pa.RecordBatch | None = None
     watermarks: tuple[tuple[int, int], ...] = ()
+    barrier: tuple[int, float] | None = None
     eof: bool = False
 
 

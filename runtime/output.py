@@ -89,9 +89,9 @@ class OutputChannel:
         if not ok:
             raise DownstreamFailedError
 
-    async def flush(self, *, eof: bool = False) -> None:
-        """Send the buffered rows and the newest watermark (and ``eof``) as one message."""
-        if not self.pending and not eof:
+    async def flush(self, *, eof: bool = False, barrier: tuple[int, float] | None = None) -> None:
+        """Send the buffered rows and watermarks, then ``barrier`` and ``eof``, as one message."""
+        if not self.pending and not eof and barrier is None:
             return
         if not self._sender.has_credit():
             started = time.monotonic()
@@ -101,7 +101,7 @@ class OutputChannel:
         batch = None
         if self._buffer:
             batch = self._buffer[0] if len(self._buffer) == 1 else pa.concat_batches(self._buffer)
-        message = ChannelMessage(self._channel, self._sender.on_send(), batch, tuple(self._marks), eof)
+        message = ChannelMessage(self._channel, self._sender.on_send(), batch, tuple(self._marks), barrier, eof)
         self._buffer = []
         self.buffered_rows = 0
         self.buffered_bytes = 0
@@ -192,6 +192,11 @@ class OutputGate:
         for channel in self.channels:
             if channel.pending and now - channel.buffered_since >= linger_s:
                 await channel.flush()
+
+    async def barrier(self, checkpoint_id: int, timestamp: float) -> None:
+        """Send the buffered rows followed by barrier ``checkpoint_id`` on every channel."""
+        for channel in self.channels:
+            await channel.flush(barrier=(checkpoint_id, timestamp))
 
     async def close(self) -> None:
         """Flush everything with end-of-input, then wait for every acknowledgement."""

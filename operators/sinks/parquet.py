@@ -144,8 +144,8 @@ class ParquetSink(TransactionalSink):
             The committer.
 
         """
-        fs, _ = _resolve(self.path)
-        return ParquetSinkCommitter(fs, ctx)
+        fs, path = _resolve(self.path)
+        return ParquetSinkCommitter(fs, ctx, path)
 
 
 class ParquetSinkWriter(SinkWriter):
@@ -293,9 +293,10 @@ class ParquetSinkCommitter(Committer):
 
     """
 
-    def __init__(self, fs: pafs.FileSystem, ctx: SinkContext) -> None:
+    def __init__(self, fs: pafs.FileSystem, ctx: SinkContext, directory: str = "") -> None:
         self._fs = fs
         self._ctx = ctx
+        self._directory = directory.rstrip("/")
 
     def commit(self, committables: list[Committable]) -> None:
         """Rename each pending file to its final name; a committed one is skipped.
@@ -329,6 +330,24 @@ class ParquetSinkCommitter(Committer):
         for committable in committables:
             pending, _ = self._paths(committable)
             _delete(self._fs, pending)
+
+    def abort_lingering(self, keep: list[Committable]) -> None:
+        """Delete this subtask's in-progress and pending files that ``keep`` does not name.
+
+        They were written by earlier attempts of the job after the restored
+        checkpoint, so their rows will be written again.
+        """
+        if not self._directory:
+            return
+        kept = {self._paths(c)[0].rsplit("/", 1)[-1] for c in keep}
+        stem = _UNSAFE.sub("_", f"{self._ctx.job}-{self._ctx.operator}-{self._ctx.subtask}-")
+        selector = pafs.FileSelector(self._directory, allow_not_found=True)
+        for info in self._fs.get_file_info(selector):
+            name = info.base_name
+            lingering = (name.startswith(f".{stem}") and name.endswith(".inprogress")) or (
+                name.startswith(f"_{stem}") and name.endswith(".pending"))
+            if lingering and name not in kept:
+                _delete(self._fs, info.path)
 
     def _paths(self, committable: Committable) -> tuple[str, str]:
         version = committable.get("v")

@@ -1,0 +1,512 @@
+"""Durable checkpoint storage: Arrow IPC state files and atomic manifests on any ``pyarrow.fs``.
+
+Layout under ``<storage>/<job>``::
+
+    chk-00000007/
+        window_2-0.keyed.arrow      one Arrow IPC file per (subtask, state)
+        window_2-1.keyed.arrow
+        _manifest.json              written last, atomically: the checkpoint is complete
+    checkpoint-history.jsonl        one JSON line per completed checkpoint
+
+A checkpoint is complete only when its ``_manifest.json`` exists and parses.
+The manifest is written to a temporary name in the same directory, flushed,
+fsynced and renamed over the final name (and, on a local disk, the directory is
+fsynced after the rename), so a crash at any point leaves either the whole
+manifest or none: the previous complete checkpoint stays the recovery point.
+Deleting a checkpoint removes its manifest first, so a half-deleted checkpoint
+is never mistaken for a complete one.
+
+The object store is only a cache of these files (see DESIGN.md, point 6); this
+module is plain Python and ``pyarrow.fs`` and imports no Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+
+from checkpoint.errors import OnceflowError, PlanError
+
+__all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle"]
+
+MANIFEST_NAME = "_manifest.json"
+HISTORY_NAME = "checkpoint-history.jsonl"
+_CHECKPOINT_DIR = re.compile(r"chk-(\d+)")
+
+
+class CheckpointStorageError(OnceflowError):
+    """Durable checkpoint storage could not be read or written.
+
+    Attributes:
+        path: the file or directory (a path within the filesystem) concerned.
+
+    """
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+@dataclass(frozen=True, slots=True)
+class StateHandle:
+    """Where one subtask's snapshot of one state lies in durable storage.
+
+    Attributes:
+        path: the Arrow IPC file, as a path within the storage's filesystem.
+        bytes: the file's size in bytes.
+        rows: the number of rows in the snapshot table.
+
+    Example:
+        >>> StateHandle(path="/chk/job/chk-00000001/map_1-0.state.arrow", bytes=520, rows=3).rows
+        3
+
+    """
+
+    path: str
+    bytes: int
+    rows: int
+
+
+def _file_part(name: str, what: str) -> str:
+    """``name`` made safe as part of a file name (``/`` becomes ``-``)."""
+    if not isinstance(name, str) or not name:
+        msg = f"checkpoint state {what} must be a non-empty string, got {name!r}; pass the subtask and state names"
+        raise PlanError(msg)
+    part = name.replace("/", "-").replace("\\", "-")
+    if part in (".", ".."):
+        msg = f"checkpoint state {what} {name!r} is not a usable file name; rename it"
+        raise PlanError(msg)
+    return part
+
+
+def _fsync_path(path: str) -> None:
+    """Make a local file or directory durable with fsync (directories only where the OS allows it)."""
+    if os.name != "posix":  # Windows cannot open a directory; its rename is durable enough.
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStorage:
+    """Checkpoint files of one job under a local directory or a ``pyarrow.fs`` URI.
+
+    Args:
+        uri: a local directory (made absolute; ``~`` is expanded) or a
+            ``pyarrow.fs`` URI such as ``file:///data/chk`` or ``s3://bucket/prefix``.
+            With ``filesystem``, a path within that filesystem.
+        job: the job name; the job's checkpoints live in ``<uri>/<job>``.
+        filesystem: an already configured filesystem (credentials, region...)
+            to use instead of resolving ``uri``.
+
+    Raises:
+        PlanError: ``job`` is not a usable directory name.
+        CheckpointStorageError: the URI cannot be resolved or the directory created.
+
+    Example:
+        >>> import tempfile
+        >>> import pyarrow as pa
+        >>> storage = CheckpointStorage(tempfile.mkdtemp(), "features")
+        >>> handle = storage.write_state(1, "window_2/0", "keyed", pa.table({"count": [3, 4]}))
+        >>> handle.rows, handle.path.endswith("/features/chk-00000001/window_2-0.keyed.arrow")
+        (2, True)
+        >>> storage.latest_manifest() is None       # no manifest: not complete
+        True
+        >>> _ = storage.write_manifest({"checkpoint_id": 1, "states": [handle.path]})
+        >>> storage.completed_ids(), storage.read_state(handle.path).column("count").to_pylist()
+        ([1], [3, 4])
+
+    """
+
+    def __init__(self, uri: str, job: str, *, filesystem: pafs.FileSystem | None = None) -> None:
+        if not isinstance(job, str) or not job or "/" in job or "\\" in job or job in (".", ".."):
+            msg = f"job name {job!r} cannot name a checkpoint directory; use a non-empty name without '/'"
+            raise PlanError(msg)
+        self._uri = uri
+        self._job = job
+        self._given_filesystem = filesystem
+        if filesystem is not None:
+            fs, base = filesystem, uri
+        elif "://" in uri:
+            try:
+                fs, base = pafs.FileSystem.from_uri(uri)
+            except (pa.ArrowInvalid, OSError, ValueError) as error:
+                msg = f"cannot open checkpoint storage {uri!r}: {error}; pass a local directory or a pyarrow.fs uri"
+                raise CheckpointStorageError(msg, path=uri) from error
+        else:
+            fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+        self._fs: pafs.FileSystem = fs
+        self._local = isinstance(fs, pafs.LocalFileSystem)
+        base = base.rstrip("/")
+        self._root = f"{base}/{job}" if base else job
+        try:
+            self._fs.create_dir(self._root, recursive=True)
+        except OSError as error:
+            msg = f"cannot create checkpoint directory {self._root!r}: {error}; check that the storage is writable"
+            raise CheckpointStorageError(msg, path=self._root) from error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_storage, (self._uri, self._job, self._given_filesystem))
+
+    def __repr__(self) -> str:
+        return f"CheckpointStorage({self._uri!r}, {self._job!r})"
+
+    @property
+    def uri(self) -> str:
+        """The storage URI (or path) this storage was opened with, without the job."""
+        return self._uri
+
+    @property
+    def job(self) -> str:
+        """The job whose checkpoints this storage holds."""
+        return self._job
+
+    @property
+    def root(self) -> str:
+        """The job's checkpoint directory, as a path within :attr:`filesystem`."""
+        return self._root
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        """The ``pyarrow.fs`` filesystem the files live on."""
+        return self._fs
+
+    def checkpoint_path(self, checkpoint_id: int) -> str:
+        """The directory of checkpoint ``checkpoint_id`` (``<root>/chk-<id:08d>``)."""
+        if isinstance(checkpoint_id, bool) or not isinstance(checkpoint_id, int) or checkpoint_id < 0:
+            msg = f"checkpoint id must be an integer >= 0, got {checkpoint_id!r}; pass the coordinator's checkpoint id"
+            raise PlanError(msg)
+        return f"{self._root}/chk-{checkpoint_id:08d}"
+
+    # -- state files -------------------------------------------------------------------------------------------
+
+    def write_state(self, checkpoint_id: int, task: str, operator: str, table: pa.Table) -> StateHandle:
+        """Write one subtask's snapshot ``table`` as an Arrow IPC file of checkpoint ``checkpoint_id``.
+
+        The file is ``<root>/chk-<id:08d>/<task>.<operator>.arrow`` with ``/`` in
+        the names replaced by ``-``; on a local disk it is fsynced before this returns.
+
+        Args:
+            checkpoint_id: the checkpoint the snapshot belongs to.
+            task: the subtask, such as ``"window_2/1"``.
+            operator: the state's name within the subtask (``"keyed"``, ``"source"``...).
+            table: the snapshot.
+
+        Returns:
+            The file's handle, to record in the manifest.
+
+        Raises:
+            CheckpointStorageError: the file cannot be written.
+
+        """
+        directory = self.checkpoint_path(checkpoint_id)
+        path = f"{directory}/{_file_part(task, 'task')}.{_file_part(operator, 'operator')}.arrow"
+        try:
+            self._fs.create_dir(directory, recursive=True)
+            with self._fs.open_output_stream(path) as sink:
+                with ipc.new_file(sink, table.schema) as writer:
+                    writer.write(table)
+                size = sink.tell()
+            if self._local:
+                _fsync_path(path)
+        except (OSError, pa.ArrowException) as error:
+            msg = f"cannot write checkpoint state file {path!r}: {error}; check that the checkpoint storage is writable"
+            raise CheckpointStorageError(msg, path=path) from error
+        return StateHandle(path=path, bytes=int(size), rows=table.num_rows)
+
+    def read_state(self, path: str | StateHandle) -> pa.Table:
+        """Read a snapshot written by :meth:`write_state`.
+
+        The file is read into memory rather than memory-mapped: a mapping of a
+        file that is later rewritten in place would crash the process (SIGBUS).
+
+        Args:
+            path: the file's path within the filesystem, or its handle (then
+                the file's size is checked against the handle's).
+
+        Raises:
+            CheckpointStorageError: the file is missing, truncated or not an Arrow IPC file.
+
+        """
+        expected = path.bytes if isinstance(path, StateHandle) else None
+        path = path.path if isinstance(path, StateHandle) else path
+        try:
+            with self._fs.open_input_file(path) as source:
+                size = source.size()
+                if expected is not None and size != expected:
+                    msg = (f"checkpoint state file {path!r} has {size} bytes, its handle says {expected}; "
+                           "the file is damaged: restore from an older checkpoint")
+                    raise CheckpointStorageError(msg, path=path)
+                return ipc.open_file(source).read_all()
+        except FileNotFoundError as error:
+            msg = (f"checkpoint state file {path!r} does not exist; the checkpoint was deleted or never completed: "
+                   "restore from the latest complete checkpoint")
+            raise CheckpointStorageError(msg, path=path) from error
+        except (OSError, pa.ArrowException) as error:
+            msg = (f"cannot read checkpoint state file {path!r}: {error}; the file is damaged or not an arrow ipc "
+                   "file: restore from an older checkpoint")
+            raise CheckpointStorageError(msg, path=path) from error
+
+    # -- manifests ---------------------------------------------------------------------------------------------
+
+    def write_manifest(self, manifest: dict[str, Any]) -> str:
+        """Write checkpoint ``manifest["checkpoint_id"]``'s manifest atomically, completing the checkpoint.
+
+        Write to a temporary name in the checkpoint's directory, flush, fsync,
+        rename over ``_manifest.json`` (and fsync the directories on a local
+        disk). On other filesystems the temporary object is written in full
+        and then moved.
+
+        Args:
+            manifest: a JSON-serialisable mapping with at least ``checkpoint_id``.
+
+        Returns:
+            The manifest's path within the filesystem.
+
+        Raises:
+            PlanError: ``checkpoint_id`` is missing or not an integer.
+            CheckpointStorageError: the manifest is not JSON-serialisable or cannot be written.
+
+        """
+        checkpoint_id = manifest.get("checkpoint_id") if isinstance(manifest, dict) else None
+        directory = self.checkpoint_path(checkpoint_id)  # type: ignore[arg-type]  # validates the id
+        final = f"{directory}/{MANIFEST_NAME}"
+        try:
+            data = json.dumps(manifest, allow_nan=False).encode()
+        except (TypeError, ValueError) as error:
+            msg = (f"manifest of checkpoint {checkpoint_id} is not json-serialisable: {error}; "
+                   "store only str, int, float, bool, None, list and dict values")
+            raise CheckpointStorageError(msg, path=final) from error
+        temporary = f"{directory}/{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp"
+        try:
+            self._fs.create_dir(directory, recursive=True)
+            if self._local:
+                self._replace_local(temporary, final, data)
+            else:
+                with self._fs.open_output_stream(temporary) as out:
+                    out.write(data)
+                self._fs.move(temporary, final)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                self._fs.delete_file(temporary)
+            msg = (f"cannot write checkpoint manifest {final!r}: {error}; "
+                   "check that the checkpoint storage is writable and has space")
+            raise CheckpointStorageError(msg, path=final) from error
+        return final
+
+    def _replace_local(self, temporary: str, final: str, data: bytes) -> None:
+        with open(temporary, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, final)
+        _fsync_path(os.path.dirname(final))
+        _fsync_path(self._root)
+
+    def manifest(self, checkpoint_id: int) -> dict[str, Any] | None:
+        """Checkpoint ``checkpoint_id``'s manifest, or ``None`` if the checkpoint is not complete.
+
+        A missing, truncated or unparseable manifest (or one naming another
+        checkpoint id) counts as not complete.
+
+        Raises:
+            CheckpointStorageError: the storage failed for another reason (so a
+                transient error is never mistaken for an incomplete checkpoint).
+
+        """
+        path = f"{self.checkpoint_path(checkpoint_id)}/{MANIFEST_NAME}"
+        try:
+            with self._fs.open_input_stream(path) as source:
+                data = source.read()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            msg = f"cannot read checkpoint manifest {path!r}: {error}; check that the checkpoint storage is reachable"
+            raise CheckpointStorageError(msg, path=path) from error
+        try:
+            manifest = json.loads(data)
+        except ValueError:  # truncated, torn or not utf-8
+            return None
+        if not isinstance(manifest, dict) or manifest.get("checkpoint_id") != checkpoint_id:
+            return None
+        return manifest
+
+    def latest_manifest(self) -> dict[str, Any] | None:
+        """The newest complete checkpoint's manifest (the recovery point), or ``None`` if there is none."""
+        for checkpoint_id in reversed(self._checkpoint_ids()):
+            manifest = self.manifest(checkpoint_id)
+            if manifest is not None:
+                return manifest
+        return None
+
+    def completed_ids(self) -> list[int]:
+        """The ids of the complete checkpoints (with a valid manifest), ascending."""
+        return [checkpoint_id for checkpoint_id in self._checkpoint_ids() if self.manifest(checkpoint_id) is not None]
+
+    def _checkpoint_ids(self) -> list[int]:
+        """The ids of every checkpoint directory, complete or not, ascending."""
+        try:
+            infos = self._fs.get_file_info(pafs.FileSelector(self._root, allow_not_found=True))
+        except OSError as error:
+            msg = (f"cannot list checkpoint directory {self._root!r}: {error}; "
+                   "check that the checkpoint storage is reachable")
+            raise CheckpointStorageError(msg, path=self._root) from error
+        ids = []
+        for info in infos:
+            match = _CHECKPOINT_DIR.fullmatch(info.base_name)
+            if info.type == pafs.FileType.Directory and match and info.base_name == f"chk-{int(match[1]):08d}":
+                ids.append(int(match[1]))
+        return sorted(ids)
+
+    # -- deletion ----------------------------------------------------------------------------------------------
+
+    def discard(self, checkpoint_id: int) -> None:
+        """Delete checkpoint ``checkpoint_id`` (its manifest first); a missing checkpoint is fine.
+
+        Raises:
+            CheckpointStorageError: the files cannot be deleted.
+
+        """
+        directory = self.checkpoint_path(checkpoint_id)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.delete_file(f"{directory}/{MANIFEST_NAME}")
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.delete_dir(directory)
+        except OSError as error:
+            msg = f"cannot delete checkpoint directory {directory!r}: {error}; check the storage's permissions"
+            raise CheckpointStorageError(msg, path=directory) from error
+
+    def discard_incomplete(self, older_than: int | None = None) -> list[int]:
+        """Delete the checkpoints without a valid manifest (only those with id < ``older_than``, if given).
+
+        Pass ``older_than`` while a checkpoint may be in flight: an in-flight
+        checkpoint has no manifest yet either.
+
+        Returns:
+            The deleted ids, ascending.
+
+        """
+        deleted = [checkpoint_id for checkpoint_id in self._checkpoint_ids()
+                   if (older_than is None or checkpoint_id < older_than) and self.manifest(checkpoint_id) is None]
+        for checkpoint_id in deleted:
+            self.discard(checkpoint_id)
+        return deleted
+
+    def retain(self, keep: int) -> list[int]:
+        """Keep the newest ``keep`` complete checkpoints; delete older complete and incomplete ones.
+
+        Incomplete checkpoints newer than the oldest one kept are left alone
+        (they may be in flight); older ones are subsumed by a newer complete one.
+
+        Returns:
+            The deleted ids, ascending.
+
+        Raises:
+            PlanError: ``keep`` is below 1.
+
+        """
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            msg = f"retain keep must be an integer >= 1, got {keep!r}; keep at least the newest complete checkpoint"
+            raise PlanError(msg)
+        all_ids = self._checkpoint_ids()
+        completed = [checkpoint_id for checkpoint_id in all_ids if self.manifest(checkpoint_id) is not None]
+        if not completed:
+            return []
+        kept = set(completed[-keep:])
+        oldest_kept = min(kept)
+        deleted = [checkpoint_id for checkpoint_id in all_ids
+                   if checkpoint_id not in kept and (checkpoint_id in completed or checkpoint_id < oldest_kept)]
+        for checkpoint_id in deleted:
+            self.discard(checkpoint_id)
+        return deleted
+
+    # -- history -----------------------------------------------------------------------------------------------
+
+    def append_history(self, entry: dict[str, Any]) -> None:
+        """Append ``entry`` as one JSON line to ``<root>/checkpoint-history.jsonl``.
+
+        A torn last line left by a crash is ended first, so the new line stays readable.
+        Filesystems without appends (object stores) rewrite the file.
+
+        Raises:
+            CheckpointStorageError: the entry is not JSON-serialisable or cannot be written.
+
+        """
+        path = f"{self._root}/{HISTORY_NAME}"
+        try:
+            line = json.dumps(entry, allow_nan=False).encode() + b"\n"
+        except (TypeError, ValueError) as error:
+            msg = (f"checkpoint history entry is not json-serialisable: {error}; "
+                   "store only str, int, float, bool, None, list and dict values")
+            raise CheckpointStorageError(msg, path=path) from error
+        try:
+            if self._local:
+                with open(path, "ab+") as out:
+                    if out.seek(0, os.SEEK_END) > 0:
+                        out.seek(-1, os.SEEK_END)
+                        if out.read(1) != b"\n":
+                            line = b"\n" + line
+                    out.write(line)
+                    out.flush()
+                    os.fsync(out.fileno())
+            else:
+                self._append_remote(path, line)
+        except OSError as error:
+            msg = (f"cannot append to checkpoint history {path!r}: {error}; "
+                   "check that the checkpoint storage is writable")
+            raise CheckpointStorageError(msg, path=path) from error
+
+    def _append_remote(self, path: str, line: bytes) -> None:
+        try:
+            with self._fs.open_input_stream(path) as source:
+                existing = source.read()
+        except FileNotFoundError:
+            existing = b""
+        if existing and not existing.endswith(b"\n"):
+            existing += b"\n"
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        with self._fs.open_output_stream(temporary) as out:
+            out.write(existing + line)
+        self._fs.move(temporary, path)
+
+    def history(self) -> list[dict[str, Any]]:
+        """The history entries, oldest first; torn or unparseable lines are skipped.
+
+        Raises:
+            CheckpointStorageError: the history exists but cannot be read.
+
+        """
+        path = f"{self._root}/{HISTORY_NAME}"
+        try:
+            with self._fs.open_input_stream(path) as source:
+                data = source.read()
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            msg = f"cannot read checkpoint history {path!r}: {error}; check that the checkpoint storage is reachable"
+            raise CheckpointStorageError(msg, path=path) from error
+        entries = []
+        for line in data.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
+        return entries
+
+
+def _rebuild_storage(uri: str, job: str, filesystem: pafs.FileSystem | None) -> CheckpointStorage:
+    return CheckpointStorage(uri, job, filesystem=filesystem)

@@ -1,0 +1,267 @@
+"""The checkpoint coordinator actor: ``<job>/coordinator``.
+
+A thin Ray adapter around :class:`checkpoint.coordinator.CheckpointCoordinator`:
+it polls the state machine on a timer, tells source subtasks to inject
+barriers, collects acknowledgements, writes each completed checkpoint's
+manifest atomically to durable storage (the only thing that makes a checkpoint
+complete), then notifies every subtask so sinks commit. Snapshot tables put in
+the object store by subtasks are *owned* by this actor, so a crashed subtask
+does not take its snapshot with it; if this actor dies, a new one recovers
+from the manifests in storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from typing import TYPE_CHECKING, Any
+
+from checkpoint.coordinator import (
+    AbortCheckpoint,
+    CheckpointAction,
+    CheckpointCoordinator,
+    CompletedCheckpoint,
+    DiscardCheckpoint,
+    FailJob,
+    NotifyCheckpointComplete,
+    PersistCheckpoint,
+    TaskAck,
+    TriggerCheckpoint,
+)
+from checkpoint.errors import CheckpointError
+from checkpoint.storage import CheckpointStorage
+from runtime.actor import RestoredState
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+    from checkpoint.config import CheckpointConfig
+
+__all__ = ["CoordinatorActor", "RestorePoint", "percentile"]
+
+log = logging.getLogger("onceflow")
+
+RestorePoint = tuple[int, dict[str, dict[str, RestoredState]]]
+"""A checkpoint id and, per subtask (``<vertex>/<subtask>``), per operator, its state."""
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Return the ``q`` quantile (0..1) of ``values`` by nearest rank; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _summary(checkpoint: CompletedCheckpoint, persisted_at: float) -> dict[str, Any]:
+    tasks = {task: ack.metrics for task, ack in checkpoint.acks.items()}
+
+    def most(key: str) -> float:
+        return max((m.get(key, 0.0) for m in tasks.values()), default=0.0)
+
+    return {
+        "checkpoint_id": checkpoint.checkpoint_id,
+        "duration_s": persisted_at - checkpoint.trigger_time,
+        "state_bytes": checkpoint.state_bytes,
+        "alignment_s": most("alignment_s"),
+        "sync_s": most("sync_s"),
+        "async_s": most("async_s"),
+        "start_delay_s": most("start_delay_s"),
+        "tasks": tasks,
+    }
+
+
+class CoordinatorActor:
+    """Coordinates the checkpoints of one job (an async Ray actor)."""
+
+    def __init__(self, job: str, config: CheckpointConfig, tasks: list[str]) -> None:
+        self._job = job
+        self._config = config
+        self._storage = CheckpointStorage(config.storage, job)
+        self._storage.discard_incomplete()
+        latest = self._storage.latest_manifest()
+        next_id = int(latest["checkpoint_id"]) + 1 if latest else 1
+        self._core = CheckpointCoordinator(config, tasks, clock=time.time, next_id=next_id)
+        self._core.paused = True
+        self._sources: list[ActorHandle] = []
+        self._subtasks: list[ActorHandle] = []
+        self._cache: dict[int, dict[str, dict[str, Any]]] = {}
+        self._waiters: dict[int, asyncio.Future[int]] = {}
+        self._history: list[dict[str, Any]] = []
+        self._fatal: asyncio.Event | None = None
+        self._fatal_reason = ""
+        self._loop: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        if latest:
+            log.info("job %s: coordinator recovered; newest complete checkpoint is %d", job, next_id - 1)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self, sources: list[ActorHandle], subtasks: list[ActorHandle]) -> None:
+        """Begin (or, after a restart, resume) triggering checkpoints for these subtasks."""
+        self._sources = sources
+        self._subtasks = subtasks
+        if self._fatal is None:
+            self._fatal = asyncio.Event()
+        self._core.resume()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        period = min(self._config.interval_s / 4, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._execute(self._core.poll())
+            except Exception:
+                log.exception("job %s: checkpoint coordinator loop failed", self._job)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _execute(self, actions: list[CheckpointAction]) -> None:
+        for action in actions:
+            if isinstance(action, TriggerCheckpoint):
+                log.debug("job %s: triggering checkpoint %d", self._job, action.checkpoint_id)
+                for source in self._sources:
+                    source.trigger_checkpoint.remote(action.checkpoint_id, action.timestamp)
+            elif isinstance(action, PersistCheckpoint):
+                self._spawn(self._persist(action.checkpoint))
+            elif isinstance(action, NotifyCheckpointComplete):
+                refs = [t.notify_checkpoint_complete.remote(action.checkpoint_id) for t in self._subtasks]
+                waiter = self._waiters.pop(action.checkpoint_id, None)
+                if waiter is not None:
+                    self._spawn(self._resolve(waiter, action.checkpoint_id, refs))
+            elif isinstance(action, AbortCheckpoint):
+                log.info("job %s: checkpoint %d aborted (%s)", self._job, action.checkpoint_id, action.reason.value)
+                for subtask in self._subtasks:
+                    subtask.abort_checkpoint.remote(action.checkpoint_id)
+                waiter = self._waiters.pop(action.checkpoint_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(CheckpointError(
+                        f"checkpoint {action.checkpoint_id} was aborted ({action.reason.value})",
+                        reason=action.reason.value))
+            elif isinstance(action, DiscardCheckpoint):
+                self._cache.pop(action.checkpoint_id, None)
+                await asyncio.to_thread(self._storage.discard, action.checkpoint_id)
+            elif isinstance(action, FailJob):
+                self._fatal_reason = action.reason
+                assert self._fatal is not None
+                self._fatal.set()
+
+    async def _resolve(self, waiter: asyncio.Future[int], checkpoint_id: int, refs: list[Any]) -> None:
+        try:
+            await asyncio.gather(*refs)
+        except Exception as error:  # noqa: BLE001 - the job restarts and commits again on recovery
+            if not waiter.done():
+                waiter.set_exception(error)
+            return
+        if not waiter.done():
+            waiter.set_result(checkpoint_id)
+
+    async def _persist(self, checkpoint: CompletedCheckpoint) -> None:
+        manifest = {
+            "checkpoint_id": checkpoint.checkpoint_id,
+            "job": self._job,
+            "trigger_time": checkpoint.trigger_time,
+            "acknowledged_time": checkpoint.completion_time,
+            "state_bytes": checkpoint.state_bytes,
+            "tasks": {task: {"states": ack.states, "metrics": ack.metrics} for task, ack in checkpoint.acks.items()},
+        }
+        try:
+            await asyncio.to_thread(self._storage.write_manifest, manifest)
+        except Exception:
+            log.exception("job %s: writing the manifest of checkpoint %d failed", self._job, checkpoint.checkpoint_id)
+            await self._execute(self._core.on_persist_failed(checkpoint.checkpoint_id))
+            return
+        summary = _summary(checkpoint, time.time())
+        self._history.append(summary)
+        self._cache[checkpoint.checkpoint_id] = {task: ack.cache for task, ack in checkpoint.acks.items()}
+        log.info("job %s: checkpoint %d complete in %.3f s (%d bytes, alignment %.3f s)", self._job,
+                 checkpoint.checkpoint_id, summary["duration_s"], summary["state_bytes"], summary["alignment_s"])
+        try:
+            await asyncio.to_thread(self._storage.append_history, summary)
+        except Exception:  # noqa: BLE001 - the history is informational
+            log.warning("job %s: could not append checkpoint history", self._job)
+        await self._execute(self._core.on_persisted(checkpoint.checkpoint_id))
+
+    # -- calls from subtasks ----------------------------------------------------------
+
+    async def acknowledge(self, checkpoint_id: int, ack: TaskAck) -> None:
+        """A subtask finished its snapshot of ``checkpoint_id``."""
+        _, actions = self._core.on_ack(checkpoint_id, ack)
+        await self._execute(actions)
+
+    async def decline(self, checkpoint_id: int, task: str, reason: str) -> None:
+        """A subtask could not snapshot ``checkpoint_id``."""
+        log.warning("job %s: %s declined checkpoint %d: %s", self._job, task, checkpoint_id, reason)
+        await self._execute(self._core.on_decline(checkpoint_id, task))
+
+    # -- calls from the job -----------------------------------------------------------
+
+    async def on_job_failure(self) -> None:
+        """The job is restarting: abort pending checkpoints and stop triggering."""
+        await self._execute(self._core.on_job_failure())
+
+    def restore_point(self) -> RestorePoint | None:
+        """The newest complete checkpoint: object-store copies where they live, files always."""
+        latest = self._core.store.latest
+        if latest is not None:
+            cache = self._cache.get(latest.checkpoint_id, {})
+            return latest.checkpoint_id, {
+                task: {op: RestoredState(state["path"], cache.get(task, {}).get(op))
+                       for op, state in ack.states.items()}
+                for task, ack in latest.acks.items()
+            }
+        manifest = self._storage.latest_manifest()
+        if manifest is None:
+            return None
+        return int(manifest["checkpoint_id"]), {
+            task: {op: RestoredState(state["path"]) for op, state in entry["states"].items()}
+            for task, entry in manifest["tasks"].items()
+        }
+
+    async def final_checkpoint(self) -> int:
+        """Take a checkpoint now and return once every subtask was notified that it completed."""
+        while True:
+            actions = self._core.trigger_now()
+            if actions:
+                break
+            await asyncio.sleep(0.01)
+        checkpoint_id = actions[0].checkpoint_id  # type: ignore[union-attr]
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters[checkpoint_id] = waiter
+        await self._execute(actions)
+        return await waiter
+
+    async def watch(self) -> None:
+        """Return only by raising, when checkpoints failed too often for the job to go on."""
+        while self._fatal is None:
+            await asyncio.sleep(0.05)
+        await self._fatal.wait()
+        msg = f"job {self._job!r}: {self._fatal_reason}"
+        raise CheckpointError(msg, reason="too many failures")
+
+    def stats(self) -> dict[str, Any]:
+        """Checkpoint figures as Flink reports them: counts, durations, alignment, sizes."""
+        history = self._history
+        durations = [h["duration_s"] for h in history]
+        alignments = [h["alignment_s"] for h in history]
+        latest = self._core.store.latest
+        return {
+            "checkpoints_completed": self._core.completed_count,
+            "checkpoints_failed": self._core.failed_count,
+            "checkpoint_duration_p50_s": percentile(durations, 0.5),
+            "checkpoint_duration_p99_s": percentile(durations, 0.99),
+            "checkpoint_duration_mean_s": statistics.fmean(durations) if durations else 0.0,
+            "alignment_p50_s": percentile(alignments, 0.5),
+            "alignment_p99_s": percentile(alignments, 0.99),
+            "state_bytes_last": history[-1]["state_bytes"] if history else 0,
+            "latest_checkpoint": latest.checkpoint_id if latest else None,
+            "checkpoint_storage": self._storage.uri,
+            "checkpoint_history": history,
+        }
