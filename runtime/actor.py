@@ -555,8 +555,10 @@ class SubtaskActor:
             return
         with contextlib.suppress(Exception):
             self._sink.writer.abort()
-        pending = [c for items in self._sink.uncommitted.values() for c in items] + self._sink.final
-        self._sink_spec.create_committer(self._sink_context()).abort(pending)
+        if self._checkpointing is None:
+            self._sink_spec.create_committer(self._sink_context()).abort(self._sink.final)
+        # With checkpoints, pre-committed transactions are left for recovery to resolve:
+        # one recorded in a complete checkpoint must still commit when the job resumes.
 
     # -- observation ----------------------------------------------------------------
 

@@ -127,7 +127,7 @@ class JobHandle:
 
     def __init__(self, flow: Dataflow, plan_: PhysicalPlan, options: RuntimeOptions,
                  checkpoint: CheckpointConfig | None, restart: RestartStrategy,
-                 actor_options: dict[str, Any]) -> None:
+                 actor_options: dict[str, Any], resume: bool = False) -> None:
         self.job = flow.name
         self._plan = plan_
         self._options = options
@@ -142,9 +142,15 @@ class JobHandle:
         self._earlier: dict[str, Any] = {}
         self.restored_from: list[int] = []
         created = time.monotonic()
+        restore: RestorePoint | None = None
         if checkpoint is not None:
             self._start_coordinator()
-        self._attempt = self._start_attempt(None)
+            if resume:
+                assert self._coordinator is not None
+                restore = ray.get(self._coordinator.restore_point.remote())
+                if restore is not None:
+                    self.restored_from.append(restore[0])
+        self._attempt = self._start_attempt(restore)
         self.startup_s = time.monotonic() - created
         self._started = time.monotonic()
 
@@ -452,7 +458,7 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
            checkpoint: CheckpointConfig | None = None, restart: RestartStrategy | None = None,
            max_parallelism: int = DEFAULT_MAX_PARALLELISM, batch_bytes: int | None = None,
            linger_s: float | None = None, credits: int | None = None, chaining: bool = True,
-           actor_options: dict[str, Any] | None = None) -> JobHandle:
+           actor_options: dict[str, Any] | None = None, resume: bool = False) -> JobHandle:
     """Start ``flow`` and return a handle without waiting for it.
 
     Args:
@@ -465,6 +471,9 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
             turns them off: a failure then fails the job and commits nothing.
         restart: how often and how soon to restart after a failure (with
             checkpointing); ``RestartStrategy.default()`` by default.
+        resume: start from the newest complete checkpoint of this job in
+            ``checkpoint.storage`` (after the driver itself was lost); without
+            one the job starts from the beginning.
         max_parallelism: the number of key groups (the most subtasks a keyed operator can have).
         batch_bytes: a channel sends once it buffers this many bytes.
         linger_s: a channel sends buffered rows at the latest after this long.
@@ -487,14 +496,19 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
     for node in flow.nodes:
         if node.kind is NodeKind.SINK:
             node.spec.prepare()
-    return JobHandle(flow, physical, options, checkpoint, restart or RestartStrategy.default(), actor_options or {})
+    if resume and checkpoint is None:
+        msg = "resume=True needs checkpoint=CheckpointConfig(...) naming the storage to resume from"
+        raise PlanError(msg)
+    return JobHandle(flow, physical, options, checkpoint, restart or RestartStrategy.default(), actor_options or {},
+                     resume)
 
 
 def run(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
         checkpoint: CheckpointConfig | None = None, restart: RestartStrategy | None = None,
         max_parallelism: int = DEFAULT_MAX_PARALLELISM, batch_bytes: int | None = None,
         linger_s: float | None = None, credits: int | None = None, chaining: bool = True,
-        actor_options: dict[str, Any] | None = None, timeout_s: float | None = None) -> JobResult:
+        actor_options: dict[str, Any] | None = None, resume: bool = False,
+        timeout_s: float | None = None) -> JobResult:
     """Run a bounded ``flow`` to the end and return its result (see :func:`submit` for the arguments).
 
     Raises:
@@ -503,7 +517,7 @@ def run(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
     """
     handle = submit(flow, parallelism=parallelism, address=address, checkpoint=checkpoint, restart=restart,
                     max_parallelism=max_parallelism, batch_bytes=batch_bytes, linger_s=linger_s,
-                    credits=credits, chaining=chaining, actor_options=actor_options)
+                    credits=credits, chaining=chaining, actor_options=actor_options, resume=resume)
     try:
         return handle.wait(timeout_s)
     except TimeoutError:

@@ -276,13 +276,12 @@ class SimulatedOperator:
 def channel_streams(draw: st.DrawFn, *, missing: bool) -> list[list[Item]]:
     """Per channel, a FIFO of records and barriers 1..K in order (with ``missing``, some barriers left out)."""
     channels = draw(st.integers(2, 4))
-    k = draw(st.integers(1, 5))
+    k = draw(st.integers(1, 6))
     streams: list[list[Item]] = []
     for channel in range(channels):
-        if missing:
-            ids = sorted(draw(st.sets(st.integers(1, k))))
-        else:
-            ids = list(range(1, k + 1))
+        ids = list(range(1, k + 1))
+        if missing:  # each barrier left out with probability 1/4
+            ids = [i for i in ids if draw(st.integers(0, 3)) != 0]
         items: list[Item] = []
         seq = 0
         for checkpoint_id in [*ids, None]:
