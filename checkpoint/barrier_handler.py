@@ -101,6 +101,7 @@ class AlignedBarrierHandler:
         self.channels = channels
         self._clock = clock
         self.state: WaitingForFirstBarrier | CollectingBarriers = WaitingForFirstBarrier()
+        self._aborted: set[int] = set()
 
     @property
     def last(self) -> int:
@@ -119,6 +120,8 @@ class AlignedBarrierHandler:
             msg = f"barrier on channel {channel}, but there are {self.channels} channels"
             raise ValueError(msg)
         state = self.state
+        if checkpoint_id in self._aborted:
+            return []  # the coordinator gave up on it
         if isinstance(state, WaitingForFirstBarrier):
             if checkpoint_id <= state.last:
                 return []  # a barrier of a checkpoint already handled or abandoned
@@ -147,11 +150,14 @@ class AlignedBarrierHandler:
         return [*actions, Block(channel)]
 
     def on_checkpoint_aborted(self, checkpoint_id: int) -> list[BarrierAction]:
-        """The coordinator aborted ``checkpoint_id``: stop aligning it if we are."""
+        """The coordinator aborted ``checkpoint_id``: stop aligning it, ignore its late barriers.
+
+        Older checkpoints are unaffected: with several checkpoints in flight the
+        coordinator may abort a newer one and still expect an older one.
+        """
         state = self.state
-        if isinstance(state, CollectingBarriers) and state.checkpoint_id <= checkpoint_id:
+        self._aborted = {i for i in self._aborted if i > self.last} | {checkpoint_id}
+        if isinstance(state, CollectingBarriers) and state.checkpoint_id == checkpoint_id:
             self.state = WaitingForFirstBarrier(checkpoint_id)
-            return [AbortAlignment(state.checkpoint_id), Release()]
-        if isinstance(state, WaitingForFirstBarrier) and checkpoint_id > state.last:
-            self.state = WaitingForFirstBarrier(checkpoint_id)
+            return [AbortAlignment(checkpoint_id), Release()]
         return []

@@ -114,7 +114,12 @@ class PendingCheckpoint:
         self.not_yet_acknowledged = set(tasks)
         self.acks: dict[str, TaskAck] = {}
         self.discarded: CheckpointFailureReason | None = None
-        self.persisting = False
+        self.completed: CompletedCheckpoint | None = None
+
+    @property
+    def persisting(self) -> bool:
+        """Whether every subtask acknowledged and the manifest is being written."""
+        return self.completed is not None
 
     @property
     def is_fully_acknowledged(self) -> bool:
@@ -291,8 +296,8 @@ class CheckpointCoordinator:
             return AckResult.UNKNOWN, []
         result = pending.acknowledge(ack)
         if result is AckResult.SUCCESS and pending.is_fully_acknowledged:
-            pending.persisting = True
-            return result, [PersistCheckpoint(pending.finalize(self._clock()))]
+            pending.completed = pending.finalize(self._clock())
+            return result, [PersistCheckpoint(pending.completed)]
         return result, []
 
     def on_decline(self, checkpoint_id: int, task: str) -> list[CheckpointAction]:
@@ -304,10 +309,11 @@ class CheckpointCoordinator:
 
     def on_persisted(self, checkpoint_id: int) -> list[CheckpointAction]:
         """The manifest is durable: the checkpoint is complete."""
-        pending = self.pending.pop(checkpoint_id, None)
-        if pending is None or not pending.persisting:
+        pending = self.pending.get(checkpoint_id)
+        if pending is None or pending.completed is None:
             return []
-        completed = pending.finalize(self._clock())
+        del self.pending[checkpoint_id]
+        completed = pending.completed
         now = self._clock()
         self._last_completion = now
         self.consecutive_failures = 0

@@ -246,9 +246,6 @@ def test_persisted_for_an_unknown_checkpoint_does_nothing() -> None:
     assert coordinator.on_persist_failed(5) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "on_persisted pops the pending checkpoint before checking it is persisting: a spurious call "
-    "drops a checkpoint still collecting acks, with no AbortCheckpoint/DiscardCheckpoint"))
 def test_persisted_before_every_ack_leaves_the_pending_checkpoint_alone() -> None:
     coordinator, _ = make()
     coordinator.poll()
@@ -260,10 +257,6 @@ def test_persisted_before_every_ack_leaves_the_pending_checkpoint_alone() -> Non
     assert [type(a) for a in actions] == [PersistCheckpoint]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "on_persisted finalizes the pending checkpoint a second time, so the store's CompletedCheckpoint "
-    "has completion_time = persist time, unlike the one in PersistCheckpoint (the manifest) and "
-    "unlike duration_s's documented 'trigger to last acknowledgement'"))
 def test_the_stored_checkpoint_is_the_one_persisted() -> None:
     coordinator, clock = make()
     coordinator.poll()
