@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -12,6 +13,9 @@ from typing import Any
 
 import psutil
 import ray
+
+import onceflow as of
+from operators.workload import feature_events
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,3 +78,16 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps({"machine": machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                 **payload}, indent=2))
     return path
+
+
+def feature_flow(name: str, sink: of.sinks.TransactionalSink, *, events: int | None, batch_size: int = 100_000,
+                 users: int = 100_000, window_ms: int = 10_000, rate: int | None = None) -> of.Dataflow:
+    """The DESIGN.md feature-window job: key by user, tumbling windows, count and sum(amount)."""
+    make_batch = feature_events if users == 100_000 else functools.partial(feature_events, users=users)
+    flow = of.Dataflow(name)
+    stream = flow.source(of.sources.GeneratorSource(make_batch, total=events, batch_size=batch_size,
+                                                    max_events_per_s=rate),
+                         watermark=of.BoundedOutOfOrderness("event_time"))
+    (stream.key_by("user_id").window(of.windows.Tumbling(size_ms=window_ms))
+     .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(sink))
+    return flow

@@ -30,7 +30,7 @@ import pyarrow.dataset as ds
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import RESULTS, PeakMemory, start_ray, write_json
+from benchmarks.common import RESULTS, PeakMemory, feature_flow, start_ray, write_json
 from operators.workload import feature_events
 
 
@@ -43,11 +43,7 @@ def one_run(events: int, parallelism: int, batch_size: int, batch_bytes: int | N
             name: str) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="of-bench-"))
     try:
-        flow = of.Dataflow(name)
-        stream = flow.source(of.sources.GeneratorSource(feature_events, total=events, batch_size=batch_size),
-                             watermark=of.BoundedOutOfOrderness("event_time"))
-        (stream.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
-         .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(of.sinks.ParquetSink(str(out))))
+        flow = feature_flow(name, of.sinks.ParquetSink(str(out)), events=events, batch_size=batch_size)
         started = time.monotonic()
         with PeakMemory() as memory:
             result = of.run(flow, parallelism=parallelism, batch_bytes=batch_bytes)

@@ -49,13 +49,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100_000)
     parser.add_argument("--out", default=None, help="output directory (a fresh temporary one by default)")
     parser.add_argument("--address", default=None, help='Ray address: none for embedded, "auto" for a cluster')
+    parser.add_argument("--checkpoint-interval", type=float, default=1.0,
+                        help="seconds between checkpoints; 0 turns checkpointing off")
+    parser.add_argument("--checkpoints", default=None,
+                        help="checkpoint storage (a directory or pyarrow.fs URI; a fresh temporary one by default)")
     args = parser.parse_args()
 
     out_dir = args.out or tempfile.mkdtemp(prefix="onceflow-features-")
     if Path(out_dir).exists():
         shutil.rmtree(out_dir)
+    checkpoint = None
+    if args.checkpoint_interval > 0:
+        storage = args.checkpoints or tempfile.mkdtemp(prefix="onceflow-checkpoints-")
+        checkpoint = of.CheckpointConfig(interval_s=args.checkpoint_interval, storage=storage)
     result = of.run(build(out_dir, args.events, args.batch_size), parallelism=args.parallelism,
-                    address=args.address)
+                    address=args.address, checkpoint=checkpoint)
 
     committed = ds.dataset(out_dir, format="parquet").to_table()
     expected = feature_window_reference(args.events)
@@ -68,6 +76,9 @@ def main() -> None:
     print(f"feature-window: {m['events_in']:,} events -> {m['events_out']:,} (user, window) rows in {out_dir}")
     print(f"  {m['events_per_s']:,.0f} events/s over {m['duration_s']:.2f} s "
           f"(+{m['startup_s']:.2f} s start-up), parallelism {args.parallelism}")
+    if checkpoint is not None:
+        print(f"  {m['checkpoints_completed']} checkpoints (every {args.checkpoint_interval:g} s, p99 "
+              f"{m['checkpoint_duration_p99_s']:.3f} s) in {checkpoint.storage}")
     print(f"  sum of counts {total_count:,} (expected {args.events:,}); "
           f"sum of amounts {committed_sum:,.3f} (expected {expected_sum:,.3f})")
     print("  result matches the numpy reference" if ok else "  RESULT DIFFERS FROM THE REFERENCE")

@@ -266,9 +266,9 @@ class JobHandle:
     def cancel(self) -> None:
         """Stop at once; everything not yet committed is discarded."""
         if self._status in (JobStatus.RUNNING, JobStatus.RESTARTING):
+            self._status = JobStatus.CANCELLED
             self._abort_sinks()
             self._shutdown()
-            self._status = JobStatus.CANCELLED
 
     def wait(self, timeout_s: float | None = None) -> JobResult:
         """Block until the job finishes; return its result.
@@ -333,7 +333,9 @@ class JobHandle:
 
     def _root_cause(self, refs: dict[Any, str]) -> tuple[BaseException, str]:
         """Among the failed calls, the error that explains the rest (not a downstream echo)."""
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=1.0)
+        # Give the other failures of the same moment a little time to surface:
+        # the root cause (a bad batch) may report a moment after its echoes.
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0.3)
         root: BaseException | None = None
         actor = ""
         for ref in ready:
@@ -365,6 +367,8 @@ class JobHandle:
 
     def _recover(self, error: BaseException, actor: str) -> None:
         """Restart from the newest complete checkpoint, or fail the job."""
+        if self._status is JobStatus.CANCELLED:
+            self._fail(JobFailedError(f"job {self.job!r} was cancelled", job=self.job), error)
         reason = self._describe(error, actor)
         if self._checkpoint is None or isinstance(error, _NOT_RETRYABLE):
             self._abort_sinks()
@@ -390,6 +394,8 @@ class JobHandle:
                 f"({self._restarts.strategy.kind}){resume}", job=self.job,
                 operator=getattr(error, "operator", "") or actor), error)
         time.sleep(delay)
+        if self._status is JobStatus.CANCELLED:
+            self._fail(JobFailedError(f"job {self.job!r} was cancelled", job=self.job), error)
         if not coordinator_alive:
             self._kill([self._coordinator])  # type: ignore[list-item]
             self._start_coordinator()
