@@ -249,20 +249,10 @@ class Sum(Aggregation):
 
 
 @dataclass(frozen=True, slots=True, repr=False)
-class Min(Aggregation):
-    """The smallest value of a column, keeping its type.
-
-    Numbers, temporal values, decimals, booleans, strings and binaries work.
-
-    Example:
-        >>> min("amount")
-        min('amount')
-
-    """
+class _Extreme(Aggregation):
+    """Shared by :class:`Min` and :class:`Max`: one orderable column, its type kept."""
 
     column: str  # type: ignore[misc]
-    kind: ClassVar[str] = "min"
-    partials: ClassVar[tuple[Partial, ...]] = (Partial("min", "min", "min"),)
 
     def __post_init__(self) -> None:
         """Validate the column name."""
@@ -276,7 +266,23 @@ class Min(Aggregation):
 
 
 @dataclass(frozen=True, slots=True, repr=False)
-class Max(Aggregation):
+class Min(_Extreme):
+    """The smallest value of a column, keeping its type.
+
+    Numbers, temporal values, decimals, booleans, strings and binaries work.
+
+    Example:
+        >>> min("amount")
+        min('amount')
+
+    """
+
+    kind: ClassVar[str] = "min"
+    partials: ClassVar[tuple[Partial, ...]] = (Partial("min", "min", "min"),)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Max(_Extreme):
     """The largest value of a column, keeping its type.
 
     Numbers, temporal values, decimals, booleans, strings and binaries work.
@@ -287,19 +293,8 @@ class Max(Aggregation):
 
     """
 
-    column: str  # type: ignore[misc]
     kind: ClassVar[str] = "max"
     partials: ClassVar[tuple[Partial, ...]] = (Partial("max", "max", "max"),)
-
-    def __post_init__(self) -> None:
-        """Validate the column name."""
-        _check_column(self.kind, self.column)
-
-    def _accumulation_type(self, kind: pa.DataType) -> pa.DataType | None:
-        return kind if _is_orderable(kind) else None
-
-    def _expected(self) -> str:
-        return "a numeric, temporal, decimal, boolean, string or binary column"
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -14,10 +14,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from checkpoint.errors import PlanError
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["Idle", "Source", "SourceContext", "SourceReader"]
+__all__ = ["Idle", "Source", "SourceContext", "SourceReader", "parse_split_offset"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +75,41 @@ class Source(ABC):
     def max_parallelism(self) -> int | None:
         """Return the most subtasks this source can use, or ``None`` for no limit."""
         return None
+
+
+def parse_split_offset(ctx: SourceContext, resume_offset: Any, *, source: str,
+                       fields: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
+    """Check an offset of non-negative integers whose first names this subtask's split.
+
+    Splits (batches, row groups, files) go round-robin to subtasks, so the
+    first field modulo the parallelism must be ``ctx.subtask``.
+
+    Args:
+        ctx: where the reader runs.
+        resume_offset: the offset to check, a dict.
+        source: the source class, for messages (``"ParquetSource"``).
+        fields: ``(key, placeholder)`` pairs, the split index first.
+
+    Returns:
+        The fields' values, in order.
+
+    Raises:
+        PlanError: the offset is malformed or belongs to another subtask.
+    """
+    raw = [resume_offset.get(key) if isinstance(resume_offset, dict) else None for key, _ in fields]
+    values = [v for v in raw if isinstance(v, int) and v >= 0]
+    if len(values) != len(fields):
+        shape = ", ".join(f"'{key}': {placeholder}" for key, placeholder in fields)
+        msg = (
+            f"{source} {ctx.operator}: resume offset {resume_offset!r} is not {{{shape}}}; "
+            f"resume from an offset() of a {source} reader"
+        )
+        raise PlanError(msg)
+    parallelism = max(ctx.parallelism, 1)
+    if values[0] % parallelism != ctx.subtask:
+        msg = (
+            f"{source} {ctx.operator}: resume offset {resume_offset!r} does not belong to "
+            f"subtask {ctx.subtask} of {parallelism}; restore at the parallelism the offset was taken with"
+        )
+        raise PlanError(msg)
+    return tuple(values)

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from checkpoint.errors import DataError, PlanError
-from operators.sources.base import Idle, Source, SourceContext, SourceReader
+from operators.sources.base import Idle, Source, SourceContext, SourceReader, parse_split_offset
 
 __all__ = ["GeneratorSource", "GeneratorSourceReader", "MakeBatch"]
 
@@ -126,7 +126,8 @@ class GeneratorSource(Source):
             PlanError: ``resume_offset`` is malformed or belongs to another subtask.
 
         """
-        next_batch = ctx.subtask if resume_offset is None else _parse_offset(ctx, resume_offset)
+        next_batch = ctx.subtask if resume_offset is None else parse_split_offset(
+            ctx, resume_offset, source="GeneratorSource", fields=(("next_batch", "k"),))[0]
         return GeneratorSourceReader(self, ctx, next_batch)
 
 
@@ -219,25 +220,6 @@ class GeneratorSourceReader(SourceReader):
             )
             raise DataError(msg, operator=operator, column=column)
         return out
-
-
-def _parse_offset(ctx: SourceContext, resume_offset: Any) -> int:
-    """Return the batch index in ``resume_offset``, checked against ``ctx``."""
-    next_batch = resume_offset.get("next_batch") if isinstance(resume_offset, dict) else None
-    if not isinstance(next_batch, int) or next_batch < 0:
-        msg = (
-            f"generator source {ctx.operator}: resume offset {resume_offset!r} is not "
-            "{'next_batch': k}; resume from an offset() of a GeneratorSource reader"
-        )
-        raise PlanError(msg)
-    parallelism = max(ctx.parallelism, 1)
-    if next_batch % parallelism != ctx.subtask:
-        msg = (
-            f"generator source {ctx.operator}: resume offset {resume_offset!r} does not belong to "
-            f"subtask {ctx.subtask} of {parallelism}; restore at the parallelism the offset was taken with"
-        )
-        raise PlanError(msg)
-    return next_batch
 
 
 def _table_to_batch(table: pa.Table) -> pa.RecordBatch:

@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 
 from checkpoint.errors import DataError, PlanError
-from operators.sources.base import Source, SourceContext, SourceReader
+from operators.sources.base import Source, SourceContext, SourceReader, parse_split_offset
 from operators.sources.parquet import absolute_path, list_data_files, resolve_filesystem
 
 __all__ = ["JsonLinesSource", "JsonLinesSourceReader"]
@@ -107,7 +107,8 @@ class JsonLinesSource(Source):
         """
         fs, path = resolve_filesystem(self.path)
         files = list_data_files(fs, path, (".jsonl", ".json"), operator=ctx.operator, kind="jsonl")
-        file, byte = _parse_offset(ctx, resume_offset)
+        file, byte = (ctx.subtask, 0) if resume_offset is None else parse_split_offset(
+            ctx, resume_offset, source="JsonLinesSource", fields=(("file", "f"), ("byte", "b")))
         if self.schema is not None:
             options = pajson.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="ignore")
         else:
@@ -303,22 +304,3 @@ def _to_batch(table: pa.Table) -> pa.RecordBatch:
     return pa.RecordBatch.from_struct_array(pa.concat_arrays([b.to_struct_array() for b in batches]))
 
 
-def _parse_offset(ctx: SourceContext, resume_offset: Any | None) -> tuple[int, int]:
-    """Return ``(file, byte)`` from ``resume_offset``, checked against ``ctx``."""
-    if resume_offset is None:
-        return ctx.subtask, 0
-    file = resume_offset.get("file") if isinstance(resume_offset, dict) else None
-    byte = resume_offset.get("byte") if isinstance(resume_offset, dict) else None
-    if not isinstance(file, int) or not isinstance(byte, int) or file < 0 or byte < 0:
-        msg = (
-            f"jsonl source {ctx.operator}: resume offset {resume_offset!r} is not "
-            "{'file': f, 'byte': b}; resume from an offset() of a JsonLinesSource reader"
-        )
-        raise PlanError(msg)
-    if file % max(ctx.parallelism, 1) != ctx.subtask:
-        msg = (
-            f"jsonl source {ctx.operator}: resume offset {resume_offset!r} does not belong to "
-            f"subtask {ctx.subtask} of {ctx.parallelism}; restore at the parallelism the offset was taken with"
-        )
-        raise PlanError(msg)
-    return file, byte

@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from checkpoint.errors import DataError, PlanError
-from operators.sources.base import Source, SourceContext, SourceReader
+from operators.sources.base import Source, SourceContext, SourceReader, parse_split_offset
 
 __all__ = ["ParquetSource", "ParquetSourceReader", "absolute_path", "list_data_files", "resolve_filesystem"]
 
@@ -175,7 +175,8 @@ class ParquetSource(Source):
                 rows = metadata.row_group(group).num_rows
                 if rows > 0:
                     units.append(_Unit(file, group, rows))
-        unit, row = _parse_offset(ctx, resume_offset)
+        unit, row = (ctx.subtask, 0) if resume_offset is None else parse_split_offset(
+            ctx, resume_offset, source="ParquetSource", fields=(("unit", "u"), ("row", "r")))
         return ParquetSourceReader(fs, units, ctx, self.batch_size, self.columns, unit, row)
 
 
@@ -346,22 +347,3 @@ def _raise_schema_mismatch(operator: str, file: str, schema: pa.Schema, first_fi
     raise DataError(msg, operator=operator, column=column or None)
 
 
-def _parse_offset(ctx: SourceContext, resume_offset: Any | None) -> tuple[int, int]:
-    """Return ``(unit, row)`` from ``resume_offset``, checked against ``ctx``."""
-    if resume_offset is None:
-        return ctx.subtask, 0
-    unit = resume_offset.get("unit") if isinstance(resume_offset, dict) else None
-    row = resume_offset.get("row") if isinstance(resume_offset, dict) else None
-    if not isinstance(unit, int) or not isinstance(row, int) or unit < 0 or row < 0:
-        msg = (
-            f"parquet source {ctx.operator}: resume offset {resume_offset!r} is not "
-            "{'unit': u, 'row': r}; resume from an offset() of a ParquetSource reader"
-        )
-        raise PlanError(msg)
-    if unit % max(ctx.parallelism, 1) != ctx.subtask:
-        msg = (
-            f"parquet source {ctx.operator}: resume offset {resume_offset!r} does not belong to "
-            f"subtask {ctx.subtask} of {ctx.parallelism}; restore at the parallelism the offset was taken with"
-        )
-        raise PlanError(msg)
-    return unit, row
