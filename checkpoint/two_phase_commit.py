@@ -57,8 +57,13 @@ class SinkWriter(ABC):
         """Push buffered rows to the transaction; ``end_of_input`` at the end."""
 
     @abstractmethod
-    def prepare_commit(self) -> list[Committable]:
-        """Pre-commit the open transaction; return its committables."""
+    def prepare_commit(self, checkpoint_id: int | None = None) -> list[Committable]:
+        """Pre-commit the open transaction; return its committables.
+
+        Args:
+            checkpoint_id: the checkpoint whose barrier this is, or ``None`` at
+                the end of a job without checkpoints (transactions may be named after it).
+        """
 
     @abstractmethod
     def abort(self) -> None:

@@ -35,6 +35,7 @@ import ray
 from checkpoint.barrier_handler import AbortAlignment, AlignedBarrierHandler, Release, Snapshot
 from checkpoint.coordinator import TaskAck
 from checkpoint.errors import OnceflowError, OperatorError
+from checkpoint.failpoints import crash_point
 from checkpoint.state import read_sink_state, read_source_state, sink_state, source_state
 from checkpoint.storage import CheckpointStorage
 from checkpoint.two_phase_commit import Committable, SinkContext, SinkWriter
@@ -125,7 +126,7 @@ class _SinkStage(OperatorLogic):
 
     def pre_commit(self, checkpoint_id: int) -> pa.Table:
         self.writer.flush(end_of_input=False)
-        committables = self.writer.prepare_commit()
+        committables = self.writer.prepare_commit(checkpoint_id)
         if committables:
             self.uncommitted[checkpoint_id] = committables
         return sink_state(self.uncommitted)
@@ -164,8 +165,7 @@ class SubtaskActor:
             elif node.kind is NodeKind.SINK:
                 self._sink_spec = node.spec
                 self._sink = _SinkStage(node.spec.create_writer(self._sink_context()))
-                if node.name in states:
-                    self._recover_sink(read_sink_state(states[node.name]))
+                self._recover_sink(read_sink_state(states[node.name]) if node.name in states else {})
                 self._stages.append(self._sink)
             else:
                 op_ctx = OperatorContext(
@@ -211,7 +211,11 @@ class SubtaskActor:
         return self._storage.read_state(handle.path)
 
     def _recover_sink(self, restored: dict[int, list[Committable]]) -> None:
-        """Re-commit what the restored checkpoint pre-committed; abort every other lingering transaction."""
+        """Re-commit what the restored checkpoint pre-committed; abort every other lingering transaction.
+
+        On a fresh start nothing is restored, and whatever an earlier run of the
+        job left behind is aborted.
+        """
         committables = [c for _, items in sorted(restored.items()) for c in items]
         committer = self._sink_spec.create_committer(self._sink_context())
         committer.commit(committables)
@@ -298,6 +302,13 @@ class SubtaskActor:
         logic = self._stages[stage]
         assert logic is not None
         try:
+            if self._sink is not None and logic is self._sink:
+                # A sink may block on its external system (a row lock held by a
+                # prepared transaction that only our own commit releases): keep
+                # the event loop free so that notify_checkpoint_complete can run.
+                await asyncio.to_thread(self._sink.on_batch, batch)
+                crash_point(self._plan.job, "sink.after_write", self._subtask)
+                return
             emitted = logic.on_batch(batch)
         except Exception as error:
             self._fail(error, stage)
@@ -479,6 +490,7 @@ class SubtaskActor:
                     tables[node.name] = source_state(self._reader.offset(), max_time)
                 elif logic is self._sink and self._sink is not None:
                     tables[node.name] = self._sink.pre_commit(checkpoint_id)
+                    crash_point(self._plan.job, "sink.after_pre_commit", self._subtask)
                 elif logic is not None:
                     table = logic.snapshot()
                     if table is not None:
@@ -517,18 +529,22 @@ class SubtaskActor:
             coordinator.decline.remote(checkpoint_id, self.task, str(error))
 
     async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
-        """Checkpoint ``checkpoint_id`` is complete: a sink commits everything pre-committed up to it."""
-        if self._sink is None or self._lock is None:
+        """Checkpoint ``checkpoint_id`` is complete: a sink commits everything pre-committed up to it.
+
+        Runs without the processing lock: the sink may be blocked on a row lock
+        that only this commit releases. The dict of uncommitted transactions is
+        only touched from this event loop, between awaits.
+        """
+        if self._sink is None:
             return
-        async with self._lock:
-            ready = [c_id for c_id in self._sink.uncommitted if c_id <= checkpoint_id]
-            committables = [c for c_id in sorted(ready) for c in self._sink.uncommitted[c_id]]
+        ready = sorted(c_id for c_id in self._sink.uncommitted if c_id <= checkpoint_id)
+        committables = [c for c_id in ready for c in self._sink.uncommitted[c_id]]
         if committables:
+            crash_point(self._plan.job, "sink.before_commit", self._subtask)
             committer = self._sink_spec.create_committer(self._sink_context())
             await asyncio.to_thread(committer.commit, committables)
-        async with self._lock:
-            for c_id in ready:
-                self._sink.uncommitted.pop(c_id, None)
+        for c_id in ready:
+            self._sink.uncommitted.pop(c_id, None)
 
     async def abort_checkpoint(self, checkpoint_id: int) -> None:
         """The coordinator gave up on ``checkpoint_id``: stop aligning it."""

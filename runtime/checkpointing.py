@@ -31,6 +31,7 @@ from checkpoint.coordinator import (
     TriggerCheckpoint,
 )
 from checkpoint.errors import CheckpointError
+from checkpoint.failpoints import crash_point
 from checkpoint.storage import CheckpointStorage
 from runtime.actor import RestoredState
 
@@ -174,6 +175,7 @@ class CoordinatorActor:
         }
         try:
             await asyncio.to_thread(self._storage.write_manifest, manifest)
+            crash_point(self._job, "coordinator.after_manifest")
         except Exception:
             log.exception("job %s: writing the manifest of checkpoint %d failed", self._job, checkpoint.checkpoint_id)
             await self._execute(self._core.on_persist_failed(checkpoint.checkpoint_id))

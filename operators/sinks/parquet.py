@@ -204,7 +204,7 @@ class ParquetSinkWriter(SinkWriter):
         if self._writer is not None and self._interval_due():
             self._roll()
 
-    def prepare_commit(self) -> list[Committable]:
+    def prepare_commit(self, checkpoint_id: int | None = None) -> list[Committable]:
         """Close the open file into pending and hand out every pending file.
 
         Returns:

@@ -188,7 +188,7 @@ class TestingSinkWriter(SinkWriter):
             self._batches.append(batch)
             self.rows_written += batch.num_rows
 
-    def prepare_commit(self) -> list[Committable]:
+    def prepare_commit(self, checkpoint_id: int | None = None) -> list[Committable]:
         """Return one committable holding the buffered rows, or ``[]`` if none."""
         if not self._batches:
             return []
