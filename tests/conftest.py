@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 import ray
 
+from tests.postgres_server import PostgresServer
+
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
@@ -25,6 +27,16 @@ def ray_session() -> Iterator[None]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on loopback with two-phase commit enabled, for the whole session."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
