@@ -33,7 +33,8 @@ from checkpoint.coordinator import (
 from checkpoint.errors import CheckpointError
 from checkpoint.failpoints import crash_point
 from checkpoint.storage import CheckpointStorage
-from runtime.actor import RestoredState
+from runtime.actor import RestoredState, configure_logging
+from runtime.telemetry import CheckpointMetrics
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -77,7 +78,8 @@ def _summary(checkpoint: CompletedCheckpoint, persisted_at: float) -> dict[str, 
 class CoordinatorActor:
     """Coordinates the checkpoints of one job (an async Ray actor)."""
 
-    def __init__(self, job: str, config: CheckpointConfig, tasks: list[str]) -> None:
+    def __init__(self, job: str, config: CheckpointConfig, tasks: list[str], log_level: int = logging.WARNING) -> None:
+        configure_logging(log_level)
         self._job = job
         self._config = config
         self._storage = CheckpointStorage(config.storage, job)
@@ -95,6 +97,7 @@ class CoordinatorActor:
         self._fatal_reason = ""
         self._loop: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._telemetry = CheckpointMetrics(job)
         if latest:
             log.info("job %s: coordinator recovered; newest complete checkpoint is %d", job, next_id - 1)
 
@@ -182,6 +185,7 @@ class CoordinatorActor:
             return
         summary = _summary(checkpoint, time.time())
         self._history.append(summary)
+        self._telemetry.completed(summary["duration_s"], summary["alignment_s"], summary["state_bytes"])
         self._cache[checkpoint.checkpoint_id] = {task: ack.cache for task, ack in checkpoint.acks.items()}
         log.info("job %s: checkpoint %d complete in %.3f s (%d bytes, alignment %.3f s)", self._job,
                  checkpoint.checkpoint_id, summary["duration_s"], summary["state_bytes"], summary["alignment_s"])

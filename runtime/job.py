@@ -28,12 +28,15 @@ import ray
 from checkpoint.config import CheckpointConfig, RestartStrategy, RestartTracker
 from checkpoint.errors import DataError, JobFailedError, OnceflowError, PlanError
 from operators.keygroups import DEFAULT_MAX_PARALLELISM
+from runtime import progress
 from runtime.actor import CheckpointSetup, RuntimeOptions, SubtaskActor, _Restore
+from runtime.channel import END_OF_TIME, NO_WATERMARK
 from runtime.checkpointing import CoordinatorActor, RestorePoint
 from runtime.dataflow import NodeKind
 from runtime.output import DownstreamFailedError
 from runtime.plan import PhysicalPlan, plan
 from runtime.ray_env import NAMESPACE, ensure_ray
+from runtime.telemetry import RestartCounter
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -90,7 +93,10 @@ def _sum_metrics(per_actor: list[dict[str, Any]], plan_: PhysicalPlan) -> dict[s
                 if isinstance(value, int | float):
                     total[key] = total.get(key, 0) + value
     source_names = {n.name for v in plan_.vertices for n in v.nodes if n.kind is NodeKind.SOURCE}
+    watermarks = [e["input_watermark"] for e in per_actor if not e["is_source"] and NO_WATERMARK < e["input_watermark"]
+                  < END_OF_TIME]
     return {
+        "watermark": min(watermarks) if watermarks else None,
         "events_in": sum(operators[n]["records_out"] for n in source_names if n in operators),
         "events_out": sum(e["sink_rows"] for e in per_actor),
         "late_events": sum(c.get("late_events", 0) for c in operators.values()),
@@ -133,6 +139,7 @@ class JobHandle:
         self._options = options
         self._checkpoint = checkpoint
         self._restarts = RestartTracker(restart)
+        self._restart_counter = RestartCounter(flow.name)
         self._actor_options = actor_options
         self._status = JobStatus.RUNNING
         self._result: JobResult | None = None
@@ -176,7 +183,7 @@ class JobHandle:
         assert self._checkpoint is not None
         tasks = [f"{v.name}/{i}" for v in self._plan.vertices for i in range(v.parallelism)]
         self._coordinator = self._create(ray.remote(CoordinatorActor), f"{self.job}/coordinator", self.job,
-                                         self._checkpoint, tasks)
+                                         self._checkpoint, tasks, self._options.log_level)
         self._coordinator_watch = self._coordinator.watch.remote()
 
     def _start_attempt(self, restore: RestorePoint | None) -> _Attempt:
@@ -287,12 +294,18 @@ class JobHandle:
             msg = f"job {self.job!r} was cancelled"
             raise JobFailedError(msg, job=self.job)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            failure = self._supervise(deadline)
-            if failure is None:
-                break
-            self._recover(*failure)
-        return self._finish()
+        factory = progress.current()
+        reporter = factory(self) if factory is not None else None
+        try:
+            while True:
+                failure = self._supervise(deadline)
+                if failure is None:
+                    break
+                self._recover(*failure)
+            return self._finish()
+        finally:
+            if reporter is not None:
+                reporter.close()
 
     # -- supervision --------------------------------------------------------------------
 
@@ -405,6 +418,7 @@ class JobHandle:
                     f"checkpoint {restore[0]}" if restore else "the beginning (no checkpoint completed yet)")
         if restore is not None:
             self.restored_from.append(restore[0])
+        self._restart_counter.inc()
         self._attempt = self._start_attempt(restore)
         self._status = JobStatus.RUNNING
 
@@ -497,6 +511,7 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
         batch_bytes=batch_bytes or defaults.batch_bytes,
         linger_s=defaults.linger_s if linger_s is None else linger_s,
         credits=credits or defaults.credits,
+        log_level=logging.getLogger("onceflow").getEffectiveLevel(),
     )
     ensure_ray(address)
     for node in flow.nodes:
