@@ -65,6 +65,8 @@ def _summary(checkpoint: CompletedCheckpoint, persisted_at: float) -> dict[str, 
 
     return {
         "checkpoint_id": checkpoint.checkpoint_id,
+        "triggered_at": checkpoint.trigger_time,
+        "completed_at": persisted_at,
         "duration_s": persisted_at - checkpoint.trigger_time,
         "state_bytes": checkpoint.state_bytes,
         "alignment_s": most("alignment_s"),

@@ -1,0 +1,105 @@
+"""Throughput over time through a killed actor, with checkpoints and the failure marked.
+
+The feature-window job reads at a fixed rate (``--rate`` events/s, parallelism
+2, checkpoints every ``--interval`` s). Halfway through, a window subtask actor
+is killed with ``ray.kill``; the job restores the newest checkpoint, replays
+from the recorded offsets and catches up. Events/s is sampled every 0.1 s from
+the sources' counters. Writes ``benchmarks/results/timeline.json`` and
+``timeline.png``.
+
+    python benchmarks/timeline.py [--rate 1000000] [--seconds 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import onceflow as of
+from benchmarks.common import RESULTS, feature_flow, start_ray, write_json
+from checkpoint.storage import CheckpointStorage
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=int, default=1_000_000)
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--interval", type=float, default=1.0)
+    args = parser.parse_args()
+    start_ray()
+    name, storage = "timeline", tempfile.mkdtemp(prefix="of-bench-chk-")
+    events = int(args.rate * args.seconds)
+    sink = of.sinks.TestingSink()
+    handle = of.submit(feature_flow(name, sink, events=events, batch_size=50_000, rate=args.rate), parallelism=2,
+                       checkpoint=of.CheckpointConfig(interval_s=args.interval, storage=storage))
+    outcome: dict[str, Any] = {}
+
+    def wait() -> None:
+        outcome["result"] = handle.wait()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    started = time.time()
+    samples: list[tuple[float, int]] = []
+    killed_at = None
+    while waiter.is_alive():
+        with contextlib.suppress(Exception):  # while restarting, the old actors are gone
+            samples.append((time.time() - started, handle.metrics(timeout_s=1.0)["events_in"]))
+        if killed_at is None and time.time() - started > args.seconds / 2:
+            killed_at = time.time() - started
+            ray.kill(ray.get_actor(f"{name}/window_2/1", namespace="onceflow"))
+        time.sleep(0.1)
+    waiter.join()
+    history = CheckpointStorage(storage, name).history()
+    shutil.rmtree(storage, ignore_errors=True)
+    metrics = outcome["result"].metrics
+    rates = []
+    for (t0, n0), (t1, n1) in itertools.pairwise(samples):
+        # A restart resets the sources' counters: that interval has no figure.
+        rates.append((t1, (n1 - n0) / (t1 - t0) if n1 >= n0 else None))
+    checkpoints = [h["completed_at"] - started for h in history if "completed_at" in h]
+    path = write_json("timeline", {"rate": args.rate, "events": events, "interval_s": args.interval,
+                                   "killed_at_s": killed_at, "restarts": metrics["restarts"],
+                                   "restored_from": metrics["restored_from"], "checkpoints_at_s": checkpoints,
+                                   "rates": rates})
+    plot(rates, checkpoints, killed_at, args.rate)
+    print(f"killed at {killed_at:.1f} s; restored checkpoint(s) {metrics['restored_from']}; wrote {path}")
+
+
+def plot(rates: list[tuple[float, float | None]], checkpoints: list[float], killed_at: float | None,
+         rate: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(10, 4))
+    axis.plot([t for t, r in rates], [(r or 0) / 1e6 for t, r in rates], color="#4c72b0", label="events/s read")
+    axis.axhline(rate / 1e6, color="#999999", linestyle=":", label="source rate limit")
+    for i, t in enumerate(checkpoints):
+        axis.axvline(t, color="#55a868", alpha=0.5, linewidth=1, label="checkpoint complete" if i == 0 else None)
+    if killed_at is not None:
+        axis.axvline(killed_at, color="#c44e52", linewidth=2, label="window subtask killed")
+    axis.set_xlabel("seconds")
+    axis.set_ylabel("million events/s")
+    axis.set_title("feature-window through a killed actor: restore, replay, catch up")
+    axis.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "timeline.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
