@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -160,6 +161,10 @@ class JobHandle:
         self._attempt = self._start_attempt(restore)
         self.startup_s = time.monotonic() - created
         self._started = time.monotonic()
+        self._done = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise_until_done, daemon=True,
+                                            name=f"onceflow-supervisor-{self.job}")
+        self._supervisor.start()
 
     # -- actors -----------------------------------------------------------------------
 
@@ -241,12 +246,6 @@ class JobHandle:
 
     def status(self) -> JobStatus:
         """The job's status, without waiting."""
-        if self._status is JobStatus.RUNNING and self._checkpoint is None:
-            pending = list(self._attempt.done)
-            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
-            if len(ready) == len(pending):
-                with contextlib.suppress(OnceflowError):
-                    self.wait()
         return self._status
 
     def metrics(self, timeout_s: float = 10.0) -> dict[str, Any]:
@@ -276,6 +275,8 @@ class JobHandle:
             self._status = JobStatus.CANCELLED
             self._abort_sinks()
             self._shutdown()
+            self._done.wait(30)
+            self._shutdown()  # in case a restart was starting actors meanwhile
 
     def wait(self, timeout_s: float | None = None) -> JobResult:
         """Block until the job finishes; return its result.
@@ -286,38 +287,50 @@ class JobHandle:
                 checkpointing, the checkpoint the job can resume from.
             TimeoutError: ``timeout_s`` passed first (the job keeps running).
         """
+        if not self._done.wait(timeout_s):
+            msg = f"job {self.job!r} still running after {timeout_s} s"
+            raise TimeoutError(msg)
         if self._result is not None:
             return self._result
-        if self._error is not None:
-            raise self._error
-        if self._status is JobStatus.CANCELLED:
-            msg = f"job {self.job!r} was cancelled"
-            raise JobFailedError(msg, job=self.job)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        assert self._error is not None
+        raise self._error
+
+    # -- supervision --------------------------------------------------------------------
+
+    def _supervise_until_done(self) -> None:
+        """The job's supervisor (a thread): wait, recover from failures, finish; record the outcome."""
         factory = progress.current()
         reporter = factory(self) if factory is not None else None
         try:
             while True:
-                failure = self._supervise(deadline)
+                failure = self._supervise()
                 if failure is None:
                     break
                 self._recover(*failure)
-            return self._finish()
+            self._finish()
+        except BaseException as error:  # noqa: BLE001 - handed to wait()
+            if self._error is None:
+                if not isinstance(error, OnceflowError):
+                    wrapped = JobFailedError(f"job {self.job!r} failed: {type(error).__name__}: {error}",
+                                             job=self.job)
+                    wrapped.__cause__ = error
+                    error = wrapped
+                self._error = error
+            if self._status is not JobStatus.CANCELLED:
+                self._status = JobStatus.FAILED
+            with contextlib.suppress(Exception):
+                self._shutdown()
         finally:
             if reporter is not None:
                 reporter.close()
+            self._done.set()
 
-    # -- supervision --------------------------------------------------------------------
-
-    def _wait_any(self, refs: list[Any], deadline: float | None) -> Any:
-        remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=remaining)
-        if not ready:
-            msg = f"job {self.job!r} still running after the timeout"
-            raise TimeoutError(msg)
+    @staticmethod
+    def _wait_any(refs: list[Any]) -> Any:
+        ready, _ = ray.wait(refs, num_returns=1)
         return ready[0]
 
-    def _supervise(self, deadline: float | None) -> tuple[BaseException, str] | None:
+    def _supervise(self) -> tuple[BaseException, str] | None:
         """Wait for the end of input (and the final checkpoint); return the failure, if any."""
         attempt = self._attempt
         watch = dict(attempt.watch)
@@ -325,7 +338,7 @@ class JobHandle:
             watch[self._coordinator_watch] = f"{self.job}/coordinator"
         pending = dict(attempt.done)
         while pending:
-            ref = self._wait_any([*pending, *watch], deadline)
+            ref = self._wait_any([*pending, *watch])
             try:
                 ray.get(ref)
             except Exception:  # noqa: BLE001 - classified by _root_cause
@@ -336,7 +349,7 @@ class JobHandle:
         assert self._coordinator is not None
         final: Any = self._coordinator.final_checkpoint.remote()
         while True:
-            ref = self._wait_any([final, *watch], deadline)
+            ref = self._wait_any([final, *watch])
             try:
                 ray.get(ref)
             except Exception:  # noqa: BLE001 - classified by _root_cause
@@ -434,7 +447,8 @@ class JobHandle:
     def _fail(self, error: JobFailedError, cause: BaseException) -> NoReturn:
         error.__cause__ = cause
         self._error = error
-        self._status = JobStatus.FAILED
+        if self._status is not JobStatus.CANCELLED:
+            self._status = JobStatus.FAILED
         raise error
 
     def _finish(self) -> JobResult:
