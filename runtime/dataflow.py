@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from checkpoint.errors import PlanError
 from checkpoint.two_phase_commit import TransactionalSink
+from operators.dedupe import Dedupe, DedupeMode
 from operators.keyed import KeyedProcess, KeyedReduce, ProcessFn, ReduceFn
 from operators.logic import LATE, MAIN
 from operators.sources.base import Source
@@ -206,6 +207,44 @@ class Stream:
             raise PlanError(msg)
         label = self.flow._name(name, "key_by")
         return KeyedStream(self, keys, label)
+
+    def dedupe(self, on: str | Sequence[str], *, within_ms: int, mode: DedupeMode = "bloom",
+               fp_rate: float = 0.01, expected_items: int = 1_000_000, time_column: str | None = None,
+               name: str | None = None, parallelism: int | None = None) -> Stream:
+        """Drop events whose id (``on``) was already seen within ``within_ms`` of event time.
+
+        The stream is keyed by ``on``, so each subtask owns its share of the
+        ids. See :mod:`operators.dedupe` for the modes, the generations and
+        the guarantees.
+
+        Args:
+            on: the id column or columns.
+            within_ms: how long after its event time an id is remembered, at least (by watermark).
+            mode: ``"bloom"`` (bounded memory, rare false positives) or ``"exact"`` (keyed sets).
+            fp_rate: bloom mode's designed false-positive rate.
+            expected_items: distinct ids per ``within_ms`` across all subtasks (sizes the filters).
+            time_column: the event time column; the source's watermark column by default.
+            name: the operator name; ``dedupe_<n>`` by default.
+            parallelism: subtasks; the job's parallelism by default.
+
+        Raises:
+            PlanError: the stream has no event time, or an argument is out of range.
+
+        """
+        keys = (on,) if isinstance(on, str) else tuple(on)
+        column = time_column or self.time_column
+        if column is None:
+            msg = (
+                f"{name or 'dedupe'}: the stream has no event time; give its source "
+                "watermark=BoundedOutOfOrderness(column, ...) or pass dedupe(..., time_column=)"
+            )
+            raise PlanError(msg)
+        spec = Dedupe(keys, within_ms, time_column=column, mode=mode, fp_rate=fp_rate,
+                      expected_items=expected_items)
+        node = self.flow._add(NodeKind.TRANSFORM, "dedupe", spec, [self._edge()], name=name,
+                              parallelism=parallelism, keyed=True)
+        node.inputs[0] = Edge(self.node.id, self.port, spec.columns, node.name)
+        return Stream(self.flow, node, MAIN, self.time_column)
 
     def union(self, *others: Stream, name: str | None = None, parallelism: int | None = None) -> Stream:
         """Merge this stream with ``others`` (same columns expected downstream)."""

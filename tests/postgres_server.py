@@ -7,6 +7,7 @@ as the ``postgres`` user (created by Debian's ``postgresql`` package, which
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -86,8 +87,6 @@ class PostgresServer:
 
     def destroy(self) -> None:
         """Stop the server if it runs and delete its files."""
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop()
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.root, ignore_errors=True)

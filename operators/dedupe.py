@@ -1,0 +1,704 @@
+"""Deduplication: drop events whose id was already seen within a time horizon.
+
+Upstream producers are often at-least-once: they retry and resend, and a
+replay from a non-transactional upstream repeats whole ranges. :class:`Dedupe`
+(built by ``stream.dedupe(on=..., within_ms=...)``) lets the first event of
+every id through and drops the repeats, so a feature pipeline counts each
+event once. The stream is keyed by the id columns, so each subtask owns its
+share of the ids.
+
+Two modes:
+
+- ``"bloom"`` (default): vectorised Bloom filters (:mod:`operators.bloom`).
+  Memory is about ``1.44 * log2(generations / fp_rate)`` bits per remembered
+  id; there are no false negatives (a repeat inside the horizon is always
+  dropped), but a *unique* event is wrongly dropped with probability up to
+  about ``fp_rate`` at the designed load (``expected_items`` distinct ids per
+  ``within_ms`` across the operator). Use it where losing a tiny fraction of
+  events is acceptable.
+- ``"exact"``: per-generation sets of keys (sorted numpy ``uint64`` runs,
+  8 bytes per remembered id). For a single integer, boolean or temporal id
+  column the stored key *is* the value (as 64 bits), so the mode is exact.
+  For string, float or several columns the stored key is the 64-bit
+  :func:`~operators.keygroups.hash64_columns`: two distinct ids collide with
+  probability about ``2**-57`` per pair, so with ``n`` ids remembered per
+  subtask a unique event is wrongly dropped with probability below
+  ``n**2 / 2**58`` over the whole horizon (3.5e-6 for a million ids).
+
+**Generations.** Event time is cut into generations of
+``G = ceil(within_ms / (generations - 1))`` ms; generation ``g`` holds the
+ids first seen with event times in ``[g * G, (g + 1) * G)`` (one Bloom filter
+or one key set each). An event is a repeat if any live generation holds its
+id (within one batch, a later row repeating an earlier row's id is a repeat
+too). A new id goes into the generation of its event time, or into the
+oldest live one if that has already expired. Generation ``g`` is dropped when
+the watermark ``w`` reaches ``(g + 1) * G - 1 + within_ms``.
+
+*Why nothing is forgotten too early:* an id first passed at event time ``t``
+lives in generation ``g >= floor(t / G)``, which is dropped only once
+``w >= (g + 1) * G - 1 + within_ms >= t + within_ms``. So a repeat that
+arrives while ``w < t + within_ms`` (whatever its own event time, in or out
+of order) finds the id; a repeat may be caught up to ``G`` ms longer than
+that. Memory is bounded by the live generations: about ``generations`` (plus
+``max_delay_ms / G`` for events running ahead of the watermark). Without
+watermarks nothing expires. An event whose own generation already expired
+when it arrives (``t + within_ms <= w``, roughly) cannot be checked against an
+original that old; it is counted in ``beyond_horizon`` and, if new, remembered in
+the oldest live generation.
+
+**Sizing.** Every subtask gets ``ceil(expected_items / parallelism)`` ids per
+``within_ms``, so a generation's filter is built for
+``ceil(that / (generations - 1))`` ids at ``p_g = 1 - (1 - fp_rate) **
+(1 / generations)``: a lookup probes up to ``generations`` full filters, so
+the combined false-positive rate stays at ``fp_rate`` at the designed load.
+Beyond it the filters overfill; watch ``fp_rate_g0`` and ``estimated_fp_rate``
+in the metrics.
+
+**Snapshots** are one Arrow table (schema metadata: mode, generation span,
+watermark, counters, subtask, parallelism, format version):
+
+- exact: one row per remembered key, ``key_group`` (int32), ``subtask``,
+  ``generation`` (int64), ``key`` (uint64). Restore keeps the rows of
+  ``ctx.key_groups``, so exact state restores at any parallelism.
+- bloom: one row per filter, ``key_group = -1`` (a filter cannot be split by
+  key group), ``subtask``, ``generation``, the key-group range the filter
+  covers (``key_group_start``, ``key_group_end``), ``num_bits``,
+  ``num_hashes``, ``items``, ``capacity`` and ``bits`` (large_binary,
+  little-endian uint64 words). At the same parallelism a subtask gets its own
+  filters back. At another parallelism a subtask keeps, read-only, every old
+  filter whose key-group range overlaps its own (no false negatives; more
+  false positives and memory until those generations expire) and adds new ids
+  to fresh filters.
+
+Example:
+    >>> import pyarrow as pa
+    >>> from operators.logic import OperatorContext
+    >>> op = Dedupe("id", within_ms=1_000, time_column="t", mode="exact")
+    >>> logic = op.build(OperatorContext("dedupe_1"))
+    >>> [out.to_pydict() for _, out in logic.on_batch(pa.record_batch({"id": [1, 2, 1], "t": [0, 5, 7]}))]
+    [{'id': [1, 2], 't': [0, 5]}]
+    >>> logic.on_batch(pa.record_batch({"id": [2], "t": [900]}))  # a resend inside the horizon
+    []
+    >>> logic.on_watermark(2_000)  # generations of 334 ms: [0, 334) expired, ids 1 and 2 are forgotten
+    []
+    >>> [out.to_pydict() for _, out in logic.on_batch(pa.record_batch({"id": [2], "t": [2_100]}))]
+    [{'id': [2], 't': [2100]}]
+
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from checkpoint.errors import DataError, PlanError
+from operators.bloom import BloomFilter, distinct_first_rows, optimal_num_bits, optimal_num_hashes, probe_hashes
+from operators.keygroups import SEED, hash64_columns, murmur3_int64
+from operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
+from operators.watermark import event_time_ms
+
+__all__ = ["STATE_FORMAT_VERSION", "Dedupe", "DedupeLogic"]
+
+STATE_FORMAT_VERSION = 1
+"""The version of the snapshot table layout (schema metadata ``onceflow.version``)."""
+
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+_VALUE = "value"
+_HASH64 = "hash64"
+_MERGE_RATIO = 2
+
+DedupeMode = Literal["bloom", "exact"]
+"""``"bloom"`` (bounded memory, rare false positives) or ``"exact"`` (keyed sets)."""
+
+
+def _clamp(value: int) -> int:
+    return _I64_MAX if value > _I64_MAX else _I64_MIN if value < _I64_MIN else value
+
+
+@dataclass(frozen=True, slots=True)
+class Dedupe:
+    """Drop events whose id (``on``) was already seen within ``within_ms`` of event time (the config).
+
+    Args:
+        on: the id column or columns.
+        within_ms: how long after its event time an id is remembered, at
+            least (by watermark); see the module docs.
+        time_column: the event-time column (integer ms or a timestamp).
+        mode: ``"bloom"`` (bounded memory, rare false positives) or
+            ``"exact"`` (keyed sets, no false positives for integer ids).
+        fp_rate: bloom mode's designed false-positive rate (a unique event
+            wrongly dropped), at ``expected_items``.
+        expected_items: distinct ids per ``within_ms`` across all subtasks
+            (sizes the Bloom filters; unused in exact mode).
+        generations: live generations at steady state (at least 2). More
+            generations waste less memory on expired ids but cost more probes.
+
+    Raises:
+        PlanError: an argument is out of range.
+
+    Example:
+        >>> op = Dedupe(["user", "event_id"], within_ms=60_000, time_column="t")
+        >>> op.on, op.generation_ms
+        (('user', 'event_id'), 20000)
+
+    """
+
+    on: str | Sequence[str]
+    within_ms: int
+    _: KW_ONLY
+    time_column: str
+    mode: DedupeMode = "bloom"
+    fp_rate: float = 0.01
+    expected_items: int = 1_000_000
+    generations: int = 4
+
+    def __post_init__(self) -> None:
+        """Normalise ``on`` to a tuple and validate every argument."""
+        on = (self.on,) if isinstance(self.on, str) else tuple(self.on)
+        object.__setattr__(self, "on", on)
+        if not on or not all(isinstance(column, str) and column for column in on):
+            msg = f"dedupe: on must name one or more id columns, got {self.on!r}; pass a column name or a list"
+            raise PlanError(msg)
+        if len(set(on)) != len(on):
+            msg = f"dedupe: on={list(on)!r} repeats a column; name each id column once"
+            raise PlanError(msg)
+        for name, value, minimum in (
+            ("within_ms", self.within_ms, 1),
+            ("expected_items", self.expected_items, 1),
+            ("generations", self.generations, 2),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+                msg = f"dedupe: {name} must be an integer >= {minimum}, got {value!r}; pass an int"
+                raise PlanError(msg)
+        if not isinstance(self.time_column, str) or not self.time_column:
+            msg = f"dedupe: time_column must be a column name, got {self.time_column!r}; pass a string"
+            raise PlanError(msg)
+        if self.mode not in ("bloom", "exact"):
+            msg = f"dedupe: mode must be 'bloom' or 'exact', got {self.mode!r}; pick one"
+            raise PlanError(msg)
+        rate = self.fp_rate
+        if isinstance(rate, bool) or not isinstance(rate, float | int) or not 0.0 < rate < 1.0:
+            msg = f"dedupe: fp_rate must be a probability strictly between 0 and 1, got {rate!r}; pass e.g. 0.01"
+            raise PlanError(msg)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The id columns, as a tuple."""
+        return tuple(self.on)
+
+    @property
+    def generation_ms(self) -> int:
+        """The event-time span of one generation, ``ceil(within_ms / (generations - 1))``."""
+        return -(-int(self.within_ms) // (int(self.generations) - 1))
+
+    def build(self, ctx: OperatorContext, resume_state: pa.Table | Sequence[pa.Table] | None = None) -> DedupeLogic:
+        """Return the live logic, restored from ``resume_state`` when given.
+
+        Args:
+            ctx: where the logic runs.
+            resume_state: a table from :meth:`DedupeLogic.snapshot`, or
+                several (when rescaling).
+
+        Returns:
+            The live logic.
+
+        """
+        return DedupeLogic(self, ctx, resume_state)
+
+
+class _KeySet:
+    """Distinct ``uint64`` keys in sorted runs, merged like a log-structured tree."""
+
+    __slots__ = ("_runs",)
+
+    def __init__(self, runs: list[np.ndarray] | None = None) -> None:
+        self._runs: list[np.ndarray] = runs or []
+
+    def __len__(self) -> int:
+        return sum(len(run) for run in self._runs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(run.nbytes) for run in self._runs)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(keys), dtype=bool)
+        rest = np.arange(len(keys))
+        for run in reversed(self._runs):  # newest (smallest) runs first
+            if not len(rest):
+                break
+            probe = keys[rest]
+            at = np.searchsorted(run, probe)
+            at[at == len(run)] = 0
+            hit = run[at] == probe
+            found[rest[hit]] = True
+            rest = rest[np.flatnonzero(~hit)]
+        return found
+
+    def add(self, keys: np.ndarray) -> None:
+        """Add distinct keys that are not in the set yet."""
+        if not len(keys):
+            return
+        self._runs.append(np.sort(keys))
+        runs = self._runs
+        while len(runs) > 1 and len(runs[-2]) <= _MERGE_RATIO * len(runs[-1]):
+            last = runs.pop()
+            runs[-1] = np.sort(np.concatenate((runs[-1], last)))
+
+    def merge(self, other: _KeySet) -> None:
+        self._runs = [np.union1d(self.values(), other.values())]
+
+    def values(self) -> np.ndarray:
+        if len(self._runs) != 1:
+            self._runs = [np.sort(np.concatenate(self._runs)) if self._runs else np.empty(0, dtype=np.uint64)]
+        return self._runs[0]
+
+
+class _BloomGeneration:
+    """One generation's filters: its own (new ids go there) and any inherited read-only ones.
+
+    An inherited filter comes from a snapshot of another key-group range
+    (restored at another parallelism); it keeps the range it covers.
+    """
+
+    __slots__ = ("inherited", "own")
+
+    def __init__(self) -> None:
+        self.own: BloomFilter | None = None
+        self.inherited: list[tuple[BloomFilter, int, int]] = []
+
+    def filters(self) -> list[BloomFilter]:
+        return ([self.own] if self.own is not None else []) + [bloom for bloom, _, _ in self.inherited]
+
+    def contains(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(h1), dtype=bool)
+        rest = np.arange(len(h1))
+        for bloom in self.filters():
+            if not len(rest):
+                break
+            hit = bloom.contains(h1[rest], h2[rest])
+            found[rest[hit]] = True
+            rest = rest[np.flatnonzero(~hit)]
+        return found
+
+
+class DedupeLogic(OperatorLogic):
+    """The live deduplication of one subtask (built by :class:`Dedupe`).
+
+    Example:
+        >>> import pyarrow as pa
+        >>> from operators.logic import OperatorContext
+        >>> op = Dedupe("id", within_ms=10_000, time_column="t", expected_items=1_000)
+        >>> ctx = OperatorContext("dedupe_1")
+        >>> logic = op.build(ctx)
+        >>> len(logic.on_batch(pa.record_batch({"id": ["a", "b", "a"], "t": [1, 2, 3]}))[0][1])
+        2
+        >>> state = logic.snapshot()
+        >>> state.column("key_group").to_pylist(), state.column("items").to_pylist()
+        ([-1], [2])
+        >>> restored = op.build(ctx, resume_state=state)
+        >>> restored.on_batch(pa.record_batch({"id": ["b"], "t": [4]}))  # still recognised
+        []
+        >>> {k: v for k, v in restored.metrics().items() if not k.startswith(("fill", "fp", "est", "state"))}
+        {'items_seen': 4, 'duplicates_dropped': 2, 'beyond_horizon': 0, 'generations': 1, 'items_g0': 2}
+
+    """
+
+    def __init__(
+        self, config: Dedupe, ctx: OperatorContext, resume_state: pa.Table | Sequence[pa.Table] | None
+    ) -> None:
+        self._config = config
+        self._ctx = ctx
+        self._operator = ctx.operator
+        self._columns = list(config.columns)
+        self._time_column = config.time_column
+        self._within = int(config.within_ms)
+        self._span = config.generation_ms
+        self._bloom = config.mode == "bloom"
+        per_subtask = -(-int(config.expected_items) // max(1, ctx.parallelism))
+        self._capacity = max(1, -(-per_subtask // (int(config.generations) - 1)))
+        self._generation_fp = 1.0 - (1.0 - float(config.fp_rate)) ** (1.0 / int(config.generations))
+        self._num_bits = optimal_num_bits(self._capacity, self._generation_fp)
+        self._num_hashes = optimal_num_hashes(self._num_bits, self._capacity)
+        self._encoding: str | None = None
+        self._filters: dict[int, _BloomGeneration] = {}
+        self._sets: dict[int, _KeySet] = {}
+        self._watermark: int | None = None
+        self._items_seen = 0
+        self._duplicates = 0
+        self._beyond_horizon = 0
+        if resume_state is not None:
+            tables = [resume_state] if isinstance(resume_state, pa.Table) else list(resume_state)
+            self._restore(tables)
+
+    # --- processing ---------------------------------------------------------------------------------
+
+    def _check_columns(self, schema: pa.Schema) -> None:
+        for column in self._columns:
+            if schema.get_field_index(column) < 0:
+                msg = (
+                    f"operator {self._operator!r}: dedup column {column!r} is missing from the input "
+                    f"(columns: {', '.join(schema.names)}); dedupe on a column the stream has"
+                )
+                raise DataError(msg, operator=self._operator, column=column)
+
+    def _encoding_of(self, schema: pa.Schema) -> str:
+        if len(self._columns) == 1:
+            kind = schema.field(self._columns[0]).type
+            if pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_temporal(kind):
+                return _VALUE
+        return _HASH64
+
+    def _keys_of(self, batch: pa.RecordBatch) -> np.ndarray:
+        """The uint64 key of every row: the id's 64 bits (exact, one integer column) or its 64-bit hash."""
+        for column in self._columns:
+            nulls = batch.column(column).null_count
+            if nulls:
+                msg = (
+                    f"operator {self._operator!r}: dedup column {column!r} has {nulls} null values; "
+                    "an event without an id cannot be deduplicated, so fill or filter them first"
+                )
+                raise DataError(msg, operator=self._operator, column=column)
+        if self._bloom:
+            return hash64_columns(batch, self._columns, operator=self._operator)
+        encoding = self._encoding_of(batch.schema)
+        if self._encoding is None:
+            self._encoding = encoding
+        elif encoding != self._encoding:
+            column = self._columns[0]
+            stored = "64-bit values" if self._encoding == _VALUE else "64-bit hashes"
+            msg = (
+                f"operator {self._operator!r}: dedup column {column!r} changed type to "
+                f"{batch.schema.field(column).type}, but its remembered ids are {stored}; "
+                "keep the id column's type stable (cast it before dedupe)"
+            )
+            raise DataError(msg, operator=self._operator, column=column)
+        if encoding == _HASH64:
+            return hash64_columns(batch, self._columns, operator=self._operator)
+        array = batch.column(self._columns[0])
+        ints = pc.cast(array, pa.int64(), safe=False).to_numpy(zero_copy_only=False)
+        return np.asarray(ints, dtype=np.int64).view(np.uint64)
+
+    def _oldest_live(self) -> int | None:
+        """The oldest generation the watermark has not expired (``None`` before any watermark)."""
+        if self._watermark is None:
+            return None
+        return _clamp((self._watermark + 1 - self._within) // self._span)
+
+    def _lookup(self, keys: np.ndarray, h1: np.ndarray | None, h2: np.ndarray | None) -> np.ndarray:
+        """Whether each (distinct) key is in any live generation, newest generations first."""
+        found = np.zeros(len(keys), dtype=bool)
+        rest = np.arange(len(keys))
+        generations = self._filters if self._bloom else self._sets
+        for generation in sorted(generations, reverse=True):
+            if not len(rest):
+                break
+            if self._bloom:
+                assert h1 is not None and h2 is not None
+                hit = self._filters[generation].contains(h1[rest], h2[rest])
+            else:
+                hit = self._sets[generation].contains(keys[rest])
+            found[rest[hit]] = True
+            rest = rest[np.flatnonzero(~hit)]
+        return found
+
+    def _insert(self, generation: int, keys: np.ndarray, h1: np.ndarray | None, h2: np.ndarray | None) -> None:
+        if self._bloom:
+            assert h1 is not None and h2 is not None
+            entry = self._filters.get(generation)
+            if entry is None:
+                entry = self._filters[generation] = _BloomGeneration()
+            if entry.own is None:
+                entry.own = BloomFilter(self._num_bits, self._num_hashes, capacity=self._capacity)
+            entry.own.add(h1, h2)
+        else:
+            key_set = self._sets.get(generation)
+            if key_set is None:
+                key_set = self._sets[generation] = _KeySet()
+            key_set.add(keys)
+
+    def on_batch(self, batch: pa.RecordBatch) -> Emitted:
+        """Emit the rows whose id is new; drop the repeats."""
+        self._check_columns(batch.schema)
+        n = batch.num_rows
+        if n == 0:
+            return []
+        times = event_time_ms(batch, self._time_column, operator=self._operator)
+        keys = self._keys_of(batch)
+        candidates, distinct = distinct_first_rows(keys)  # sorted keys: fast binary searches in exact mode
+        h1, h2 = probe_hashes(distinct) if self._bloom else (None, None)
+        fresh = ~self._lookup(distinct, h1, h2)
+        rows = candidates[fresh]
+        generation = times // np.int64(self._span)
+        oldest = self._oldest_live()
+        if oldest is not None:
+            self._beyond_horizon += int(np.count_nonzero(generation < oldest))
+        if len(rows):
+            target = generation[rows]
+            if oldest is not None:
+                np.maximum(target, oldest, out=target)
+            new_keys = keys[rows]
+            new_h1 = h1[fresh] if h1 is not None else None
+            new_h2 = h2[fresh] if h2 is not None else None
+            first, last = int(target.min()), int(target.max())
+            if first == last:
+                self._insert(first, new_keys, new_h1, new_h2)
+            else:
+                order = np.argsort(target, kind="stable")
+                ordered = target[order]
+                bounds = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+                for part in np.split(order, bounds):
+                    self._insert(
+                        int(target[part[0]]),
+                        new_keys[part],
+                        new_h1[part] if new_h1 is not None else None,
+                        new_h2[part] if new_h2 is not None else None,
+                    )
+        self._items_seen += n
+        self._duplicates += n - len(rows)
+        if len(rows) == n:
+            return [(MAIN, batch)]
+        if not len(rows):
+            return []
+        keep = np.zeros(n, dtype=bool)
+        keep[rows] = True
+        return [(MAIN, batch.filter(pa.array(keep)))]
+
+    def on_watermark(self, watermark: int) -> Emitted:
+        """Drop the generations the watermark has moved past the horizon of."""
+        if self._watermark is None or watermark > self._watermark:
+            self._watermark = int(watermark)
+        oldest = self._oldest_live()
+        assert oldest is not None
+        generations: dict[int, Any] = self._filters if self._bloom else self._sets
+        for generation in [g for g in generations if g < oldest]:
+            del generations[generation]
+        return []
+
+    # --- observation ----------------------------------------------------------------------------------
+
+    @property
+    def state_bytes(self) -> int:
+        """The bytes of every live filter or key set."""
+        if self._bloom:
+            return sum(f.nbytes for entry in self._filters.values() for f in entry.filters())
+        return sum(key_set.nbytes for key_set in self._sets.values())
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters and, per live generation (``g0`` the newest), its items, fill ratio and estimated fp rate.
+
+        Keys: ``items_seen``, ``duplicates_dropped``, ``beyond_horizon``
+        (events whose own generation had expired when they arrived; not
+        dropped for that), ``generations``, ``state_bytes``; per generation
+        ``items_g<i>`` and,
+        in bloom mode, ``fill_ratio_g<i>``, ``fp_rate_g<i>`` (``fill ** k``),
+        plus ``estimated_fp_rate``, the chance that a unique id is dropped
+        now (a lookup probes every live filter).
+        """
+        metrics: dict[str, Any] = {
+            "items_seen": self._items_seen,
+            "duplicates_dropped": self._duplicates,
+            "beyond_horizon": self._beyond_horizon,
+            "generations": len(self._filters if self._bloom else self._sets),
+        }
+        if self._bloom:
+            keep = 1.0
+            for index, generation in enumerate(sorted(self._filters, reverse=True)):
+                filters = self._filters[generation].filters()
+                rates = [f.estimated_fp_rate() for f in filters]
+                metrics[f"items_g{index}"] = sum(f.items for f in filters)
+                metrics[f"fill_ratio_g{index}"] = max(f.fill_ratio() for f in filters)
+                metrics[f"fp_rate_g{index}"] = 1.0 - math.prod(1.0 - r for r in rates)
+                keep *= math.prod(1.0 - r for r in rates)
+            metrics["estimated_fp_rate"] = 1.0 - keep
+        else:
+            for index, generation in enumerate(sorted(self._sets, reverse=True)):
+                metrics[f"items_g{index}"] = len(self._sets[generation])
+        metrics["state_bytes"] = self.state_bytes
+        return metrics
+
+    # --- snapshot and restore -------------------------------------------------------------------------
+
+    def _metadata(self) -> dict[bytes, bytes]:
+        return {
+            b"onceflow.state": b"dedupe",
+            b"onceflow.version": str(STATE_FORMAT_VERSION).encode(),
+            b"onceflow.mode": self._config.mode.encode(),
+            b"onceflow.key_encoding": (self._encoding or "").encode(),
+            b"onceflow.generation_ms": str(self._span).encode(),
+            b"onceflow.watermark": b"" if self._watermark is None else str(self._watermark).encode(),
+            b"onceflow.items_seen": str(self._items_seen).encode(),
+            b"onceflow.duplicates_dropped": str(self._duplicates).encode(),
+            b"onceflow.beyond_horizon": str(self._beyond_horizon).encode(),
+            b"onceflow.subtask": str(self._ctx.subtask).encode(),
+            b"onceflow.parallelism": str(self._ctx.parallelism).encode(),
+        }
+
+    def snapshot(self) -> pa.Table:
+        """Return the remembered ids as one Arrow table (layout in the module docs).
+
+        Pass it to ``Dedupe.build(ctx, resume_state=...)`` to restore.
+        """
+        return self._snapshot_bloom() if self._bloom else self._snapshot_exact()
+
+    def _snapshot_bloom(self) -> pa.Table:
+        owned = self._ctx.key_groups
+        rows: dict[str, list[Any]] = {name: [] for name in _BLOOM_SCHEMA.names}
+        for generation in sorted(self._filters):
+            entry = self._filters[generation]
+            parts = [(entry.own, owned.start, owned.stop)] if entry.own is not None else []
+            for bloom, start, stop in parts + entry.inherited:
+                rows["key_group"].append(-1)
+                rows["subtask"].append(self._ctx.subtask)
+                rows["generation"].append(generation)
+                rows["key_group_start"].append(start)
+                rows["key_group_end"].append(stop)
+                rows["num_bits"].append(bloom.num_bits)
+                rows["num_hashes"].append(bloom.num_hashes)
+                rows["items"].append(bloom.items)
+                rows["capacity"].append(bloom.capacity)
+                rows["bits"].append(bloom.to_bytes())
+        schema = _BLOOM_SCHEMA.with_metadata(self._metadata())
+        return pa.Table.from_pydict(rows, schema=schema)
+
+    def _snapshot_exact(self) -> pa.Table:
+        order = sorted(self._sets)
+        parts = [self._sets[generation].values() for generation in order]
+        keys = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+        generations = np.repeat(np.array(order, dtype=np.int64), [len(part) for part in parts])
+        groups = self._key_groups_of(keys, self._encoding)
+        schema = _EXACT_SCHEMA.with_metadata(self._metadata())
+        return pa.Table.from_arrays(
+            [
+                pa.array(groups, pa.int32()),
+                pa.array(np.full(len(keys), self._ctx.subtask, dtype=np.int32), pa.int32()),
+                pa.array(generations, pa.int64()),
+                pa.array(keys, pa.uint64()),
+            ],
+            schema=schema,
+        )
+
+    def _key_groups_of(self, keys: np.ndarray, encoding: str | None) -> np.ndarray:
+        """The key group of stored keys: from the hash's high half, or by hashing the stored value."""
+        parallelism = np.uint32(self._ctx.max_parallelism)
+        high = murmur3_int64(keys, SEED) if encoding == _VALUE else (keys >> np.uint64(32)).astype(np.uint32)
+        return (high % parallelism).astype(np.int32)
+
+    def _remap(self, generation: int, span: int) -> int:
+        """The generation (of this config's span) that outlives a restored one of ``span``."""
+        if span == self._span:
+            return generation
+        return -(-((generation + 1) * span) // self._span) - 1
+
+    def _restore(self, tables: list[pa.Table]) -> None:
+        operator = self._operator
+        watermarks: list[int] = []
+        for table in tables:
+            metadata = table.schema.metadata or {}
+            if metadata.get(b"onceflow.state") != b"dedupe":
+                msg = f"operator {operator!r}: resume_state is not dedupe state; restore from this operator's snapshot"
+                raise DataError(msg, operator=operator)
+            mode = metadata.get(b"onceflow.mode", b"").decode()
+            if mode != self._config.mode:
+                msg = (
+                    f"operator {operator!r}: resume_state was written in mode {mode!r}, not "
+                    f"{self._config.mode!r}; restore with the mode the snapshot was taken with"
+                )
+                raise DataError(msg, operator=operator)
+            watermark = metadata.get(b"onceflow.watermark", b"")
+            if watermark:
+                watermarks.append(int(watermark))
+            if int(metadata.get(b"onceflow.subtask", b"0")) % self._ctx.parallelism == self._ctx.subtask:
+                self._items_seen += int(metadata.get(b"onceflow.items_seen", b"0"))
+                self._duplicates += int(metadata.get(b"onceflow.duplicates_dropped", b"0"))
+                self._beyond_horizon += int(metadata.get(b"onceflow.beyond_horizon", b"0"))
+            span = int(metadata.get(b"onceflow.generation_ms", str(self._span).encode()))
+            schema = _BLOOM_SCHEMA if self._bloom else _EXACT_SCHEMA
+            for name in schema.names:
+                if name not in table.column_names:
+                    msg = (
+                        f"operator {operator!r}: resume_state lacks column {name!r}, so it was not written by "
+                        "this dedupe operator; restore from a snapshot of the same operator config"
+                    )
+                    raise DataError(msg, operator=operator, column=name)
+            if self._bloom:
+                self._restore_bloom(table, span)
+            else:
+                self._restore_exact(table, span, metadata.get(b"onceflow.key_encoding", b"").decode() or None)
+        if watermarks:
+            self._watermark = max(watermarks)
+            self.on_watermark(self._watermark)
+
+    def _restore_exact(self, table: pa.Table, span: int, encoding: str | None) -> None:
+        if encoding is not None:
+            if self._encoding is not None and encoding != self._encoding:
+                msg = (
+                    f"operator {self._operator!r}: resume_state stores ids as {encoding}, another snapshot as "
+                    f"{self._encoding}; restore snapshots of one operator config"
+                )
+                raise DataError(msg, operator=self._operator, column="key")
+            self._encoding = encoding
+        if table.num_rows == 0:
+            return
+        groups = table.column("key_group").to_numpy()
+        owned = self._ctx.key_groups
+        mine = (groups >= owned.start) & (groups < owned.stop) if owned.step == 1 else np.isin(groups, list(owned))
+        keys = np.asarray(table.column("key").to_numpy(), dtype=np.uint64)[mine]
+        generations = np.asarray(table.column("generation").to_numpy(), dtype=np.int64)[mine]
+        for generation in np.unique(generations).tolist():
+            restored = _KeySet([np.unique(keys[generations == generation])])
+            target = self._remap(int(generation), span)
+            if target in self._sets:
+                self._sets[target].merge(restored)
+            else:
+                self._sets[target] = restored
+
+    def _restore_bloom(self, table: pa.Table, span: int) -> None:
+        owned = self._ctx.key_groups
+        for row in table.to_pylist():
+            start, stop = int(row["key_group_start"]), int(row["key_group_end"])
+            if stop <= owned.start or start >= owned.stop:
+                continue
+            bloom = BloomFilter.from_bytes(
+                row["bits"], int(row["num_bits"]), int(row["num_hashes"]), items=int(row["items"]),
+                capacity=row["capacity"],
+            )
+            target = self._remap(int(row["generation"]), span)
+            entry = self._filters.get(target)
+            if entry is None:
+                entry = self._filters[target] = _BloomGeneration()
+            mine = (
+                (start, stop) == (owned.start, owned.stop)
+                and span == self._span
+                and (bloom.num_bits, bloom.num_hashes) == (self._num_bits, self._num_hashes)
+            )
+            if mine and entry.own is None:
+                entry.own = bloom
+            else:
+                entry.inherited.append((bloom, start, stop))
+
+
+_BLOOM_SCHEMA = pa.schema(
+    [
+        ("key_group", pa.int32()),
+        ("subtask", pa.int32()),
+        ("generation", pa.int64()),
+        ("key_group_start", pa.int32()),
+        ("key_group_end", pa.int32()),
+        ("num_bits", pa.int64()),
+        ("num_hashes", pa.int32()),
+        ("items", pa.int64()),
+        ("capacity", pa.int64()),
+        ("bits", pa.large_binary()),
+    ]
+)
+_EXACT_SCHEMA = pa.schema(
+    [("key_group", pa.int32()), ("subtask", pa.int32()), ("generation", pa.int64()), ("key", pa.uint64())]
+)
