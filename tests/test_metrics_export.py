@@ -7,8 +7,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 SCRIPT = textwrap.dedent("""
     import socket, tempfile, time, urllib.request
     import ray
@@ -40,7 +38,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_counters_and_histograms_reach_the_prometheus_endpoint(tmp_path: Path) -> None:
     script = tmp_path / "prom.py"
     script.write_text(SCRIPT)
