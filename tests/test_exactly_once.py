@@ -89,41 +89,52 @@ def test_checkpointed_job_without_failures_commits_exactly_the_reference(tmp_pat
     assert len(CheckpointStorage(str(tmp_path), "eo-clean").completed_ids()) <= 3  # retain=3
 
 
-def test_killed_subtasks_and_coordinator_change_nothing_committed(tmp_path: Path) -> None:
-    """Kill random named subtask actors four times and the coordinator once, mid-stream.
+def chaos(tmp_path: Path, job: str, total: int, kills: int, parallelism: int, seed: int) -> None:
+    """Kill random named subtask actors ``kills`` times (the coordinator once), each after a new checkpoint.
 
     Source subtask 1 is slowed down, so barriers reach the window operators far
     apart and alignment must hold the faster channel back.
     """
-    total, storage, job = 500_000, str(tmp_path / "chk"), "eo-chaos"
+    storage = str(tmp_path / "chk")
     sink = of.sinks.TestingSink()
-    handle = of.submit(feature_flow(job, total, 100_000, sink, skew_s=0.1), parallelism=2,
+    handle = of.submit(feature_flow(job, total, 100_000, sink, skew_s=0.1), parallelism=parallelism,
                        checkpoint=of.CheckpointConfig(interval_s=0.25, storage=storage),
-                       restart=of.RestartStrategy.fixed_delay(attempts=10, delay_s=0.1))
-    rng = random.Random(7)
-    kills: list[str] = []
+                       restart=of.RestartStrategy.fixed_delay(attempts=kills + 5, delay_s=0.1))
+    rng = random.Random(seed)
+    killed: list[str] = []
     errors: list[BaseException] = []
 
     def killer() -> None:
         try:
-            for round_ in range(5):
+            for round_ in range(kills):
                 last = completed(storage, job)
                 wait_until(lambda last=last: completed(storage, job) > last, what="a new checkpoint")
                 name = f"{job}/coordinator" if round_ == 2 else rng.choice(handle.actor_names)
                 ray.kill(ray.get_actor(name, namespace="onceflow"), no_restart=round_ % 2 == 0)
-                kills.append(name)
+                killed.append(name)
         except BaseException as error:  # reported by the test
             errors.append(error)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    result = handle.wait(timeout_s=300)
+    result = handle.wait(timeout_s=600)
     thread.join(timeout=10)
     assert not errors, errors
-    assert len(kills) == 5 and f"{job}/coordinator" in kills
-    assert result.metrics["restarts"] == 5
+    assert len(killed) == kills and f"{job}/coordinator" in killed
+    assert result.metrics["restarts"] == kills
     assert result.metrics["restored_from"], "no restart restored a checkpoint"
     assert_exactly_the_reference(sink.table(), total)
+
+
+def test_killed_subtasks_and_coordinator_change_nothing_committed(tmp_path: Path) -> None:
+    """Four random subtask kills and one coordinator kill, mid-stream."""
+    chaos(tmp_path, "eo-chaos", total=500_000, kills=5, parallelism=2, seed=7)
+
+
+@pytest.mark.slow
+def test_long_chaos_run_at_parallelism_three(tmp_path: Path) -> None:
+    """A longer run: 2 M events, 12 kills, three subtasks per operator."""
+    chaos(tmp_path, "eo-chaos-long", total=2_000_000, kills=12, parallelism=3, seed=11)
 
 
 def test_a_killed_driver_resumes_from_durable_storage_alone(tmp_path: Path) -> None:
