@@ -22,31 +22,12 @@ import ray
 
 import onceflow as of
 from checkpoint.storage import CheckpointStorage
-from operators.workload import feature_events, feature_window_reference
+from operators.workload import feature_events
+from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_until(condition, timeout_s: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def assert_exactly_the_reference(table: pa.Table, total: int) -> None:
-    order = [("window_start", "ascending"), ("user_id", "ascending")]
-    got = table.select(["user_id", "window_start", "window_end", "count", "total"]).sort_by(order)
-    expected = feature_window_reference(total).sort_by(order)
-    assert got.num_rows == expected.num_rows, f"{got.num_rows} rows committed, {expected.num_rows} expected"
-    for column in ("user_id", "window_start", "window_end", "count"):
-        assert got[column].equals(expected[column]), f"column {column} differs"
-    np.testing.assert_allclose(got["total"].to_numpy(), expected["total"].to_numpy(), rtol=1e-9)
 
 
 def feature_flow(name: str, total: int, rate: int, sink: of.sinks.TransactionalSink,
@@ -78,7 +59,7 @@ def test_checkpointed_job_without_failures_commits_exactly_the_reference(tmp_pat
     sink = of.sinks.TestingSink()
     result = of.run(feature_flow("eo-clean", 300_000, 300_000, sink), parallelism=2,
                     checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path)))
-    assert_exactly_the_reference(sink.table(), 300_000)
+    assert_feature_reference(sink.table(), 300_000)
     m = result.metrics
     assert m["checkpoints_completed"] >= 2 and m["restarts"] == 0
     assert m["checkpoint_duration_p99_s"] > 0 and m["state_bytes_last"] >= 0
@@ -123,7 +104,7 @@ def chaos(tmp_path: Path, job: str, total: int, kills: int, parallelism: int, se
     assert len(killed) == kills and f"{job}/coordinator" in killed
     assert result.metrics["restarts"] == kills
     assert result.metrics["restored_from"], "no restart restored a checkpoint"
-    assert_exactly_the_reference(sink.table(), total)
+    assert_feature_reference(sink.table(), total)
 
 
 def test_killed_subtasks_and_coordinator_change_nothing_committed(tmp_path: Path) -> None:
@@ -156,7 +137,7 @@ def test_a_killed_driver_resumes_from_durable_storage_alone(tmp_path: Path) -> N
     assert second.returncode == 0, second.stderr[-3000:]
     assert '"restored_from": [' in second.stdout and '"restored_from": []' not in second.stdout
     assert committed_before > 0
-    assert_exactly_the_reference(ds.dataset(out, format="parquet").to_table(), total)
+    assert_feature_reference(ds.dataset(out, format="parquet").to_table(), total)
     assert not [p.name for p in out.iterdir() if p.name.startswith(("_", "."))]
 
 

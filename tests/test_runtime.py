@@ -13,7 +13,8 @@ import pytest
 import ray
 
 import onceflow as of
-from operators.workload import feature_events, feature_window_reference
+from operators.workload import feature_events
+from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -27,21 +28,11 @@ def feature_flow(name: str, total: int, sink: of.sinks.TransactionalSink, batch_
     return flow
 
 
-def assert_matches_reference(table: pa.Table, total: int) -> None:
-    order = [("window_start", "ascending"), ("user_id", "ascending")]
-    got = table.sort_by(order)
-    expected = feature_window_reference(total).sort_by(order)
-    assert got.column_names == ["user_id", "window_start", "window_end", "count", "total"]
-    for column in ("user_id", "window_start", "window_end", "count"):
-        assert got[column].equals(expected[column]), column
-    np.testing.assert_allclose(got["total"].to_numpy(), expected["total"].to_numpy(), rtol=1e-12)
-
-
 @pytest.mark.parametrize("parallelism", [1, 2])
 def test_feature_window_equals_numpy_reference(parallelism: int) -> None:
     sink = of.sinks.TestingSink()
     result = of.run(feature_flow(f"fw-{parallelism}", 300_000, sink), parallelism=parallelism)
-    assert_matches_reference(sink.table(), 300_000)
+    assert_feature_reference(sink.table(), 300_000)
     m = result.metrics
     assert m["events_in"] == 300_000
     assert m["events_out"] == sink.table().num_rows
@@ -53,7 +44,7 @@ def test_feature_window_equals_numpy_reference(parallelism: int) -> None:
 def test_feature_window_into_parquet_shows_exactly_the_committed_rows(tmp_path: Path) -> None:
     out = tmp_path / "out"
     of.run(feature_flow("fw-parquet", 200_000, of.sinks.ParquetSink(str(out))), parallelism=2)
-    assert_matches_reference(ds.dataset(out, format="parquet").to_table(), 200_000)
+    assert_feature_reference(ds.dataset(out, format="parquet").to_table(), 200_000)
     assert not [p for p in out.iterdir() if p.name.startswith(("_", "."))]
 
 
@@ -89,16 +80,6 @@ def test_keyed_process_and_late_events_side_output() -> None:
     assert sorted((r["user"], r["seen"]) for r in running.rows()) == [
         ("a", 1), ("a", 2), ("a", 3), ("a", 4), ("b", 1), ("b", 2)]
     assert result.metrics["late_events"] == 1
-
-
-def wait_until(condition, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_named_actors_exist_while_the_job_runs() -> None:

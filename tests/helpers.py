@@ -1,0 +1,38 @@
+"""Helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from operators.workload import feature_window_reference
+
+T = TypeVar("T")
+"""What the polled condition returns."""
+
+
+def wait_until(condition: Callable[[], T], timeout_s: float = 120.0, what: str = "condition") -> T:
+    """Poll ``condition`` every 50 ms until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_feature_reference(table: pa.Table, total: int) -> None:
+    """Assert that ``table`` holds exactly the feature-window output for ``total`` events, each row once."""
+    order = [("window_start", "ascending"), ("user_id", "ascending")]
+    assert table.column_names == ["user_id", "window_start", "window_end", "count", "total"], table.column_names
+    got = table.sort_by(order)
+    expected = feature_window_reference(total).sort_by(order)
+    assert got.num_rows == expected.num_rows, f"{got.num_rows} rows committed, {expected.num_rows} expected"
+    for column in ("user_id", "window_start", "window_end", "count"):
+        assert got[column].equals(expected[column]), f"column {column} differs"
+    np.testing.assert_allclose(got["total"].to_numpy(), expected["total"].to_numpy(), rtol=1e-9)
