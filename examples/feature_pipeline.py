@@ -77,7 +77,7 @@ def main() -> None:
     print(f"  {m['events_per_s']:,.0f} events/s over {m['duration_s']:.2f} s "
           f"(+{m['startup_s']:.2f} s start-up), parallelism {args.parallelism}")
     if checkpoint is not None:
-        print(f"  {m['checkpoints_completed']} checkpoints (every {args.checkpoint_interval:g} s, p99 "
+        print(f"  {m['checkpoints_completed']} checkpoint(s) (every {args.checkpoint_interval:g} s, p99 "
               f"{m['checkpoint_duration_p99_s']:.3f} s) in {checkpoint.storage}")
     print(f"  sum of counts {total_count:,} (expected {args.events:,}); "
           f"sum of amounts {committed_sum:,.3f} (expected {expected_sum:,.3f})")
