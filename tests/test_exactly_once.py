@@ -180,3 +180,27 @@ def test_restarts_are_bounded_and_the_error_says_where_to_resume(tmp_path: Path)
                                                 r"restart\(s\).*resume from checkpoint \d+"):
         of.run(flow, checkpoint=of.CheckpointConfig(interval_s=0.1, storage=str(tmp_path)),
                restart=of.RestartStrategy.fixed_delay(attempts=2, delay_s=0.05))
+
+
+def test_an_injected_crash_in_the_source_replays_every_event_once(tmp_path: Path) -> None:
+    """Bytewax-style: ABORT() crashes the source once; the job restarts and commits each event once."""
+    rows = [{"user": f"u{i % 7}", "amount": i} for i in range(1_000)]
+    items = [*rows[:600], of.sources.TestingSource.ABORT(), *rows[600:]]
+    flow = of.Dataflow("eo-abort")
+    events = flow.source(of.sources.TestingSource(items, batch_size=25))
+    sink = of.sinks.TestingSink()
+
+    def running_total(total, row):
+        total = (total or 0) + row["amount"]
+        return total, {"user": row["user"], "amount": row["amount"], "running": total}
+
+    events.key_by("user").process(running_total).sink(sink)
+    result = of.run(flow, parallelism=2, checkpoint=of.CheckpointConfig(interval_s=0.05, storage=str(tmp_path)),
+                    restart=of.RestartStrategy.fixed_delay(attempts=2, delay_s=0.05))
+    assert result.metrics["restarts"] == 1
+    committed = sorted((r["user"], r["amount"], r["running"]) for r in sink.rows())
+    expected, totals = [], {}
+    for row in rows:
+        totals[row["user"]] = totals.get(row["user"], 0) + row["amount"]
+        expected.append((row["user"], row["amount"], totals[row["user"]]))
+    assert committed == sorted(expected)
