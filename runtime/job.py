@@ -75,7 +75,8 @@ class JobResult:
             ``events_per_s``, ``late_events``, ``backpressure_s``, checkpoint
             figures (``checkpoint_duration_p50_s``/``p99``, ``alignment_p50_s``/
             ``p99``, ``state_bytes_last``, ``checkpoint_history``) and
-            ``operators`` (per operator, counters summed over subtasks).
+            ``operators`` (per operator: counts summed over subtasks, ratios
+            such as a dedupe filter's fill as the largest over subtasks).
         plan: the physical plan, one line per vertex.
     """
 
@@ -91,7 +92,13 @@ def _sum_metrics(per_actor: list[dict[str, Any]], plan_: PhysicalPlan) -> dict[s
             total = operators.setdefault(name, {"subtasks": 0})
             total["subtasks"] += 1
             for key, value in counters.items():
-                if isinstance(value, int | float):
+                # Counts add up over subtasks; ratios (a Bloom filter's fill) are
+                # reported for the worst subtask.
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    continue
+                if isinstance(value, float):
+                    total[key] = max(total.get(key, value), value)
+                else:
                     total[key] = total.get(key, 0) + value
     source_names = {n.name for v in plan_.vertices for n in v.nodes if n.kind is NodeKind.SOURCE}
     watermarks = [e["input_watermark"] for e in per_actor if not e["is_source"] and NO_WATERMARK < e["input_watermark"]
