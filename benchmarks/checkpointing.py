@@ -34,7 +34,7 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import RESULTS, feature_flow, start_ray, write_json
+from benchmarks.common import feature_flow, pyplot, save_figure, start_ray, write_json
 from checkpoint.storage import CheckpointStorage
 from runtime.checkpointing import percentile
 
@@ -164,10 +164,7 @@ def main() -> None:
 
 
 def plot(summary: dict[str, Any], recoveries: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.bar(["off", f"every {summary['interval_s']:g} s", f"every {summary['fast_interval_s']:g} s"],
@@ -184,8 +181,7 @@ def plot(summary: dict[str, Any], recoveries: list[dict[str, Any]]) -> None:
     right.set_title("recovery time")
     right.legend()
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "checkpointing.png", dpi=110)
+    save_figure(fig, "checkpointing")
 
 
 if __name__ == "__main__":

@@ -91,3 +91,21 @@ def feature_flow(name: str, sink: of.sinks.TransactionalSink, *, events: int | N
     (stream.key_by("user_id").window(of.windows.Tumbling(size_ms=window_ms))
      .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(sink))
     return flow
+
+
+def pyplot() -> Any:
+    """Return ``matplotlib.pyplot`` on the non-interactive Agg backend (no screen here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, name: str) -> Path:
+    """Write ``benchmarks/results/<name>.png``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    return path

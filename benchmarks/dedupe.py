@@ -33,7 +33,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, write_json
+from benchmarks.common import pyplot, save_figure, write_json
 from operators.dedupe import Dedupe, DedupeMode
 from operators.logic import OperatorContext
 
@@ -145,10 +145,7 @@ def main() -> None:
 
 
 def plot(results: dict[str, dict[str, Any]], events: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(results)
@@ -168,8 +165,7 @@ def plot(results: dict[str, dict[str, Any]], events: int) -> None:
     for axis in (left, right):
         axis.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "dedupe.png", dpi=110)
+    save_figure(fig, "dedupe")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import pyarrow.dataset as ds
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import RESULTS, PeakMemory, feature_flow, start_ray, write_json
+from benchmarks.common import PeakMemory, feature_flow, pyplot, save_figure, start_ray, write_json
 from operators.workload import feature_events
 
 
@@ -109,10 +109,7 @@ def main() -> None:
 
 
 def plot(grid: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"N={g['events'] / 1e6:g}M\np={g['parallelism']}" for g in grid]
@@ -130,8 +127,7 @@ def plot(grid: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> None:
     right.set_ylabel("million events/s (median)")
     right.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "feature_window.png", dpi=110)
+    save_figure(fig, "feature_window")
 
 
 if __name__ == "__main__":

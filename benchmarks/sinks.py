@@ -32,7 +32,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import RESULTS, feature_flow, start_ray, write_json
+from benchmarks.common import feature_flow, pyplot, save_figure, start_ray, write_json
 from tests.postgres_server import PostgresServer
 
 
@@ -89,10 +89,7 @@ def main() -> None:
 
 
 def plot(summary: dict[str, dict[str, float]], cost: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axis = plt.subplots(figsize=(6, 4))
     names = list(summary)
@@ -103,8 +100,7 @@ def plot(summary: dict[str, dict[str, float]], cost: float) -> None:
     axis.set_ylabel("million rows/s committed (median, min..max)")
     axis.set_title(f"sinks, checkpoints every 1 s; 2PC costs {cost:.1%} vs autocommit")
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "sinks.png", dpi=110)
+    save_figure(fig, "sinks")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import RESULTS, feature_flow, start_ray, write_json
+from benchmarks.common import feature_flow, pyplot, save_figure, start_ray, write_json
 from checkpoint.storage import CheckpointStorage
 
 
@@ -92,10 +92,7 @@ def events_per_second(samples: list[tuple[float, int | None]], window_s: float =
 
 def plot(rates: list[tuple[float, float]], checkpoints: list[float], killed_at: float | None,
          rate: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axis = plt.subplots(figsize=(10, 4))
     axis.plot([t for t, _ in rates], [r / 1e6 for _, r in rates], color="#4c72b0", drawstyle="steps-pre",
@@ -110,8 +107,7 @@ def plot(rates: list[tuple[float, float]], checkpoints: list[float], killed_at: 
     axis.set_title("feature-window through a killed window subtask: restore the last checkpoint, replay, go on")
     axis.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "timeline.png", dpi=110)
+    save_figure(fig, "timeline")
 
 
 if __name__ == "__main__":
