@@ -48,6 +48,8 @@ from runtime.output import DownstreamFailedError, OutputGate
 from runtime.telemetry import SubtaskMetrics
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ray.actor import ActorHandle
 
     from operators.watermark import WatermarkGenerator
@@ -307,6 +309,15 @@ class SubtaskActor:
             with contextlib.suppress(RuntimeError):
                 self._applied_changed.notify_all()
 
+    @contextlib.contextmanager
+    def _blame(self, stage: int) -> Iterator[None]:
+        """Record an exception raised inside as a failure of operator ``stage``, then re-raise it."""
+        try:
+            yield
+        except Exception as error:
+            self._fail(error, stage)
+            raise
+
     async def _route(self, stage: int, emitted: Emitted) -> None:
         for port, batch in emitted:
             if batch.num_rows == 0:
@@ -323,7 +334,7 @@ class SubtaskActor:
         self._records_in[stage] += batch.num_rows
         logic = self._stages[stage]
         assert logic is not None
-        try:
+        with self._blame(stage):
             if self._sink is not None and logic is self._sink:
                 # A sink may block on its external system (a row lock held by a
                 # prepared transaction that only our own commit releases): keep
@@ -332,19 +343,13 @@ class SubtaskActor:
                 crash_point(self._plan.job, "sink.after_write", self._subtask)
                 return
             emitted = logic.on_batch(batch)
-        except Exception as error:
-            self._fail(error, stage)
-            raise
         await self._route(stage, emitted)
 
     async def _advance_watermark(self, watermark: int) -> None:
         for stage, logic in enumerate(self._stages):
             if logic is not None:
-                try:
+                with self._blame(stage):
                     emitted = logic.on_watermark(watermark)
-                except Exception as error:
-                    self._fail(error, stage)
-                    raise
                 await self._route(stage, emitted)
         for gate in self._all_gates():
             gate.set_watermark(watermark)
@@ -352,11 +357,8 @@ class SubtaskActor:
     async def _end_of_input(self) -> None:
         for stage, logic in enumerate(self._stages):
             if logic is not None:
-                try:
+                with self._blame(stage):
                     emitted = logic.on_eof()
-                except Exception as error:
-                    self._fail(error, stage)
-                    raise
                 await self._route(stage, emitted)
         for gate in self._all_gates():
             gate.set_watermark(END_OF_TIME)
@@ -505,7 +507,7 @@ class SubtaskActor:
         tables: dict[str, pa.Table] = {}
         for stage, node in enumerate(self._vertex.nodes):
             logic = self._stages[stage]
-            try:
+            with self._blame(stage):
                 if node.kind is NodeKind.SOURCE:
                     assert self._reader is not None
                     max_time = self._watermarks_out.max_event_time if self._watermarks_out else None
@@ -517,9 +519,6 @@ class SubtaskActor:
                     table = logic.snapshot()
                     if table is not None:
                         tables[node.name] = table
-            except Exception as error:
-                self._fail(error, stage)
-                raise
         for gate in self._all_gates():
             await gate.barrier(checkpoint_id, triggered_at)
         metrics = {
@@ -641,7 +640,3 @@ class SubtaskActor:
             "first_record_at": self._first_record_at,
             "checkpoints": list(self._checkpoint_metrics),
         }
-
-    def source_offset(self) -> Any:
-        """Return the source reader's current offset (what a checkpoint records)."""
-        return self._reader.offset() if self._reader is not None else None
