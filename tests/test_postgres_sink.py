@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
+import threading
 
 import psycopg
 import pyarrow as pa
@@ -87,6 +89,27 @@ def test_upsert_keeps_the_last_value_per_key(postgres: PostgresServer) -> None:
     writer.write(pa.record_batch({"user_id": [2, 3], "total": [21.0, 30.0]}))
     committer.commit(writer.prepare_commit(2))
     assert rows(postgres.dsn, table) == [(1, 11.0), (2, 21.0), (3, 30.0)]
+
+
+def test_subtasks_creating_the_table_at_once_do_not_collide(postgres: PostgresServer) -> None:
+    # Concurrent CREATE TABLE IF NOT EXISTS races on the catalog in PostgreSQL
+    # (DuplicateObject on the row type); every subtask creates it on its first batch.
+    subtasks = 8
+    for _ in range(4):
+        table = table_name()
+        sink = PostgresSink(postgres.dsn, table, mode="upsert", key_columns=["user_id"], create=True)
+        start = threading.Barrier(subtasks)
+
+        def first_batch(subtask: int, sink: PostgresSink = sink, start: threading.Barrier = start) -> list:
+            writer = sink.create_writer(SinkContext("race", "sink_1", subtask=subtask, parallelism=subtasks))
+            start.wait()
+            writer.write(pa.record_batch({"user_id": [subtask], "total": [float(subtask)]}))
+            return writer.prepare_commit(1)
+
+        with concurrent.futures.ThreadPoolExecutor(subtasks) as pool:
+            committables = [c for result in pool.map(first_batch, range(subtasks)) for c in result]
+        sink.create_committer(SinkContext("race", "sink_1")).commit(committables)
+        assert rows(postgres.dsn, table) == [(s, float(s)) for s in range(subtasks)]
 
 
 def test_errors_are_clear(postgres: PostgresServer) -> None:

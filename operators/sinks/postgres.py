@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import re
@@ -191,9 +190,11 @@ class PostgresSinkWriter(SinkWriter):
         statement = f"CREATE TABLE IF NOT EXISTS {sink.table} ({', '.join(definitions)})"
         # Outside the sink's transaction: DDL inside a prepared transaction would hold
         # catalog locks that block every other subtask until the checkpoint commits.
-        # Another subtask may create it at the same moment.
-        with psycopg.connect(sink.dsn, autocommit=True) as connection, contextlib.suppress(
-                psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+        # Subtasks create it at the same moment, and two concurrent CREATE TABLE IF NOT
+        # EXISTS race on the catalog (DuplicateObject on the row type), so they take a
+        # transaction-scoped advisory lock on the table name first.
+        with psycopg.connect(sink.dsn) as connection, connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"onceflow:create:{sink.table}",))
             connection.execute(statement)
 
     def write(self, batch: pa.RecordBatch) -> None:
