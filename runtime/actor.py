@@ -208,6 +208,7 @@ class SubtaskActor:
         self._finished_at: float | None = None
         self._started_at: float | None = None
         self._lock: asyncio.Lock | None = None
+        self._commit_lock: asyncio.Lock | None = None
         self._applied_changed: asyncio.Condition | None = None
         self._finished: asyncio.Event | None = None
         self._failed: asyncio.Event | None = None
@@ -245,6 +246,7 @@ class SubtaskActor:
     async def connect(self, downstream: dict[int, list[ActorHandle]]) -> str:
         """Receive the handles of downstream subtasks; start the linger timer."""
         self._lock = asyncio.Lock()
+        self._commit_lock = asyncio.Lock()
         self._applied_changed = asyncio.Condition(self._lock)
         self._finished = asyncio.Event()
         self._failed = asyncio.Event()
@@ -556,19 +558,24 @@ class SubtaskActor:
         """Checkpoint ``checkpoint_id`` is complete: a sink commits everything pre-committed up to it.
 
         Runs without the processing lock: the sink may be blocked on a row lock
-        that only this commit releases. The dict of uncommitted transactions is
-        only touched from this event loop, between awaits.
+        that only this commit releases. Commits take their own lock instead: a
+        notification that arrives while an earlier commit runs (a commit slower
+        than the checkpoint interval) waits for it, rather than committing the
+        same transactions again beside it. What a failed commit leaves in
+        ``uncommitted`` is retried by the next notification.
         """
         if self._sink is None:
             return
-        ready = sorted(c_id for c_id in self._sink.uncommitted if c_id <= checkpoint_id)
-        committables = [c for c_id in ready for c in self._sink.uncommitted[c_id]]
-        if committables:
-            crash_point(self._plan.job, "sink.before_commit", self._subtask)
-            committer = self._sink_spec.create_committer(self._sink_context())
-            await asyncio.to_thread(committer.commit, committables)
-        for c_id in ready:
-            self._sink.uncommitted.pop(c_id, None)
+        assert self._commit_lock is not None
+        async with self._commit_lock:
+            ready = sorted(c_id for c_id in self._sink.uncommitted if c_id <= checkpoint_id)
+            committables = [c for c_id in ready for c in self._sink.uncommitted[c_id]]
+            if committables:
+                crash_point(self._plan.job, "sink.before_commit", self._subtask)
+                committer = self._sink_spec.create_committer(self._sink_context())
+                await asyncio.to_thread(committer.commit, committables)
+            for c_id in ready:
+                self._sink.uncommitted.pop(c_id, None)
 
     async def abort_checkpoint(self, checkpoint_id: int) -> None:
         """The coordinator gave up on ``checkpoint_id``: stop aligning it."""

@@ -6,6 +6,7 @@ duplicate and no lost (user, window) row, and exact counts.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
@@ -204,3 +205,42 @@ def test_an_injected_crash_in_the_source_replays_every_event_once(tmp_path: Path
         totals[row["user"]] = totals.get(row["user"], 0) + row["amount"]
         expected.append((row["user"], row["amount"], totals[row["user"]]))
     assert committed == sorted(expected)
+
+
+class _SlowCommitSink(of.sinks.TestingSink):
+    """A TestingSink whose commits take 0.3 s and log when each starts and ends to ``log_dir``."""
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__()
+        self.log_dir = log_dir
+
+    def create_committer(self, ctx):
+        committer = super().create_committer(ctx)
+        commit = committer.commit
+        log = self.log_dir / f"commits-{ctx.subtask}.log"
+
+        def slow_commit(committables) -> None:
+            started = time.monotonic()
+            time.sleep(0.3)
+            commit(committables)
+            with log.open("a") as file:
+                file.write(f"{started} {time.monotonic()} {' '.join(c['id'] for c in committables)}\n")
+
+        committer.commit = slow_commit
+        return committer
+
+
+def test_a_commit_slower_than_the_checkpoint_interval_commits_each_transaction_once(tmp_path: Path) -> None:
+    """Notifications that arrive while a commit runs wait for it: no overlapping commit of the same transaction."""
+    sink = _SlowCommitSink(tmp_path)
+    result = of.run(feature_flow("eo-slow-commit", 200_000, 200_000, sink), parallelism=2,
+                    checkpoint=of.CheckpointConfig(interval_s=0.1, storage=str(tmp_path / "checkpoints")))
+    assert result.metrics["checkpoints_completed"] >= 3 and result.metrics["restarts"] == 0
+    for log in sorted(tmp_path.glob("commits-*.log")):
+        lines = map(str.split, log.read_text().splitlines())
+        calls = sorted((float(start), float(end), ids) for start, end, *ids in lines)
+        for (_, end, _), (start, _, _) in itertools.pairwise(calls):
+            assert end <= start, f"{log.name}: two commits ran at once"
+        ids = [c for *_, names in calls for c in names]
+        assert len(ids) == len(set(ids)), f"{log.name}: a transaction was committed twice"
+    assert_feature_reference(sink.table(), 200_000)
