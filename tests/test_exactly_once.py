@@ -142,6 +142,45 @@ def test_a_killed_driver_resumes_from_durable_storage_alone(tmp_path: Path) -> N
     assert not [p.name for p in out.iterdir() if p.name.startswith(("_", "."))]
 
 
+class _HoldBadInputUntilACheckpoint(of.sources.Source):
+    """Wraps a source: a batch with null event times waits until a checkpoint of ``job`` completed.
+
+    So the job has committed something before the bad input arrives, however
+    slow the machine; the reader idles meanwhile, so barriers still pass.
+    """
+
+    def __init__(self, inner: of.sources.Source, storage: str, job: str) -> None:
+        self.inner, self.storage, self.job = inner, storage, job
+
+    def build(self, ctx, resume_offset=None) -> of.sources.SourceReader:
+        return _HeldReader(self.inner.build(ctx, resume_offset), CheckpointStorage(self.storage, self.job))
+
+
+class _HeldReader(of.sources.SourceReader):
+    def __init__(self, inner: of.sources.SourceReader, storage: CheckpointStorage) -> None:
+        self._inner, self._storage = inner, storage
+        self._held: pa.RecordBatch | None = None
+        self._offset_before_held = None
+
+    def read(self):
+        if self._held is None:
+            offset = self._inner.offset()
+            item = self._inner.read()
+            if not isinstance(item, pa.RecordBatch) or item["event_time"].null_count == 0:
+                return item
+            self._held, self._offset_before_held = item, offset
+        if not self._storage.completed_ids():
+            return of.sources.Idle(0.02)
+        batch, self._held = self._held, None
+        return batch
+
+    def offset(self):
+        return self._offset_before_held if self._held is not None else self._inner.offset()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 def test_bad_input_fails_at_once_and_keeps_what_was_committed(tmp_path: Path) -> None:
     def poisoned(offset: int, n: int) -> pa.RecordBatch:
         batch = feature_events(offset, n)
@@ -150,8 +189,8 @@ def test_bad_input_fails_at_once_and_keeps_what_was_committed(tmp_path: Path) ->
         return batch.set_column(2, "event_time", pa.array([None] * n, pa.int64()))
 
     flow = of.Dataflow("eo-bad")
-    events = flow.source(of.sources.GeneratorSource(poisoned, total=200_000, batch_size=5_000,
-                                                    max_events_per_s=100_000),
+    generator = of.sources.GeneratorSource(poisoned, total=200_000, batch_size=5_000, max_events_per_s=100_000)
+    events = flow.source(_HoldBadInputUntilACheckpoint(generator, str(tmp_path / "chk"), "eo-bad"),
                          watermark=of.BoundedOutOfOrderness("event_time"))
     events.map_batches(lambda b: b.select(["event_time"])).sink(of.sinks.ParquetSink(str(tmp_path / "out")))
     events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000)).aggregate(n=of.agg.count()).sink(
