@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,9 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointSetup", "RestoredState", "RuntimeOptions", "SubtaskActor", "configure_logging"]
 
 log = logging.getLogger("onceflow")
+
+_ABORT_WAIT_S = 5.0
+"""How long an abort waits for a sink write in progress (the job waits 10 s for every abort)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +139,31 @@ class _SinkStage(OperatorLogic):
         self.rows = 0
         self.uncommitted: dict[int, list[Committable]] = {}
         self.final: list[Committable] = []
+        self.aborted = False
+        self._writing = threading.Lock()  # writes and the abort run in worker threads
 
     def on_batch(self, batch: pa.RecordBatch) -> Emitted:
-        self.writer.write(batch)
-        self.rows += batch.num_rows
+        with self._writing:
+            if self.aborted:  # the job failed: nothing written now could ever commit
+                return []
+            self.writer.write(batch)
+            self.rows += batch.num_rows
         return []
+
+    def abort(self, wait_s: float) -> None:
+        """Abort the writer once the write in progress returns; later writes are dropped.
+
+        A write blocked on its external system (a row lock that only a commit
+        releases) is waited for at most ``wait_s``, then the writer is aborted
+        under it.
+        """
+        self.aborted = True
+        acquired = self._writing.acquire(timeout=wait_s)
+        try:
+            self.writer.abort()
+        finally:
+            if acquired:
+                self._writing.release()
 
     def pre_commit(self, checkpoint_id: int) -> pa.Table:
         self.writer.flush(end_of_input=False)
@@ -609,7 +633,7 @@ class SubtaskActor:
         if self._sink is None:
             return
         with contextlib.suppress(Exception):
-            self._sink.writer.abort()
+            self._sink.abort(wait_s=_ABORT_WAIT_S)
         if self._checkpointing is None:
             self._sink_spec.create_committer(self._sink_context()).abort(self._sink.final)
         # With checkpoints, pre-committed transactions are left for recovery to resolve:
