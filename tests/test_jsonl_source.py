@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import msgpack
 import pyarrow as pa
 import pytest
 
 from checkpoint.errors import DataError, PlanError
 from operators.sources.base import SourceContext
 from operators.sources.jsonl import JsonLinesSource, JsonLinesSourceReader
+from tests.helpers import assert_resumes_from_every_offset, read_ids
 
 
 def write_lines(path: Path, rows: list[dict[str, object]], trailing_newline: bool = True) -> None:
@@ -36,30 +36,23 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def read_all(reader: JsonLinesSourceReader) -> list[list[int]]:
-    out = []
-    while (batch := reader.read()) is not None:
-        out.append(batch.column("id").to_pylist())
-    return out
-
-
 def test_one_subtask_reads_files_in_sorted_order_batch_size_lines_at_a_time(folder: Path) -> None:
     reader = JsonLinesSource(folder, batch_size=3).build(SourceContext("json_0"))
-    assert read_all(reader) == [[0, 1, 2], [3, 4, 5], [6], [7, 8, 9], [10, 11, 12], [13, 14]]
+    assert read_ids(reader) == [[0, 1, 2], [3, 4, 5], [6], [7, 8, 9], [10, 11, 12], [13, 14]]
     assert reader.offset() == {"file": 3, "byte": 0}
 
 
 def test_subtask_takes_every_pth_file(folder: Path) -> None:
     source = JsonLinesSource(folder, batch_size=3)
-    assert read_all(source.build(SourceContext("json_0", 0, 2))) == [[0, 1, 2], [3, 4, 5], [6], [10, 11, 12], [13, 14]]
-    assert read_all(source.build(SourceContext("json_0", 1, 2))) == [[7, 8, 9]]
+    assert read_ids(source.build(SourceContext("json_0", 0, 2))) == [[0, 1, 2], [3, 4, 5], [6], [10, 11, 12], [13, 14]]
+    assert read_ids(source.build(SourceContext("json_0", 1, 2))) == [[7, 8, 9]]
 
 
 @pytest.mark.parametrize("parallelism", [1, 2, 3])
 def test_subtasks_cover_every_row_exactly_once(folder: Path, parallelism: int) -> None:
     source = JsonLinesSource(str(folder), batch_size=4)
     seen = [i for s in range(parallelism)
-            for batch in read_all(source.build(SourceContext("json_0", s, parallelism))) for i in batch]
+            for batch in read_ids(source.build(SourceContext("json_0", s, parallelism))) for i in batch]
     assert sorted(seen) == list(range(15))
     assert len(seen) == 15
 
@@ -78,24 +71,13 @@ def test_offset_is_the_byte_of_the_next_line(folder: Path) -> None:
 def test_resume_from_every_offset_gives_exactly_the_remaining_rows(folder: Path, parallelism: int) -> None:
     source = JsonLinesSource(folder, batch_size=2)
     for subtask in range(parallelism):
-        ctx = SourceContext("json_0", subtask, parallelism)
-        expected = [i for batch in read_all(source.build(ctx)) for i in batch]
-        reader = source.build(ctx)
-        consumed: list[int] = []
-        while True:
-            offset = msgpack.unpackb(msgpack.packb(reader.offset()))
-            rest = [i for batch in read_all(source.build(ctx, offset)) for i in batch]
-            assert consumed + rest == expected, offset
-            batch = reader.read()
-            if batch is None:
-                break
-            consumed += batch.column("id").to_pylist()
+        assert_resumes_from_every_offset(source, SourceContext("json_0", subtask, parallelism))
 
 
 def test_resume_mid_file_seeks_to_the_byte(folder: Path) -> None:
     source = JsonLinesSource(folder / "a.jsonl", batch_size=10)
     byte = sum(len(json.dumps(row)) + 1 for row in rows(0, 5))
-    assert read_all(source.build(SourceContext("json_0"), {"file": 0, "byte": byte})) == [[5, 6]]
+    assert read_ids(source.build(SourceContext("json_0"), {"file": 0, "byte": byte})) == [[5, 6]]
 
 
 def test_malformed_line_names_the_file_and_line_number(folder: Path) -> None:

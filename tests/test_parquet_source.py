@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import msgpack
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from checkpoint.errors import DataError, PlanError
 from operators.sources.base import SourceContext
-from operators.sources.parquet import ParquetSource, ParquetSourceReader
+from operators.sources.parquet import ParquetSource
+from tests.helpers import assert_resumes_from_every_offset, read_ids
 
 
 def rows(start: int, stop: int) -> pa.Table:
@@ -37,30 +37,23 @@ def folder(tmp_path: Path) -> Path:
 ORDER = list(range(0, 10)) + list(range(15, 25)) + list(range(10, 15))
 
 
-def read_all(reader: ParquetSourceReader) -> list[list[int]]:
-    out = []
-    while (batch := reader.read()) is not None:
-        out.append(batch.column("id").to_pylist())
-    return out
-
-
 def test_one_subtask_reads_units_in_sorted_order(folder: Path) -> None:
     reader = ParquetSource(folder, batch_size=3).build(SourceContext("pq_0"))
-    assert read_all(reader) == [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9], [15, 16, 17], [18, 19],
+    assert read_ids(reader) == [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9], [15, 16, 17], [18, 19],
                                 [20, 21, 22], [23, 24], [10, 11, 12], [13, 14]]
     assert reader.offset() == {"unit": 6, "row": 0}
 
 
 def test_subtask_takes_every_pth_unit(folder: Path) -> None:
     reader = ParquetSource(folder, batch_size=3).build(SourceContext("pq_0", subtask=0, parallelism=2))
-    assert read_all(reader) == [[0, 1, 2], [3], [8, 9], [20, 21, 22], [23, 24]]
+    assert read_ids(reader) == [[0, 1, 2], [3], [8, 9], [20, 21, 22], [23, 24]]
 
 
 @pytest.mark.parametrize("parallelism", [1, 2, 3])
 def test_subtasks_cover_every_row_exactly_once(folder: Path, parallelism: int) -> None:
     source = ParquetSource(str(folder), batch_size=3)
     seen = [i for s in range(parallelism)
-            for batch in read_all(source.build(SourceContext("pq_0", s, parallelism))) for i in batch]
+            for batch in read_ids(source.build(SourceContext("pq_0", s, parallelism))) for i in batch]
     assert sorted(seen) == list(range(25))
     assert len(seen) == 25
 
@@ -77,30 +70,19 @@ def test_offsets_point_inside_the_row_group(folder: Path) -> None:
 def test_resume_from_every_offset_gives_exactly_the_remaining_rows(folder: Path, parallelism: int) -> None:
     source = ParquetSource(folder, batch_size=3)
     for subtask in range(parallelism):
-        ctx = SourceContext("pq_0", subtask, parallelism)
-        expected = [i for batch in read_all(source.build(ctx)) for i in batch]
-        reader = source.build(ctx)
-        consumed: list[int] = []
-        while True:
-            offset = msgpack.unpackb(msgpack.packb(reader.offset()))
-            rest = [i for batch in read_all(source.build(ctx, offset)) for i in batch]
-            assert consumed + rest == expected, offset
-            batch = reader.read()
-            if batch is None:
-                break
-            consumed += batch.column("id").to_pylist()
+        assert_resumes_from_every_offset(source, SourceContext("pq_0", subtask, parallelism))
 
 
 def test_resume_mid_row_group_with_another_batch_size(folder: Path) -> None:
     rest = ParquetSource(folder, batch_size=100).build(SourceContext("pq_0"), {"unit": 1, "row": 2})
-    assert read_all(rest) == [[6, 7], [8, 9], list(range(15, 20)), list(range(20, 25)), list(range(10, 15))]
+    assert read_ids(rest) == [[6, 7], [8, 9], list(range(15, 20)), list(range(20, 25)), list(range(10, 15))]
 
 
 def test_a_single_file_and_a_file_uri(folder: Path) -> None:
-    assert read_all(ParquetSource(folder / "c.parquet").build(SourceContext("pq_0"))) == [
+    assert read_ids(ParquetSource(folder / "c.parquet").build(SourceContext("pq_0"))) == [
         list(range(15, 20)), list(range(20, 25))]
     uri = (folder / "sub").as_uri()
-    assert read_all(ParquetSource(uri).build(SourceContext("pq_0"))) == [list(range(10, 15))]
+    assert read_ids(ParquetSource(uri).build(SourceContext("pq_0"))) == [list(range(10, 15))]
 
 
 def test_columns_are_projected(folder: Path) -> None:
