@@ -77,12 +77,15 @@ class TaskAck:
         states: per operator, the durable state handle (JSON-able: path, bytes, rows).
         cache: per operator, an in-memory copy (a Ray object reference); not persisted.
         metrics: sync/async durations, alignment time, start delay, bytes.
+        attempt: the job attempt the subtask belongs to (acknowledgements of a
+            fenced attempt are ignored).
     """
 
     task: str
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +365,11 @@ class CheckpointCoordinator:
         return actions
 
     def resume(self) -> None:
-        """Start triggering again (after the job restored)."""
+        """Start triggering again (after the job restored), with a clean failure count.
+
+        The restored attempt starts from a completed checkpoint: the failures
+        of the attempt before it are not held against it.
+        """
         self.paused = False
+        self.consecutive_failures = 0
         self._last_trigger = self._clock()

@@ -342,11 +342,15 @@ class CheckpointStorage:
             return None
         return manifest
 
-    def latest_manifest(self) -> dict[str, Any] | None:
-        """The newest complete checkpoint's manifest (the recovery point), or ``None`` if there is none."""
+    def latest_manifest(self, run: str | None = None) -> dict[str, Any] | None:
+        """The newest complete checkpoint's manifest (the recovery point), or ``None`` if there is none.
+
+        Args:
+            run: only a checkpoint taken by this run of the job (its manifest's ``"run"``); ``None``: any run.
+        """
         for checkpoint_id in reversed(self._checkpoint_ids()):
             manifest = self.manifest(checkpoint_id)
-            if manifest is not None:
+            if manifest is not None and (run is None or manifest.get("run") == run):
                 return manifest
         return None
 

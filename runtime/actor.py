@@ -37,7 +37,7 @@ from checkpoint.barrier_handler import AbortAlignment, AlignedBarrierHandler, Re
 from checkpoint.coordinator import TaskAck
 from checkpoint.errors import OnceflowError, OperatorError
 from checkpoint.failpoints import crash_point
-from checkpoint.state import read_sink_state, read_source_state, sink_state, source_state
+from checkpoint.state import read_source_state, sink_state, source_state
 from checkpoint.storage import CheckpointStorage
 from checkpoint.two_phase_commit import Committable, SinkContext, SinkWriter
 from operators.keygroups import key_group_range
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from operators.watermark import WatermarkGenerator
     from runtime.plan import PhysicalPlan, VertexSpec
 
-__all__ = ["CheckpointSetup", "RestoredState", "RuntimeOptions", "SubtaskActor", "configure_logging"]
+__all__ = ["AttemptId", "CheckpointSetup", "RestoredState", "RuntimeOptions", "SubtaskActor", "configure_logging"]
 
 log = logging.getLogger("onceflow")
 
@@ -109,6 +109,20 @@ class CheckpointSetup:
 
     coordinator: ActorHandle
     storage: str
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptId:
+    """Which run of a job, and which attempt of that run, an actor belongs to.
+
+    Attributes:
+        run: the run's id (a fresh run gets a new one; ``resume=True`` too).
+        number: the attempt (1 for the first deployment, one more per restart);
+            the coordinator ignores acknowledgements of any other attempt.
+    """
+
+    run: str = ""
+    number: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +191,11 @@ class SubtaskActor:
     """Runs one subtask of one vertex. Created by the job as a named async Ray actor."""
 
     def __init__(self, plan: PhysicalPlan, vertex_id: int, subtask: int, options: RuntimeOptions,
-                 checkpointing: CheckpointSetup | None = None, restore: _Restore | None = None) -> None:
+                 checkpointing: CheckpointSetup | None = None, restore: _Restore | None = None,
+                 attempt: AttemptId | None = None) -> None:
         configure_logging(options.log_level)
         self._plan = plan
+        self._attempt = attempt or AttemptId()
         self._vertex: VertexSpec = plan.vertices[vertex_id]
         self._subtask = subtask
         self._options = options
@@ -207,7 +223,7 @@ class SubtaskActor:
             elif node.kind is NodeKind.SINK:
                 self._sink_spec = node.spec
                 self._sink = _SinkStage(node.spec.create_writer(self._sink_context()))
-                self._recover_sink(read_sink_state(states[node.name]) if node.name in states else {})
+                # The restored checkpoint's transactions were resolved by the job before this attempt deployed.
                 self._stages.append(self._sink)
             else:
                 op_ctx = OperatorContext(
@@ -243,7 +259,8 @@ class SubtaskActor:
         self._telemetry = SubtaskMetrics(plan.job, vertex.operators, subtask)
 
     def _sink_context(self) -> SinkContext:
-        return SinkContext(self._plan.job, self._vertex.nodes[-1].name, self._subtask, self._vertex.parallelism)
+        return SinkContext(self._plan.job, self._vertex.nodes[-1].name, self._subtask, self._vertex.parallelism,
+                           run=self._attempt.run, attempt=self._attempt.number)
 
     def _load(self, operator: str, handle: RestoredState) -> pa.Table:
         if handle.cached is not None:
@@ -253,17 +270,6 @@ class SubtaskActor:
                     return table
         assert self._storage is not None
         return self._storage.read_state(handle.path)
-
-    def _recover_sink(self, restored: dict[int, list[Committable]]) -> None:
-        """Re-commit what the restored checkpoint pre-committed; abort every other lingering transaction.
-
-        On a fresh start nothing is restored, and whatever an earlier run of the
-        job left behind is aborted.
-        """
-        committables = [c for _, items in sorted(restored.items()) for c in items]
-        committer = self._sink_spec.create_committer(self._sink_context())
-        committer.commit(committables)
-        committer.abort_lingering(committables)
 
     # -- wiring ---------------------------------------------------------------------
 
@@ -573,7 +579,8 @@ class SubtaskActor:
             log.debug("%s: checkpoint %d snapshot: sync %.3f s, async %.3f s, alignment %.3f s, %d bytes",
                       self._label, checkpoint_id, metrics["sync_s"], metrics["async_s"], metrics["alignment_s"],
                       int(metrics["state_bytes"]))
-            coordinator.acknowledge.remote(checkpoint_id, TaskAck(self.task, states, cache, metrics))
+            coordinator.acknowledge.remote(checkpoint_id, TaskAck(self.task, states, cache, metrics,
+                                                                      attempt=self._attempt.number))
         except Exception as error:  # noqa: BLE001 - a failed snapshot declines the checkpoint
             log.warning("%s: checkpoint %d failed: %s", self._label, checkpoint_id, error)
             coordinator.decline.remote(checkpoint_id, self.task, str(error))

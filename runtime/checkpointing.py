@@ -8,6 +8,13 @@ complete), then notifies every subtask so sinks commit. Snapshot tables put in
 the object store by subtasks are *owned* by this actor, so a crashed subtask
 does not take its snapshot with it; if this actor dies, a new one recovers
 from the manifests in storage.
+
+The actor serves one *run* of a job (manifests record the run's id, and only
+this run's checkpoints, or the one a resume adopted, are restore points) and
+one *attempt* at a time: ``start(attempt, ...)`` opens an attempt, ``fence()``
+closes it (no more triggers, pending checkpoints aborted, every manifest write
+in flight settled) and returns the newest completed checkpoint, which is then
+final for that attempt. Acknowledgements of any other attempt are ignored.
 """
 
 from __future__ import annotations
@@ -80,40 +87,79 @@ def _summary(checkpoint: CompletedCheckpoint, persisted_at: float) -> dict[str, 
 class CoordinatorActor:
     """Coordinates the checkpoints of one job (an async Ray actor)."""
 
-    def __init__(self, job: str, config: CheckpointConfig, tasks: list[str], log_level: int = logging.WARNING) -> None:
+    def __init__(self, job: str, config: CheckpointConfig, tasks: list[str], log_level: int = logging.WARNING,
+                 run: str = "", baseline: int | None = None) -> None:
+        """Create the coordinator of ``run`` of ``job``.
+
+        Args:
+            job: the job name.
+            config: the checkpoint settings.
+            tasks: the subtasks (``<vertex>/<subtask>``) that acknowledge every checkpoint.
+            log_level: the ``onceflow`` logger's level here.
+            run: this run's id; its manifests record it.
+            baseline: a checkpoint this run restored from (a resume: another run's), or ``None``.
+        """
         configure_logging(log_level)
         self._job = job
         self._config = config
+        self._run_id = run
+        self._baseline = baseline
         self._storage = CheckpointStorage(config.storage, job)
         self._storage.discard_incomplete()
-        latest = self._storage.latest_manifest()
-        next_id = int(latest["checkpoint_id"]) + 1 if latest else 1
+        newest = self._storage.completed_ids()
+        next_id = newest[-1] + 1 if newest else 1
         self._core = CheckpointCoordinator(config, tasks, clock=time.time, next_id=next_id)
         self._core.paused = True
+        self._attempt = 0  # guards acknowledgements: only this attempt's count (0: none open)
+        self._fenced = 0  # the newest attempt closed by fence()
         self._sources: list[ActorHandle] = []
         self._subtasks: list[ActorHandle] = []
         self._cache: dict[int, dict[str, dict[str, Any]]] = {}
         self._waiters: dict[int, asyncio.Future[int]] = {}
         self._history: list[dict[str, Any]] = []
-        self._fatal: asyncio.Event | None = None
-        self._fatal_reason = ""
+        self._fatal: dict[int, str] = {}  # attempt -> why its checkpoints failed too often
         self._loop: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._persisting: set[asyncio.Task[None]] = set()
         self._telemetry = CheckpointMetrics(job)
-        if latest:
-            log.info("job %s: coordinator recovered; newest complete checkpoint is %d", job, next_id - 1)
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self, sources: list[ActorHandle], subtasks: list[ActorHandle]) -> None:
-        """Begin (or, after a restart, resume) triggering checkpoints for these subtasks."""
+    async def start(self, attempt: int, sources: list[ActorHandle], subtasks: list[ActorHandle]) -> None:
+        """Open ``attempt``: trigger checkpoints for these subtasks, from a clean failure count."""
+        self._attempt = attempt
         self._sources = sources
         self._subtasks = subtasks
-        if self._fatal is None:
-            self._fatal = asyncio.Event()
         self._core.resume()
         if self._loop is None:
             self._loop = asyncio.get_running_loop().create_task(self._run())
+
+    async def fence(self) -> int | None:
+        """Close the open attempt; return the newest completed checkpoint, final for that attempt.
+
+        Stops triggering, aborts pending checkpoints, ignores every later
+        acknowledgement of the attempt, and waits for each manifest write in
+        flight to land or fail: a checkpoint that completes does so before
+        this returns, never after.
+        """
+        self._fenced = max(self._fenced, self._attempt)
+        self._attempt = 0
+        self._sources = []
+        self._subtasks = []
+        await self._execute(self._core.on_job_failure())
+        while self._persisting:
+            await asyncio.gather(*self._persisting, return_exceptions=True)
+        return self.latest_checkpoint()
+
+    def latest_checkpoint(self) -> int | None:
+        """The newest completed checkpoint of this run (or the one it resumed from), or ``None``."""
+        latest = self._core.store.latest
+        if latest is not None:
+            return latest.checkpoint_id
+        manifest = self._storage.latest_manifest(run=self._run_id)
+        if manifest is not None:
+            return int(manifest["checkpoint_id"])
+        return self._baseline
 
     async def _run(self) -> None:
         period = min(self._config.interval_s / 4, 0.05)
@@ -136,7 +182,9 @@ class CoordinatorActor:
                 for source in self._sources:
                     source.trigger_checkpoint.remote(action.checkpoint_id, action.timestamp)
             elif isinstance(action, PersistCheckpoint):
-                self._spawn(self._persist(action.checkpoint))
+                task = asyncio.get_running_loop().create_task(self._persist(action.checkpoint))
+                self._persisting.add(task)
+                task.add_done_callback(self._persisting.discard)
             elif isinstance(action, NotifyCheckpointComplete):
                 refs = [t.notify_checkpoint_complete.remote(action.checkpoint_id) for t in self._subtasks]
                 waiter = self._waiters.pop(action.checkpoint_id, None)
@@ -155,9 +203,7 @@ class CoordinatorActor:
                 self._cache.pop(action.checkpoint_id, None)
                 await asyncio.to_thread(self._storage.discard, action.checkpoint_id)
             elif isinstance(action, FailJob):
-                self._fatal_reason = action.reason
-                assert self._fatal is not None
-                self._fatal.set()
+                self._fatal.setdefault(self._attempt, action.reason)
 
     async def _resolve(self, waiter: asyncio.Future[int], checkpoint_id: int, refs: list[Any]) -> None:
         try:
@@ -173,6 +219,7 @@ class CoordinatorActor:
         manifest = {
             "checkpoint_id": checkpoint.checkpoint_id,
             "job": self._job,
+            "run": self._run_id,
             "trigger_time": checkpoint.trigger_time,
             "acknowledged_time": checkpoint.completion_time,
             "state_bytes": checkpoint.state_bytes,
@@ -200,7 +247,11 @@ class CoordinatorActor:
     # -- calls from subtasks ----------------------------------------------------------
 
     async def acknowledge(self, checkpoint_id: int, ack: TaskAck) -> None:
-        """A subtask finished its snapshot of ``checkpoint_id``."""
+        """A subtask finished its snapshot of ``checkpoint_id`` (ignored unless its attempt is open)."""
+        if ack.attempt != self._attempt or not self._attempt:
+            log.debug("job %s: ignoring %s's acknowledgement of checkpoint %d from fenced attempt %d", self._job,
+                      ack.task, checkpoint_id, ack.attempt)
+            return
         _, actions = self._core.on_ack(checkpoint_id, ack)
         await self._execute(actions)
 
@@ -211,23 +262,25 @@ class CoordinatorActor:
 
     # -- calls from the job -----------------------------------------------------------
 
-    async def on_job_failure(self) -> None:
-        """The job is restarting: abort pending checkpoints and stop triggering."""
-        await self._execute(self._core.on_job_failure())
+    def restore_point(self, checkpoint_id: int) -> RestorePoint:
+        """Completed checkpoint ``checkpoint_id``'s states: object-store copies where they live, files always.
 
-    def restore_point(self) -> RestorePoint | None:
-        """The newest complete checkpoint: object-store copies where they live, files always."""
-        latest = self._core.store.latest
-        if latest is not None:
-            cache = self._cache.get(latest.checkpoint_id, {})
-            return latest.checkpoint_id, {
-                task: {op: RestoredState(state["path"], cache.get(task, {}).get(op))
-                       for op, state in ack.states.items()}
-                for task, ack in latest.acks.items()
-            }
-        manifest = self._storage.latest_manifest()
+        Raises:
+            CheckpointError: the checkpoint is not complete (or was deleted).
+        """
+        for completed in self._core.store.all():
+            if completed.checkpoint_id == checkpoint_id:
+                cache = self._cache.get(checkpoint_id, {})
+                return checkpoint_id, {
+                    task: {op: RestoredState(state["path"], cache.get(task, {}).get(op))
+                           for op, state in ack.states.items()}
+                    for task, ack in completed.acks.items()
+                }
+        manifest = self._storage.manifest(checkpoint_id)
         if manifest is None:
-            return None
+            msg = (f"job {self._job!r}: checkpoint {checkpoint_id} is not complete in {self._storage.uri!r}; "
+                   "it cannot be restored")
+            raise CheckpointError(msg, reason="missing")
         return int(manifest["checkpoint_id"]), {
             task: {op: RestoredState(state["path"]) for op, state in entry["states"].items()}
             for task, entry in manifest["tasks"].items()
@@ -246,12 +299,13 @@ class CoordinatorActor:
         await self._execute(actions)
         return await waiter
 
-    async def watch(self) -> None:
-        """Return only by raising, when checkpoints failed too often for the job to go on."""
-        while self._fatal is None:
+    async def watch(self, attempt: int) -> None:
+        """Raise once checkpoints of ``attempt`` failed too often for it to go on; return once it is fenced."""
+        while attempt not in self._fatal:
+            if attempt <= self._fenced:
+                return
             await asyncio.sleep(0.05)
-        await self._fatal.wait()
-        msg = f"job {self._job!r}: {self._fatal_reason}"
+        msg = f"job {self._job!r}: {self._fatal[attempt]}"
         raise CheckpointError(msg, reason="too many failures")
 
     def stats(self) -> dict[str, Any]:

@@ -12,25 +12,72 @@ job ends with a final checkpoint, so its last transactions commit.
 Without checkpointing, sinks commit once, after every subtask reached the end
 of its input; a failure aborts every sink, so a failed job publishes nothing
 (at-most-once: run it again from the start).
+
+A failure in any phase (deploying, wiring, restoring, running, the final
+checkpoint, committing) is one failure for the restart strategy. The decisions
+are a :class:`~checkpoint.supervisor.JobSupervisor`'s; :class:`JobHandle` only
+carries them out. How a job ends:
+
+- *finished*: the final checkpoint completed and every sink committed it.
+- *cancelled*: every actor is killed and confirmed dead; then the sinks commit
+  what the newest completed checkpoint decided and abort everything else.
+- *failed* (a failure a restart would repeat, or restarts ran out): every actor
+  is killed; the sinks keep exactly the newest completed checkpoint's
+  transactions (prepared, not visible), which ``resume=True`` commits, and
+  abort everything else. Without checkpoints a failure aborts everything.
+
+No actor of a job outlives it, whatever phase a cancel or a failure hits.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from checkpoint.config import CheckpointConfig, RestartStrategy, RestartTracker
-from checkpoint.errors import DataError, JobFailedError, OnceflowError, PlanError
+from checkpoint.config import CheckpointConfig, RestartStrategy
+from checkpoint.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
+from checkpoint.state import read_sink_state
+from checkpoint.storage import CheckpointStorage
+from checkpoint.supervisor import (
+    CancelRequested,
+    CommitOutput,
+    Committed,
+    DeployAttempt,
+    Deployed,
+    Failed,
+    FenceAttempt,
+    Fenced,
+    FinalCheckpointCompleted,
+    Finish,
+    InputEnded,
+    JobEnd,
+    JobPhase,
+    JobSupervisor,
+    ResolveSinks,
+    RestartDue,
+    ScheduleRestart,
+    SinkEnd,
+    SinksResolved,
+    StopRequested,
+    StopSources,
+    SupervisorAction,
+    SupervisorEvent,
+    TakeFinalCheckpoint,
+)
+from checkpoint.two_phase_commit import Committable, SinkContext, TransactionalSink
 from operators.keygroups import DEFAULT_MAX_PARALLELISM
 from runtime import progress
-from runtime.actor import CheckpointSetup, RuntimeOptions, SubtaskActor, _Restore
+from runtime.actor import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskActor, _Restore
 from runtime.channel import END_OF_TIME, NO_WATERMARK
 from runtime.checkpointing import CoordinatorActor, RestorePoint
 from runtime.dataflow import NodeKind
@@ -42,7 +89,7 @@ from runtime.telemetry import RestartCounter
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
-    from runtime.dataflow import Dataflow
+    from runtime.dataflow import Dataflow, Node
 
 __all__ = ["JobHandle", "JobResult", "JobStatus", "run", "submit"]
 
@@ -50,6 +97,14 @@ log = logging.getLogger("onceflow")
 
 _NOT_RETRYABLE = (DataError, PlanError)
 """Failures that a restart would only repeat: the job fails at once."""
+
+_CALL_TIMEOUT_S = 60.0
+"""How long the driver waits for one step of deploying, fencing or resolving before calling it a failure."""
+
+
+def _state_key(node: Node) -> str:
+    """The key of a node's state in a checkpoint: its stable id where it has one, else its name."""
+    return str(getattr(node, "uid", node.name))
 
 
 class JobStatus(Enum):
@@ -121,128 +176,178 @@ def _add_counts(total: dict[str, Any], part: dict[str, Any]) -> None:
 
 @dataclass(slots=True)
 class _Attempt:
-    """The actors of one run of the job (the first, or one after a restart)."""
+    """The live actors of one attempt (the first deployment, or one after a restart)."""
 
-    actors: dict[int, list[ActorHandle]]
-    names: dict[Any, str]
-    sources: list[ActorHandle]
-    sinks: list[ActorHandle]
-    done: dict[Any, str]
-    watch: dict[Any, str]
-    runs: list[Any]
+    number: int
+    actors: dict[int, list[ActorHandle]] = field(default_factory=dict)
+    names: dict[ActorHandle, str] = field(default_factory=dict)
+    sources: list[ActorHandle] = field(default_factory=list)
+    sinks: list[ActorHandle] = field(default_factory=list)
 
     @property
     def everyone(self) -> list[ActorHandle]:
         return [a for group in self.actors.values() for a in group]
 
 
+class _Wait(Enum):
+    """What a Ray reference the driver waits on stands for."""
+
+    DONE = "done"
+    WATCH = "watch"
+    FINAL = "final"
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _resolve_sink(spec: TransactionalSink, ctx: SinkContext, commit: list[Committable],
+                  keep: list[Committable]) -> None:
+    """Commit ``commit`` and abort every other transaction of the sink operator except ``keep``."""
+    committer = spec.create_committer(ctx)
+    if commit:
+        committer.commit(commit)
+    committer.abort_lingering(keep)
+
+
 class JobHandle:
-    """A running job: watch it, wait for it, stop or cancel it."""
+    """A running job: watch it, wait for it, stop or cancel it.
+
+    The handle is the *driver* of a :class:`~checkpoint.supervisor.JobSupervisor`:
+    a thread feeds it what happens (actors deployed, failed, input ended,
+    checkpoints completed, the user's stop and cancel) and carries out what it
+    decides (deploy, fence, resolve sink transactions, restart, finish). The
+    driver decides nothing itself.
+    """
 
     def __init__(self, flow: Dataflow, plan_: PhysicalPlan, options: RuntimeOptions,
                  checkpoint: CheckpointConfig | None, restart: RestartStrategy,
-                 actor_options: dict[str, Any], resume: bool = False) -> None:
+                 actor_options: dict[str, Any], resume: bool = False,
+                 allow_non_restored_state: bool = False) -> None:
         self.job = flow.name
+        self.run_id = uuid.uuid4().hex[:12]
         self._plan = plan_
         self._options = options
         self._checkpoint = checkpoint
-        self._restarts = RestartTracker(restart)
-        self._restart_counter = RestartCounter(flow.name)
         self._actor_options = actor_options
-        self._status = JobStatus.RUNNING
+        self._allow_non_restored_state = allow_non_restored_state
+        self._supervisor = JobSupervisor(restart, checkpointing=checkpoint is not None)
+        self._restart_counter = RestartCounter(flow.name)
+        self._storage = CheckpointStorage(checkpoint.storage, self.job) if checkpoint is not None else None
+        # The supervisor thread owns everything below; other threads only read it.
+        self._coordinator: ActorHandle | None = None
+        self._attempt = _Attempt(0)
+        self._waits: dict[Any, tuple[_Wait, str]] = {}
+        self._timer: tuple[float, int] | None = None
+        self._events: collections.deque[SupervisorEvent] = collections.deque()
+        self._earlier: dict[str, Any] = {}
+        self._final_checkpoint: int | None = None
+        self._last_failure: BaseException | None = None
+        self.restored_from: list[int] = []
         self._result: JobResult | None = None
         self._error: BaseException | None = None
-        self._coordinator: ActorHandle | None = None
-        self._coordinator_watch: Any = None
-        self._earlier: dict[str, Any] = {}
-        self.restored_from: list[int] = []
-        created = time.monotonic()
-        restore: RestorePoint | None = None
-        if checkpoint is not None:
-            self._start_coordinator()
-            if resume:
-                assert self._coordinator is not None
-                restore = ray.get(self._coordinator.restore_point.remote())
-                if restore is not None:
-                    self.restored_from.append(restore[0])
-        self._attempt = self._start_attempt(restore)
-        self.startup_s = time.monotonic() - created
-        self._started = time.monotonic()
+        # User intents (stop, cancel) cross threads through this queue.
+        self._requests: queue.SimpleQueue[SupervisorEvent] = queue.SimpleQueue()
+        self._deployed = threading.Event()
         self._done = threading.Event()
-        self._supervisor = threading.Thread(target=self._supervise_until_done, daemon=True,
-                                            name=f"onceflow-supervisor-{self.job}")
-        self._supervisor.start()
+        self._refuse_if_running()
+        self._restore, self._inherited = self._starting_point(resume)
+        self._created = time.monotonic()
+        self.startup_s = 0.0
+        self._started = self._created
+        self._thread = threading.Thread(target=self._drive, daemon=True, name=f"onceflow-supervisor-{self.job}")
+        self._thread.start()
+        self._wait_deployed()
+
+    # -- start --------------------------------------------------------------------------
+
+    def _refuse_if_running(self) -> None:
+        prefix = f"{self.job}/"
+        clash = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                       if a["namespace"] == NAMESPACE and a["name"].startswith(prefix))
+        if clash:
+            msg = (f"cannot start job {self.job!r}: actors of a job of that name are running "
+                   f"({', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}); stop or cancel that job, "
+                   "or rename the dataflow")
+            raise PlanError(msg)
+
+    def _starting_point(self, resume: bool) -> tuple[int | None, int | None]:
+        """The checkpoint to restore first (a resume), and an earlier run's newest one (a fresh run).
+
+        A fresh run never restores an earlier run's state. It still commits the
+        sink transactions that the earlier run's newest completed checkpoint
+        decided (a completed checkpoint's transactions are never aborted) and
+        aborts every other transaction the earlier run left.
+        """
+        if self._storage is None:
+            return None, None
+        latest = self._storage.latest_manifest()
+        newest = int(latest["checkpoint_id"]) if latest else None
+        if resume:
+            if newest is None:
+                log.info("job %s: resume=True, but %r holds no completed checkpoint; starting from the beginning",
+                         self.job, self._storage.uri)
+            return newest, None
+        if newest is not None:
+            log.info("job %s: starting a fresh run (resume=False): checkpoint %d of an earlier run in %r is not "
+                     "restored (its decided sink transactions are committed); pass resume=True to continue from it",
+                     self.job, newest, self._storage.uri)
+        return None, newest
+
+    def _wait_deployed(self) -> None:
+        """Block until the first attempt runs or the job ended; raise a plan error at once."""
+        while not self._deployed.wait(0.05):
+            if self._done.is_set():
+                break
+        if self._done.is_set() and isinstance(self._error, JobFailedError) and isinstance(
+                self._error.__cause__, PlanError):
+            raise self._error.__cause__
 
     # -- actors -----------------------------------------------------------------------
 
-    def _create(self, remote_cls: Any, name: str, *args: Any) -> ActorHandle:
+    def _create(self, remote_cls: Any, name: str, *args: Any, **kwargs: Any) -> ActorHandle:
         deadline = time.monotonic() + 15
         options = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1000, **self._actor_options}
         while True:
             try:
-                return remote_cls.options(name=name, namespace=NAMESPACE, **options).remote(*args)
+                return remote_cls.options(name=name, namespace=NAMESPACE, **options).remote(*args, **kwargs)
             except ValueError as error:
-                # A killed actor's name is released asynchronously; a live one is a clash.
+                # A killed actor's name is released asynchronously after its death.
                 if time.monotonic() > deadline:
-                    msg = (
-                        f"cannot start job {self.job!r}: an actor named {name!r} already exists "
-                        f"in namespace {NAMESPACE!r} ({error}); stop that job or rename the dataflow"
-                    )
-                    raise PlanError(msg) from error
-                time.sleep(0.1)
+                    msg = f"an actor named {name!r} still exists in namespace {NAMESPACE!r} ({error})"
+                    raise RuntimeError(msg) from error
+                time.sleep(0.05)
 
-    def _start_coordinator(self) -> None:
+    def _start_coordinator(self, baseline: int | None) -> ActorHandle:
         assert self._checkpoint is not None
         tasks = [f"{v.name}/{i}" for v in self._plan.vertices for i in range(v.parallelism)]
         self._coordinator = self._create(ray.remote(CoordinatorActor), f"{self.job}/coordinator", self.job,
-                                         self._checkpoint, tasks, self._options.log_level)
-        self._coordinator_watch = self._coordinator.watch.remote()
-
-    def _start_attempt(self, restore: RestorePoint | None) -> _Attempt:
-        remote_cls: Any = ray.remote(SubtaskActor)
-        setup = None
-        if self._checkpoint is not None:
-            assert self._coordinator is not None
-            setup = CheckpointSetup(self._coordinator, self._checkpoint.storage)
-        actors: dict[int, list[ActorHandle]] = {}
-        names: dict[Any, str] = {}
-        created: list[ActorHandle] = []
-        try:
-            for vertex in self._plan.vertices:
-                group = []
-                for subtask in range(vertex.parallelism):
-                    name = f"{self.job}/{vertex.name}/{subtask}"
-                    task_restore = None
-                    if restore is not None:
-                        task_restore = _Restore(restore[0], restore[1].get(f"{vertex.name}/{subtask}", {}))
-                    actor = self._create(remote_cls, name, self._plan, vertex.id, subtask, self._options, setup,
-                                         task_restore)
-                    created.append(actor)
-                    group.append(actor)
-                    names[actor] = name
-                actors[vertex.id] = group
-            everyone = [a for group in actors.values() for a in group]
-            ray.get([a.connect.remote({v.id: actors[v.id] for v in self._plan.vertices}) for a in everyone])
-        except BaseException:
-            self._kill(created)
-            raise
-        sources = [a for v in self._plan.vertices if v.is_source for a in actors[v.id]]
-        sinks = [a for v in self._plan.vertices if v.nodes[-1].kind is NodeKind.SINK for a in actors[v.id]]
-        if self._coordinator is not None:
-            ray.get(self._coordinator.start.remote(sources, everyone))
-        attempt = _Attempt(actors, names, sources, sinks,
-                           done={a.done.remote(): names[a] for a in everyone},
-                           watch={a.watch.remote(): names[a] for a in everyone},
-                           runs=[a.run.remote() for a in sources])
-        log.info("job %s: %d subtask actors running%s\n%s", self.job, len(everyone),
-                 f" (restored from checkpoint {restore[0]})" if restore else "", self._plan.describe())
-        return attempt
+                                         self._checkpoint, tasks, self._options.log_level, self.run_id, baseline)
+        return self._coordinator
 
     @staticmethod
     def _kill(actors: list[ActorHandle]) -> None:
         for actor in actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
+
+    @staticmethod
+    def _confirm_dead(actors: list[ActorHandle], timeout_s: float = 30.0) -> None:
+        """Wait until every killed actor is known dead, so nothing of it can act any more."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(actors)
+        while pending and time.monotonic() < deadline:
+            refs: dict[Any, ActorHandle] = {a.__ray_ready__.remote(): a for a in pending}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=min(1.0, deadline - time.monotonic()))
+            alive = []
+            for ref in ready:
+                try:
+                    ray.get(ref, timeout=0)
+                    alive.append(refs[ref])  # it answered: the kill has not landed yet
+                except Exception:  # noqa: BLE001, S110 - dead, as intended
+                    pass
+            pending = alive + [a for r, a in refs.items() if r not in ready]
+            if alive:
+                time.sleep(0.02)
+        if pending:
+            log.warning("%d killed actor(s) not confirmed dead after %.0f s", len(pending), timeout_s)
 
     # -- observation --------------------------------------------------------------------
 
@@ -253,7 +358,17 @@ class JobHandle:
 
     def status(self) -> JobStatus:
         """The job's status, without waiting."""
-        return self._status
+        phase = self._supervisor.phase
+        if phase is JobPhase.FINISHED:
+            return JobStatus.FINISHED
+        if phase is JobPhase.FAILED:
+            return JobStatus.FAILED
+        if phase is JobPhase.CANCELLED:
+            return JobStatus.CANCELLED
+        if phase in (JobPhase.RUNNING, JobPhase.FINISHING) or (
+                phase in (JobPhase.RESOLVING, JobPhase.DEPLOYING) and self._supervisor.attempt <= 1):
+            return JobStatus.RUNNING
+        return JobStatus.RESTARTING
 
     def metrics(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """Live counters summed over subtasks (as :attr:`JobResult.metrics`)."""
@@ -262,7 +377,7 @@ class JobHandle:
         per_actor: list[dict[str, Any]] = ray.get([a.metrics.remote() for a in self._attempt.everyone],
                                                   timeout=timeout_s)
         metrics = _sum_metrics(per_actor, self._plan)
-        metrics["restarts"] = self._restarts.attempts
+        metrics["restarts"] = self._supervisor.restarts
         if self._coordinator is not None:
             with contextlib.suppress(Exception):
                 metrics.update(ray.get(self._coordinator.stats.remote(), timeout=timeout_s))
@@ -271,27 +386,31 @@ class JobHandle:
     # -- control ------------------------------------------------------------------------
 
     def stop(self, timeout_s: float | None = None) -> JobResult:
-        """End the input of every source now, let the job drain and commit, and return its result."""
-        if self._status is JobStatus.RUNNING:
-            ray.get([a.stop.remote() for a in self._attempt.sources])
+        """End the input of every source, let the job drain and commit, and return its result.
+
+        The stop holds across restarts: an attempt that deploys after it ends its input at once.
+        """
+        self._requests.put(StopRequested())
         return self.wait(timeout_s)
 
     def cancel(self) -> None:
-        """Stop at once; everything not yet committed is discarded."""
-        if self._status in (JobStatus.RUNNING, JobStatus.RESTARTING):
-            self._status = JobStatus.CANCELLED
-            self._abort_sinks()
-            self._shutdown()
-            self._done.wait(30)
-            self._shutdown()  # in case a restart was starting actors meanwhile
+        """End the job at once, whatever phase it is in.
+
+        With checkpoints, the sinks commit what the newest completed checkpoint
+        decided and abort everything else; no actor of the job is left.
+        """
+        if not self._done.is_set():
+            self._requests.put(CancelRequested())
+            self._done.wait()
 
     def wait(self, timeout_s: float | None = None) -> JobResult:
         """Block until the job finishes; return its result.
 
         Raises:
             JobFailedError: an operator failed and the job could not (or may
-                not) restart; the message names the failure and, with
-                checkpointing, the checkpoint the job can resume from.
+                not) restart, or the job was cancelled; the message names the
+                failure and, with checkpointing, the checkpoint the job can
+                resume from.
             TimeoutError: ``timeout_s`` passed first (the job keeps running).
         """
         if not self._done.wait(timeout_s):
@@ -302,72 +421,76 @@ class JobHandle:
         assert self._error is not None
         raise self._error
 
-    # -- supervision --------------------------------------------------------------------
+    # -- the driver loop ------------------------------------------------------------------
 
-    def _supervise_until_done(self) -> None:
-        """The job's supervisor (a thread): wait, recover from failures, finish; record the outcome."""
+    def _drive(self) -> None:
+        """The supervisor thread: feed events to the supervisor and carry out its actions until the end."""
         factory = progress.current()
         reporter = factory(self) if factory is not None else None
         try:
-            while True:
-                failure = self._supervise()
-                if failure is None:
-                    break
-                self._recover(*failure)
-            self._finish()
-        except BaseException as error:  # noqa: BLE001 - handed to wait()
-            if self._error is None:
-                if not isinstance(error, OnceflowError):
-                    wrapped = JobFailedError(f"job {self.job!r} failed: {type(error).__name__}: {error}",
+            self._carry_out(self._supervisor.start(self._restore))
+            while not self._supervisor.finished:
+                self._carry_out(self._supervisor.on_event(self._next_event()))
+        except BaseException as error:
+            log.exception("job %s: the job driver failed", self.job)
+            if self._error is None and self._result is None:
+                self._error = JobFailedError(f"job {self.job!r} failed: {type(error).__name__}: {error}",
                                              job=self.job)
-                    wrapped.__cause__ = error
-                    error = wrapped
-                self._error = error
-            if self._status is not JobStatus.CANCELLED:
-                self._status = JobStatus.FAILED
+                self._error.__cause__ = error
             with contextlib.suppress(Exception):
-                self._shutdown()
+                self._remove_everything()
         finally:
             if reporter is not None:
                 reporter.close()
+            self._deployed.set()
             self._done.set()
 
-    @staticmethod
-    def _wait_any(refs: list[Any]) -> Any:
-        ready, _ = ray.wait(refs, num_returns=1)
-        return ready[0]
+    def _carry_out(self, actions: list[SupervisorAction]) -> None:
+        for action in actions:
+            event = self._execute(action)
+            if event is not None:
+                self._events.append(event)
 
-    def _supervise(self) -> tuple[BaseException, str] | None:
-        """Wait for the end of input (and the final checkpoint); return the failure, if any."""
-        attempt = self._attempt
-        watch = dict(attempt.watch)
-        if self._coordinator_watch is not None:
-            watch[self._coordinator_watch] = f"{self.job}/coordinator"
-        pending = dict(attempt.done)
-        while pending:
-            ref = self._wait_any([*pending, *watch])
-            try:
-                ray.get(ref)
-            except Exception:  # noqa: BLE001 - classified by _root_cause
-                return self._root_cause({**pending, **watch})
-            pending.pop(ref, None)
-        if self._checkpoint is None:
-            return None
-        assert self._coordinator is not None
-        final: Any = self._coordinator.final_checkpoint.remote()
+    def _next_event(self) -> SupervisorEvent:
+        """The next thing that happened: an action's outcome, a user request, a Ray reference, a timer."""
         while True:
-            ref = self._wait_any([final, *watch])
-            try:
-                ray.get(ref)
-            except Exception:  # noqa: BLE001 - classified by _root_cause
-                return self._root_cause({final: f"{self.job}/coordinator", **watch})
-            if ref == final:
-                return None
+            if self._events:
+                return self._events.popleft()
+            with contextlib.suppress(queue.Empty):
+                return self._requests.get_nowait()
+            if self._timer is not None and time.monotonic() >= self._timer[0]:
+                attempt = self._timer[1]
+                self._timer = None
+                return RestartDue(attempt)
+            if not self._waits:
+                time.sleep(0.02)
+                continue
+            ready, _ = ray.wait(list(self._waits), num_returns=1, timeout=0.05)
+            for ref in ready:
+                event = self._on_ready(ref)
+                if event is not None:
+                    return event
 
-    def _root_cause(self, refs: dict[Any, str]) -> tuple[BaseException, str]:
-        """Among the failed calls, the error that explains the rest (not a downstream echo)."""
+    def _on_ready(self, ref: Any) -> SupervisorEvent | None:
+        kind, _ = self._waits[ref]
+        attempt = self._attempt.number
+        try:
+            value = ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - classified by _root_cause
+            return self._root_cause()
+        del self._waits[ref]
+        if kind is _Wait.FINAL:
+            self._final_checkpoint = int(value)
+            return FinalCheckpointCompleted(attempt, int(value))
+        if kind is _Wait.DONE and not any(k is _Wait.DONE for k, _ in self._waits.values()):
+            return InputEnded(attempt)
+        return None  # one subtask done, or a watch that ended with its attempt
+
+    def _root_cause(self) -> Failed:
+        """Among the attempt's failed calls, the error that explains the rest (not a downstream echo)."""
         # Give the other failures of the same moment a little time to surface:
         # the root cause (a bad batch) may report a moment after its echoes.
+        refs = dict(self._waits)
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0.3)
         root: BaseException | None = None
         actor = ""
@@ -379,18 +502,192 @@ class JobHandle:
                 if isinstance(cause, DownstreamFailedError):
                     continue
                 if root is None or (isinstance(cause, OnceflowError) and not isinstance(root, OnceflowError)):
-                    root, actor = cause, refs[ref]
+                    root, actor = cause, refs[ref][1]
+        attempt = self._attempt.number
         if root is None:
-            return RuntimeError("a downstream subtask failed"), ""
-        return root, actor
+            return Failed(attempt, "a downstream subtask failed")
+        if isinstance(root, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError):
+            reason = f"actor {actor!r} died"
+        else:
+            reason = str(root)
+        self._last_failure = root
+        return Failed(attempt, reason, retryable=not isinstance(root, _NOT_RETRYABLE),
+                      operator=getattr(root, "operator", "") or actor)
 
-    def _describe(self, error: BaseException, actor: str) -> str:
-        if isinstance(error, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError):
-            return f"subtask actor {actor!r} died"
-        return str(error)
+    # -- actions ----------------------------------------------------------------------------
+
+    def _execute(self, action: SupervisorAction) -> SupervisorEvent | None:
+        if isinstance(action, ResolveSinks):
+            return self._resolve_sinks(action)
+        if isinstance(action, DeployAttempt):
+            return self._deploy(action.attempt, action.restore)
+        if isinstance(action, StopSources):
+            for source in self._attempt.sources:
+                source.stop.remote()
+            return None
+        if isinstance(action, TakeFinalCheckpoint):
+            assert self._coordinator is not None
+            self._waits[self._coordinator.final_checkpoint.remote()] = (_Wait.FINAL, f"{self.job}/coordinator")
+            return None
+        if isinstance(action, CommitOutput):
+            try:
+                ray.get([a.commit.remote() for a in self._attempt.sinks], timeout=_CALL_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - a failure like any other
+                self._last_failure = error
+                return Failed(action.attempt, f"committing the output failed: {error}", retryable=False)
+            return Committed(action.attempt)
+        if isinstance(action, FenceAttempt):
+            return self._fence(action.attempt)
+        if isinstance(action, ScheduleRestart):
+            self._timer = (time.monotonic() + action.delay_s, action.attempt)
+            return None
+        if isinstance(action, Finish):
+            self._finish(action)
+            return None
+        msg = f"unknown supervisor action {action!r}"
+        raise AssertionError(msg)
+
+    def _resolve_sinks(self, action: ResolveSinks) -> SupervisorEvent:
+        """Commit what the checkpoint decided and abort every other transaction, one task per sink operator."""
+        attempt = self._supervisor.attempt
+        checkpoint_id = action.checkpoint_id if action.checkpoint_id is not None else self._inherited
+        try:
+            decided = self._sink_committables(checkpoint_id) if checkpoint_id is not None else {}
+            refs = []
+            for vertex in self._plan.vertices:
+                node = vertex.nodes[-1]
+                if node.kind is not NodeKind.SINK:
+                    continue
+                committables = decided.get(_state_key(node), [])
+                commit = [] if action.end is SinkEnd.FAIL else committables
+                ctx = SinkContext(self.job, node.name, 0, vertex.parallelism, run=self.run_id, attempt=attempt)
+                refs.append(_resolve_sink.remote(node.spec, ctx, commit, committables))
+            ray.get(refs, timeout=_CALL_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - a failure like any other
+            self._last_failure = error
+            return Failed(attempt, f"resolving the sinks' transactions failed: {error}")
+        return SinksResolved(attempt)
+
+    def _sink_committables(self, checkpoint_id: int) -> dict[str, list[Committable]]:
+        """Per sink operator, every transaction checkpoint ``checkpoint_id`` recorded as pre-committed."""
+        assert self._storage is not None
+        manifest = self._storage.manifest(checkpoint_id)
+        if manifest is None:
+            msg = f"checkpoint {checkpoint_id} of job {self.job!r} is not complete in {self._storage.uri!r}"
+            raise CheckpointError(msg, reason="missing")
+        # Checkpoints key state by the operator's stable id; older ones by its name.
+        sinks = {key: _state_key(v.nodes[-1]) for v in self._plan.vertices if v.nodes[-1].kind is NodeKind.SINK
+                 for key in (_state_key(v.nodes[-1]), v.nodes[-1].name)}
+        found: dict[str, list[Committable]] = {}
+        for entry in manifest["tasks"].values():
+            for operator, state in entry["states"].items():
+                if operator in sinks:
+                    restored = read_sink_state(self._storage.read_state(state["path"]))
+                    found.setdefault(sinks[operator], []).extend(
+                        c for c_id, items in sorted(restored.items()) if c_id <= checkpoint_id for c in items)
+        return found
+
+    def _deploy(self, number: int, restore_id: int | None) -> SupervisorEvent:
+        """Create, restore and wire the actors of attempt ``number``; a failure anywhere is one failure."""
+        attempt = _Attempt(number)
+        self._attempt = attempt
+        self._waits = {}
+        started = time.monotonic()
+        try:
+            setup = None
+            restore: RestorePoint | None = None
+            if self._checkpoint is not None:
+                coordinator = self._coordinator or self._start_coordinator(restore_id)
+                setup = CheckpointSetup(coordinator, self._checkpoint.storage)
+                if restore_id is not None:
+                    restore = ray.get(coordinator.restore_point.remote(restore_id),  # type: ignore[assignment]
+                                      timeout=_CALL_TIMEOUT_S)
+            remote_cls: Any = ray.remote(SubtaskActor)
+            identity = AttemptId(self.run_id, number)
+            for vertex in self._plan.vertices:
+                group = []
+                for subtask in range(vertex.parallelism):
+                    name = f"{self.job}/{vertex.name}/{subtask}"
+                    task_restore = None
+                    if restore is not None:
+                        task_restore = _Restore(restore[0], restore[1].get(f"{vertex.name}/{subtask}", {}))
+                    actor = self._create(remote_cls, name, self._plan, vertex.id, subtask, self._options, setup,
+                                         task_restore, attempt=identity)
+                    group.append(actor)
+                    attempt.names[actor] = name
+                    attempt.actors[vertex.id] = group
+            everyone = attempt.everyone
+            ray.get([a.connect.remote({v.id: attempt.actors[v.id] for v in self._plan.vertices}) for a in everyone],
+                    timeout=_CALL_TIMEOUT_S)
+            attempt.sources = [a for v in self._plan.vertices if v.is_source for a in attempt.actors[v.id]]
+            attempt.sinks = [a for v in self._plan.vertices if v.nodes[-1].kind is NodeKind.SINK
+                             for a in attempt.actors[v.id]]
+            if self._coordinator is not None:
+                ray.get(self._coordinator.start.remote(number, attempt.sources, everyone), timeout=_CALL_TIMEOUT_S)
+                self._waits[self._coordinator.watch.remote(number)] = (_Wait.WATCH, f"{self.job}/coordinator")
+            for actor in everyone:
+                self._waits[actor.done.remote()] = (_Wait.DONE, attempt.names[actor])
+                self._waits[actor.watch.remote()] = (_Wait.WATCH, attempt.names[actor])
+            for source in attempt.sources:
+                source.run.remote()
+        except Exception as error:  # noqa: BLE001 - a failure while deploying is one failure like any other
+            self._last_failure = error
+            return Failed(number, f"deploying attempt {number} failed: {type(error).__name__}: {error}")
+        if restore is not None:
+            self.restored_from.append(restore[0])
+        if number == 1:
+            self.startup_s = time.monotonic() - self._created
+            self._started = time.monotonic()
+        else:
+            self._restart_counter.inc()
+        log.info("job %s: attempt %d: %d subtask actors running in %.2f s%s\n%s", self.job, number,
+                 len(attempt.everyone), time.monotonic() - started,
+                 f" (restored from checkpoint {restore[0]})" if restore else "", self._plan.describe())
+        self._deployed.set()
+        return Deployed(number)
+
+    def _fence(self, number: int) -> SupervisorEvent:
+        """Kill the attempt's actors, confirm their death, settle the coordinator; report the restore point."""
+        attempt = self._attempt
+        self._collect_attempt_counts()
+        actors = attempt.everyone
+        self._kill(actors)
+        self._waits = {}
+        latest: int | None = None
+        if self._checkpoint is not None:
+            if self._coordinator is not None:
+                try:
+                    latest = ray.get(self._coordinator.fence.remote(), timeout=_CALL_TIMEOUT_S)  # type: ignore[assignment]
+                except Exception:  # noqa: BLE001 - the coordinator is gone or hung: replace it
+                    coordinator = self._coordinator
+                    self._coordinator = None
+                    self._kill([coordinator])
+                    self._confirm_dead([coordinator])
+            if self._coordinator is None:
+                latest = self._latest_of_run()
+        self._confirm_dead(actors)
+        self._attempt = _Attempt(number)
+        if self._supervisor.phase is JobPhase.FENCING and self._error is None:
+            log.warning("job %s: attempt %d fenced: %s; the newest completed checkpoint is %s", self.job, number,
+                        self._failure_text(), latest)
+        return Fenced(number, latest)
+
+    def _latest_of_run(self) -> int | None:
+        """Without a coordinator: the newest checkpoint of this run in storage, or the one it resumed from."""
+        assert self._storage is not None
+        manifest = self._storage.latest_manifest(run=self.run_id)
+        if manifest is not None:
+            return int(manifest["checkpoint_id"])
+        return self._supervisor.latest_checkpoint
+
+    def _failure_text(self) -> str:
+        failure = self._last_failure
+        return f"{type(failure).__name__}: {failure}" if failure is not None else "failure"
 
     def _collect_attempt_counts(self) -> None:
         refs: list[Any] = [a.metrics.remote() for a in self._attempt.everyone]
+        if not refs:
+            return
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
         per_actor = []
         for ref in ready:
@@ -398,101 +695,53 @@ class JobHandle:
                 per_actor.append(ray.get(ref, timeout=0))
         _add_counts(self._earlier, _sum_metrics(per_actor, self._plan))
 
-    def _recover(self, error: BaseException, actor: str) -> None:
-        """Restart from the newest complete checkpoint, or fail the job."""
-        if self._status is JobStatus.CANCELLED:
-            self._fail(JobFailedError(f"job {self.job!r} was cancelled", job=self.job), error)
-        reason = self._describe(error, actor)
-        if self._checkpoint is None or isinstance(error, _NOT_RETRYABLE):
-            self._abort_sinks()
-            self._shutdown()
-            suffix = "; nothing was committed" if self._checkpoint is None else ""
-            self._fail(JobFailedError(f"job {self.job!r} failed: {reason}{suffix}", job=self.job,
-                                      operator=getattr(error, "operator", "") or actor), error)
-        self._status = JobStatus.RESTARTING
-        self._collect_attempt_counts()
-        coordinator_alive = True
-        try:
-            ray.get(self._coordinator.on_job_failure.remote(), timeout=10)  # type: ignore[union-attr]
-        except Exception:  # noqa: BLE001 - the coordinator itself is gone
-            coordinator_alive = False
-        self._kill(self._attempt.everyone)
-        delay = self._restarts.on_failure()
-        if delay is None:
-            point = self._storage_latest()
-            resume = f"; it can resume from checkpoint {point} in {self._checkpoint.storage!r}" if point else ""
-            self._shutdown()
-            self._fail(JobFailedError(
-                f"job {self.job!r} failed: {reason}; gave up after {self._restarts.attempts} restart(s) "
-                f"({self._restarts.strategy.kind}){resume}", job=self.job,
-                operator=getattr(error, "operator", "") or actor), error)
-        time.sleep(delay)
-        if self._status is JobStatus.CANCELLED:
-            self._fail(JobFailedError(f"job {self.job!r} was cancelled", job=self.job), error)
-        if not coordinator_alive:
-            self._kill([self._coordinator])  # type: ignore[list-item]
-            self._start_coordinator()
-        assert self._coordinator is not None
-        restore: RestorePoint | None = ray.get(self._coordinator.restore_point.remote())  # type: ignore[assignment]
-        log.warning("job %s: %s; restart %d restores %s", self.job, reason, self._restarts.attempts,
-                    f"checkpoint {restore[0]}" if restore else "the beginning (no checkpoint completed yet)")
-        if restore is not None:
-            self.restored_from.append(restore[0])
-        self._restart_counter.inc()
-        self._attempt = self._start_attempt(restore)
-        self._status = JobStatus.RUNNING
+    def _finish(self, finish: Finish) -> None:
+        if finish.end is JobEnd.FINISHED:
+            self._result = self._final_result()
+        else:
+            self._error = self._end_error(finish)
+        self._remove_everything()
 
-    def _storage_latest(self) -> int | None:
-        from checkpoint.storage import CheckpointStorage
-
-        assert self._checkpoint is not None
-        with contextlib.suppress(Exception):
-            manifest = CheckpointStorage(self._checkpoint.storage, self.job).latest_manifest()
-            return int(manifest["checkpoint_id"]) if manifest else None
-        return None
-
-    def _fail(self, error: JobFailedError, cause: BaseException) -> NoReturn:
-        error.__cause__ = cause
-        self._error = error
-        if self._status is not JobStatus.CANCELLED:
-            self._status = JobStatus.FAILED
-        raise error
-
-    def _finish(self) -> JobResult:
-        attempt = self._attempt
-        ray.get(attempt.runs)
-        processed = time.monotonic()
-        per_actor: list[dict[str, Any]] = ray.get([a.metrics.remote() for a in attempt.everyone])
-        if self._checkpoint is None:
-            try:
-                ray.get([a.commit.remote() for a in attempt.sinks])
-            except Exception as error:  # noqa: BLE001 - reported as JobFailedError
-                self._shutdown()
-                self._fail(JobFailedError(f"job {self.job!r}: committing the output failed: {error}",
-                                          job=self.job), error)
+    def _final_result(self) -> JobResult:
         finished = time.monotonic()
+        per_actor: list[dict[str, Any]] = ray.get([a.metrics.remote() for a in self._attempt.everyone],
+                                                  timeout=_CALL_TIMEOUT_S)
+        processed = max((e["active_s"] or 0.0 for e in per_actor), default=0.0)
         metrics = _sum_metrics(per_actor, self._plan)
         _add_counts(metrics, self._earlier)
         duration = finished - self._started
-        metrics.update(checkpoints_completed=0, restarts=self._restarts.attempts, restored_from=self.restored_from,
-                       duration_s=duration, processing_s=processed - self._started, startup_s=self.startup_s,
+        metrics.update(checkpoints_completed=0, restarts=self._supervisor.restarts, restored_from=self.restored_from,
+                       duration_s=duration, processing_s=processed, startup_s=self.startup_s,
                        events_per_s=metrics["events_in"] / duration if duration > 0 else 0.0)
         if self._coordinator is not None:
-            metrics.update(ray.get(self._coordinator.stats.remote()))
-        self._result = JobResult(self.job, metrics, self._plan.describe())
-        self._status = JobStatus.FINISHED
-        self._shutdown()
-        return self._result
+            metrics.update(ray.get(self._coordinator.stats.remote(), timeout=_CALL_TIMEOUT_S))
+        return JobResult(self.job, metrics, self._plan.describe())
 
-    def _abort_sinks(self) -> None:
-        refs: list[Any] = [a.abort.remote() for a in self._attempt.sinks]
-        with contextlib.suppress(Exception):
-            ray.wait(refs, num_returns=len(refs), timeout=10)
+    def _end_error(self, finish: Finish) -> JobFailedError:
+        cause = self._last_failure
+        if finish.end is JobEnd.CANCELLED:
+            error = JobFailedError(f"job {self.job!r} was cancelled", job=self.job)
+        else:
+            message = f"job {self.job!r} failed: {finish.reason}"
+            if finish.gave_up:
+                message += (f"; gave up after {self._supervisor.restarts} restart(s) "
+                            f"({self._supervisor.strategy.kind})")
+            if self._checkpoint is not None and finish.latest_checkpoint is not None:
+                message += (f"; it can resume from checkpoint {finish.latest_checkpoint} in "
+                            f"{self._checkpoint.storage!r} (resume=True)")
+            error = JobFailedError(message, job=self.job, operator=finish.operator)
+        error.__cause__ = cause
+        return error
 
-    def _shutdown(self) -> None:
-        self._kill(self._attempt.everyone)
+    def _remove_everything(self) -> None:
+        """Kill every actor of the job that is left, coordinator included, and confirm it."""
+        actors = self._attempt.everyone
         if self._coordinator is not None:
-            self._kill([self._coordinator])
+            actors.append(self._coordinator)
+            self._coordinator = None
+        self._kill(actors)
+        self._waits = {}
+        self._confirm_dead(actors)
 
 
 def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
@@ -513,14 +762,21 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
         restart: how often and how soon to restart after a failure (with
             checkpointing); ``RestartStrategy.default()`` by default.
         resume: start from the newest complete checkpoint of this job in
-            ``checkpoint.storage`` (after the driver itself was lost); without
-            one the job starts from the beginning.
+            ``checkpoint.storage``, whichever run took it (after the driver
+            itself was lost, or a job failed for good); without one the job
+            starts from the beginning. A fresh run (``False``) never restores
+            another run's state: it starts from the beginning, after
+            committing the sink transactions that the newest checkpoint of an
+            earlier run decided and aborting every other one it left.
         max_parallelism: the number of key groups (the most subtasks a keyed operator can have).
         batch_bytes: a channel sends once it buffers this many bytes.
         linger_s: a channel sends buffered rows at the latest after this long.
         credits: unacknowledged messages per channel.
         chaining: fuse forward-connected operators into one actor.
         actor_options: extra Ray actor options for every subtask (``num_cpus``, ...).
+
+    Returns once the first attempt runs (its actors deployed and wired), or
+    the job already ended; failures from then on are the job's to recover.
 
     Raises:
         PlanError: the dataflow cannot run (no sink, bad parallelism, a job of
