@@ -356,6 +356,16 @@ class JobHandle:
         """The named subtask actors of this job (``<job>/<operator>/<subtask>``)."""
         return [f"{self.job}/{v.name}/{i}" for v in self._plan.vertices for i in range(v.parallelism)]
 
+    @property
+    def phase(self) -> JobPhase:
+        """The supervisor's phase (finer than :meth:`status`: deploying, fencing, resolving...)."""
+        return self._supervisor.phase
+
+    @property
+    def attempt(self) -> int:
+        """The current attempt (1 for the first deployment, one more per restart)."""
+        return self._supervisor.attempt
+
     def status(self) -> JobStatus:
         """The job's status, without waiting."""
         phase = self._supervisor.phase
