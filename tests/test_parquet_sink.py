@@ -218,3 +218,65 @@ def test_bad_options_are_plan_errors(tmp_path: Path) -> None:
         ParquetSink(tmp_path, rolling_bytes=0)
     with pytest.raises(PlanError, match="rolling_interval_s must be > 0 or None"):
         ParquetSink(tmp_path, rolling_interval_s=0)
+
+
+@pytest.mark.parametrize(("mine", "theirs"), [
+    (SinkContext(job="job", operator="sink", subtask=1), SinkContext(job="job", operator="sink-1", subtask=0)),
+    (SinkContext(job="a", operator="b-c", subtask=0), SinkContext(job="a-b", operator="c", subtask=0)),
+    (SinkContext(job="job", operator="sink 2", subtask=0), SinkContext(job="job", operator="sink_2", subtask=0)),
+    (SinkContext(job="job", operator="sink-2", subtask=0), SinkContext(job="job", operator="sink-2x", subtask=0)),
+], ids=["operator-subtask", "job-operator", "escaped-alike", "prefix"])
+def test_lingering_clean_up_leaves_another_operators_files_alone(
+        tmp_path: Path, mine: SinkContext, theirs: SinkContext) -> None:
+    sink = ParquetSink(tmp_path)
+    writer = sink.create_writer(theirs)
+    writer.write(batch(0, 2))
+    pending = writer.prepare_commit(1)
+    writer.write(batch(2, 3))  # in progress
+    before = names(tmp_path)
+    sink.create_committer(mine).abort_lingering(keep=[])
+    assert names(tmp_path) == before
+    sink.create_committer(theirs).commit(pending)
+    assert visible(tmp_path) == [0, 1]
+
+
+def test_abort_lingering_removes_every_subtask_run_and_attempt_of_the_operator_but_the_kept(tmp_path: Path) -> None:
+    sink = ParquetSink(tmp_path)
+    handed_out = {}
+    for key, ctx in {"kept": SinkContext("job", "sink_2", subtask=0, run="r", attempt=1),
+                     "other subtask": SinkContext("job", "sink_2", subtask=1, run="r", attempt=1),
+                     "other attempt": SinkContext("job", "sink_2", subtask=0, run="r", attempt=0),
+                     "other run": SinkContext("job", "sink_2", subtask=0, run="q")}.items():
+        writer = sink.create_writer(ctx)
+        writer.write(batch(len(handed_out), len(handed_out) + 1))
+        handed_out[key] = writer.prepare_commit(3)
+        writer.write(batch(100, 101))  # left in progress
+    committed = sink.create_writer(SinkContext("job", "sink_2", subtask=2))
+    committed.write(batch(50, 51))
+    sink.create_committer(CTX).commit(committed.prepare_commit(2))
+    committer = sink.create_committer(SinkContext("job", "sink_2", run="r", attempt=2))
+    assert len(committer.lingering()) == 8
+    committer.abort_lingering(keep=handed_out["kept"])
+    committer.abort_lingering(keep=handed_out["kept"])  # idempotent
+    assert committer.lingering() == [handed_out["kept"][0]["pending"]]
+    committer.commit(handed_out["kept"])
+    assert visible(tmp_path) == [0, 50]
+    assert committer.lingering() == []
+    with pytest.raises(SinkCommitError, match="neither the pending file nor its part file exists"):
+        committer.commit(handed_out["other run"])
+
+
+def test_file_names_carry_run_and_attempt_as_escaped_fields(tmp_path: Path) -> None:
+    sink = ParquetSink(tmp_path)
+    long = SinkContext(job="feature-window" + "j" * 300, operator="to parquet/" + "o" * 300, subtask=3,
+                       run="run-1", attempt=2)
+    writer = sink.create_writer(long)
+    writer.write(batch(0, 1))
+    (committable,) = writer.prepare_commit(1)
+    name = Path(committable["pending"]).name
+    assert len(name.encode()) < 255
+    assert name.startswith("_feature%2Dwindowjjj") and name.count("-") == 6
+    assert name.split("-")[2:5] == ["3", "run%2D1", "2"]
+    assert sink.create_committer(long).lingering() == [committable["pending"]]
+    sink.create_committer(long).commit([committable])
+    assert visible(tmp_path) == [0]

@@ -154,3 +154,30 @@ def test_a_worker_process_commits_what_the_driver_reads(sink: TestingSink) -> No
     assert ray.get(write_and_commit.remote(sink)) == 2
     assert sink.rows() == [{"x": 7}, {"x": 8}]
     assert sink.committed_ids()[0].startswith("sink_3/2/")
+
+
+def test_abort_lingering_aborts_every_pre_commit_of_the_operator_but_the_kept(sink: TestingSink) -> None:
+    committables = {}
+    for key, ctx in {"kept": SinkContext("job", "sink_3", subtask=0, run="r", attempt=1),
+                     "other subtask": SinkContext("job", "sink_3", subtask=1, run="r", attempt=1),
+                     "other attempt": SinkContext("job", "sink_3", subtask=0, run="r", attempt=0),
+                     "other run": SinkContext("job", "sink_3", subtask=0, run="q"),
+                     "other operator": SinkContext("job", "sink_30"),
+                     "other job": SinkContext("job-x", "sink_3")}.items():
+        writer = sink.create_writer(ctx)
+        writer.write(rows(len(committables), len(committables) + 1))
+        committables[key] = writer.prepare_commit(4)
+    committer = sink.create_committer(SinkContext("job", "sink_3", run="r", attempt=2))
+    assert len(committer.lingering()) == 4
+    assert len(sink.pending_ids()) == 6
+    committer.abort_lingering(keep=committables["kept"])
+    committer.abort_lingering(keep=committables["kept"])  # idempotent
+    assert committer.lingering() == [committables["kept"][0]["id"]]
+    with pytest.raises(SinkCommitError, match=r"testing sink sink_3: cannot commit 1 transaction\(s\) that were "
+                                              r"aborted .*a checkpoint named a transaction that recovery aborted"):
+        committer.commit(committables["kept"] + committables["other attempt"])
+    committer.commit(committables["other operator"] + committables["other job"])
+    assert sink.rows() == [{"x": 0}, {"x": 4}, {"x": 5}]
+    assert sink.pending_ids() == []
+    committer.abort(committables["kept"])  # a committed id stays committed
+    assert sink.rows() == [{"x": 0}, {"x": 4}, {"x": 5}]

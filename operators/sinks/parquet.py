@@ -1,16 +1,22 @@
 """A two-phase-commit sink writing Parquet files into a directory.
 
 Each sink subtask's writer writes into a hidden *in-progress* file
-``.{job}-{operator}-{subtask}-{uuid}-{n}.parquet.inprogress``. A file rolls
-(closes) past ``rolling_bytes`` of written batches or ``rolling_interval_s``;
-a closed file is renamed to a hidden *pending* name
-``_{job}-{operator}-{subtask}-{uuid}-{n}.parquet.pending``.
+``.{stem}-{n}.parquet.inprogress``. A file rolls (closes) past
+``rolling_bytes`` of written batches or ``rolling_interval_s``; a closed file
+is renamed to a hidden *pending* name ``_{stem}-{n}.parquet.pending``.
 ``prepare_commit()`` closes the open file into pending too and hands out the
 pending files as committables; the committer renames each to its visible name
-``part-{job}-{operator}-{subtask}-{uuid}-{n}.parquet``. Renames are atomic,
-and committing again is a no-op, so
-``pyarrow.dataset.dataset(path, format="parquet")`` (which skips names that
-start with ``_`` or ``.``) shows exactly the committed rows.
+``part-{stem}-{n}.parquet``. Renames are atomic, and committing again is a
+no-op, so ``pyarrow.dataset.dataset(path, format="parquet")`` (which skips
+names that start with ``_`` or ``.``) shows exactly the committed rows.
+
+The stem is ``{job}-{operator}-{subtask}-{run}-{attempt}-{token}``, ``token``
+random per writer; each text field is escaped so that it holds no ``-``
+(``feature-window`` is written ``feature%2Dwindow``, see
+:mod:`operators.sinks.naming`). :meth:`ParquetSinkCommitter.abort_lingering`
+splits a hidden name back into its fields and compares the job and operator
+fields exactly, so sinks of other jobs or operators writing into the same
+directory (``sink`` and ``sink-1``, say) never remove each other's files.
 
 Committable (version 1)::
 
@@ -38,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -49,13 +54,39 @@ import pyarrow.parquet as pq
 
 from checkpoint.errors import DataError, PlanError, SinkCommitError
 from checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+from operators.sinks.naming import escape_field, split_fields
 
 __all__ = ["ParquetSink", "ParquetSinkCommitter", "ParquetSinkWriter"]
 
 COMMITTABLE_VERSION = 1
 """The version of the committables this module writes and reads."""
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.=-]")
+_FIELDS = 7
+"""Fields of a file name: job, operator, subtask, run, attempt, writer token, file sequence."""
+_IN_PROGRESS = (".", ".parquet.inprogress")
+_PENDING = ("_", ".parquet.pending")
+
+
+def _stem(ctx: SinkContext, token: str) -> str:
+    """The name stem of one writer's files: its escaped fields joined by ``-``."""
+    return "-".join([
+        escape_field(ctx.job, delimiter="-", limit=64),
+        escape_field(ctx.operator, delimiter="-", limit=64),
+        str(ctx.subtask),
+        escape_field(ctx.run, delimiter="-", limit=40),
+        str(ctx.attempt),
+        token,
+    ])
+
+
+def _uncommitted_fields(name: str) -> list[str] | None:
+    """The fields of an in-progress or pending file name; ``None`` for any other name."""
+    for prefix, suffix in (_IN_PROGRESS, _PENDING):
+        if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
+            fields = split_fields(name[len(prefix):-len(suffix)], delimiter="-", count=_FIELDS)
+            if fields is not None and all(fields[i].isdigit() for i in (2, 4, 6)):
+                return fields
+    return None
 
 
 class ParquetSink(TransactionalSink):
@@ -164,8 +195,7 @@ class ParquetSinkWriter(SinkWriter):
         self._fs = fs
         self._directory = directory.rstrip("/")
         self._ctx = ctx
-        stem = f"{ctx.job}-{ctx.operator}-{ctx.subtask}-{uuid.uuid4().hex[:12]}"
-        self._stem = _UNSAFE.sub("_", stem)
+        self._stem = _stem(ctx, uuid.uuid4().hex[:12])
         self._sequence = 0
         self._schema: pa.Schema | None = None
         self._writer: pq.ParquetWriter | None = None
@@ -332,22 +362,31 @@ class ParquetSinkCommitter(Committer):
             _delete(self._fs, pending)
 
     def abort_lingering(self, keep: list[Committable]) -> None:
-        """Delete this subtask's in-progress and pending files that ``keep`` does not name.
+        """Delete every in-progress and pending file of this job's sink operator that ``keep`` does not name.
 
-        They were written by earlier attempts of the job after the restored
-        checkpoint, so their rows will be written again.
+        Every subtask, run and attempt of the operator is included; files of
+        other jobs and operators in the directory are left alone, whatever
+        their names share (names are compared field by field). Run it with
+        no writer of the operator alive: a live writer's files would go too.
         """
-        if not self._directory:
-            return
         kept = {self._paths(c)[0].rsplit("/", 1)[-1] for c in keep}
-        stem = _UNSAFE.sub("_", f"{self._ctx.job}-{self._ctx.operator}-{self._ctx.subtask}-")
+        for path in self.lingering():
+            if path.rsplit("/", 1)[-1] not in kept:
+                _delete(self._fs, path)
+
+    def lingering(self) -> list[str]:
+        """Return the paths of this job's sink operator's in-progress and pending files, sorted."""
+        if not self._directory:
+            return []
+        job = escape_field(self._ctx.job, delimiter="-", limit=64)
+        operator = escape_field(self._ctx.operator, delimiter="-", limit=64)
         selector = pafs.FileSelector(self._directory, allow_not_found=True)
+        found = []
         for info in self._fs.get_file_info(selector):
-            name = info.base_name
-            lingering = (name.startswith(f".{stem}") and name.endswith(".inprogress")) or (
-                name.startswith(f"_{stem}") and name.endswith(".pending"))
-            if lingering and name not in kept:
-                _delete(self._fs, info.path)
+            fields = _uncommitted_fields(info.base_name)
+            if fields is not None and fields[0] == job and fields[1] == operator:
+                found.append(info.path)
+        return sorted(found)
 
     def _paths(self, committable: Committable) -> tuple[str, str]:
         version = committable.get("v")

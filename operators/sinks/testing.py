@@ -4,10 +4,18 @@ Writers run in Ray worker processes, so committed rows cannot live in a plain
 list. :meth:`TestingSink.prepare` (run once on the driver) starts a small Ray
 actor, the *store*, whose handle travels with the pickled sink to every
 writer's process. A writer buffers its batches; ``prepare_commit`` hands out
-one committable holding them as Arrow IPC bytes; the committer sends
+one committable holding them as Arrow IPC bytes and registers its id in the
+store as pre-committed (under the job and operator); the committer sends
 committables to the store, which keeps each id once, in commit order. The
 driver then reads :meth:`TestingSink.table`, :meth:`TestingSink.rows` or
 :meth:`TestingSink.committed_ids`.
+
+The store models a transactional system: an aborted id is never committed
+later (committing it raises :class:`SinkCommitError`, as a Parquet file
+deleted by an abort does), ``abort_lingering`` aborts every pre-committed id
+of the job's operator (all subtasks, runs and attempts) but the kept ones,
+and :meth:`TestingSink.pending_ids` lists what is pre-committed and neither
+committed nor aborted, so a test can check that a job left nothing behind.
 
 ``prepare`` called again keeps the same store (while the same Ray session
 runs), so a job run again after a crash adds to the rows of the first run, as
@@ -31,13 +39,13 @@ Example:
     >>> writer = sink.create_writer(ctx)
     >>> writer.write(pa.record_batch({"x": [1, 2]}))
     >>> committables = writer.prepare_commit()
-    >>> sink.rows()  # pre-committed, not committed
-    []
+    >>> sink.rows(), len(sink.pending_ids())  # pre-committed, not committed
+    ([], 1)
     >>> committer = sink.create_committer(ctx)
     >>> committer.commit(committables)
     >>> committer.commit(committables)  # idempotent
-    >>> sink.rows()
-    [{'x': 1}, {'x': 2}]
+    >>> sink.rows(), sink.pending_ids()
+    ([{'x': 1}, {'x': 2}], [])
 
 """
 
@@ -58,20 +66,60 @@ COMMITTABLE_VERSION = 1
 
 
 class _TestingStore:
-    """Committed committables by id, in commit order (run as a Ray actor or in-process)."""
+    """Committed, pre-committed and aborted ids (run as a Ray actor or in-process)."""
 
     def __init__(self) -> None:
         self._committed: dict[str, bytes] = {}
+        self._prepared: dict[str, tuple[str, str]] = {}  # id -> (job, operator)
+        self._aborted: set[str] = set()
 
-    def commit(self, committables: list[Committable]) -> None:
+    def prepare(self, job: str, operator: str, ids: list[str]) -> None:
+        for committable_id in ids:
+            if committable_id not in self._committed and committable_id not in self._aborted:
+                self._prepared[committable_id] = (job, operator)
+
+    def commit(self, committables: list[Committable]) -> list[str]:
+        """Commit each committable not aborted; return the ids of the aborted ones."""
+        aborted = []
         for committable in committables:
-            self._committed.setdefault(committable["id"], committable["batches"])
+            committable_id = committable["id"]
+            if committable_id in self._aborted:
+                aborted.append(committable_id)
+                continue
+            self._committed.setdefault(committable_id, committable["batches"])
+            self._prepared.pop(committable_id, None)
+        return aborted
+
+    def abort(self, ids: list[str]) -> None:
+        for committable_id in ids:
+            if committable_id not in self._committed:
+                self._aborted.add(committable_id)
+                self._prepared.pop(committable_id, None)
+
+    def lingering(self, job: str, operator: str) -> list[str]:
+        return sorted(i for i, owner in self._prepared.items() if owner == (job, operator))
+
+    def abort_lingering(self, job: str, operator: str, keep: list[str]) -> None:
+        kept = set(keep)
+        self.abort([i for i in self.lingering(job, operator) if i not in kept])
+
+    def pending(self) -> list[str]:
+        return sorted(self._prepared)
 
     def committed(self) -> list[tuple[str, bytes]]:
         return list(self._committed.items())
 
     def committed_ids(self) -> list[str]:
         return list(self._committed)
+
+
+def _call(store: Any, method: str, *args: Any) -> Any:
+    """Call ``method`` of ``store``: in this process, or on the store actor (waiting for it)."""
+    if isinstance(store, _LocalStore):
+        return getattr(store.store, method)(*args)
+    import ray
+
+    return ray.get(getattr(store, method).remote(*args))
 
 
 class _LocalStore:
@@ -129,7 +177,7 @@ class TestingSink(TransactionalSink):
 
     def create_writer(self, ctx: SinkContext) -> TestingSinkWriter:
         """Return a writer that buffers ``ctx.subtask``'s batches."""
-        return TestingSinkWriter(ctx)
+        return TestingSinkWriter(ctx, self._store)
 
     def create_committer(self, ctx: SinkContext) -> TestingSinkCommitter:
         """Return a committer that sends committables to the store."""
@@ -151,15 +199,12 @@ class TestingSink(TransactionalSink):
         """Return the ids of the committed committables, in commit order."""
         return [committable_id for committable_id, _ in self._committed()]
 
-    def _committed(self) -> list[tuple[str, bytes]]:
-        store = self._store
-        if store is None:
-            return []
-        if isinstance(store, _LocalStore):
-            return store.store.committed()
-        import ray
+    def pending_ids(self) -> list[str]:
+        """Return the ids pre-committed and neither committed nor aborted (any job), sorted."""
+        return [] if self._store is None else list(_call(self._store, "pending"))
 
-        return ray.get(store.committed.remote())
+    def _committed(self) -> list[tuple[str, bytes]]:
+        return [] if self._store is None else list(_call(self._store, "committed"))
 
 
 class TestingSinkWriter(SinkWriter):
@@ -167,6 +212,7 @@ class TestingSinkWriter(SinkWriter):
 
     Args:
         ctx: where the writer runs.
+        store: the store that learns of each pre-commit (``None``: an unprepared sink).
 
     Attributes:
         rows_written: the rows this writer received, committed or not.
@@ -175,8 +221,9 @@ class TestingSinkWriter(SinkWriter):
 
     __test__ = False
 
-    def __init__(self, ctx: SinkContext) -> None:
+    def __init__(self, ctx: SinkContext, store: Any = None) -> None:
         self._ctx = ctx
+        self._store = store
         self._token = uuid.uuid4().hex[:12]
         self._sequence = 0
         self._batches: list[pa.RecordBatch] = []
@@ -198,6 +245,8 @@ class TestingSinkWriter(SinkWriter):
         self._batches = []
         committable_id = f"{self._ctx.operator}/{self._ctx.subtask}/{self._token}-{self._sequence}"
         self._sequence += 1
+        if self._store is not None:
+            _call(self._store, "prepare", self._ctx.job, self._ctx.operator, [committable_id])
         return [{"v": COMMITTABLE_VERSION, "id": committable_id, "batches": _encode(table)}]
 
     def abort(self) -> None:
@@ -225,18 +274,11 @@ class TestingSinkCommitter(Committer):
         """Publish ``committables`` in the store; an id already there is skipped.
 
         Raises:
-            SinkCommitError: the sink was never prepared, or a committable has
-                an unknown version.
+            SinkCommitError: the sink was never prepared, a committable has an
+                unknown version, or one was aborted (the others are committed).
 
         """
-        for committable in committables:
-            if committable.get("v") != COMMITTABLE_VERSION:
-                msg = (
-                    f"testing sink {self._ctx.operator}: committable version {committable.get('v')!r} "
-                    f"is not supported (this onceflow reads version {COMMITTABLE_VERSION}); "
-                    "resolve the checkpoint with the onceflow version that wrote it"
-                )
-                raise SinkCommitError(msg)
+        self._ids(committables)
         if not committables:
             return
         if self._store is None:
@@ -245,15 +287,41 @@ class TestingSinkCommitter(Committer):
                 "TestingSink.prepare() on the driver (after ray.init()) before the writers start"
             )
             raise SinkCommitError(msg)
-        if isinstance(self._store, _LocalStore):
-            self._store.store.commit(committables)
-            return
-        import ray
-
-        ray.get(self._store.commit.remote(committables))
+        aborted = _call(self._store, "commit", committables)
+        if aborted:
+            msg = (
+                f"testing sink {self._ctx.operator}: cannot commit {len(aborted)} transaction(s) that were "
+                f"aborted (first: {aborted[0]!r}); the output misses their rows: a checkpoint named a "
+                "transaction that recovery aborted"
+            )
+            raise SinkCommitError(msg)
 
     def abort(self, committables: list[Committable]) -> None:
-        """Discard ``committables``: they never reached the store, so nothing to do."""
+        """Mark ``committables`` aborted (committed ones stay): they can never commit afterwards."""
+        ids = self._ids(committables)
+        if ids and self._store is not None:
+            _call(self._store, "abort", ids)
+
+    def abort_lingering(self, keep: list[Committable]) -> None:
+        """Abort every pre-committed id of this job's sink operator (all subtasks, runs, attempts) but ``keep``."""
+        if self._store is not None:
+            _call(self._store, "abort_lingering", self._ctx.job, self._ctx.operator, self._ids(keep))
+
+    def lingering(self) -> list[str]:
+        """Return the ids of this job's sink operator pre-committed and neither committed nor aborted."""
+        return [] if self._store is None else list(_call(self._store, "lingering", self._ctx.job,
+                                                         self._ctx.operator))
+
+    def _ids(self, committables: list[Committable]) -> list[str]:
+        for committable in committables:
+            if committable.get("v") != COMMITTABLE_VERSION:
+                msg = (
+                    f"testing sink {self._ctx.operator}: committable version {committable.get('v')!r} "
+                    f"is not supported (this onceflow reads version {COMMITTABLE_VERSION}); "
+                    "resolve the checkpoint with the onceflow version that wrote it"
+                )
+                raise SinkCommitError(msg)
+        return [str(committable["id"]) for committable in committables]
 
 
 def _encode(table: pa.Table) -> bytes:
