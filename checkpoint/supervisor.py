@@ -401,8 +401,8 @@ class JobSupervisor:
         return [StopSources(self.attempt)] if self.phase is JobPhase.RUNNING else []
 
     def _on_cancel(self) -> list[SupervisorAction]:
-        if self._ending is not None and self._ending.end is JobEnd.CANCELLED:
-            return []
+        if self._ending is not None:
+            return []  # the job is already ending (failed, or cancelled before): that end stands
         self._ending = Finish(JobEnd.CANCELLED, reason="cancelled")
         if self.phase in (JobPhase.DEPLOYING, JobPhase.RUNNING, JobPhase.FINISHING):
             self.phase = JobPhase.FENCING
