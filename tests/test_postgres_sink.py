@@ -10,7 +10,7 @@ import psycopg
 import pyarrow as pa
 import pytest
 
-from checkpoint.errors import DataError, PlanError
+from checkpoint.errors import DataError, PlanError, SinkCommitError
 from checkpoint.two_phase_commit import SinkContext
 from operators.sinks.postgres import PostgresSink
 from tests.helpers import wait_until
@@ -301,3 +301,37 @@ def test_upsert_into_a_table_without_a_unique_key_is_refused_before_writing(post
     missing = PostgresSink(postgres.dsn, "t_missing", mode="upsert", key_columns=["user_id"])
     with pytest.raises(PlanError, match="table t_missing does not exist; create it or pass create=True"):
         missing.create_writer(SinkContext("job10", "sink_4")).write(pa.record_batch({"user_id": [1]}))
+
+
+def test_abort_lingering_also_rolls_back_the_jobs_transactions_named_the_old_way(postgres: PostgresServer) -> None:
+    table = table_name()
+    with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+        connection.execute(f"CREATE TABLE {table} (user_id bigint)")
+    for gid in ("onceflow:job11:0:4", "onceflow:job11:1:end", "onceflow:job11x:0:4"):
+        with psycopg.connect(postgres.dsn) as connection:
+            connection.execute(f"INSERT INTO {table} VALUES (1)")
+            connection.execute(f"PREPARE TRANSACTION '{gid}'")
+    committer = PostgresSink(postgres.dsn, table).create_committer(SinkContext("job11", "sink_1"))
+    assert committer.lingering() == ["onceflow:job11:0:4", "onceflow:job11:1:end"]
+    committer.abort_lingering(keep=[])
+    assert prepared(postgres.dsn) == ["onceflow:job11x:0:4"]
+    PostgresSink(postgres.dsn, table).create_committer(SinkContext("job11x", "sink_1")).abort_lingering(keep=[])
+    assert prepared(postgres.dsn) == []
+
+
+def test_a_merge_the_table_refuses_is_a_sink_commit_error_and_stays_staged(postgres: PostgresServer) -> None:
+    table = table_name()
+    with psycopg.connect(postgres.dsn) as connection:
+        connection.execute(f"CREATE TABLE {table} (user_id bigint PRIMARY KEY, total double precision NOT NULL)")
+    ctx = SinkContext("job12", "sink_5")
+    sink = PostgresSink(postgres.dsn, table, mode="upsert", key_columns=["user_id"])
+    writer = sink.create_writer(ctx)
+    writer.write(pa.record_batch({"user_id": [1], "total": pa.array([None], pa.float64())}))
+    committables = writer.prepare_commit(1)
+    committer = sink.create_committer(ctx)
+    with pytest.raises(SinkCommitError, match=rf"postgres sink sink_5: the server refused to commit a transaction "
+                                              rf"of {table} \(.*not-null.*\); it stays pre-committed"):
+        committer.commit(committables)
+    assert committer.lingering() == [committables[0]["txn"]]
+    committer.abort(committables)
+    assert committer.lingering() == []

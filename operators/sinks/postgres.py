@@ -94,6 +94,7 @@ STAGED_VERSION = 2
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _COMMIT_ATTEMPTS = 6
 _NAME_FIELDS = 7
+_LEGACY_NAME_FIELDS = 4
 _TXN_COLUMN = "_onceflow_txn"
 _SEQ_COLUMN = "_onceflow_seq"
 _STAGING_PREFIX = "onceflow_stage_"
@@ -118,6 +119,12 @@ def _checked_table(name: str, *, operator: str) -> str:
         )
         raise SinkCommitError(msg)
     return name
+
+
+def _first_line(error: BaseException) -> str:
+    """The server's message without its DETAIL and HINT lines."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _postgres_type(kind: pa.DataType, *, operator: str, column: str) -> str:
@@ -381,7 +388,7 @@ class _StagedUpsert(_Transactions):
         except psycopg.ProgrammingError as error:
             msg = (
                 f"postgres sink {operator}: cannot upsert into {self._sink.table} on key "
-                f"({', '.join(self._sink.key_columns)}): {str(error).strip()}; give the table a primary key or "
+                f"({', '.join(self._sink.key_columns)}): {_first_line(error)}; give the table a primary key or "
                 "unique index on exactly key_columns, and the stream's columns"
             )
             raise PlanError(msg) from error
@@ -507,7 +514,7 @@ class PostgresSinkWriter(SinkWriter):
         except psycopg.errors.LockNotAvailable as error:
             msg = (
                 f"postgres sink {self._ctx.operator}: a write into {self._sink.table} waited more than "
-                f"{self._sink.lock_timeout_s} s for a lock ({str(error).strip()}); find the session holding it "
+                f"{self._sink.lock_timeout_s} s for a lock ({_first_line(error)}); find the session holding it "
                 "in pg_locks (a table with a unique key the stream repeats waits for earlier transactions); "
                 "the job restarts from its last checkpoint"
             )
@@ -643,6 +650,13 @@ class PostgresSinkCommitter(Committer):
                             verb, error, delay)
                 time.sleep(delay)
                 delay *= 2
+            except psycopg.Error as error:
+                msg = (
+                    f"postgres sink {self._ctx.operator}: the server refused to {verb} a transaction of "
+                    f"{self._sink.table} ({_first_line(error)}); it stays pre-committed: fix the table (its "
+                    "constraints or column types) and resume the job from its last checkpoint"
+                )
+                raise SinkCommitError(msg) from error
 
     def commit(self, committables: list[Committable]) -> None:
         """Publish each transaction, in order; one resolved before is skipped."""
@@ -671,12 +685,13 @@ class PostgresSinkCommitter(Committer):
 
     def _lingering(self) -> list[_Transaction]:
         prefix = ":".join(PostgresSink.transaction_name(self._ctx, "").split(":")[:3]) + ":"
+        legacy_prefix = f"onceflow:{self._ctx.job}:"
         schema, _, _ = self._sink.table.rpartition(".")
         found: list[_Transaction] = []
         with _psycopg().connect(self._sink.dsn, autocommit=True) as connection:
             for (gid,) in connection.execute(
                     "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
-                    "AND starts_with(gid, %s)", (prefix,)):
+                    "AND (starts_with(gid, %s) OR starts_with(gid, %s))", (prefix, legacy_prefix)):
                 found.append(_PreparedTransaction(gid))
             stagings = connection.execute(
                 "SELECT schemaname, tablename FROM pg_tables WHERE schemaname = coalesce(%s, current_schema()) "
@@ -690,7 +705,15 @@ class PostgresSinkCommitter(Committer):
         return [t for t in found if self._owns(t.name)]
 
     def _owns(self, name: str) -> bool:
-        """Whether ``name`` is a transaction of this job's sink operator, field by field."""
+        """Whether ``name`` is a transaction of this job's sink operator, field by field.
+
+        Names of earlier onceflow versions, ``onceflow:<job>:<subtask>:<checkpoint>``,
+        carried no operator: those of this job count as the operator's.
+        """
         fields = split_fields(name, delimiter=":", count=_NAME_FIELDS)
+        if fields is None:
+            legacy = split_fields(name, delimiter=":", count=_LEGACY_NAME_FIELDS)
+            return (legacy is not None and legacy[0] == "onceflow" and legacy[1] == self._ctx.job
+                    and legacy[2].isdigit() and (legacy[3].isdigit() or legacy[3] == "end"))
         mine = PostgresSink.transaction_name(self._ctx, "").split(":")
-        return (fields is not None and fields[:3] == mine[:3] and fields[3].isdigit() and fields[6].isdigit())
+        return fields[:3] == mine[:3] and fields[3].isdigit() and fields[6].isdigit()
