@@ -95,11 +95,10 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from checkpoint.errors import DataError, PlanError
 from operators.bloom import BloomFilter, distinct_first_rows, optimal_num_bits, optimal_num_hashes, probe_hashes
-from operators.keygroups import SEED, hash64_columns, murmur3_int64
+from operators.keygroups import SEED, hash64_columns, in_key_groups, int64_values, murmur3_int64, take_rows
 from operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
 from operators.watermark import event_time_ms
 
@@ -382,8 +381,7 @@ class DedupeLogic(OperatorLogic):
             raise DataError(msg, operator=self._operator, column=column)
         if encoding == _HASH64:
             return hash64_columns(batch, self._columns, operator=self._operator)
-        array = batch.column(self._columns[0])
-        ints = pc.cast(array, pa.int64(), safe=False).to_numpy(zero_copy_only=False)
+        ints = int64_values(batch.column(self._columns[0]))
         return np.asarray(ints, dtype=np.int64).view(np.uint64)
 
     def _oldest_live(self) -> int | None:
@@ -467,9 +465,7 @@ class DedupeLogic(OperatorLogic):
             return [(MAIN, batch)]
         if not len(rows):
             return []
-        keep = np.zeros(n, dtype=bool)
-        keep[rows] = True
-        return [(MAIN, batch.filter(pa.array(keep)))]
+        return [(MAIN, take_rows(batch, np.sort(rows)))]
 
     def on_watermark(self, watermark: int) -> Emitted:
         """Drop the generations the watermark has moved past the horizon of."""
@@ -647,9 +643,7 @@ class DedupeLogic(OperatorLogic):
             self._encoding = encoding
         if table.num_rows == 0:
             return
-        groups = table.column("key_group").to_numpy()
-        owned = self._ctx.key_groups
-        mine = (groups >= owned.start) & (groups < owned.stop) if owned.step == 1 else np.isin(groups, list(owned))
+        mine = in_key_groups(table.column("key_group").to_numpy(), self._ctx.key_groups)
         keys = np.asarray(table.column("key").to_numpy(), dtype=np.uint64)[mine]
         generations = np.asarray(table.column("generation").to_numpy(), dtype=np.int64)[mine]
         for generation in np.unique(generations).tolist():

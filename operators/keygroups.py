@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import mmh3
 import numpy as np
@@ -31,16 +32,24 @@ import pyarrow.compute as pc
 
 from checkpoint.errors import DataError
 
+_Rows = TypeVar("_Rows", pa.RecordBatch, pa.Table)
+"""A record batch or a table (what :func:`take_rows` takes and returns)."""
+
 __all__ = [
     "DEFAULT_MAX_PARALLELISM",
+    "KEY_TYPES_ACCEPTED",
     "hash64_columns",
     "hash_columns",
+    "in_key_groups",
+    "int64_values",
+    "is_key_type",
     "key_group_range",
     "key_groups_of",
     "murmur3_int64",
     "require_key_columns",
     "split_by_subtask",
     "subtask_of_key_group",
+    "take_rows",
 ]
 
 DEFAULT_MAX_PARALLELISM = 128
@@ -89,15 +98,118 @@ def murmur3_int64(values: np.ndarray, seed: int = SEED) -> np.ndarray:
     return _fmix32(h)
 
 
-def _hash_array(array: pa.Array, seed: int) -> np.ndarray:
+KEY_TYPES_ACCEPTED = (
+    "integer, float, decimal, boolean, string, binary, date, time, timestamp or duration columns "
+    "(plain or dictionary-encoded, nulls allowed)"
+)
+"""The key column types :func:`hash_columns` accepts, as error messages name them."""
+
+
+def _is_bytes(kind: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_string_view(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_binary_view(kind)
+        or pa.types.is_fixed_size_binary(kind)
+    )
+
+
+def _is_temporal(kind: pa.DataType) -> bool:
+    return (
+        pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_time(kind)
+        or pa.types.is_duration(kind)
+    )
+
+
+def is_key_type(kind: pa.DataType) -> bool:
+    """Whether a column of type ``kind`` can be a key (see :data:`KEY_TYPES_ACCEPTED`).
+
+    Example:
+        >>> is_key_type(pa.timestamp("ms")), is_key_type(pa.list_(pa.int64()))
+        (True, False)
+
+    """
+    if isinstance(kind, pa.BaseExtensionType):
+        return is_key_type(kind.storage_type)
+    if pa.types.is_dictionary(kind):
+        return is_key_type(kind.value_type)
+    return (
+        pa.types.is_null(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_decimal(kind)
+        or _is_bytes(kind)
+        or _is_temporal(kind)
+    )
+
+
+def _null_hash(seed: int) -> np.uint32:
+    """The hash of a null key: that of the integer 0, in every column type."""
+    return murmur3_int64(np.zeros(1, dtype=np.int64), seed)[0]
+
+
+def _chain(words: np.ndarray, seed: int) -> np.ndarray:
+    """Hash rows of several 8-byte words: each word's hash folded into the running one."""
+    h = murmur3_int64(words[:, 0], seed)
+    for j in range(1, words.shape[1]):
+        pair = h.astype(np.uint64) | (murmur3_int64(words[:, j], seed).astype(np.uint64) << np.uint64(32))
+        h = murmur3_int64(pair, seed)
+    return h
+
+
+def _hash_decimal(array: pa.Array, seed: int) -> np.ndarray:
+    """Hash the unscaled value: 128-bit two's complement (256-bit for decimal256)."""
     kind = array.type
+    if kind.bit_width < 128:
+        array = array.cast(pa.decimal128(38, kind.scale))
+    width = array.type.bit_width // 64
+    buffer = array.buffers()[1]
+    if buffer is None:
+        return np.zeros(len(array), dtype=np.uint32)
+    words = np.frombuffer(buffer, dtype="<u8")[array.offset * width : (array.offset + len(array)) * width]
+    return _chain(words.reshape(-1, width), seed)
+
+
+def int64_values(array: pa.Array) -> np.ndarray:
+    """Return an integer, boolean or temporal array's values as int64 (nulls as 0).
+
+    A temporal value is its count of its own unit (days for ``date32``);
+    unsigned values above ``2**63 - 1`` wrap around.
+
+    Example:
+        >>> int64_values(pa.array([1, None], pa.date32())).tolist()
+        [1, 0]
+
+    """
+    kind = array.type
+    if _is_temporal(kind):
+        array = array.view(pa.int32() if kind.bit_width == 32 else pa.int64())
+    return pc.cast(array, pa.int64(), safe=False).fill_null(0).to_numpy(zero_copy_only=False)
+
+
+def _hash_array(array: pa.Array, seed: int) -> np.ndarray:
+    """Hash every value of ``array``; a value's hash depends on its type and value only.
+
+    Integers, booleans and temporal values hash as their int64 value (a
+    timestamp in its own unit), floats as their float64 bits (``-0.0`` as
+    ``0.0``, every NaN alike), decimals as their unscaled value, strings and
+    binaries as their bytes, dictionary values as their value; a null as the
+    integer 0, whatever the column's type.
+    """
+    kind = array.type
+    if isinstance(kind, pa.BaseExtensionType):
+        return _hash_array(array.storage, seed)
+    if pa.types.is_null(kind):
+        return np.full(len(array), _null_hash(seed), dtype=np.uint32)
     if pa.types.is_dictionary(kind):
         unique_hashes = _hash_array(array.dictionary, seed)
         indices = array.indices.fill_null(0).to_numpy(zero_copy_only=False)
-        return unique_hashes[indices]
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) or (
-        pa.types.is_large_binary(kind)
-    ):
+        h = unique_hashes[indices] if len(unique_hashes) else np.zeros(len(array), dtype=np.uint32)
+    elif _is_bytes(kind):
         encoded = pc.dictionary_encode(array)
         uniques = encoded.dictionary.to_pylist()
         table = np.fromiter(
@@ -106,34 +218,57 @@ def _hash_array(array: pa.Array, seed: int) -> np.ndarray:
             count=len(uniques),
         )
         indices = encoded.indices.fill_null(0).to_numpy(zero_copy_only=False)
-        return table[indices] if len(table) else np.zeros(len(array), dtype=np.uint32)
-    if pa.types.is_floating(kind):
-        floats = pc.cast(array.fill_null(0), pa.float64()).to_numpy(zero_copy_only=False)
-        return murmur3_int64(floats.view(np.uint64), seed)
-    if pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_temporal(kind):
-        ints = pc.cast(array.fill_null(0), pa.int64(), safe=False).to_numpy(zero_copy_only=False)
-        return murmur3_int64(ints, seed)
-    msg = f"cannot hash a key of type {kind}; use an integer, float, string, binary or temporal column"
-    raise TypeError(msg)
+        h = table[indices] if len(table) else np.zeros(len(array), dtype=np.uint32)
+    elif pa.types.is_floating(kind):
+        floats = pc.cast(array.fill_null(0), pa.float64()).to_numpy(zero_copy_only=False) + 0.0  # -0.0 -> 0.0
+        floats[np.isnan(floats)] = np.nan
+        h = murmur3_int64(floats.view(np.uint64), seed)
+    elif pa.types.is_decimal(kind):
+        h = _hash_decimal(array, seed)
+    elif pa.types.is_integer(kind) or pa.types.is_boolean(kind) or _is_temporal(kind):
+        h = murmur3_int64(int64_values(array), seed)
+    else:
+        msg = f"cannot hash a key of type {kind}; key by {KEY_TYPES_ACCEPTED}"
+        raise TypeError(msg)
+    if array.null_count:
+        h = np.where(array.is_valid().to_numpy(zero_copy_only=False), h, _null_hash(seed))
+    return h
 
 
 def require_key_columns(schema: pa.Schema, columns: Sequence[str], *, operator: str) -> None:
-    """Check that every key column is in ``schema``.
+    """Check that every key column is in ``schema`` and has a type that can be a key.
+
+    The keyed exchange calls this on every batch it does not hash (at
+    parallelism 1), so a key the hash could not take is refused at the first
+    batch at any parallelism.
 
     Raises:
-        DataError: a key column is missing; the message names the operator and column.
+        DataError: a key column is missing or has a type that cannot be a
+            key; the message names the operator and column.
+
     """
     for column in columns:
-        if schema.get_field_index(column) < 0:
+        index = schema.get_field_index(column)
+        if index < 0:
             msg = (
                 f"operator {operator!r}: key column {column!r} is missing from the input "
                 f"(columns: {', '.join(schema.names)}); key by a column the stream has"
+            )
+            raise DataError(msg, operator=operator, column=column)
+        kind = schema.field(index).type
+        if not is_key_type(kind):
+            msg = (
+                f"operator {operator!r}: key column {column!r} has type {kind}, which cannot be a key; "
+                f"key by {KEY_TYPES_ACCEPTED}, or cast the column to one of them first"
             )
             raise DataError(msg, operator=operator, column=column)
 
 
 def hash_columns(batch: pa.RecordBatch, columns: Sequence[str], *, operator: str = "") -> np.ndarray:
     """Return a stable uint32 hash per row over the key ``columns``.
+
+    A value's hash depends on its type and value only, never on the other
+    rows of the batch; a null hashes alike in every column type.
 
     Raises:
         DataError: a key column is missing or has a type that cannot be a key.
@@ -145,11 +280,7 @@ def hash_columns(batch: pa.RecordBatch, columns: Sequence[str], *, operator: str
         array = batch.column(column)
         if isinstance(array, pa.ChunkedArray):
             array = array.combine_chunks()
-        try:
-            h = _hash_array(array, SEED)
-        except TypeError as error:
-            msg = f"operator {operator!r}: key column {column!r}: {error}"
-            raise DataError(msg, operator=operator, column=column) from error
+        h = _hash_array(array, SEED)
         if combined is None:
             combined = h
         else:
@@ -184,6 +315,51 @@ def key_group_range(subtask: int, parallelism: int, max_parallelism: int) -> ran
     return range(start, end)
 
 
+def in_key_groups(groups: np.ndarray, owned: range) -> np.ndarray:
+    """Return, per stored key group, whether it lies in ``owned`` (a subtask's range).
+
+    Example:
+        >>> in_key_groups(np.array([0, 63, 64, 127]), key_group_range(1, 2, 128)).tolist()
+        [False, False, True, True]
+
+    """
+    if owned.step == 1:
+        return (groups >= owned.start) & (groups < owned.stop)
+    return np.isin(groups, np.asarray(owned))
+
+
+def take_rows(batch: _Rows, indices: pa.Array | np.ndarray) -> _Rows:
+    """Return the rows at ``indices`` of a batch or table, view-typed columns included.
+
+    Arrow has no take or filter kernel for ``string_view`` and ``binary_view``
+    columns; those go through their large type and back, so every column type
+    a key may have can be split and filtered.
+
+    Example:
+        >>> batch = pa.record_batch({"s": pa.array(["a", "b", "c"], pa.string_view())})
+        >>> take_rows(batch, np.array([2, 0])).column("s").to_pylist()
+        ['c', 'a']
+
+    """
+    indices = pa.array(indices) if isinstance(indices, np.ndarray) else indices
+    views = {
+        i: field.type for i, field in enumerate(batch.schema)
+        if pa.types.is_string_view(field.type) or pa.types.is_binary_view(field.type)
+    }
+    if not views:
+        return batch.take(indices)
+    arrays = []
+    for i, column in enumerate(batch.columns):
+        if i in views:
+            wide = pa.large_string() if pa.types.is_string_view(views[i]) else pa.large_binary()
+            arrays.append(column.cast(wide).take(indices).cast(views[i]))
+        else:
+            arrays.append(column.take(indices))
+    if isinstance(batch, pa.Table):
+        return pa.Table.from_arrays(arrays, schema=batch.schema)
+    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
+
+
 def split_by_subtask(batch: pa.RecordBatch, subtasks: np.ndarray, parallelism: int) -> list[pa.RecordBatch | None]:
     """Split ``batch`` by the target subtask of each row, keeping row order.
 
@@ -195,7 +371,7 @@ def split_by_subtask(batch: pa.RecordBatch, subtasks: np.ndarray, parallelism: i
         return [batch]
     counts = np.bincount(subtasks, minlength=parallelism)
     order = np.argsort(subtasks, kind="stable")
-    shuffled = batch.take(pa.array(order))
+    shuffled = take_rows(batch, order)
     parts: list[pa.RecordBatch | None] = []
     start = 0
     for count in counts.tolist():
@@ -212,7 +388,7 @@ def hash64_columns(batch: pa.RecordBatch, columns: Sequence[str], *, operator: s
     construction under an independent seed, :data:`SEED_LOW`. Two distinct
     keys collide only if both halves do: about ``2**-64`` per pair (``2**-57``
     for two keys already known to share one of 128 key groups). Nulls hash as
-    zero, as in :func:`hash_columns`.
+    the integer 0 does, as in :func:`hash_columns`.
 
     Raises:
         DataError: a key column is missing or has a type that cannot be a key.

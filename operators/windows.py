@@ -68,7 +68,7 @@ import pyarrow.compute as pc
 
 from checkpoint.errors import DataError, PlanError
 from operators.agg import Aggregation, reduce_groups
-from operators.keygroups import key_groups_of
+from operators.keygroups import in_key_groups, key_groups_of, require_key_columns, take_rows
 from operators.logic import LATE, MAIN, Emitted, OperatorContext, OperatorLogic
 from operators.watermark import event_time_ms
 
@@ -89,6 +89,10 @@ _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
 _COMPACT_AT = 8
 _RESERVED = frozenset({"key_group", "window_start", "window_end"})
+_KEY_GROUP = "kg"
+"""The internal state column holding each row's key group."""
+_GROUPABLE = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary(), pa.float16(): pa.float32()}
+"""Key types Arrow cannot group by, and the type their values are kept in."""
 
 
 def _check_int(owner: str, name: str, value: object, *, minimum: int) -> None:
@@ -416,10 +420,12 @@ class WindowAggregateLogic(OperatorLogic):
                 index += 1
             self._partials.append(columns)
         flat = [p for columns in self._partials for p in columns]
-        self._accumulate = [(p.internal, p.source, p.accumulate) for p in flat]
-        self._combine = [(p.internal, p.internal, p.combine) for p in flat]
-        self._state_columns = ["window_start", *self._key_columns, *(p.internal for p in flat)]
-        self._snapshot_columns = ["window_start", *self._keys, *(p.snapshot for p in flat)]
+        # Every state row carries the key group routing computed from its key's rows (_KEY_GROUP).
+        key_group = (_KEY_GROUP, _KEY_GROUP, "max")
+        self._accumulate = [key_group, *((p.internal, p.source, p.accumulate) for p in flat)]
+        self._combine = [key_group, *((p.internal, p.internal, p.combine) for p in flat)]
+        self._state_columns = ["window_start", *self._key_columns, _KEY_GROUP, *(p.internal for p in flat)]
+        self._snapshot_columns = ["window_start", *self._keys, "key_group", *(p.snapshot for p in flat)]
 
         self._watermark: int | None = None
         self._late_events = 0
@@ -519,16 +525,24 @@ class WindowAggregateLogic(OperatorLogic):
         for internal, key in zip(self._key_columns, self._keys, strict=True):
             column = self._find(table, key, "key column", "key by a column the stream has")
             kind = column.type
+            if pa.types.is_null(kind):
+                msg = (
+                    f"operator {operator!r}: key column {key!r} has type null (no value in the batch says what "
+                    "its type is), which cannot be a key of a window; cast it to the type of its values first"
+                )
+                raise DataError(msg, operator=operator, column=key)
+            require_key_columns(table.schema, [key], operator=operator)
             if pa.types.is_dictionary(kind):
                 column = column.cast(kind.value_type)
                 kind = kind.value_type
-            if pa.types.is_nested(kind) or pa.types.is_null(kind) or pa.types.is_dictionary(kind):
-                msg = (
-                    f"operator {operator!r}: key column {key!r} has type {kind}, which cannot be a key; "
-                    "key by a number, string, binary, boolean, decimal or temporal column"
-                )
-                raise DataError(msg, operator=operator, column=key)
+            if kind in _GROUPABLE:  # Arrow cannot sort or group these: keep the values, in a type it can
+                column = column.cast(_GROUPABLE[kind])
             columns[internal] = column
+        if self._keys:
+            groups = key_groups_of(table, self._keys, self._ctx.max_parallelism, operator=operator)
+        else:
+            groups = np.zeros(table.num_rows, dtype=np.int32)
+        columns[_KEY_GROUP] = pa.array(groups, type=pa.int32())
         schema = table.schema
         for a, aggregation in enumerate(self._aggregations):
             accumulated = aggregation.input_type(schema, operator=operator)
@@ -563,7 +577,9 @@ class WindowAggregateLogic(OperatorLogic):
         try:
             return piece.cast(self._schema)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-            names = dict(zip(self._state_columns, ["window_start", *self._keys, *self._sources()], strict=True))
+            names = dict(
+                zip(self._state_columns, ["window_start", *self._keys, "key_group", *self._sources()], strict=True)
+            )
             column = next(
                 (
                     name
@@ -594,8 +610,7 @@ class WindowAggregateLogic(OperatorLogic):
         if not late_count:
             return [], None
         self._late_events += late_count
-        mask = pa.array(late)
-        rows = batch.filter(mask)
+        rows = take_rows(batch, np.flatnonzero(late))
         emitted: Emitted = [(LATE, rows if isinstance(rows, pa.RecordBatch) else _as_batch(rows))]
         return emitted, ~late
 
@@ -761,7 +776,9 @@ class WindowAggregateLogic(OperatorLogic):
     def snapshot(self) -> pa.Table:
         """Return the open state as one Arrow table.
 
-        Columns: ``key_group`` (int32), the key columns, ``window_start``,
+        Columns: ``key_group`` (int32: the group routing computed from the
+        key's rows, kept with the state since the batch that brought it), the
+        key columns, ``window_start``,
         ``window_end`` (for sessions, the ``[t, t + gap)`` window of each
         buffered event time), then the partial accumulators named
         ``<aggregate>.<suffix>`` (``total.sum``). Schema metadata holds the
@@ -781,16 +798,12 @@ class WindowAggregateLogic(OperatorLogic):
         else:
             pieces = [piece for start in sorted(self._windows) for piece in self._windows[start]]
         state = pa.concat_tables(pieces) if pieces else self._schema.empty_table()
-        if self._key_columns and state.num_rows:
-            groups = key_groups_of(state, self._key_columns, self._ctx.max_parallelism, operator=self._operator)
-        else:
-            groups = np.zeros(state.num_rows, dtype=np.int32)
         starts = state.column("window_start")
         ends = pc.add(starts, pa.scalar(self._size, pa.int64()))
-        columns = [pa.array(groups, type=pa.int32()), *(state.column(k) for k in self._key_columns), starts, ends]
-        columns += [state.column(name) for name in self._state_columns[1 + len(self._key_columns) :]]
+        columns = [state.column(_KEY_GROUP), *(state.column(k) for k in self._key_columns), starts, ends]
+        columns += [state.column(name) for name in self._state_columns[2 + len(self._key_columns) :]]
         chunked = [c if isinstance(c, pa.ChunkedArray) else pa.chunked_array([c]) for c in columns]
-        names = ["key_group", *self._keys, "window_start", "window_end", *self._snapshot_columns[1 + len(self._keys) :]]
+        names = ["key_group", *self._keys, "window_start", "window_end", *self._snapshot_columns[2 + len(self._keys) :]]
         return pa.Table.from_arrays(chunked, names=names).replace_schema_metadata(metadata)
 
     def _restore(self, tables: list[pa.Table]) -> None:
@@ -816,18 +829,14 @@ class WindowAggregateLogic(OperatorLogic):
             names = set(table.column_names)
             if table.num_rows == 0 and names <= _RESERVED:
                 continue
-            for name in ["key_group", "window_end", *self._snapshot_columns]:
+            for name in ["window_end", *self._snapshot_columns]:
                 if name not in names:
                     msg = (
                         f"operator {operator!r}: resume_state lacks column {name!r}, so it was not written by "
                         "this window aggregation; restore from a snapshot of the same operator config"
                     )
                     raise DataError(msg, operator=operator, column=name)
-            groups = table.column("key_group").to_numpy()
-            if owned.step == 1:
-                mine = (groups >= owned.start) & (groups < owned.stop)
-            else:
-                mine = np.isin(groups, np.asarray(owned))
+            mine = in_key_groups(table.column("key_group").to_numpy(), owned)
             if not mine.all():
                 table = table.filter(pa.array(mine))
             spans = pc.subtract(table.column("window_end"), table.column("window_start"))
