@@ -18,11 +18,23 @@ Example:
     >>> counts.sink(TestingSink())
     >>> [node.name for node in flow.nodes]
     ['source_0', 'window_2', 'sink_3']
+    >>> [node.uid.split("~")[0] for node in flow.nodes]
+    ['source', 'window', 'sink']
+
+Operator identity: every node has a readable ``name`` (actor names, logs,
+errors) and a stable ``uid`` that checkpointed state is matched by. The uid is
+the explicit ``name=`` when one is given; otherwise it is derived from the
+graph's structure (the step's kind, its config's class, its inputs' uids and
+key columns, as Flink's operator hash), so it stays the same when unrelated
+steps are added elsewhere, but changes when a step is inserted upstream of it.
+Give ``name=`` to every stateful operator whose state must survive changes to
+the graph.
 
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +60,8 @@ if TYPE_CHECKING:
 __all__ = ["Dataflow", "Edge", "KeyedStream", "Node", "NodeKind", "Stream", "WindowedStream"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_UID_SEPARATOR = "~"
+"""Separates a derived uid's kind from its digest; names cannot contain it, so a derived uid never equals a name."""
 
 
 class NodeKind(Enum):
@@ -84,6 +98,9 @@ class Node:
     Attributes:
         id: the node's index in :attr:`Dataflow.nodes`.
         name: unique, readable name (``map_1``), used in actor names and errors.
+        uid: the stable identity that checkpointed state is matched by: the
+            explicit ``name=``, or ``<kind>~<digest>`` derived from the graph's
+            structure upstream of the node (see the module docstring).
         kind: source, transform or sink.
         spec: the picklable config (a ``Source``, an object with ``build(ctx)``,
             or a ``TransactionalSink``).
@@ -102,10 +119,18 @@ class Node:
     parallelism: int | None = None
     keyed: bool = False
     watermark: BoundedOutOfOrderness | None = None
+    uid: str = ""
 
 
 class Dataflow:
     """A named graph of sources, operators and sinks.
+
+    Every step takes an optional ``name=``: it names the step's actors and
+    errors, and pins the step's checkpointed state, which a resumed job
+    matches by it. Unnamed steps get readable default names (``map_1``) and a
+    uid derived from the graph upstream of them, so inserting a step before a
+    stateful operator changes its identity: name stateful operators whose
+    state must survive such changes.
 
     Args:
         name: the job name; subtask actors are named ``<name>/<operator>/<subtask>``.
@@ -120,6 +145,7 @@ class Dataflow:
         self.nodes: list[Node] = []
         self._names: set[str] = set()
         self._steps = 0
+        self._signatures: dict[str, int] = {}
 
     def _name(self, requested: str | None, kind: str) -> str:
         name = requested if requested is not None else f"{kind}_{self._steps}"
@@ -133,13 +159,33 @@ class Dataflow:
         self._names.add(name)
         return name
 
+    def _uid(self, label: str, spec: Any, inputs: list[Edge]) -> str:
+        """Derive a uid from the step's kind, its config's class and its inputs (as Flink's operator hash).
+
+        Steps with the same signature (two identical maps of one stream) are told
+        apart by the order in which they were added.
+        """
+        kind = type(spec)
+        parts = [label, f"{kind.__module__}.{kind.__qualname__}"]
+        parts += [f"{self.nodes[e.node].uid}:{e.port}:{','.join(e.keys) if e.keys is not None else ''}"
+                  for e in inputs]
+        signature = "|".join(parts)
+        occurrence = self._signatures.get(signature, 0)
+        self._signatures[signature] = occurrence + 1
+        digest = hashlib.sha256(f"{signature}#{occurrence}".encode()).hexdigest()[:16]
+        return f"{label}{_UID_SEPARATOR}{digest}"
+
     def _add(self, kind: NodeKind, label: str, spec: Any, inputs: list[Edge], *, name: str | None,
              parallelism: int | None = None, keyed: bool = False,
-             watermark: BoundedOutOfOrderness | None = None) -> Node:
+             watermark: BoundedOutOfOrderness | None = None, key_columns: tuple[str, ...] | None = None) -> Node:
         if parallelism is not None and parallelism < 1:
             msg = f"operator {name or label!r}: parallelism must be >= 1, got {parallelism}"
             raise PlanError(msg)
-        node = Node(len(self.nodes), self._name(name, label), kind, spec, inputs, parallelism, keyed, watermark)
+        node_name = self._name(name, label)
+        if key_columns is not None:  # the node partitions its own input (dedupe): errors name the node
+            inputs = [Edge(e.node, e.port, key_columns, node_name) for e in inputs]
+        uid = name if name is not None else self._uid(label, spec, inputs)
+        node = Node(len(self.nodes), node_name, kind, spec, inputs, parallelism, keyed, watermark, uid)
         self.nodes.append(node)
         return node
 
@@ -149,7 +195,9 @@ class Dataflow:
 
         Args:
             source: a replayable source config (``GeneratorSource``, ``ParquetSource``, ...).
-            name: the operator name; ``source_<n>`` by default.
+            name: the operator name; ``source_<n>`` by default. A name pins the
+                source's checkpointed offsets: a resumed job matches them by it,
+                whatever else changed in the graph.
             watermark: how event time and watermarks derive from the rows; without
                 one the stream has no event time and cannot be windowed.
             parallelism: subtasks reading the source; the job's parallelism by default.
@@ -224,7 +272,8 @@ class Stream:
             fp_rate: bloom mode's designed false-positive rate.
             expected_items: distinct ids per ``within_ms`` across all subtasks (sizes the filters).
             time_column: the event time column; the source's watermark column by default.
-            name: the operator name; ``dedupe_<n>`` by default.
+            name: the operator name; ``dedupe_<n>`` by default; it pins the
+                operator's checkpointed state across changes to the graph.
             parallelism: subtasks; the job's parallelism by default.
 
         Raises:
@@ -242,8 +291,7 @@ class Stream:
         spec = Dedupe(keys, within_ms, time_column=column, mode=mode, fp_rate=fp_rate,
                       expected_items=expected_items)
         node = self.flow._add(NodeKind.TRANSFORM, "dedupe", spec, [self._edge()], name=name,
-                              parallelism=parallelism, keyed=True)
-        node.inputs[0] = Edge(self.node.id, self.port, spec.columns, node.name)
+                              parallelism=parallelism, keyed=True, key_columns=spec.columns)
         return Stream(self.flow, node, MAIN, self.time_column)
 
     def union(self, *others: Stream, name: str | None = None, parallelism: int | None = None) -> Stream:
@@ -258,7 +306,10 @@ class Stream:
         return Stream(self.flow, node, MAIN, self.time_column)
 
     def sink(self, sink: TransactionalSink, *, name: str | None = None, parallelism: int | None = None) -> None:
-        """Write the stream to ``sink`` (committed in two phases)."""
+        """Write the stream to ``sink`` (committed in two phases).
+
+        Pass ``name=`` to keep matching its checkpointed transactions when the graph changes upstream.
+        """
         if not isinstance(sink, TransactionalSink):
             msg = f"stream.sink() needs a onceflow sink, got {type(sink).__name__}"
             raise PlanError(msg)
@@ -302,12 +353,18 @@ class KeyedStream:
         return WindowedStream(self, window, column, allowed_lateness_ms)
 
     def process(self, fn: ProcessFn, *, name: str | None = None, parallelism: int | None = None) -> Stream:
-        """Run ``fn(state, row) -> (state, output)`` per row with state per key."""
+        """Run ``fn(state, row) -> (state, output)`` per row with state per key.
+
+        Pass ``name=`` to keep its checkpointed state when the graph changes: a resumed job matches state by it.
+        """
         node = self._keyed("process", KeyedProcess(fn, self.keys), name, parallelism)
         return Stream(self._stream.flow, node, MAIN, self._stream.time_column)
 
     def reduce(self, fn: ReduceFn, *, name: str | None = None, parallelism: int | None = None) -> Stream:
-        """Fold rows per key with ``fn(accumulated, row)``; emit every updated row."""
+        """Fold rows per key with ``fn(accumulated, row)``; emit every updated row.
+
+        Pass ``name=`` to keep its checkpointed state when the graph changes: a resumed job matches state by it.
+        """
         node = self._keyed("reduce", KeyedReduce(fn, self.keys), name, parallelism)
         return Stream(self._stream.flow, node, MAIN, self._stream.time_column)
 
@@ -324,7 +381,10 @@ class WindowedStream:
 
     def aggregate(self, *, name: str | None = None, parallelism: int | None = None,
                   **aggregates: Aggregation) -> WindowAggregateStream:
-        """Aggregate every window; emit keys, ``window_start``, ``window_end`` and one column per aggregate."""
+        """Aggregate every window; emit keys, ``window_start``, ``window_end`` and one column per aggregate.
+
+        Pass ``name=`` to keep its checkpointed state when the graph changes: a resumed job matches state by it.
+        """
         if not aggregates:
             msg = f"{self._keyed.name}: aggregate() needs at least one named aggregation, e.g. count=agg.count()"
             raise PlanError(msg)

@@ -84,6 +84,7 @@ from runtime.dataflow import NodeKind
 from runtime.output import DownstreamFailedError
 from runtime.plan import PhysicalPlan, plan
 from runtime.ray_env import NAMESPACE, ensure_ray
+from runtime.restore import assign_restored_state
 from runtime.telemetry import RestartCounter
 
 if TYPE_CHECKING:
@@ -614,13 +615,15 @@ class JobHandle:
                                       timeout=_CALL_TIMEOUT_S)
             remote_cls: Any = ray.remote(SubtaskActor)
             identity = AttemptId(self.run_id, number)
+            assigned = {} if restore is None else assign_restored_state(
+                self._plan, restore[1], allow_non_restored_state=self._allow_non_restored_state)
             for vertex in self._plan.vertices:
                 group = []
                 for subtask in range(vertex.parallelism):
                     name = f"{self.job}/{vertex.name}/{subtask}"
                     task_restore = None
                     if restore is not None:
-                        task_restore = _Restore(restore[0], restore[1].get(f"{vertex.name}/{subtask}", {}))
+                        task_restore = _Restore(restore[0], assigned[f"{vertex.name}/{subtask}"])
                     actor = self._create(remote_cls, name, self._plan, vertex.id, subtask, self._options, setup,
                                          task_restore, attempt=identity)
                     group.append(actor)
@@ -642,7 +645,8 @@ class JobHandle:
                 source.run.remote()
         except Exception as error:  # noqa: BLE001 - a failure while deploying is one failure like any other
             self._last_failure = error
-            return Failed(number, f"deploying attempt {number} failed: {type(error).__name__}: {error}")
+            return Failed(number, f"deploying attempt {number} failed: {type(error).__name__}: {error}",
+                          retryable=not isinstance(error, _NOT_RETRYABLE))
         if restore is not None:
             self.restored_from.append(restore[0])
         if number == 1:
@@ -758,7 +762,8 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
            checkpoint: CheckpointConfig | None = None, restart: RestartStrategy | None = None,
            max_parallelism: int = DEFAULT_MAX_PARALLELISM, batch_bytes: int | None = None,
            linger_s: float | None = None, credits: int | None = None, chaining: bool = True,
-           actor_options: dict[str, Any] | None = None, resume: bool = False) -> JobHandle:
+           actor_options: dict[str, Any] | None = None, resume: bool = False,
+           allow_non_restored_state: bool = False) -> JobHandle:
     """Start ``flow`` and return a handle without waiting for it.
 
     Args:
@@ -778,6 +783,12 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
             another run's state: it starts from the beginning, after
             committing the sink transactions that the newest checkpoint of an
             earlier run decided and aborting every other one it left.
+        allow_non_restored_state: when resuming, drop (with a warning)
+            checkpointed state that matches no operator of ``flow`` instead of
+            refusing to start. State is matched by operator uid: an
+            operator's ``name=``, or an id derived from the steps upstream of
+            it, so give stateful operators names to keep their state across
+            changes to the graph.
         max_parallelism: the number of key groups (the most subtasks a keyed operator can have).
         batch_bytes: a channel sends once it buffers this many bytes.
         linger_s: a channel sends buffered rows at the latest after this long.
@@ -790,7 +801,8 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
 
     Raises:
         PlanError: the dataflow cannot run (no sink, bad parallelism, a job of
-            the same name is already running).
+            the same name is already running, or resumed state that matches
+            no operator, without ``allow_non_restored_state``).
     """
     physical = plan(flow, parallelism, max_parallelism=max_parallelism, chaining=chaining)
     defaults = RuntimeOptions()
@@ -808,7 +820,7 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
         msg = "resume=True needs checkpoint=CheckpointConfig(...) naming the storage to resume from"
         raise PlanError(msg)
     return JobHandle(flow, physical, options, checkpoint, restart or RestartStrategy.default(), actor_options or {},
-                     resume)
+                     resume, allow_non_restored_state)
 
 
 def run(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
@@ -816,7 +828,7 @@ def run(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
         max_parallelism: int = DEFAULT_MAX_PARALLELISM, batch_bytes: int | None = None,
         linger_s: float | None = None, credits: int | None = None, chaining: bool = True,
         actor_options: dict[str, Any] | None = None, resume: bool = False,
-        timeout_s: float | None = None) -> JobResult:
+        allow_non_restored_state: bool = False, timeout_s: float | None = None) -> JobResult:
     """Run a bounded ``flow`` to the end and return its result (see :func:`submit` for the arguments).
 
     Raises:
@@ -825,7 +837,8 @@ def run(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
     """
     handle = submit(flow, parallelism=parallelism, address=address, checkpoint=checkpoint, restart=restart,
                     max_parallelism=max_parallelism, batch_bytes=batch_bytes, linger_s=linger_s,
-                    credits=credits, chaining=chaining, actor_options=actor_options, resume=resume)
+                    credits=credits, chaining=chaining, actor_options=actor_options, resume=resume,
+                    allow_non_restored_state=allow_non_restored_state)
     try:
         return handle.wait(timeout_s)
     except TimeoutError:

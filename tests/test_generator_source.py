@@ -6,10 +6,12 @@ import msgpack
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import settings
 
 from checkpoint.errors import DataError, PlanError
-from operators.sources.base import Idle, SourceContext
+from operators.sources.base import Idle, RescaledOffsets, SourceContext
 from operators.sources.generator import GeneratorSource, GeneratorSourceReader
+from tests.test_restore import assert_exactly_once, rescales
 
 
 def make_batch(offset: int, n: int) -> pa.RecordBatch:
@@ -42,7 +44,7 @@ class FakeClock:
 def test_one_subtask_reads_every_row_in_batches() -> None:
     reader = GeneratorSource(make_batch, total=25, batch_size=10).build(SourceContext("gen_0"))
     assert ids(reader) == [list(range(0, 10)), list(range(10, 20)), list(range(20, 25))]
-    assert reader.offset() == {"next_batch": 3}
+    assert reader.offset() == {"cursors": [[1, 0, 3, 0]]}
     assert reader.read() is None
 
 
@@ -70,7 +72,7 @@ def test_resume_from_a_mid_stream_offset_gives_exactly_the_remaining_rows() -> N
     first = source.build(ctx)
     assert [b.column("id")[0].as_py() for b in (first.read(), first.read())] == [10, 40]  # type: ignore[union-attr]
     offset = msgpack.unpackb(msgpack.packb(first.offset()))
-    assert offset == {"next_batch": 7}
+    assert offset == {"cursors": [[3, 1, 7, 0]]}  # batches 1, 4, 7, ...: next is 7
     assert ids(source.build(ctx, offset)) == [list(range(70, 80))]
     assert ids(first) == [list(range(70, 80))]
 
@@ -83,7 +85,7 @@ def test_unbounded_source_keeps_going() -> None:
         assert isinstance(batch, pa.RecordBatch)
         starts.append(batch.column("id")[0].as_py())
     assert starts == list(range(0, 100_000, 2_000))
-    assert reader.offset() == {"next_batch": 100}
+    assert reader.offset() == {"cursors": [[2, 0, 100, 0]]}
 
 
 def test_empty_total_and_idle_subtasks_end_at_once() -> None:
@@ -186,7 +188,7 @@ def test_rate_limit_is_shared_by_the_subtasks_and_returns_idle() -> None:
     assert idle_seconds(reader.read()) == pytest.approx(0.2)
     clock.now += 0.15
     assert idle_seconds(reader.read()) == pytest.approx(0.05)
-    assert reader.offset() == {"next_batch": 3}
+    assert reader.offset() == {"cursors": [[2, 1, 3, 0]]}
     clock.now += 0.05
     batch = reader.read()
     assert isinstance(batch, pa.RecordBatch)
@@ -219,3 +221,19 @@ def test_resume_offset_of_another_subtask_is_rejected() -> None:
 def test_bad_options_are_plan_errors(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(PlanError, match=message):
         GeneratorSource(make_batch, **kwargs)  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@rescales
+def test_batches_are_read_exactly_once_across_rescales(parallelisms: list[int], reads: list[list[int]]) -> None:
+    """Stop readers at one parallelism, resume at another (and again): every batch once."""
+    assert_exactly_once(lambda: GeneratorSource(make_batch, total=97, batch_size=4), list(range(97)),
+                        parallelisms, reads)
+
+
+def test_old_offsets_are_read_at_the_same_and_at_another_parallelism() -> None:
+    source = GeneratorSource(make_batch, total=60, batch_size=10)
+    assert [b[0] for b in ids(source.build(SourceContext("g", 1, 2), {"next_batch": 3}))] == [30, 50]
+    rescaled = RescaledOffsets(({"next_batch": 2}, {"next_batch": 3}))  # batches 0, 1 read; 2..5 left
+    firsts = sorted(b[0] for s in range(3) for b in ids(source.build(SourceContext("g", s, 3), rescaled)))
+    assert firsts == [20, 30, 40, 50]

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from hypothesis import HealthCheck, settings
 
 from checkpoint.errors import DataError, PlanError
-from operators.sources.base import SourceContext
+from operators.sources.base import RescaledOffsets, SourceContext
 from operators.sources.jsonl import JsonLinesSource, JsonLinesSourceReader
 from tests.helpers import assert_resumes_from_every_offset, read_ids
+from tests.test_restore import assert_exactly_once, rescales
 
 
 def write_lines(path: Path, rows: list[dict[str, object]], trailing_newline: bool = True) -> None:
@@ -39,7 +41,7 @@ def folder(tmp_path: Path) -> Path:
 def test_one_subtask_reads_files_in_sorted_order_batch_size_lines_at_a_time(folder: Path) -> None:
     reader = JsonLinesSource(folder, batch_size=3).build(SourceContext("json_0"))
     assert read_ids(reader) == [[0, 1, 2], [3, 4, 5], [6], [7, 8, 9], [10, 11, 12], [13, 14]]
-    assert reader.offset() == {"file": 3, "byte": 0}
+    assert reader.offset() == {"cursors": [[1, 0, 3, 0]]}
 
 
 def test_subtask_takes_every_pth_file(folder: Path) -> None:
@@ -61,10 +63,10 @@ def test_offset_is_the_byte_of_the_next_line(folder: Path) -> None:
     reader = JsonLinesSource(folder, batch_size=3).build(SourceContext("json_0"))
     reader.read()
     first_three = sum(len(json.dumps(row)) + 1 for row in rows(0, 3))
-    assert reader.offset() == {"file": 0, "byte": first_three}
+    assert reader.offset() == {"cursors": [[1, 0, 0, first_three]]}
     reader.read()
     reader.read()
-    assert reader.offset() == {"file": 1, "byte": 0}
+    assert reader.offset() == {"cursors": [[1, 0, 1, 0]]}
 
 
 @pytest.mark.parametrize("parallelism", [1, 2])
@@ -89,7 +91,7 @@ def test_malformed_line_names_the_file_and_line_number(folder: Path) -> None:
     with pytest.raises(DataError, match=r"jsonl source json_0: malformed line 4 in '.*sub/c\.jsonl' \(.*\); fix or"):
         reader.read()
     # The failed chunk is not consumed; after a resume the line number still counts from the file's start.
-    assert reader.offset() == {"file": 0, "byte": 48}
+    assert reader.offset() == {"cursors": [[1, 0, 0, 48]]}
     with pytest.raises(DataError, match=r"malformed line 4 in"):
         reader.read()
     resumed = source.build(SourceContext("json_0"), {"file": 0, "byte": 48})
@@ -132,7 +134,7 @@ def test_an_unexpected_field_with_an_inferred_schema_is_reported(tmp_path: Path)
     assert reader.read() is not None
     with pytest.raises(DataError, match=r"malformed line 2 .*unexpected field.*pass schema="):
         reader.read()
-    assert reader.offset() == {"file": 0, "byte": 9}  # the failed chunk is not consumed
+    assert reader.offset() == {"cursors": [[1, 0, 0, 9]]}  # the failed chunk is not consumed
 
 
 def test_a_given_schema_ignores_other_fields_and_fills_missing_ones(tmp_path: Path) -> None:
@@ -161,3 +163,20 @@ def test_a_missing_path_and_a_foreign_offset_are_plan_errors(folder: Path) -> No
         JsonLinesSource(folder / "nowhere").build(SourceContext("json_0"))
     with pytest.raises(PlanError, match="does not belong to subtask 0 of 2"):
         JsonLinesSource(folder).build(SourceContext("json_0", 0, 2), {"file": 1, "byte": 0})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@rescales
+def test_lines_are_read_exactly_once_across_rescales(folder: Path, parallelisms: list[int],
+                                                     reads: list[list[int]]) -> None:
+    """Stop readers mid file at one parallelism, resume at another (and again): every line once."""
+    assert_exactly_once(lambda: JsonLinesSource(folder, batch_size=2), list(range(15)), parallelisms, reads)
+
+
+def test_old_offsets_are_taken_over_at_another_parallelism(folder: Path) -> None:
+    source = JsonLinesSource(folder, batch_size=100)
+    first_two = len("\n".join(json.dumps(row) for row in rows(0, 2))) + 1
+    old = RescaledOffsets(({"file": 0, "byte": first_two}, {"file": 1, "byte": 0}))
+    got = sorted(i for s in range(3) for batch in read_ids(source.build(SourceContext("json_0", s, 3), old))
+                 for i in batch)
+    assert got == list(range(2, 15))

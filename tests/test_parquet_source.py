@@ -7,11 +7,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, settings
 
 from checkpoint.errors import DataError, PlanError
-from operators.sources.base import SourceContext
+from operators.sources.base import RescaledOffsets, SourceContext
 from operators.sources.parquet import ParquetSource
 from tests.helpers import assert_resumes_from_every_offset, read_ids
+from tests.test_restore import assert_exactly_once, rescales
 
 
 def rows(start: int, stop: int) -> pa.Table:
@@ -41,7 +43,7 @@ def test_one_subtask_reads_units_in_sorted_order(folder: Path) -> None:
     reader = ParquetSource(folder, batch_size=3).build(SourceContext("pq_0"))
     assert read_ids(reader) == [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9], [15, 16, 17], [18, 19],
                                 [20, 21, 22], [23, 24], [10, 11, 12], [13, 14]]
-    assert reader.offset() == {"unit": 6, "row": 0}
+    assert reader.offset() == {"cursors": [[1, 0, 6, 0]]}
 
 
 def test_subtask_takes_every_pth_unit(folder: Path) -> None:
@@ -63,7 +65,7 @@ def test_offsets_point_inside_the_row_group(folder: Path) -> None:
     offsets = []
     while reader.read() is not None:
         offsets.append(reader.offset())
-    assert offsets[:3] == [{"unit": 0, "row": 3}, {"unit": 1, "row": 0}, {"unit": 1, "row": 3}]
+    assert offsets[:3] == [{"cursors": [[1, 0, 0, 3]]}, {"cursors": [[1, 0, 1, 0]]}, {"cursors": [[1, 0, 1, 3]]}]
 
 
 @pytest.mark.parametrize("parallelism", [1, 2])
@@ -135,3 +137,19 @@ def test_resume_offset_of_another_subtask_is_rejected(folder: Path) -> None:
         ParquetSource(folder).build(SourceContext("pq_0", 1, 2), {"unit": 2, "row": 0})
     with pytest.raises(PlanError, match=r"is not \{'unit': u, 'row': r\}"):
         ParquetSource(folder).build(SourceContext("pq_0"), {"next_batch": 2})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@rescales
+def test_rows_are_read_exactly_once_across_rescales(folder: Path, parallelisms: list[int],
+                                                    reads: list[list[int]]) -> None:
+    """Stop readers mid row group at one parallelism, resume at another (and again): every row once."""
+    assert_exactly_once(lambda: ParquetSource(folder, batch_size=2), sorted(ORDER), parallelisms, reads)
+
+
+def test_old_offsets_are_taken_over_at_another_parallelism(folder: Path) -> None:
+    source = ParquetSource(folder, batch_size=100)
+    old = RescaledOffsets(({"unit": 2, "row": 1}, {"unit": 1, "row": 0}))  # unit 0 read, unit 2 started
+    got = sorted(i for s in range(3) for batch in read_ids(source.build(SourceContext("pq_0", s, 3), old))
+                 for i in batch)
+    assert got == sorted(i for i in ORDER if i not in range(0, 4) and i != 8)  # unit 2 is [8, 9]

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from checkpoint.errors import OnceflowError, PlanError
-from operators.sources.base import SourceContext
+from operators.sources.base import RescaledOffsets, SourceContext
 from operators.sources.testing import TestingSource, TestingSourceAbort, TestingSourceReader
 
 CTX = SourceContext("test_0")
@@ -114,3 +114,12 @@ def test_bad_items_and_offsets_are_plan_errors() -> None:
 
 def test_not_collected_as_a_test_class() -> None:
     assert TestingSource.__test__ is False
+
+
+def test_rescaled_offsets_resume_subtask_0_where_the_old_subtask_0_was() -> None:
+    source = TestingSource([{"x": 1}, {"x": 2}, {"x": 3}])
+    reader = source.build(CTX)
+    reader.read()
+    rescaled = RescaledOffsets((msgpack.unpackb(msgpack.packb(reader.offset())),))
+    assert read_all(source.build(CTX, rescaled)) == [[{"x": 2}], [{"x": 3}]]
+    assert read_all(source.build(SourceContext("test_0", 1, 2), rescaled)) == []

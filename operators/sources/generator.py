@@ -7,6 +7,11 @@ just the index of the next batch to produce.
 
 Batch *k* covers offsets ``[k * batch_size, min((k + 1) * batch_size, total))``.
 With parallelism *p*, subtask *i* produces batches ``i, i + p, i + 2p, ...``.
+A reader's offset lists its :class:`~operators.sources.base.SplitCursor`
+objects over batch indices (``[stride, start, next, 0]``), so readers at
+another parallelism take the batches over exactly (see
+:mod:`operators.sources.base`); the earlier ``{"next_batch": k}`` offsets are
+still read.
 
 Example:
     >>> import pyarrow as pa
@@ -18,8 +23,8 @@ Example:
     >>> reader.read().column("id").to_pylist()
     [0, 1]
     >>> reader.offset()
-    {'next_batch': 1}
-    >>> resumed = source.build(SourceContext("source_0"), {"next_batch": 2})
+    {'cursors': [[1, 0, 1, 0]]}
+    >>> resumed = source.build(SourceContext("source_0"), {"cursors": [[1, 0, 2, 0]]})
     >>> resumed.read().column("id").to_pylist(), resumed.read()
     ([4], None)
 
@@ -35,7 +40,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from checkpoint.errors import DataError, PlanError
-from operators.sources.base import Idle, Source, SourceContext, SourceReader, parse_split_offset
+from operators.sources.base import (
+    Idle,
+    Source,
+    SourceContext,
+    SourceReader,
+    SplitCursor,
+    cursors_offset,
+    resume_cursors,
+)
 
 __all__ = ["GeneratorSource", "GeneratorSourceReader", "MakeBatch"]
 
@@ -116,8 +129,10 @@ class GeneratorSource(Source):
 
         Args:
             ctx: where the reader runs.
-            resume_offset: an ``offset()`` of an earlier reader of the same
-                subtask at the same parallelism, or ``None`` to start.
+            resume_offset: ``None`` to start, an ``offset()`` of an earlier
+                reader of the same subtask at the same parallelism, or
+                :class:`~operators.sources.base.RescaledOffsets` holding every
+                earlier reader's offset (another parallelism).
 
         Returns:
             The reader.
@@ -126,9 +141,8 @@ class GeneratorSource(Source):
             PlanError: ``resume_offset`` is malformed or belongs to another subtask.
 
         """
-        next_batch = ctx.subtask if resume_offset is None else parse_split_offset(
-            ctx, resume_offset, source="GeneratorSource", fields=(("next_batch", "k"),))[0]
-        return GeneratorSourceReader(self, ctx, next_batch)
+        cursors = resume_cursors(ctx, resume_offset, source="GeneratorSource", fields=(("next_batch", "k"),))
+        return GeneratorSourceReader(self, ctx, cursors)
 
 
 class GeneratorSourceReader(SourceReader):
@@ -137,15 +151,16 @@ class GeneratorSourceReader(SourceReader):
     Args:
         source: the source config.
         ctx: where the reader runs.
-        next_batch: the index of the next batch to produce.
+        cursors: the batch sequences this reader produces; it produces the
+            lowest pending batch of them first.
 
     """
 
-    def __init__(self, source: GeneratorSource, ctx: SourceContext, next_batch: int) -> None:
+    def __init__(self, source: GeneratorSource, ctx: SourceContext, cursors: list[SplitCursor]) -> None:
         self._source = source
         self._ctx = ctx
-        self._next_batch = next_batch
-        self._check_determinism = ctx.subtask == 0 and next_batch == 0
+        self._cursors = list(cursors)
+        self._check_determinism = any(c.next == 0 for c in cursors)
         self._schema: pa.Schema | None = None
         rate = source.max_events_per_s
         self._rate = None if rate is None else rate / max(ctx.parallelism, 1)
@@ -161,9 +176,12 @@ class GeneratorSourceReader(SourceReader):
 
         """
         source = self._source
-        start = self._next_batch * source.batch_size
-        if source.total is not None and start >= source.total:
+        pending = [i for i, c in enumerate(self._cursors)
+                   if source.total is None or c.next * source.batch_size < source.total]
+        if not pending:
             return None
+        current = min(pending, key=lambda i: self._cursors[i].next)
+        start = self._cursors[current].next * source.batch_size
         n = source.batch_size if source.total is None else min(source.batch_size, source.total - start)
         if self._rate is not None:
             now = source.clock()
@@ -183,13 +201,13 @@ class GeneratorSourceReader(SourceReader):
                     "(numpy.random.default_rng(offset)) and do not read clocks or global state"
                 )
                 raise DataError(msg, operator=self._ctx.operator)
-        self._next_batch += max(self._ctx.parallelism, 1)
+        self._cursors[current] = self._cursors[current].advanced()
         self._emitted += n
         return batch
 
-    def offset(self) -> dict[str, int]:
-        """Return ``{"next_batch": k}``: the global index of the next batch to produce."""
-        return {"next_batch": self._next_batch}
+    def offset(self) -> dict[str, list[list[int]]]:
+        """Return ``{"cursors": [[stride, start, next, 0], ...]}``: the batch sequences and their next batches."""
+        return cursors_offset(self._cursors)
 
     def _make(self, start: int, n: int) -> pa.RecordBatch:
         """Call ``make_batch`` and check what it returned."""

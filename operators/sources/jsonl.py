@@ -4,9 +4,13 @@ The input is one file or a directory searched recursively for ``*.jsonl`` and
 ``*.json`` files holding one JSON object per line (sorted by path; names or
 directories starting with ``_`` or ``.`` are skipped). With parallelism *p*,
 subtask *i* reads files ``i, i + p, i + 2p, ...``, ``batch_size`` lines at a
-time, parsed by :mod:`pyarrow.json`. A reader's offset is
-``{"file": f, "byte": b}``: the file it is in and the byte offset of its next
-unread line, so a resumed reader seeks straight there.
+time, parsed by :mod:`pyarrow.json`. A reader's offset lists its
+:class:`~operators.sources.base.SplitCursor` objects over file indices,
+``{"cursors": [[stride, start, file, byte], ...]}``: each sequence's current
+file and the byte offset of its next unread line, so a resumed reader seeks
+straight there, and readers at another parallelism take the files over
+exactly (see :mod:`operators.sources.base`). The earlier
+``{"file": f, "byte": b}`` offsets are still read.
 
 Every chunk is parsed with one explicit schema, so column types stay stable:
 the ``schema`` given, or the one inferred from the first chunk of the first
@@ -23,9 +27,9 @@ Example:
     ...     _ = f.write('{"id": 0}\n{"id": 1}\n{"id": 2}\n')
     >>> reader = JsonLinesSource(folder, batch_size=2).build(SourceContext("source_0"))
     >>> reader.read().to_pydict(), reader.offset()
-    ({'id': [0, 1]}, {'file': 0, 'byte': 20})
+    ({'id': [0, 1]}, {'cursors': [[1, 0, 0, 20]]})
     >>> reader.read().to_pydict(), reader.offset()
-    ({'id': [2]}, {'file': 1, 'byte': 0})
+    ({'id': [2]}, {'cursors': [[1, 0, 1, 0]]})
 
 """
 
@@ -40,7 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 
 from checkpoint.errors import DataError, PlanError
-from operators.sources.base import Source, SourceContext, SourceReader, parse_split_offset
+from operators.sources.base import Source, SourceContext, SourceReader, SplitCursor, cursors_offset, resume_cursors
 from operators.sources.parquet import absolute_path, list_data_files, resolve_filesystem
 
 __all__ = ["JsonLinesSource", "JsonLinesSourceReader"]
@@ -94,8 +98,10 @@ class JsonLinesSource(Source):
 
         Args:
             ctx: where the reader runs.
-            resume_offset: an ``offset()`` of an earlier reader of the same
-                subtask at the same parallelism, or ``None`` to start.
+            resume_offset: ``None`` to start, an ``offset()`` of an earlier
+                reader of the same subtask at the same parallelism, or
+                :class:`~operators.sources.base.RescaledOffsets` holding every
+                earlier reader's offset (another parallelism).
 
         Returns:
             The reader.
@@ -107,14 +113,13 @@ class JsonLinesSource(Source):
         """
         fs, path = resolve_filesystem(self.path)
         files = list_data_files(fs, path, (".jsonl", ".json"), operator=ctx.operator, kind="jsonl")
-        file, byte = (ctx.subtask, 0) if resume_offset is None else parse_split_offset(
-            ctx, resume_offset, source="JsonLinesSource", fields=(("file", "f"), ("byte", "b")))
+        cursors = resume_cursors(ctx, resume_offset, source="JsonLinesSource", fields=(("file", "f"), ("byte", "b")))
         if self.schema is not None:
             options = pajson.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="ignore")
         else:
             schema = _infer_schema(fs, files, self.batch_size, ctx.operator)
             options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
-        return JsonLinesSourceReader(fs, files, ctx, self.batch_size, options, file, byte)
+        return JsonLinesSourceReader(fs, files, ctx, self.batch_size, options, cursors)
 
 
 class JsonLinesSourceReader(SourceReader):
@@ -126,8 +131,9 @@ class JsonLinesSourceReader(SourceReader):
         ctx: where the reader runs.
         batch_size: lines per batch.
         options: how to parse a chunk (its explicit schema included).
-        file: the index of the file to start in.
-        byte: the byte offset of the next unread line in that file.
+        cursors: the file sequences this reader reads (their current file and
+            the byte offset of its next unread line); it reads the lowest
+            pending file first.
 
     """
 
@@ -138,18 +144,16 @@ class JsonLinesSourceReader(SourceReader):
         ctx: SourceContext,
         batch_size: int,
         options: pajson.ParseOptions,
-        file: int,
-        byte: int,
+        cursors: list[SplitCursor],
     ) -> None:
         self._fs = fs
         self._files = files
         self._ctx = ctx
-        self._step = max(ctx.parallelism, 1)
         self._batch_size = batch_size
         self._options = options
-        self._file = file
-        self._byte = byte
+        self._cursors = list(cursors)
         self._stream: io.BufferedReader | None = None
+        self._stream_file: int | None = None
         self._size = 0
 
     def read(self) -> pa.RecordBatch | None:
@@ -159,48 +163,57 @@ class JsonLinesSourceReader(SourceReader):
             DataError: a line is not a JSON object matching the schema.
 
         """
-        while self._file < len(self._files):
-            if self._stream is None:
-                self._open()
+        while (current := self._current()) is not None:
+            cursor = self._cursors[current]
+            if self._stream is None or self._stream_file != cursor.next:
+                self._open(cursor)
             assert self._stream is not None
-            path = self._files[self._file]
+            path = self._files[cursor.next]
             lines = _read_lines(self._stream, self._batch_size)
             if not lines:
-                self._next_file()
+                self._next_file(current)
                 continue
             try:
-                table = _parse(lines, self._options, self._fs, path, self._byte, self._ctx.operator)
+                table = _parse(lines, self._options, self._fs, path, cursor.position, self._ctx.operator)
             except DataError:
                 self.close()  # a retry reads the same lines again
                 raise
-            self._byte += sum(len(line) for line in lines)
-            if self._byte >= self._size:
-                self._next_file()
+            cursor = cursor.at(cursor.position + sum(len(line) for line in lines))
+            self._cursors[current] = cursor
+            if cursor.position >= self._size:
+                self._next_file(current)
             if table.num_rows:
                 return _to_batch(table)
         return None
 
-    def offset(self) -> dict[str, int]:
-        """Return ``{"file": f, "byte": b}``: the current file and the byte offset of its next line."""
-        return {"file": self._file, "byte": self._byte}
+    def offset(self) -> dict[str, list[list[int]]]:
+        """Return ``{"cursors": [[stride, start, file, byte], ...]}``: each sequence's file and next line's byte."""
+        return cursors_offset(self._cursors)
 
     def close(self) -> None:
         """Close the open file."""
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+            self._stream_file = None
 
-    def _open(self) -> None:
-        path = self._files[self._file]
-        self._stream = io.BufferedReader(self._fs.open_input_file(path), buffer_size=_READ_BUFFER)
-        self._size = self._fs.get_file_info(path).size or 0
-        if self._byte:
-            self._stream.seek(self._byte)
+    def _current(self) -> int | None:
+        """Return the index of the cursor with the lowest pending file, ``None`` when all are done."""
+        pending = [i for i, c in enumerate(self._cursors) if c.next < len(self._files)]
+        return min(pending, key=lambda i: self._cursors[i].next) if pending else None
 
-    def _next_file(self) -> None:
+    def _open(self, cursor: SplitCursor) -> None:
         self.close()
-        self._file += self._step
-        self._byte = 0
+        path = self._files[cursor.next]
+        self._stream = io.BufferedReader(self._fs.open_input_file(path), buffer_size=_READ_BUFFER)
+        self._stream_file = cursor.next
+        self._size = self._fs.get_file_info(path).size or 0
+        if cursor.position:
+            self._stream.seek(cursor.position)
+
+    def _next_file(self, index: int) -> None:
+        self.close()
+        self._cursors[index] = self._cursors[index].advanced()
 
 
 def _read_lines(stream: io.BufferedReader, count: int) -> list[bytes]:

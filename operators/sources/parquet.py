@@ -4,9 +4,13 @@ The input is one file or a directory searched recursively for ``*.parquet``
 files (sorted by path; names or directories starting with ``_`` or ``.`` are
 skipped, as :func:`pyarrow.dataset.dataset` does). Its *work units* are the
 ``(file, row group)`` pairs in that order; with parallelism *p*, subtask *i*
-reads units ``i, i + p, i + 2p, ...``. A reader's offset is
-``{"unit": u, "row": r}``: the unit it is in and the rows of it already
-returned, so a resumed reader continues in the middle of a row group.
+reads units ``i, i + p, i + 2p, ...``. A reader's offset lists its
+:class:`~operators.sources.base.SplitCursor` objects over unit indices,
+``{"cursors": [[stride, start, unit, row], ...]}``: each sequence's current
+unit and the rows of it already returned, so a resumed reader continues in the
+middle of a row group, and readers at another parallelism take the units over
+exactly (see :mod:`operators.sources.base`). The earlier
+``{"unit": u, "row": r}`` offsets are still read.
 
 The input must not change between taking an offset and resuming from it.
 
@@ -18,9 +22,9 @@ Example:
     >>> pq.write_table(pa.table({"id": [0, 1, 2]}), os.path.join(folder, "a.parquet"))
     >>> reader = ParquetSource(folder, batch_size=2).build(SourceContext("source_0"))
     >>> reader.read().column("id").to_pylist(), reader.offset()
-    ([0, 1], {'unit': 0, 'row': 2})
+    ([0, 1], {'cursors': [[1, 0, 0, 2]]})
     >>> reader.read().column("id").to_pylist(), reader.offset()
-    ([2], {'unit': 1, 'row': 0})
+    ([2], {'cursors': [[1, 0, 1, 0]]})
     >>> reader.read() is None
     True
 
@@ -38,7 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from checkpoint.errors import DataError, PlanError
-from operators.sources.base import Source, SourceContext, SourceReader, parse_split_offset
+from operators.sources.base import Source, SourceContext, SourceReader, SplitCursor, cursors_offset, resume_cursors
 
 __all__ = ["ParquetSource", "ParquetSourceReader", "absolute_path", "list_data_files", "resolve_filesystem"]
 
@@ -148,8 +152,10 @@ class ParquetSource(Source):
 
         Args:
             ctx: where the reader runs.
-            resume_offset: an ``offset()`` of an earlier reader of the same
-                subtask at the same parallelism, or ``None`` to start.
+            resume_offset: ``None`` to start, an ``offset()`` of an earlier
+                reader of the same subtask at the same parallelism, or
+                :class:`~operators.sources.base.RescaledOffsets` holding every
+                earlier reader's offset (another parallelism).
 
         Returns:
             The reader.
@@ -175,9 +181,8 @@ class ParquetSource(Source):
                 rows = metadata.row_group(group).num_rows
                 if rows > 0:
                     units.append(_Unit(file, group, rows))
-        unit, row = (ctx.subtask, 0) if resume_offset is None else parse_split_offset(
-            ctx, resume_offset, source="ParquetSource", fields=(("unit", "u"), ("row", "r")))
-        return ParquetSourceReader(fs, units, ctx, self.batch_size, self.columns, unit, row)
+        cursors = resume_cursors(ctx, resume_offset, source="ParquetSource", fields=(("unit", "u"), ("row", "r")))
+        return ParquetSourceReader(fs, units, ctx, self.batch_size, self.columns, cursors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +203,8 @@ class ParquetSourceReader(SourceReader):
         ctx: where the reader runs.
         batch_size: the most rows per batch.
         columns: the columns to read, or ``None`` for all.
-        unit: the unit to start in.
-        row: the rows of ``unit`` already returned.
+        cursors: the unit sequences this reader reads (their current unit and
+            its rows already returned); it reads the lowest pending unit first.
 
     """
 
@@ -210,42 +215,43 @@ class ParquetSourceReader(SourceReader):
         ctx: SourceContext,
         batch_size: int,
         columns: list[str] | None,
-        unit: int,
-        row: int,
+        cursors: list[SplitCursor],
     ) -> None:
         self._fs = fs
         self._units = units
         self._ctx = ctx
-        self._step = max(ctx.parallelism, 1)
         self._batch_size = batch_size
         self._columns = columns
-        self._unit = unit
-        self._row = row
+        self._cursors = list(cursors)
         self._batches: Iterator[pa.RecordBatch] | None = None
+        self._batches_unit: int | None = None
         self._handle: pa.NativeFile | None = None
         self._file: pq.ParquetFile | None = None
         self._file_path: str | None = None
-        self._skip_finished_unit()
+        for index in range(len(self._cursors)):
+            self._skip_finished_unit(index)
 
     def read(self) -> pa.RecordBatch | None:
         """Return the next batch of this subtask's row groups, ``None`` at the end."""
-        while self._unit < len(self._units):
-            if self._batches is None:
-                self._batches = self._open_unit(self._units[self._unit])
+        while (current := self._current()) is not None:
+            cursor = self._cursors[current]
+            if self._batches is None or self._batches_unit != cursor.next:
+                self._batches = self._open_unit(self._units[cursor.next], cursor.position)
+                self._batches_unit = cursor.next
             batch = next(self._batches, None)
             if batch is None or batch.num_rows == 0:
                 if batch is None:  # the row group had fewer rows than its metadata said
-                    self._next_unit()
+                    self._next_unit(current)
                 continue
-            self._row += batch.num_rows
-            self._skip_finished_unit()
+            self._cursors[current] = cursor.at(cursor.position + batch.num_rows)
+            self._skip_finished_unit(current)
             return batch
         self.close()
         return None
 
-    def offset(self) -> dict[str, int]:
-        """Return ``{"unit": u, "row": r}``: the current unit and its rows already returned."""
-        return {"unit": self._unit, "row": self._row}
+    def offset(self) -> dict[str, list[list[int]]]:
+        """Return ``{"cursors": [[stride, start, unit, row], ...]}``: each sequence's unit and rows returned."""
+        return cursors_offset(self._cursors)
 
     def close(self) -> None:
         """Close the open file."""
@@ -258,18 +264,24 @@ class ParquetSourceReader(SourceReader):
         self._file = None
         self._file_path = None
 
-    def _skip_finished_unit(self) -> None:
-        """Move to the next unit of this subtask once the current one is done."""
-        if self._unit < len(self._units) and self._row >= self._units[self._unit].num_rows:
-            self._next_unit()
+    def _current(self) -> int | None:
+        """Return the index of the cursor with the lowest pending unit, ``None`` when all are done."""
+        pending = [i for i, c in enumerate(self._cursors) if c.next < len(self._units)]
+        return min(pending, key=lambda i: self._cursors[i].next) if pending else None
 
-    def _next_unit(self) -> None:
-        self._unit += self._step
-        self._row = 0
+    def _skip_finished_unit(self, index: int) -> None:
+        """Move cursor ``index`` to its next unit once its current one is done."""
+        cursor = self._cursors[index]
+        if cursor.next < len(self._units) and cursor.position >= self._units[cursor.next].num_rows:
+            self._next_unit(index)
+
+    def _next_unit(self, index: int) -> None:
+        self._cursors[index] = self._cursors[index].advanced()
         self._batches = None
+        self._batches_unit = None
 
-    def _open_unit(self, unit: _Unit) -> Iterator[pa.RecordBatch]:
-        """Return the batches of ``unit`` after the rows already returned."""
+    def _open_unit(self, unit: _Unit, skip: int) -> Iterator[pa.RecordBatch]:
+        """Return the batches of ``unit`` after its first ``skip`` rows (those already returned)."""
         if self._file_path != unit.file:
             self.close()
             try:
@@ -282,7 +294,7 @@ class ParquetSourceReader(SourceReader):
         batches = self._file.iter_batches(
             batch_size=self._batch_size, row_groups=[unit.row_group], columns=self._columns
         )
-        return _skip_rows(batches, self._row)
+        return _skip_rows(batches, skip)
 
 
 def _skip_rows(batches: Iterator[pa.RecordBatch], skip: int) -> Iterator[pa.RecordBatch]:

@@ -43,7 +43,7 @@ from typing import Any, ClassVar, TypeAlias
 import pyarrow as pa
 
 from checkpoint.errors import OnceflowError, PlanError
-from operators.sources.base import Source, SourceContext, SourceReader
+from operators.sources.base import RescaledOffsets, Source, SourceContext, SourceReader
 
 __all__ = ["TestingSource", "TestingSourceAbort", "TestingSourceReader"]
 
@@ -141,7 +141,10 @@ class TestingSource(Source):
 
         Args:
             ctx: where the reader runs.
-            resume_offset: an ``offset()`` of an earlier reader, or ``None`` to start.
+            resume_offset: an ``offset()`` of an earlier reader, ``None`` to
+                start, or :class:`~operators.sources.base.RescaledOffsets`
+                (subtask 0 takes over the old subtask 0's position: no other
+                subtask ever reads).
 
         Returns:
             The reader.
@@ -150,6 +153,8 @@ class TestingSource(Source):
             PlanError: ``resume_offset`` is malformed.
 
         """
+        if isinstance(resume_offset, RescaledOffsets):
+            resume_offset = resume_offset.offsets[0] if resume_offset.offsets else None
         if resume_offset is None:
             return TestingSourceReader(self, ctx, 0, [])
         index = resume_offset.get("index") if isinstance(resume_offset, dict) else None
