@@ -37,6 +37,8 @@ class SinkContext:
         operator: the sink operator's name.
         subtask: this subtask's index.
         parallelism: the sink's parallelism.
+        run: an id unique to this run of the job.
+        attempt: the attempt of the run (1 for the first deployment, one more per restart).
 
     """
 
@@ -44,6 +46,8 @@ class SinkContext:
     operator: str
     subtask: int = 0
     parallelism: int = 1
+    run: str = ""
+    attempt: int = 0
 
 
 class SinkWriter(ABC):
@@ -82,12 +86,27 @@ class Committer(ABC):
         """Discard pre-committed ``committables`` that will never be published."""
 
     def abort_lingering(self, keep: list[Committable]) -> None:  # noqa: B027 - optional hook
-        """On recovery: discard this subtask's transactions left by earlier attempts, except ``keep``.
+        """Discard every transaction of this job's sink operator except those ``keep`` names.
 
-        ``keep`` holds the committables of the restored checkpoint (already
-        committed again). Anything else this sink subtask pre-committed or
-        started before the failure will never be committed.
+        The scope is the whole operator: every subtask, every run and every
+        attempt of the job, pre-committed or still in progress. Names are
+        matched by their job and operator fields exactly, so other jobs and
+        other operators (even ones whose names share a prefix) are never
+        touched. It runs with no writer of the operator alive (before a new
+        attempt deploys, after the old one is confirmed dead), once per
+        operator; ``keep`` holds the committables the restored checkpoint
+        names (commit them before or after, in any order: neither step undoes
+        the other). Idempotent.
         """
+
+    def lingering(self) -> list[str]:
+        """Name every transaction of this job's sink operator that is neither committed nor aborted.
+
+        The scope is the one of :meth:`abort_lingering`; a sink that keeps
+        nothing outside its committables returns ``[]``. Tests use it to check
+        that a job left nothing pre-committed or in progress behind.
+        """
+        return []
 
 
 class TransactionalSink(ABC):
