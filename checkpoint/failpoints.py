@@ -2,7 +2,10 @@
 
 A test *arms* a failpoint with :func:`arm`; the next process that reaches
 ``crash_point(job, name)`` removes the flag and exits at once with
-``os._exit`` (no cleanup, no exception handling: a real crash). Flags are
+``os._exit`` (no cleanup, no exception handling: a real crash). A *pause*
+point (:func:`arm_pause`) instead holds the first process that reaches it
+until the test calls :func:`release`, so a test can make a failure land while
+a step (a manifest write, say) is in flight. Flags are
 files in a directory on this machine, so a failpoint armed in the test
 process fires in whichever Ray worker reaches it first. Unarmed, a crash
 point costs one ``os.path.exists`` call on a path that does not exist.
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["POINTS", "arm", "armed", "crash_point", "disarm_all"]
+__all__ = ["PAUSE_POINTS", "POINTS", "arm", "arm_pause", "armed", "crash_point", "disarm_all", "pause_point", "paused",
+           "release"]
 
 POINTS = (
     "sink.after_write",
@@ -34,6 +39,9 @@ POINTS = (
     "coordinator.after_manifest",
 )
 """The crash points the runtime and the sinks pass through."""
+
+PAUSE_POINTS = ("coordinator.before_manifest",)
+"""The pause points: ``coordinator.before_manifest`` holds a fully acknowledged checkpoint's manifest write."""
 
 _DIRECTORY = os.path.join(tempfile.gettempdir(), "onceflow-failpoints")
 
@@ -78,3 +86,41 @@ def crash_point(job: str, name: str, subtask: int | None = None) -> None:
             except FileNotFoundError:
                 continue  # another process took it
             os._exit(70)
+
+
+def arm_pause(job: str, name: str, *, directory: str | None = None) -> None:
+    """Make the first process that reaches pause point ``name`` in ``job`` wait until :func:`release`."""
+    if name not in PAUSE_POINTS:
+        msg = f"unknown pause point {name!r}; use one of {', '.join(PAUSE_POINTS)}"
+        raise ValueError(msg)
+    flag = _flag(job, f"{name}.pause", directory)
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.touch()
+
+
+def paused(job: str, name: str, *, directory: str | None = None) -> str | None:
+    """What the process held at pause point ``name`` said of itself (a checkpoint id...), or ``None``."""
+    try:
+        return _flag(job, f"{name}.reached", directory).read_text()
+    except FileNotFoundError:
+        return None
+
+
+def release(job: str, name: str, *, directory: str | None = None) -> None:
+    """Let the process held at pause point ``name`` go on (and disarm it)."""
+    _flag(job, f"{name}.pause", directory).unlink(missing_ok=True)
+
+
+def pause_point(job: str, name: str, detail: str = "") -> None:
+    """Wait here while pause point ``name`` is armed for ``job`` (only the first process to arrive waits)."""
+    flag = _flag(job, f"{name}.pause", None)
+    if not flag.exists():
+        return
+    reached = _flag(job, f"{name}.reached", None)
+    try:
+        with reached.open("x") as marker:  # the first to arrive holds; later ones pass
+            marker.write(detail)
+    except FileExistsError:
+        return
+    while flag.exists():
+        time.sleep(0.01)

@@ -21,6 +21,7 @@ from checkpoint.errors import (
     PlanError,
     SinkCommitError,
 )
+from checkpoint.supervisor import JobPhase
 from onceflow import agg, sinks, sources, windows
 from operators.watermark import BoundedOutOfOrderness
 from runtime.dataflow import Dataflow, KeyedStream, Stream, WindowedStream
@@ -34,6 +35,7 @@ __all__ = [
     "Dataflow",
     "JobFailedError",
     "JobHandle",
+    "JobPhase",
     "JobResult",
     "JobStatus",
     "KeyedStream",

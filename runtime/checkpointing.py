@@ -38,7 +38,7 @@ from checkpoint.coordinator import (
     TriggerCheckpoint,
 )
 from checkpoint.errors import CheckpointError
-from checkpoint.failpoints import crash_point
+from checkpoint.failpoints import crash_point, pause_point
 from checkpoint.storage import CheckpointStorage
 from runtime.actor import RestoredState, configure_logging
 from runtime.telemetry import CheckpointMetrics
@@ -226,7 +226,7 @@ class CoordinatorActor:
             "tasks": {task: {"states": ack.states, "metrics": ack.metrics} for task, ack in checkpoint.acks.items()},
         }
         try:
-            await asyncio.to_thread(self._storage.write_manifest, manifest)
+            await asyncio.to_thread(self._write_manifest, manifest)
             crash_point(self._job, "coordinator.after_manifest")
         except Exception:
             log.exception("job %s: writing the manifest of checkpoint %d failed", self._job, checkpoint.checkpoint_id)
@@ -243,6 +243,10 @@ class CoordinatorActor:
         except Exception:  # noqa: BLE001 - the history is informational
             log.warning("job %s: could not append checkpoint history", self._job)
         await self._execute(self._core.on_persisted(checkpoint.checkpoint_id))
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        pause_point(self._job, "coordinator.before_manifest", str(manifest["checkpoint_id"]))
+        self._storage.write_manifest(manifest)
 
     # -- calls from subtasks ----------------------------------------------------------
 

@@ -249,7 +249,7 @@ class JobHandle:
         self._deployed = threading.Event()
         self._done = threading.Event()
         self._refuse_if_running()
-        self._restore, self._inherited = self._starting_point(resume)
+        self._restore = self._starting_point(resume)
         self._created = time.monotonic()
         self.startup_s = 0.0
         self._started = self._created
@@ -269,28 +269,29 @@ class JobHandle:
                    "or rename the dataflow")
             raise PlanError(msg)
 
-    def _starting_point(self, resume: bool) -> tuple[int | None, int | None]:
-        """The checkpoint to restore first (a resume), and an earlier run's newest one (a fresh run).
+    def _starting_point(self, resume: bool) -> int | None:
+        """The checkpoint to restore first: the newest of any run with ``resume=True``, else none.
 
-        A fresh run never restores an earlier run's state. It still commits the
-        sink transactions that the earlier run's newest completed checkpoint
-        decided (a completed checkpoint's transactions are never aborted) and
-        aborts every other transaction the earlier run left.
+        A fresh run never reads an earlier run's checkpoints: it starts from
+        the beginning, and its sinks abort every transaction an earlier run
+        left (those a failed run kept for a resume included), as a new Flink
+        job does without a savepoint. The checkpoints stay in storage, and
+        their ids are not reused.
         """
         if self._storage is None:
-            return None, None
+            return None
         latest = self._storage.latest_manifest()
         newest = int(latest["checkpoint_id"]) if latest else None
         if resume:
             if newest is None:
                 log.info("job %s: resume=True, but %r holds no completed checkpoint; starting from the beginning",
                          self.job, self._storage.uri)
-            return newest, None
+            return newest
         if newest is not None:
-            log.info("job %s: starting a fresh run (resume=False): checkpoint %d of an earlier run in %r is not "
-                     "restored (its decided sink transactions are committed); pass resume=True to continue from it",
-                     self.job, newest, self._storage.uri)
-        return None, newest
+            log.warning("job %s: starting a fresh run (resume=False): checkpoint %d of an earlier run in %r is not "
+                        "restored, and sink transactions it kept uncommitted are aborted; pass resume=True to "
+                        "continue from it", self.job, newest, self._storage.uri)
+        return None
 
     def _wait_deployed(self) -> None:
         """Block until the first attempt runs or the job ended; raise a plan error at once."""
@@ -561,7 +562,7 @@ class JobHandle:
     def _resolve_sinks(self, action: ResolveSinks) -> SupervisorEvent:
         """Commit what the checkpoint decided and abort every other transaction, one task per sink operator."""
         attempt = self._supervisor.attempt
-        checkpoint_id = action.checkpoint_id if action.checkpoint_id is not None else self._inherited
+        checkpoint_id = action.checkpoint_id
         try:
             decided = self._sink_committables(checkpoint_id) if checkpoint_id is not None else {}
             refs = []
@@ -780,9 +781,8 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
             ``checkpoint.storage``, whichever run took it (after the driver
             itself was lost, or a job failed for good); without one the job
             starts from the beginning. A fresh run (``False``) never restores
-            another run's state: it starts from the beginning, after
-            committing the sink transactions that the newest checkpoint of an
-            earlier run decided and aborting every other one it left.
+            another run's state: it starts from the beginning, and its sinks
+            abort every transaction an earlier run left uncommitted.
         allow_non_restored_state: when resuming, drop (with a warning)
             checkpointed state that matches no operator of ``flow`` instead of
             refusing to start. State is matched by operator uid: an
