@@ -1,0 +1,187 @@
+"""Randomised chaos on real Ray: every schedule commits exactly the failure-free output and leaves nothing behind.
+
+The normal suite runs a fixed set of seeded schedules that together aim at
+every phase (start-up, just after start-up, running, two kills at once,
+fencing, resolving, recovery, the final checkpoint), arm each crash point once,
+cover the four job shapes and include a driver killed with SIGKILL and resumed
+with ``resume=True``. ``ONCEFLOW_SLOW=1`` adds 200 random schedules and prints
+their figures at the end. A failing schedule prints its story (seed, moves,
+every kill with the phase it landed in); ``run_schedule`` with the same
+arguments replays it.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpoint.storage import CheckpointStorage
+from tests.chaos import (
+    FAILPOINTS,
+    SHAPES,
+    Aim,
+    ChaosRecord,
+    Workspace,
+    environment_without_ray_address,
+    killed_driver_command,
+    random_aims,
+    run_schedule,
+)
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCHEDULES = [
+    # (shape, seed, aims, failpoint): together every aim and every crash point, each shape at least twice.
+    ("window-parquet", 1, [Aim.STARTUP], None),
+    ("window-parquet", 2, [Aim.RECOVERY], "coordinator.after_manifest"),
+    ("window-parquet", 3, [Aim.FINISHING], None),
+    ("keyed-postgres", 4, [Aim.RESOLVING], "sink.after_pre_commit"),
+    ("keyed-postgres", 5, [Aim.TWO_AT_ONCE], "sink.mid_commit"),
+    ("dedupe-parquet", 6, [Aim.JUST_STARTED], "sink.before_commit"),
+    ("dedupe-parquet", 7, [Aim.FENCING], None),
+    ("union-postgres", 8, [Aim.RUNNING], "sink.after_write"),
+    ("union-postgres", 9, [Aim.FINISHING], None),
+]
+
+
+class Figures:
+    """The figures of a chaos run, summed over schedules."""
+
+    def __init__(self) -> None:
+        self.records: list[ChaosRecord] = []
+
+    def add(self, record: ChaosRecord) -> None:
+        self.records.append(record)
+
+    def lines(self) -> list[str]:
+        kills = [k for r in self.records for k in r.kills]
+        landed = [k for k in kills if k.landed]
+        phases = collections.Counter(k.phase.split("(")[0] if k.phase.startswith("deploying(") else k.phase
+                                     for k in landed)
+        startup = sum(1 for k in landed if k.phase.startswith("deploying("))
+        fired = collections.Counter(r.failpoint for r in self.records if r.failpoint and r.failpoint_fired)
+        return [
+            f"chaos figures: {len(self.records)} schedules "
+            f"({collections.Counter(r.shape for r in self.records)}), "
+            f"{sum(1 for r in self.records if r.resume)} resumed after a killed driver",
+            f"  kills: {len(landed)} landed, {len(kills) - len(landed)} missed (actor not there); "
+            f"no_restart={sum(k.no_restart for k in landed)}; two-at-once moves "
+            f"{sum(1 for k in landed if k.aim is Aim.TWO_AT_ONCE) // 2}",
+            f"  phases hit: {dict(sorted(phases.items()))} (of which start-up, before submit returned: {startup})",
+            f"  failpoints fired: {dict(fired)}",
+            f"  restarts: {sum(r.restarts for r in self.records)}",
+            f"  rows lost: {sum(sum(r.lost.values()) for r in self.records)}, "
+            f"rows duplicated: {sum(sum(r.duplicated.values()) for r in self.records)}, "
+            f"schedules with leftovers: {sum(1 for r in self.records if r.leftovers)}, "
+            f"jobs that did not finish: {sum(1 for r in self.records if r.error)}",
+        ]
+
+
+@pytest.fixture(scope="module")
+def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
+    collected = Figures()
+    yield collected
+    if collected.records:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        for line in collected.lines():
+            if reporter is not None:
+                reporter.write_line(line)
+            else:
+                print(line)
+
+
+def _workspace(tmp_path: Path, shape: str, request: pytest.FixtureRequest) -> Workspace:
+    dsn = request.getfixturevalue("postgres").dsn if SHAPES[shape].postgres else None
+    return Workspace(tmp_path, dsn)
+
+
+def _check(record: ChaosRecord, figures: Figures) -> None:
+    figures.add(record)
+    print(record.describe())
+    assert not record.problems, record.describe()
+
+
+@pytest.mark.parametrize(("shape", "seed", "aims", "failpoint"), SCHEDULES,
+                         ids=[f"{s}-{seed}" for s, seed, _, _ in SCHEDULES])
+def test_a_chaos_schedule_commits_exactly_the_reference(tmp_path: Path, request: pytest.FixtureRequest,
+                                                         figures: Figures, shape: str, seed: int,
+                                                         aims: list[Aim], failpoint: str | None) -> None:
+    record = run_schedule(SHAPES[shape], _workspace(tmp_path, shape, request), seed=seed, aims=aims,
+                          failpoint=failpoint)
+    _check(record, figures)
+
+
+def killed_driver_then_resume(tmp_path: Path, request: pytest.FixtureRequest, shape: str, seed: int,
+                              aims: list[Aim]) -> ChaosRecord:
+    """Run ``shape`` in a driver subprocess, SIGKILL it after some checkpoints, resume here under chaos."""
+    workspace = _workspace(tmp_path, shape, request)
+    job = f"chaos-driver-{shape}-{seed}"
+    checkpoints = random.Random(seed).randint(1, 3)
+    env = {**environment_without_ray_address(), "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "driver.log"
+    with log.open("w") as stderr:
+        driver = subprocess.Popen(killed_driver_command(shape, job, workspace, sys.executable), cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=stderr)
+    storage = CheckpointStorage(workspace.storage, job)
+    try:
+        wait_until(lambda: len(storage.completed_ids()) >= checkpoints or driver.poll() is not None,
+                   timeout_s=180, what=f"{checkpoints} checkpoint(s) of the driver subprocess")
+        assert driver.poll() is None, f"the driver ended before it was killed: {log.read_text()[-2000:]}"
+    finally:
+        driver.kill()  # SIGKILL: its embedded Ray dies with it
+        driver.wait()
+    record = run_schedule(SHAPES[shape], workspace, seed=seed, aims=aims, resume=True, job=job)
+    assert record.restored_from, f"the resumed run restored no checkpoint\n{record.describe()}"
+    return record
+
+
+def test_a_killed_driver_resumed_under_chaos_commits_exactly_the_reference(
+        tmp_path: Path, request: pytest.FixtureRequest, figures: Figures) -> None:
+    record = killed_driver_then_resume(tmp_path, request, "keyed-postgres", 10, [Aim.RUNNING])
+    _check(record, figures)
+
+
+SLOW_SCHEDULES = 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("number", range(SLOW_SCHEDULES))
+def test_random_chaos_schedules(tmp_path: Path, request: pytest.FixtureRequest, figures: Figures,
+                                number: int) -> None:
+    seed = 1_000 + number
+    rng = random.Random(seed * 7919)
+    shape = sorted(SHAPES)[number % len(SHAPES)]
+    aims = random_aims(rng, budget=3)
+    if number % 20 == 19:
+        record = killed_driver_then_resume(tmp_path, request, shape, seed, [a for a in aims if a is not Aim.STARTUP])
+    else:
+        points = [*FAILPOINTS, "sink.mid_commit"] if SHAPES[shape].postgres else list(FAILPOINTS)
+        failpoint = rng.choice(points) if rng.random() < 0.4 else None
+        record = run_schedule(SHAPES[shape], _workspace(tmp_path, shape, request), seed=seed, aims=aims,
+                              failpoint=failpoint)
+    _check(record, figures)
+
+
+def test_the_figures_count_what_the_schedules_did() -> None:
+    from tests.chaos import Kill
+
+    figures = Figures()
+    record = ChaosRecord("window-parquet", "j", seed=1, failpoint="sink.after_write", failpoint_fired="running#1")
+    record.kills += [Kill(Aim.STARTUP, "j/window/0", "deploying(startup)", 1, True, 0.5),
+                     Kill(Aim.RUNNING, "j/coordinator", "running", 2, False, 3.0),
+                     Kill(Aim.RECOVERY, "j/window/1", "deploying", 3, False, 4.0, landed=False)]
+    record.lost["parquet"] = 2
+    figures.add(record)
+    text = "\n".join(figures.lines())
+    assert "2 landed, 1 missed" in text and "'deploying': 1" in text and "'running': 1" in text
+    assert "rows lost: 2" in text and "'sink.after_write': 1" in text
+    assert record.problems == ["parquet: 2 row(s) lost"]
