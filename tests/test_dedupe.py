@@ -73,7 +73,12 @@ def test_a_batch_without_repeats_passes_unchanged(mode: str) -> None:
     pa.array([10, 20, 10, 30], pa.timestamp("ms")),
     pa.array([2**64 - 1, 5, 2**64 - 1, 2**63], pa.uint64()),
     pa.array([-1, 0, -1, 1], pa.int8()),
-])
+    pa.array([10, 20, 10, 30], pa.date32()),
+    pa.array([10, 20, 10, 30], pa.time32("s")),
+    pa.array(["1.50", "2.00", "1.50", "-1.50"], pa.string()).cast(pa.decimal128(5, 2)),
+    pa.array(["x", "y", "x", "z"], pa.string_view()),
+    pa.array([b"x", b"yy", b"x", b""], pa.binary_view()),
+], ids=lambda column: str(column.type))
 def test_id_column_types(mode: str, column: pa.Array) -> None:
     logic = build(mode)
     data = pa.record_batch({"id": column, "t": pa.array([0, 1, 2, 3], pa.int64())})

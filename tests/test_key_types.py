@@ -215,7 +215,7 @@ def _ints(bits: int, signed: bool = True) -> st.SearchStrategy[int]:
     return st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else st.integers(0, 2**bits - 1)
 
 
-_SECONDS = 10**11  # datetime's range holds +-10**11 s from the epoch at every unit
+_SECONDS = 6 * 10**10  # datetime holds years 1 to 9999: +-6e10 s from the epoch, at every unit
 
 
 def _decimals(precision: int, scale: int) -> st.SearchStrategy[decimal.Decimal]:

@@ -68,3 +68,49 @@ def test_snapshot_restores_only_owned_key_groups() -> None:
         mine = more.filter(pa.array([int(g) in owned for g in groups]))
         restored += out_rows(part.on_batch(mine)) if mine.num_rows else []
     assert sorted((r["user"], r["total"]) for r in restored) == [("a", 9), ("b", 9)]
+
+
+def test_restore_from_several_old_subtasks_keeps_own_key_groups_and_key_types() -> None:
+    events = pa.record_batch({"user": pa.array(["a", "b", "c", "d", "e", "f"], pa.large_string()),
+                              "amount": [1, 2, 3, 4, 5, 6]})
+    groups = key_groups_of(events, ["user"], 128)
+    old = []
+    for subtask in range(3):
+        owned = key_group_range(subtask, 3, 128)
+        logic = KeyedProcess(running_total, ["user"]).build(OperatorContext("process_1", subtask, 3, 128, owned))
+        mine = events.filter(pa.array([int(g) in owned for g in groups]))
+        if mine.num_rows:
+            logic.on_batch(mine)
+        if (snapshot := logic.snapshot()) is not None:
+            old.append(snapshot)
+    totals = {}
+    for subtask in range(2):
+        ctx = OperatorContext("process_1", subtask, 2, 128, key_group_range(subtask, 2, 128))
+        for state in (old, pa.concat_tables(old)):  # a list, or the tables concatenated
+            snapshot = KeyedProcess(running_total, ["user"]).build(ctx, resume_state=state).snapshot()
+            assert snapshot is not None and snapshot.schema.field("user").type == pa.large_string()
+            assert all(g in ctx.key_groups for g in snapshot.column("key_group").to_pylist())
+            totals[subtask] = sorted(zip(snapshot.column("user").to_pylist(),
+                                         snapshot.column("key_group").to_pylist(), strict=True))
+    assert sorted(totals[0] + totals[1]) == sorted(zip("abcdef", groups.tolist(), strict=True))
+
+
+def test_a_key_column_typed_null_in_one_batch_takes_the_type_of_the_next() -> None:
+    logic = KeyedProcess(lambda total, row: ((total or 0) + row["amount"], None), ["user"]).build(CTX)
+    logic.on_batch(pa.record_batch({"user": pa.array([None], pa.null()), "amount": [1]}))
+    logic.on_batch(pa.record_batch({"user": pa.array([None, 7], pa.int64()), "amount": [2, 3]}))
+    snapshot = logic.snapshot()
+    assert snapshot is not None and snapshot.schema.field("user").type == pa.int64()
+    assert sorted(snapshot.column("user").to_pylist(), key=str) == [7, None]
+    with pytest.raises(DataError, match="key column 'user' changed type from int64 to string"):
+        logic.on_batch(pa.record_batch({"user": ["x"], "amount": [1]}))
+
+
+def test_restore_refuses_state_of_another_kind() -> None:
+    other = pa.table({"key_group": pa.array([0], pa.int32())}).replace_schema_metadata(
+        {"onceflow.state": "window_aggregate"})
+    with pytest.raises(DataError, match="resume_state is window_aggregate state, not keyed state"):
+        KeyedProcess(running_total, ["user"]).build(CTX, resume_state=other)
+    with pytest.raises(DataError, match="resume_state lacks column 'state'"):
+        KeyedProcess(running_total, ["user"]).build(CTX, resume_state=pa.table(
+            {"key_group": pa.array([0], pa.int32()), "user": ["a"]}))

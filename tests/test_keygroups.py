@@ -71,3 +71,20 @@ def test_split_by_subtask_keeps_row_order_within_each_part() -> None:
     parts = split_by_subtask(batch, targets, 4)
     assert [p.column(0).to_pylist() if p is not None else None for p in parts] == [
         [1, 4, 7, 8], [0, 2, 6, 9], [3, 5], None]
+
+
+@given(st.lists(st.one_of(st.none(), st.text(max_size=3)), min_size=1, max_size=8),
+       st.sampled_from([pa.string(), pa.large_string(), pa.string_view(), pa.dictionary(pa.int32(), pa.string())]))
+def test_a_key_hashes_alike_alone_and_among_any_other_rows(values: list[str | None], kind: pa.DataType) -> None:
+    together = hash_columns(pa.record_batch({"k": pa.array(values, kind)}), ["k"])
+    alone = [hash_columns(pa.record_batch({"k": pa.array([v], kind)}), ["k"])[0] for v in values]
+    assert together.tolist() == alone
+
+
+def test_split_by_subtask_takes_view_typed_columns() -> None:
+    batch = pa.record_batch({"s": pa.array(["a", "b", None, "d"], pa.string_view()),
+                             "b": pa.array([b"w", None, b"y", b"z"], pa.binary_view())})
+    parts = split_by_subtask(batch, np.array([1, 0, 1, 0]), 2)
+    assert [p.schema if p is not None else None for p in parts] == [batch.schema, batch.schema]
+    assert [p.to_pydict() if p is not None else None for p in parts] == [
+        {"s": ["b", "d"], "b": [None, b"z"]}, {"s": ["a", None], "b": [b"w", b"y"]}]

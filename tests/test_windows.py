@@ -576,3 +576,25 @@ def test_matches_reference_for_any_batching_and_valid_watermarks(
     collect(logic.on_eof(), None)
     assert logic.metrics() == {"late_events": 0, "open_windows": 0}
     assert sorted(output, key=lambda r: (r[0], r[2], r[3], r[1])) == reference(window, events)
+
+
+@pytest.mark.parametrize("column", [
+    pa.array(["x", "y", "x", None], pa.string_view()),
+    pa.array([b"x", b"y", b"x", None], pa.binary_view()),
+    pa.array([1.5, 2.0, 1.5, None], pa.float32()).cast(pa.float16()),
+    pa.array(["1.50", "2.00", "1.50", None]).cast(pa.decimal128(6, 2)),
+    pa.array([1, 2, 1, None], pa.int32()).view(pa.time32("s")),
+    pa.array([1, 2, 1, None], pa.timestamp("ms", tz="UTC")),
+], ids=lambda column: str(column.type))
+@pytest.mark.parametrize("window", [Tumbling(10), Session(5)], ids=["tumbling", "session"])
+def test_every_key_type_the_router_takes_aggregates_snapshots_and_goes_late(column: pa.Array, window: Window) -> None:
+    logic = build(window, {"n": agg.count()})
+    assert logic.on_batch(pa.record_batch({"k": column, "t": pa.array([1, 2, 3, 4], pa.int64()),
+                                           "tag": pa.array(["a", "b", "c", "d"], pa.string_view())})) == []
+    restored = build(window, {"n": agg.count()}, resume_state=logic.snapshot())
+    fired = main_rows(restored.on_watermark(100))
+    assert sorted((r["k"] is None, r["n"]) for r in fired) == [(False, 1), (False, 2), (True, 1)]
+    [(port, late)] = restored.on_batch(pa.record_batch({"k": column.slice(1, 1), "t": pa.array([1], pa.int64()),
+                                                        "tag": pa.array(["e"], pa.string_view())}))
+    assert port == LATE and late.column("tag").to_pylist() == ["e"]
+    assert late.schema.field("tag").type == pa.string_view()
