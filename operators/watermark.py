@@ -12,6 +12,8 @@ Example:
     24
     >>> generator.on_batch(pa.record_batch({"event_time": [12]})) is None
     True
+    >>> BoundedOutOfOrderness("event_time", max_delay_ms=5).build("source_0", max_event_time=30).on_start()
+    24
 
 """
 
@@ -84,6 +86,16 @@ class WatermarkGenerator:
         self._max_delay_ms = max_delay_ms
         self._operator = operator
         self.max_event_time = max_event_time
+
+    def on_start(self) -> int | None:
+        """Return the watermark to emit before the first batch: the restored one, ``None`` on a fresh start.
+
+        A restored source announces its watermark at once, so the channels
+        downstream know it even if its event time never grows again.
+        """
+        if self.max_event_time is None:
+            return None
+        return self.max_event_time - self._max_delay_ms - 1
 
     def on_batch(self, batch: pa.RecordBatch) -> int | None:
         """Observe a batch; return the new watermark if it advanced."""

@@ -26,13 +26,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import pyarrow as pa
+import pyarrow as pa
 
-__all__ = ["ChannelMessage", "ChannelReceiver", "ChannelSender", "InputWatermarks"]
+from checkpoint.errors import DataError
+from runtime.plan import Routing
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from runtime.plan import PhysicalPlan
+
+__all__ = [
+    "INPUT_WATERMARKS",
+    "ChannelMessage",
+    "ChannelReceiver",
+    "ChannelSender",
+    "InputWatermarks",
+    "input_channel_names",
+]
 
 NO_WATERMARK = -(2**63)
 END_OF_TIME = 2**63 - 1
+
+INPUT_WATERMARKS = "@input_watermarks"
+"""The runtime entry of a subtask's snapshot that holds its input channels' watermarks."""
+
+_INPUT_WATERMARKS_SCHEMA = pa.schema(
+    [("channel", pa.int32()), ("name", pa.string()), ("watermark", pa.int64()), ("ended", pa.bool_())],
+    metadata={"onceflow.state": "input_watermarks", "onceflow.version": "1"},
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,21 +154,151 @@ class InputWatermarks:
 
     A channel that ended counts as the end of time, so a finished input never
     holds event time back.
+
+    The per-channel watermarks are part of the subtask's snapshot
+    (:meth:`snapshot`, restored by :meth:`restore`), each channel named by its
+    sender (:func:`input_channel_names`). Restoring only the combined
+    watermark would not do: after a restore the inputs send their watermarks
+    again in any order, and a minimum over channels whose values are unknown
+    (or a floor under them) differs from the failure-free run until every
+    input has spoken. With inputs at 99 and 9, say, the combined watermark is 9;
+    when the second input moves to 149, the failure-free run's minimum is 99,
+    while a restored subtask that does not know the first input's 99 stays at 9
+    and takes a row at 55 that the failure-free run sends to the late output.
+
+    A channel restored as ended opens again at its last watermark if rows or a
+    newer watermark arrive on it: a job resumed from a checkpoint taken after
+    its input ended (``resume=True`` after a bounded run) may read more. Only
+    then can :attr:`current` go back.
+
+    Example:
+        >>> marks = InputWatermarks(2)
+        >>> marks.update(0, 99), marks.update(1, 9)
+        (None, 9)
+        >>> restored = InputWatermarks(2)
+        >>> restored.restore(marks.snapshot())
+        >>> restored.current, restored.update(1, 149)
+        (9, 99)
+
+    Args:
+        channels: the number of input channels.
+        names: each channel's sender (``<operator uid>:<port>/<subtask>``); by
+            default the channel indexes.
+        operator: the subtask, for error messages.
+
     """
 
-    __slots__ = ("_per_channel", "current")
+    __slots__ = ("_last", "_per_channel", "current", "names", "operator")
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, names: Sequence[str] | None = None, *, operator: str = "") -> None:
+        self.names = list(names) if names is not None else [str(channel) for channel in range(channels)]
+        if len(self.names) != channels:
+            msg = f"{operator or 'input watermarks'}: {len(self.names)} channel names for {channels} channels"
+            raise ValueError(msg)
+        self.operator = operator
         self._per_channel = [NO_WATERMARK] * channels
+        self._last = [NO_WATERMARK] * channels  # the watermark before END_OF_TIME, for a channel that reopens
         self.current = NO_WATERMARK if channels else END_OF_TIME
 
     def update(self, channel: int, watermark: int) -> int | None:
         """Record ``channel``'s watermark; return the new minimum if it advanced."""
+        if self._per_channel[channel] == END_OF_TIME and self._last[channel] < watermark < END_OF_TIME:
+            self._reopen(channel)
         if watermark <= self._per_channel[channel]:
             return None
         self._per_channel[channel] = watermark
+        if watermark < END_OF_TIME:
+            self._last[channel] = watermark
         low = min(self._per_channel)
         if low > self.current:
             self.current = low
             return low
         return None
+
+    def on_rows(self, channel: int) -> None:
+        """Rows arrived on ``channel``: if it was restored as ended, it opens again."""
+        if self._per_channel[channel] == END_OF_TIME:
+            self._reopen(channel)
+
+    def _reopen(self, channel: int) -> None:
+        self._per_channel[channel] = self._last[channel]
+        self.current = min(self._per_channel)
+
+    def snapshot(self) -> pa.Table:
+        """Return one row per channel: its index, sender name, last watermark (null: none yet) and whether it ended."""
+        return pa.table(
+            [
+                pa.array(range(len(self.names)), pa.int32()),
+                pa.array(self.names, pa.string()),
+                pa.array([None if w == NO_WATERMARK else w for w in self._last], pa.int64()),
+                pa.array([w == END_OF_TIME for w in self._per_channel], pa.bool_()),
+            ],
+            schema=_INPUT_WATERMARKS_SCHEMA,
+        )
+
+    def restore(self, state: pa.Table | Sequence[pa.Table]) -> None:
+        """Set every channel from :meth:`snapshot` tables.
+
+        Exact when every table names the same channels as this subtask: one
+        table is the same subtask's snapshot; several (a rescaled vertex gets
+        one per old subtask) agree per sender, as aligned barriers give every
+        subtask the same watermarks, and each channel takes their minimum.
+        Otherwise the senders changed (an input was rescaled), and every
+        channel restarts at the lowest combined watermark of the tables:
+        conservative, so no row is late by mistake; the inputs' next
+        watermarks move it on.
+
+        Raises:
+            DataError: a table is not input watermark state.
+        """
+        tables = [state] if isinstance(state, pa.Table) else list(state)
+        channels = [self._read(table) for table in tables if table.num_rows]
+        if not channels or not self.names:
+            return
+        if all(names == self.names for names, _, _ in channels):
+            for channel in range(len(self.names)):
+                self._last[channel] = min(last[channel] for _, last, _ in channels)
+                self._per_channel[channel] = min(
+                    END_OF_TIME if ended[channel] else last[channel] for _, last, ended in channels
+                )
+        else:
+            low = min(END_OF_TIME if e else w for _, last, ended in channels for w, e in zip(last, ended, strict=True))
+            floor = min(w for _, last, _ in channels for w in last) if low == END_OF_TIME else low
+            self._per_channel = [low] * len(self.names)
+            self._last = [floor] * len(self.names)
+        self.current = min(self._per_channel)
+
+    def _read(self, table: pa.Table) -> tuple[list[str], list[int], list[bool]]:
+        metadata = table.schema.metadata or {}
+        missing = [name for name in _INPUT_WATERMARKS_SCHEMA.names if name not in table.column_names]
+        if metadata.get(b"onceflow.state") != b"input_watermarks" or missing:
+            msg = (
+                f"subtask {self.operator!r}: the {INPUT_WATERMARKS!r} entry of the restored checkpoint is not "
+                "input watermark state; restore from a checkpoint that onceflow wrote for this job"
+            )
+            raise DataError(msg, operator=self.operator)
+        ordered = table.sort_by("channel")
+        names = [str(name) for name in ordered.column("name").to_pylist()]
+        last = [NO_WATERMARK if w is None else int(w) for w in ordered.column("watermark").to_pylist()]
+        ended = [bool(e) for e in ordered.column("ended").to_pylist()]
+        return names, last, ended
+
+
+def input_channel_names(plan: PhysicalPlan, vertex: int, subtask: int) -> list[str]:
+    """Name each input channel of ``subtask`` of ``vertex`` by its sender: ``<operator uid>:<port>/<subtask>``.
+
+    A restore compares these names to decide whether a snapshot's channels are
+    this subtask's channels (see :meth:`InputWatermarks.restore`).
+    """
+    names = [""] * plan.vertices[vertex].input_channels
+    for upstream in plan.vertices:
+        for spec in upstream.outputs:
+            if spec.target != vertex:
+                continue
+            sender = f"{upstream.nodes[spec.stage].uid}:{spec.port}"
+            if spec.routing is Routing.FORWARD:
+                names[spec.channel_base] = f"{sender}/{subtask}"
+            else:
+                for index in range(upstream.parallelism):
+                    names[spec.channel_base + index] = f"{sender}/{index}"
+    return names
