@@ -42,8 +42,15 @@ from checkpoint.storage import CheckpointStorage
 from checkpoint.two_phase_commit import Committable, SinkContext, SinkWriter
 from operators.keygroups import key_group_range
 from operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
-from operators.sources.base import Idle, SourceContext, SourceReader
-from runtime.channel import END_OF_TIME, ChannelMessage, ChannelReceiver, InputWatermarks
+from operators.sources.base import Idle, RescaledOffsets, SourceContext, SourceReader
+from runtime.channel import (
+    END_OF_TIME,
+    INPUT_WATERMARKS,
+    ChannelMessage,
+    ChannelReceiver,
+    InputWatermarks,
+    input_channel_names,
+)
 from runtime.dataflow import NodeKind
 from runtime.output import DownstreamFailedError, OutputGate
 from runtime.telemetry import SubtaskMetrics
@@ -141,8 +148,14 @@ class RestoredState:
 
 @dataclass(slots=True)
 class _Restore:
+    """What one subtask restores: state key (operator uid, or ``@`` runtime entry) -> the handles to load.
+
+    Decided by :func:`runtime.restore.assign_restored_state`: several handles
+    when state of several old subtasks lands here (rescaling).
+    """
+
     checkpoint_id: int
-    states: dict[str, RestoredState] = field(default_factory=dict)
+    states: dict[str, list[RestoredState]] = field(default_factory=dict)
 
 
 class _SinkStage(OperatorLogic):
@@ -212,10 +225,11 @@ class SubtaskActor:
         self._records_in = [0] * len(vertex.nodes)
         self._records_out = [0] * len(vertex.nodes)
         self._restored_from = restore.checkpoint_id if restore else None
-        states = {name: self._load(name, handle) for name, handle in (restore.states if restore else {}).items()}
+        restored = {key: [self._load(key, handle) for handle in handles]
+                    for key, handles in (restore.states if restore else {}).items()}
         for node in vertex.nodes:
             if node.kind is NodeKind.SOURCE:
-                offset, max_event_time = read_source_state(states[node.name]) if node.name in states else (None, None)
+                offset, max_event_time = self._restored_position(restored.get(node.uid, []))
                 self._reader = node.spec.build(SourceContext(node.name, subtask, vertex.parallelism), offset)
                 if node.watermark is not None:
                     self._watermarks_out = node.watermark.build(node.name, max_event_time)
@@ -230,8 +244,12 @@ class SubtaskActor:
                     node.name, subtask, vertex.parallelism, plan.max_parallelism,
                     key_group_range(subtask, vertex.parallelism, plan.max_parallelism),
                 )
-                if node.name in states:
-                    self._stages.append(node.spec.build(op_ctx, resume_state=states[node.name]))
+                tables = restored.get(node.uid)
+                if tables:
+                    # Several tables (rescaling) go over as a sequence, each with its own metadata;
+                    # the operator keeps the rows of its own key groups.
+                    resume = tables[0] if len(tables) == 1 else tables
+                    self._stages.append(node.spec.build(op_ctx, resume_state=resume))
                 else:
                     self._stages.append(node.spec.build(op_ctx))
         channels = vertex.input_channels
@@ -239,7 +257,10 @@ class SubtaskActor:
         self._held: list[collections.deque[ChannelMessage]] = [collections.deque() for _ in range(channels)]
         self._applied = [-1] * channels
         self._eof = [False] * channels
-        self._watermarks_in = InputWatermarks(channels)
+        self._watermarks_in = InputWatermarks(channels, input_channel_names(plan, vertex_id, subtask),
+                                              operator=self.task)
+        if restored.get(INPUT_WATERMARKS):
+            self._watermarks_in.restore(restored[INPUT_WATERMARKS])
         self._barriers = AlignedBarrierHandler(channels, time.monotonic)
         self._gates: dict[tuple[int, int], list[OutputGate]] = {}
         self._failure: BaseException | None = None
@@ -261,6 +282,23 @@ class SubtaskActor:
     def _sink_context(self) -> SinkContext:
         return SinkContext(self._plan.job, self._vertex.nodes[-1].name, self._subtask, self._vertex.parallelism,
                            run=self._attempt.run, attempt=self._attempt.number)
+
+    def _restored_position(self, tables: list[pa.Table]) -> tuple[Any, int | None]:
+        """Return a source's resume offset and max event time from the old readers' states (old subtask order).
+
+        At an unchanged parallelism the subtask resumes from its own reader's
+        state; at another one the readers take the old ones over together
+        (:class:`RescaledOffsets`), and event time restarts from the lowest old
+        maximum, so no row becomes late because of the rescale.
+        """
+        if not tables:
+            return None, None
+        positions = [read_source_state(table) for table in tables]
+        if len(positions) == self._vertex.parallelism:
+            return positions[self._subtask]
+        times = [t for _, t in positions]
+        lowest = None if any(t is None for t in times) else min(t for t in times if t is not None)
+        return RescaledOffsets(tuple(o for o, _ in positions)), lowest
 
     def _load(self, operator: str, handle: RestoredState) -> pa.Table:
         if handle.cached is not None:
@@ -406,6 +444,8 @@ class SubtaskActor:
 
     async def _apply(self, message: ChannelMessage) -> None:
         batch = message.batch
+        if batch is not None and batch.num_rows:
+            self._watermarks_in.on_rows(message.channel)
         done = 0
         for rows, watermark in message.watermarks:
             if batch is not None and rows > done:
@@ -477,6 +517,12 @@ class SubtaskActor:
         self._started_at = time.monotonic()
         reader = self._reader
         try:
+            # A restored source announces its watermark before its first batch, so the
+            # channels downstream know it even if its event time never grows again.
+            restored = self._watermarks_out.on_start() if self._watermarks_out is not None else None
+            if restored is not None:
+                async with self._lock:
+                    await self._advance_watermark(restored)
             while not self._stop_requested:
                 async with self._lock:
                     if self._failure is not None:
@@ -543,14 +589,16 @@ class SubtaskActor:
                 if node.kind is NodeKind.SOURCE:
                     assert self._reader is not None
                     max_time = self._watermarks_out.max_event_time if self._watermarks_out else None
-                    tables[node.name] = source_state(self._reader.offset(), max_time)
+                    tables[node.uid] = source_state(self._reader.offset(), max_time)
                 elif logic is self._sink and self._sink is not None:
-                    tables[node.name] = self._sink.pre_commit(checkpoint_id)
+                    tables[node.uid] = self._sink.pre_commit(checkpoint_id)
                     crash_point(self._plan.job, "sink.after_pre_commit", self._subtask)
                 elif logic is not None:
                     table = logic.snapshot()
                     if table is not None:
-                        tables[node.name] = table
+                        tables[node.uid] = table
+        if self._vertex.input_channels:
+            tables[INPUT_WATERMARKS] = self._watermarks_in.snapshot()
         for gate in self._all_gates():
             await gate.barrier(checkpoint_id, triggered_at)
         metrics = {
