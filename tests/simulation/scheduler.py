@@ -55,6 +55,7 @@ class Policy:
         stop_at: the step at which the user stops the job, or ``None``.
         cancel_at: the step at which the user cancels the job, or ``None``.
         hold_writes: never complete a manifest write (a script completes it).
+        fail_writes: in the chaotic part, a manifest write fails one time in four.
     """
 
     crashes: list[tuple[int, str]] = field(default_factory=list)
@@ -62,6 +63,7 @@ class Policy:
     stop_at: int | None = None
     cancel_at: int | None = None
     hold_writes: bool = False
+    fail_writes: bool = True
 
 
 @dataclass(slots=True)
@@ -163,7 +165,7 @@ def step(world: World, policy: Policy, number: int, crashes: collections.Counter
     pick -= w_land
     if pick < w_write:
         write = writes[chooser.choose(len(writes))]
-        world.settle_write(write, landed=not (chaos and chooser.chance(4)))
+        world.settle_write(write, landed=not (chaos and policy.fail_writes and chooser.chance(4)))
         return True
     world.clock = round(world.clock + (0.1, 0.3)[chooser.choose(2)], 6)
     if world.trace is not None:

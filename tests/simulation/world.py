@@ -554,6 +554,7 @@ class Driver:
         self.done = False
         self.errors: list[str] = []
         self.findings: list[str] = []
+        self.restored_from: list[int] = []
         self.end_resolved = False
         latest = world.storage.latest() if resume else None
         self.restore: int | None = latest["checkpoint_id"] if latest is not None else None
@@ -733,6 +734,7 @@ class Driver:
             if call.error:
                 return Failed(number, f"deploying attempt {number} failed: {call.error}")
             states = call.value
+            self.restored_from.append(restore_id)
         for task in self.tasks:
             operator, index = task.split("/")
             restore = {op: s["state"] for op, s in states.get(task, {}).items()} if states else None
