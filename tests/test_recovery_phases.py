@@ -235,14 +235,19 @@ def test_stop_during_a_restart_ends_the_job(tmp_path: Path) -> None:
     wait_until(lambda: not job_actors(job), timeout_s=30, what="no actor of the job left")
 
 
-def test_cancel_during_a_restart_leaves_no_actor_and_the_job_can_run_again(tmp_path: Path) -> None:
+def test_cancel_while_a_restarted_attempt_deploys_leaves_no_actor_and_the_job_can_run_again(
+        tmp_path: Path) -> None:
+    """cancel() lands while the new attempt's actors are being created: none of them may outlive the job."""
     job = "cancel-restart"
     handle = of.submit(feature_flow(job, None, of.sinks.TestingSink(), rate=50_000), parallelism=2,
                        checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path / "chk")),
-                       restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.3))
+                       restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.0))
     wait_until(lambda: CheckpointStorage(str(tmp_path / "chk"), job).completed_ids(), what="a checkpoint")
+    first = actor_id(f"{job}/source_0/0")
     assert kill(f"{job}/window/1")
-    wait_until(lambda: handle.status() is of.JobStatus.RESTARTING, timeout_s=30, what="the restart")
+    # The sources deploy first: once the new attempt's source exists, its other actors are being created.
+    wait_until(lambda: actor_id(f"{job}/source_0/0") not in (None, first), timeout_s=60,
+               what="the restarted attempt's first actor")
     handle.cancel()
     assert handle.status() is of.JobStatus.CANCELLED
     wait_until(lambda: not job_actors(job), timeout_s=30, what="no actor of the job left")
@@ -251,12 +256,40 @@ def test_cancel_during_a_restart_leaves_no_actor_and_the_job_can_run_again(tmp_p
     assert_feature_reference(sink.table(), 20_000)
 
 
-def test_cancel_commits_what_completed_checkpoints_decided_and_leaves_nothing_pending(tmp_path: Path) -> None:
+def _release_when(job: str, point: str, handle_or_done: Any) -> tuple[threading.Thread, list[BaseException]]:
+    """Release the held manifest write once the job is fencing (it waits for it) or it already ended."""
+
+    def release() -> None:
+        wait_until(lambda: handle_or_done(), timeout_s=120, what="the job to fence or end")
+        failpoints.release(job, point)
+
+    return in_background(release)
+
+
+def test_cancel_while_a_manifest_is_written_commits_what_completed_and_leaves_nothing_pending(
+        tmp_path: Path) -> None:
+    """Checkpoint n is pre-committed (pending files exist) and its manifest write is held when cancel() lands.
+
+    The cancel must settle n first: n completes, its files are committed, and
+    nothing hidden is left; no window row is committed twice.
+    """
     job, out, storage = "cancel-ends", tmp_path / "out", str(tmp_path / "chk")
-    handle = of.submit(feature_flow(job, None, of.sinks.ParquetSink(str(out)), rate=50_000), parallelism=2,
-                       checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage))
-    wait_until(lambda: len(CheckpointStorage(storage, job).completed_ids()) >= 2, what="two checkpoints")
-    handle.cancel()
+    point = "coordinator.before_manifest"
+    failpoints.disarm_all()
+    failpoints.arm_pause(job, point)
+    try:
+        handle = of.submit(feature_flow(job, None, of.sinks.ParquetSink(str(out)), rate=50_000), parallelism=2,
+                           checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage))
+        wait_until(lambda: failpoints.paused(job, point), timeout_s=60, what="a held manifest write")
+        cancelled = threading.Event()
+        thread, errors = _release_when(job, point, lambda: cancelled.is_set() or str(
+            getattr(handle, "phase", "")) in ("JobPhase.FENCING", "JobPhase.ENDING", "JobPhase.CANCELLED"))
+        canceller, cancel_errors = in_background(lambda: (handle.cancel(), cancelled.set()))
+        canceller.join(timeout=120)
+        thread.join(timeout=10)
+    finally:
+        failpoints.disarm_all()
+    assert not errors and not cancel_errors, (errors, cancel_errors)
     assert hidden_files(out) == []
     assert not job_actors(job)
     committed = parquet_rows(out)
@@ -265,8 +298,14 @@ def test_cancel_commits_what_completed_checkpoints_decided_and_leaves_nothing_pe
 
 
 def test_a_failed_job_keeps_only_its_newest_checkpoints_transactions_and_resume_commits_them(tmp_path: Path) -> None:
-    """A non-retryable failure: pending files of the newest checkpoint stay (resume commits them), no others."""
+    """Bad input fails the job while checkpoint n's manifest write is held (n's pending files exist).
+
+    The failed job settles n, keeps exactly the transactions of its newest
+    completed checkpoint (pending files, which a resume commits) and removes
+    every other file; a resume with the input fixed commits the exact output.
+    """
     job, out, storage, total = "fail-ends", tmp_path / "out", str(tmp_path / "chk"), 100_000
+    point = "coordinator.before_manifest"
     stop_at = 60_000
 
     def poisoned(offset: int, n: int) -> pa.RecordBatch:
@@ -286,9 +325,23 @@ def test_a_failed_job_keeps_only_its_newest_checkpoints_transactions_and_resume_
         return flow
 
     config = of.CheckpointConfig(interval_s=0.1, storage=storage)
-    with pytest.raises(of.JobFailedError, match="null"):
-        of.run(flow(), parallelism=2, checkpoint=config)
-    assert not job_actors(job)
+    failpoints.disarm_all()
+    failpoints.arm_pause(job, point)
+    ended = threading.Event()
+    try:
+        handle = of.submit(flow(), parallelism=2, checkpoint=config)
+        thread, errors = _release_when(job, point, lambda: ended.is_set() or str(
+            getattr(handle, "phase", "")) in ("JobPhase.FENCING", "JobPhase.ENDING", "JobPhase.FAILED"))
+        with pytest.raises(of.JobFailedError, match="null"):
+            try:
+                handle.wait(timeout_s=120)
+            finally:
+                ended.set()
+        thread.join(timeout=10)
+    finally:
+        failpoints.disarm_all()
+    assert not errors, errors
+    wait_until(lambda: not job_actors(job), timeout_s=30, what="no actor of the job left")
     newest = CheckpointStorage(storage, job).latest_manifest()
     assert newest is not None
     left = hidden_files(out)
