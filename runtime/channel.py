@@ -149,6 +149,20 @@ class ChannelSender:
         self.unacked -= 1
 
 
+@dataclass(frozen=True, slots=True)
+class _SavedChannels:
+    """One snapshot table of :class:`InputWatermarks`, in channel order."""
+
+    names: list[str]
+    last: list[int]
+    ended: list[bool]
+
+    @property
+    def combined(self) -> int:
+        """The minimum over the channels, an ended one counting as the end of time."""
+        return min(END_OF_TIME if ended else last for last, ended in zip(self.last, self.ended, strict=True))
+
+
 class InputWatermarks:
     """Tracks the watermark of every input channel; the operator's is their minimum.
 
@@ -252,23 +266,24 @@ class InputWatermarks:
             DataError: a table is not input watermark state.
         """
         tables = [state] if isinstance(state, pa.Table) else list(state)
-        channels = [self._read(table) for table in tables if table.num_rows]
-        if not channels or not self.names:
+        saved = [self._read(table) for table in tables if table.num_rows]
+        if not saved or not self.names:
             return
-        if all(names == self.names for names, _, _ in channels):
+        if all(old.names == self.names for old in saved):
             for channel in range(len(self.names)):
-                self._last[channel] = min(last[channel] for _, last, _ in channels)
+                self._last[channel] = min(old.last[channel] for old in saved)
                 self._per_channel[channel] = min(
-                    END_OF_TIME if ended[channel] else last[channel] for _, last, ended in channels
+                    END_OF_TIME if old.ended[channel] else old.last[channel] for old in saved
                 )
         else:
-            low = min(END_OF_TIME if e else w for _, last, ended in channels for w, e in zip(last, ended, strict=True))
-            floor = min(w for _, last, _ in channels for w in last) if low == END_OF_TIME else low
+            low = min(old.combined for old in saved)
+            # Every old channel ended: should an input go on, it goes on from the lowest watermark any had.
+            floor = min(w for old in saved for w in old.last) if low == END_OF_TIME else low
             self._per_channel = [low] * len(self.names)
             self._last = [floor] * len(self.names)
         self.current = min(self._per_channel)
 
-    def _read(self, table: pa.Table) -> tuple[list[str], list[int], list[bool]]:
+    def _read(self, table: pa.Table) -> _SavedChannels:
         metadata = table.schema.metadata or {}
         missing = [name for name in _INPUT_WATERMARKS_SCHEMA.names if name not in table.column_names]
         if metadata.get(b"onceflow.state") != b"input_watermarks" or missing:
@@ -281,7 +296,7 @@ class InputWatermarks:
         names = [str(name) for name in ordered.column("name").to_pylist()]
         last = [NO_WATERMARK if w is None else int(w) for w in ordered.column("watermark").to_pylist()]
         ended = [bool(e) for e in ordered.column("ended").to_pylist()]
-        return names, last, ended
+        return _SavedChannels(names, last, ended)
 
 
 def input_channel_names(plan: PhysicalPlan, vertex: int, subtask: int) -> list[str]:
