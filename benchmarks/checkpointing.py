@@ -82,7 +82,7 @@ def recovery(keys: int, repeats: int, name: str) -> dict[str, Any]:
             def big_checkpoint() -> dict[str, Any] | None:
                 manifest = chk.latest_manifest()
                 rows = sum(s["rows"] for t in (manifest or {}).get("tasks", {}).values()
-                           for op, s in t["states"].items() if op == "window_2")
+                           for op, s in t["states"].items() if op.startswith("window"))
                 return manifest if rows >= keys * 0.95 else None
 
             manifest = wait_until(big_checkpoint)

@@ -298,6 +298,8 @@ class CoordinatorActor:
                 break
             await asyncio.sleep(0.01)
         checkpoint_id = actions[0].checkpoint_id  # type: ignore[union-attr]
+        # The input has ended: no periodic checkpoint after the final one (retention would delete it).
+        self._core.paused = True
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[checkpoint_id] = waiter
         await self._execute(actions)

@@ -103,6 +103,16 @@ _CALL_TIMEOUT_S = 60.0
 """How long the driver waits for one step of deploying, fencing or resolving before calling it a failure."""
 
 
+def _gather(refs: list[Any], timeout_s: float = 10.0) -> list[Any]:
+    """The values of the calls that succeed within ``timeout_s`` (the others are left out)."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    values = []
+    for ref in ready:
+        with contextlib.suppress(Exception):
+            values.append(ray.get(ref, timeout=0))
+    return values
+
+
 def _state_key(node: Node) -> str:
     """The key of a node's state in a checkpoint: its stable id where it has one, else its name."""
     return str(getattr(node, "uid", node.name))
@@ -241,6 +251,7 @@ class JobHandle:
         self._earlier: dict[str, Any] = {}
         self._final_checkpoint: int | None = None
         self._last_failure: BaseException | None = None
+        self._final_counts: list[dict[str, Any]] = []
         self.restored_from: list[int] = []
         self._result: JobResult | None = None
         self._error: BaseException | None = None
@@ -539,9 +550,12 @@ class JobHandle:
             return None
         if isinstance(action, TakeFinalCheckpoint):
             assert self._coordinator is not None
+            # Every subtask ended its input: its counters are final now.
+            self._final_counts = _gather([a.metrics.remote() for a in self._attempt.everyone])
             self._waits[self._coordinator.final_checkpoint.remote()] = (_Wait.FINAL, f"{self.job}/coordinator")
             return None
         if isinstance(action, CommitOutput):
+            self._final_counts = _gather([a.metrics.remote() for a in self._attempt.everyone])
             try:
                 ray.get([a.commit.remote() for a in self._attempt.sinks], timeout=_CALL_TIMEOUT_S)
             except Exception as error:  # noqa: BLE001 - a failure like any other
@@ -703,11 +717,7 @@ class JobHandle:
         refs: list[Any] = [a.metrics.remote() for a in self._attempt.everyone]
         if not refs:
             return
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
-        per_actor = []
-        for ref in ready:
-            with contextlib.suppress(Exception):
-                per_actor.append(ray.get(ref, timeout=0))
+        per_actor = _gather(refs, timeout_s=2.0)
         _add_counts(self._earlier, _sum_metrics(per_actor, self._plan))
 
     def _finish(self, finish: Finish) -> None:
@@ -718,9 +728,9 @@ class JobHandle:
         self._remove_everything()
 
     def _final_result(self) -> JobResult:
+        """The finished job's result; an actor that dies now (the output is committed) only loses its counters."""
         finished = time.monotonic()
-        per_actor: list[dict[str, Any]] = ray.get([a.metrics.remote() for a in self._attempt.everyone],
-                                                  timeout=_CALL_TIMEOUT_S)
+        per_actor = self._final_counts or _gather([a.metrics.remote() for a in self._attempt.everyone])
         processed = max((e["active_s"] or 0.0 for e in per_actor), default=0.0)
         metrics = _sum_metrics(per_actor, self._plan)
         _add_counts(metrics, self._earlier)
@@ -729,7 +739,8 @@ class JobHandle:
                        duration_s=duration, processing_s=processed, startup_s=self.startup_s,
                        events_per_s=metrics["events_in"] / duration if duration > 0 else 0.0)
         if self._coordinator is not None:
-            metrics.update(ray.get(self._coordinator.stats.remote(), timeout=_CALL_TIMEOUT_S))
+            for stats in _gather([self._coordinator.stats.remote()]):
+                metrics.update(stats)
         return JobResult(self.job, metrics, self._plan.describe())
 
     def _end_error(self, finish: Finish) -> JobFailedError:
