@@ -342,13 +342,17 @@ class JobHandle:
                 ray.kill(actor, no_restart=True)
 
     @staticmethod
-    def _confirm_dead(actors: list[ActorHandle], timeout_s: float = 30.0) -> None:
-        """Wait until every killed actor is known dead, so nothing of it can act any more."""
-        deadline = time.monotonic() + timeout_s
+    def _confirm_dead(actors: list[ActorHandle]) -> None:
+        """Wait until every killed actor is known dead, so nothing of it can act any more.
+
+        This is the fence: a new attempt (or coordinator) never starts beside a
+        zombie of the old one. It waits as long as it takes, warning every 30 s.
+        """
         pending = list(actors)
-        while pending and time.monotonic() < deadline:
+        waited = time.monotonic()
+        while pending:
             refs: dict[Any, ActorHandle] = {a.__ray_ready__.remote(): a for a in pending}
-            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=min(1.0, deadline - time.monotonic()))
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=1.0)
             alive = []
             for ref in ready:
                 try:
@@ -358,9 +362,11 @@ class JobHandle:
                     pass
             pending = alive + [a for r, a in refs.items() if r not in ready]
             if alive:
+                JobHandle._kill(alive)
                 time.sleep(0.02)
-        if pending:
-            log.warning("%d killed actor(s) not confirmed dead after %.0f s", len(pending), timeout_s)
+            if pending and time.monotonic() - waited > 30:
+                log.warning("%d killed actor(s) not yet confirmed dead; still waiting", len(pending))
+                waited = time.monotonic()
 
     # -- observation --------------------------------------------------------------------
 

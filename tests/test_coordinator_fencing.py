@@ -1,0 +1,81 @@
+"""The coordinator actor fences attempts: a zombie subtask's acknowledgement never completes a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+
+from checkpoint.config import CheckpointConfig
+from checkpoint.coordinator import TaskAck
+from checkpoint.storage import CheckpointStorage
+from runtime.checkpointing import CoordinatorActor
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@ray.remote(num_cpus=0)
+class _Source:
+    """Stands in for a source subtask: remembers which checkpoints were triggered."""
+
+    def __init__(self) -> None:
+        self.triggered: list[int] = []
+
+    def trigger_checkpoint(self, checkpoint_id: int, triggered_at: float) -> None:
+        self.triggered.append(checkpoint_id)
+
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        pass
+
+    def abort_checkpoint(self, checkpoint_id: int) -> None:
+        pass
+
+    def triggers(self) -> list[int]:
+        return list(self.triggered)
+
+
+def test_acknowledgements_of_a_fenced_attempt_never_complete_a_checkpoint(tmp_path: Path) -> None:
+    storage = str(tmp_path / "chk")
+    config = CheckpointConfig(interval_s=0.05, timeout_s=60, storage=storage)
+    coordinator = ray.remote(CoordinatorActor).options(num_cpus=0).remote("fencing", config, ["v/0"], run="r1")
+    source = _Source.remote()
+    try:
+        ray.get(coordinator.start.remote(1, [source], [source]))
+        first = wait_until(lambda: ray.get(source.triggers.remote()), what="a trigger")[0]
+        assert ray.get(coordinator.fence.remote()) is None  # nothing completed; checkpoint `first` aborted
+        ray.get(coordinator.start.remote(2, [source], [source]))
+        second = wait_until(lambda: [i for i in ray.get(source.triggers.remote()) if i > first],
+                            what="a trigger of attempt 2")[0]
+        # A subtask of attempt 1 that is still alive (a zombie) acknowledges the new checkpoint: ignored.
+        ray.get(coordinator.acknowledge.remote(second, TaskAck("v/0", attempt=1)))
+        ray.get(coordinator.acknowledge.remote(first, TaskAck("v/0", attempt=1)))
+        assert ray.get(coordinator.latest_checkpoint.remote()) is None
+        assert CheckpointStorage(storage, "fencing").completed_ids() == []
+        # The live attempt's acknowledgement completes it.
+        ray.get(coordinator.acknowledge.remote(second, TaskAck("v/0", attempt=2)))
+        wait_until(lambda: ray.get(coordinator.latest_checkpoint.remote()) == second, what="the checkpoint")
+        manifest = CheckpointStorage(storage, "fencing").manifest(second)
+        assert manifest is not None and manifest["run"] == "r1"
+        assert ray.get(coordinator.fence.remote()) == second
+    finally:
+        ray.kill(coordinator)
+        ray.kill(source)
+
+
+def test_a_new_coordinator_restores_only_its_own_runs_checkpoints(tmp_path: Path) -> None:
+    """After a coordinator is replaced, its successor of the same run finds the run's checkpoints, not others'."""
+    storage = str(tmp_path / "chk")
+    config = CheckpointConfig(interval_s=0.05, timeout_s=60, storage=storage)
+    store = CheckpointStorage(storage, "runs")
+    store.write_manifest({"checkpoint_id": 4, "job": "runs", "run": "earlier", "tasks": {}})
+    fresh = ray.remote(CoordinatorActor).options(num_cpus=0).remote("runs", config, ["v/0"], run="fresh")
+    resumed = ray.remote(CoordinatorActor).options(num_cpus=0).remote("runs", config, ["v/0"], run="again",
+                                                                      baseline=4)
+    try:
+        assert ray.get(fresh.latest_checkpoint.remote()) is None
+        assert ray.get(resumed.latest_checkpoint.remote()) == 4
+    finally:
+        ray.kill(fresh)
+        ray.kill(resumed)
