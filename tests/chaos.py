@@ -29,9 +29,12 @@ Example (the figures of a schedule, without running one):
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import random
+import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -62,6 +65,7 @@ __all__ = [
     "Kill",
     "Workspace",
     "build_flow",
+    "kill_process_tree",
     "leftover_actors",
     "random_aims",
     "run_schedule",
@@ -756,6 +760,47 @@ def killed_driver_command(shape: str, job: str, workspace: Workspace, python: st
     command = [python, str(root / "tests/jobs/chaos_job.py"), "--shape", shape, "--job", job,
                "--workspace", str(workspace.root)]
     return [*command, "--dsn", workspace.dsn] if workspace.dsn else command
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it."""
+    listing = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    table = [line.split() for line in listing.splitlines()]
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for child, parent in ((int(a), int(b)) for a, b in table):
+        children[parent].append(child)
+    tree, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        tree.append(current)
+        queue.extend(children[current])
+    return tree
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def kill_process_tree(pid: int, timeout_s: float = 30.0) -> list[int]:
+    """Lose a driver and everything it started at one instant, as when its machine dies.
+
+    Freezes ``pid`` and all its descendants (its embedded Ray: GCS, raylet,
+    workers) with SIGSTOP, so none of them acts on another's death, then
+    SIGKILLs them and waits until they are gone. Returns the pids killed.
+    """
+    tree = _process_tree(pid)
+    for signal_ in (signal.SIGSTOP, signal.SIGKILL):
+        for member in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal_)
+    deadline = time.monotonic() + timeout_s
+    while not all(_gone(member) for member in tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return tree
 
 
 def environment_without_ray_address() -> dict[str, str]:

@@ -29,6 +29,7 @@ from tests.chaos import (
     ChaosRecord,
     Workspace,
     environment_without_ray_address,
+    kill_process_tree,
     killed_driver_command,
     random_aims,
     run_schedule,
@@ -137,7 +138,7 @@ def killed_driver_then_resume(tmp_path: Path, request: pytest.FixtureRequest, sh
                    timeout_s=180, what=f"{checkpoints} checkpoint(s) of the driver subprocess")
         assert driver.poll() is None, f"the driver ended before it was killed: {log.read_text()[-2000:]}"
     finally:
-        driver.kill()  # SIGKILL: its embedded Ray dies with it
+        kill_process_tree(driver.pid)  # the driver's machine dies: the driver and its embedded Ray at once
         driver.wait()
     record = run_schedule(SHAPES[shape], workspace, seed=seed, aims=aims, resume=True, job=job)
     assert record.restored_from, f"the resumed run restored no checkpoint\n{record.describe()}"
