@@ -147,6 +147,23 @@ def test_pause_and_resume() -> None:
     assert coordinator.poll() == [TriggerCheckpoint(2, 6.0)]
 
 
+def test_resume_starts_from_a_clean_failure_count() -> None:
+    """An expired checkpoint fails the attempt; the restored attempt must not inherit that failure."""
+    clock = FakeClock()
+    coordinator = CheckpointCoordinator(CheckpointConfig(interval_s=1.0, timeout_s=2.0), ["a"], clock=clock)
+    clock.now = 1.0
+    coordinator.poll()
+    clock.now = 3.5
+    assert any(isinstance(a, FailJob) for a in coordinator.poll())
+    coordinator.on_job_failure()
+    coordinator.resume()
+    assert coordinator.consecutive_failures == 0
+    clock.now = 4.5
+    triggered = coordinator.poll()
+    assert [type(a) for a in triggered] == [TriggerCheckpoint]
+    assert not any(isinstance(a, FailJob) for a in coordinator.on_ack(triggered[0].checkpoint_id, TaskAck("a"))[1])
+
+
 def test_next_id_continues_from_the_checkpoints_on_record() -> None:
     clock = FakeClock()
     coordinator = CheckpointCoordinator(CheckpointConfig(), ["a"], clock=clock, next_id=8)
@@ -651,6 +668,7 @@ def test_random_protocol_runs_keep_the_invariants(config: CheckpointConfig, task
         else:
             coordinator.resume()
             model.paused = False
+            model.consecutive = 0  # a restored attempt starts from a clean failure count
             model.last_trigger = clock.now
         check_actions(model, kind, target, actions)
         if kind == "poll":
