@@ -80,23 +80,28 @@ def in_background(target: Any) -> tuple[threading.Thread, list[BaseException]]:
     return thread, errors
 
 
-@pytest.mark.parametrize("target", ["window/0", "window/1", "source_0/1"])
-def test_an_actor_killed_while_the_first_attempt_starts_is_one_failure(tmp_path: Path, target: str) -> None:
-    """A kill as soon as the actor exists (before it is wired or restored) restarts the job."""
-    job, total = f"start-kill-{target.replace('/', '-')}", 60_000
-    name = f"{job}/{target}"
+def run_killing_at_start(name: str, flow: of.Dataflow, checkpoint: of.CheckpointConfig) -> of.JobResult:
+    """Run ``flow`` at parallelism 2, killing actor ``name`` as soon as it exists; assert it restarted."""
 
     def killer() -> None:
         wait_until(lambda: kill(name), timeout_s=60, what=f"{name} to exist")
 
     thread, errors = in_background(killer)
-    sink = of.sinks.TestingSink()
-    result = of.run(feature_flow(job, total, sink), parallelism=2,
-                    checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path / "chk")),
+    result = of.run(flow, parallelism=2, checkpoint=checkpoint,
                     restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.05))
     thread.join(timeout=10)
     assert not errors, errors
     assert result.metrics["restarts"] >= 1
+    return result
+
+
+@pytest.mark.parametrize("target", ["window/0", "window/1", "source_0/1"])
+def test_an_actor_killed_while_the_first_attempt_starts_is_one_failure(tmp_path: Path, target: str) -> None:
+    """A kill as soon as the actor exists (before it is wired or restored) restarts the job."""
+    job, total = f"start-kill-{target.replace('/', '-')}", 60_000
+    sink = of.sinks.TestingSink()
+    run_killing_at_start(f"{job}/{target}", feature_flow(job, total, sink),
+                         of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path / "chk")))
     assert_feature_reference(sink.table(), total)
     wait_until(lambda: not job_actors(job), timeout_s=30, what="no actor of the job left")
 
@@ -169,19 +174,9 @@ def test_a_fresh_run_never_restores_an_earlier_runs_checkpoint(tmp_path: Path) -
     assert CheckpointStorage(storage, job).completed_ids()
 
     total = 60_000
-    name = f"{job}/window/0"
-
-    def killer() -> None:
-        wait_until(lambda: kill(name), timeout_s=60, what=f"{name} to exist")
-
-    thread, errors = in_background(killer)
     second = of.sinks.TestingSink()
-    result = of.run(feature_flow(job, total, second), parallelism=2,
-                    checkpoint=of.CheckpointConfig(interval_s=60.0, storage=storage),
-                    restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.05))
-    thread.join(timeout=10)
-    assert not errors, errors
-    assert result.metrics["restarts"] >= 1
+    result = run_killing_at_start(f"{job}/window/0", feature_flow(job, total, second),
+                                  of.CheckpointConfig(interval_s=60.0, storage=storage))
     assert result.metrics["restored_from"] == []
     assert_feature_reference(second.table(), total)
 
