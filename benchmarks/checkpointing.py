@@ -91,7 +91,7 @@ def recovery(keys: int, repeats: int, name: str) -> dict[str, Any]:
             state_bytes.append(chk.latest_manifest()["state_bytes"])  # type: ignore[index]
             names = handle.actor_names
             killed_at = time.time()
-            ray.kill(ray.get_actor(f"{name}/window_2/0", namespace="onceflow"))
+            ray.kill(ray.get_actor(f"{name}/window_2/0", namespace="onceflow"), no_restart=True)
 
             def restored(names: list[str] = names) -> float | None:
                 firsts = []
@@ -125,10 +125,16 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--fast-interval", type=float, default=0.2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--recovery-only", action="store_true",
+                        help="measure only the recovery time (written to checkpointing-recovery.json)")
     args = parser.parse_args()
     events = 1_000_000 if args.quick else 10_000_000
     repeats = 1 if args.quick else args.repeats
     start_ray()
+    if args.recovery_only:
+        recoveries = [recovery(keys, args.repeats, f"bench-recovery-{keys}") for keys in (100_000, 1_000_000)]
+        print(f"wrote {write_json('checkpointing-recovery', {'recovery': recoveries})}")
+        return
     throughput(events // 5, None, "bench-warmup")
     off, on, fast = [], [], []
     for i in range(repeats):

@@ -60,6 +60,11 @@ class CheckpointConfig:
         retain: how many complete checkpoints to keep in storage; older ones are deleted.
         tolerable_failures: consecutive failed or expired checkpoints tolerated
             before the job fails (0: the first failed checkpoint fails the job).
+        lease_s: how long a run's hold on ``storage`` lasts without renewal.
+            The running job renews it every ``lease_s / 3``; another run of the
+            job (a resume from another driver or cluster) waits until it has
+            lapsed before taking over, and a run that lost it completes no
+            more checkpoints (see :mod:`checkpoint.lease`).
 
     Raises:
         PlanError: an option is out of range or ``mode`` is not ``"aligned"``.
@@ -83,6 +88,7 @@ class CheckpointConfig:
     max_concurrent: int = 1
     retain: int = 3
     tolerable_failures: int = 0
+    lease_s: float = 10.0
 
     def __post_init__(self) -> None:
         _require_number("checkpoint interval_s", self.interval_s, positive=True,
@@ -97,6 +103,8 @@ class CheckpointConfig:
                      hint="keep at least the newest complete checkpoint (retain=1)")
         _require_int("checkpoint tolerable_failures", self.tolerable_failures, 0,
                      hint="pass tolerable_failures=0 to fail the job on the first failed checkpoint")
+        _require_number("checkpoint lease_s", self.lease_s, positive=True,
+                        hint="pass a lease of a few seconds such as lease_s=10.0")
         if not isinstance(self.storage, str) or not self.storage:
             msg = (f"checkpoint storage must be a non-empty directory path or pyarrow.fs uri, got {self.storage!r}; "
                    "pass storage='checkpoints' or storage='s3://bucket/prefix'")

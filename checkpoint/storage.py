@@ -35,10 +35,13 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
 from checkpoint.errors import OnceflowError, PlanError
+from checkpoint.lease import JobLease
 
 __all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle"]
 
 MANIFEST_NAME = "_manifest.json"
+LEASE_NAME = "_lease.json"
+"""The job's storage lease, beside its checkpoint directories (see :mod:`checkpoint.lease`)."""
 HISTORY_NAME = "checkpoint-history.jsonl"
 _CHECKPOINT_DIR = re.compile(r"chk-(\d+)")
 
@@ -304,6 +307,51 @@ class CheckpointStorage:
                    "check that the checkpoint storage is writable and has space")
             raise CheckpointStorageError(msg, path=final) from error
         return final
+
+    # -- the lease ---------------------------------------------------------------------------------------------
+
+    def read_lease(self) -> JobLease | None:
+        """The job's storage lease (:mod:`checkpoint.lease`), or ``None`` if no run holds one."""
+        path = f"{self._root}/{LEASE_NAME}"
+        try:
+            with self._fs.open_input_stream(path) as source:
+                return JobLease.from_json(json.loads(source.read()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            if not self._exists(path):
+                return None
+            msg = f"cannot read the job's lease {path!r}: {error}; check that the checkpoint storage is reachable"
+            raise CheckpointStorageError(msg, path=path) from error
+
+    def write_lease(self, lease: JobLease) -> None:
+        """Replace the job's storage lease atomically (as a manifest is written)."""
+        final = f"{self._root}/{LEASE_NAME}"
+        temporary = f"{final}.{uuid.uuid4().hex}.tmp"
+        data = json.dumps(lease.to_json()).encode()
+        try:
+            self._fs.create_dir(self._root, recursive=True)
+            if self._local:
+                self._replace_local(temporary, final, data)
+            else:
+                with self._fs.open_output_stream(temporary) as out:
+                    out.write(data)
+                self._fs.move(temporary, final)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                self._fs.delete_file(temporary)
+            msg = f"cannot write the job's lease {final!r}: {error}; check that the checkpoint storage is writable"
+            raise CheckpointStorageError(msg, path=final) from error
+
+    def release_lease(self, run: str) -> None:
+        """Give up ``run``'s lease (the job ended); a lease another run holds stays."""
+        lease = self.read_lease()
+        if lease is not None and lease.run == run:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.delete_file(f"{self._root}/{LEASE_NAME}")
+
+    def _exists(self, path: str) -> bool:
+        return bool(self._fs.get_file_info(path).type != pafs.FileType.NotFound)
 
     def _replace_local(self, temporary: str, final: str, data: bytes) -> None:
         with open(temporary, "wb") as out:

@@ -39,6 +39,7 @@ from checkpoint.coordinator import (
 )
 from checkpoint.errors import CheckpointError
 from checkpoint.failpoints import crash_point, pause_point
+from checkpoint.lease import may_complete, taken
 from checkpoint.storage import CheckpointStorage
 from runtime.actor import RestoredState, configure_logging
 from runtime.telemetry import CheckpointMetrics
@@ -48,7 +49,10 @@ if TYPE_CHECKING:
 
     from checkpoint.config import CheckpointConfig
 
-__all__ = ["CoordinatorActor", "RestorePoint", "percentile"]
+__all__ = ["LEASE_LOST", "CoordinatorActor", "RestorePoint", "percentile"]
+
+LEASE_LOST = "lease lost"
+"""The reason of the :class:`CheckpointError` of a run whose storage another run took over."""
 
 log = logging.getLogger("onceflow")
 
@@ -121,6 +125,7 @@ class CoordinatorActor:
         self._loop: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._persisting: set[asyncio.Task[None]] = set()
+        self._lost_to: str | None = None  # the run that took the storage over from this one
         self._telemetry = CheckpointMetrics(job)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -163,12 +168,41 @@ class CoordinatorActor:
 
     async def _run(self) -> None:
         period = min(self._config.interval_s / 4, 0.05)
+        renewed = float("-inf")
         while True:
-            await asyncio.sleep(period)
             try:
+                if time.monotonic() - renewed >= self._config.lease_s / 3:
+                    renewed = time.monotonic()
+                    await asyncio.to_thread(self._renew_lease)
                 await self._execute(self._core.poll())
             except Exception:
                 log.exception("job %s: checkpoint coordinator loop failed", self._job)
+            await asyncio.sleep(period)
+
+    def _renew_lease(self) -> None:
+        """Renew this run's hold on the storage; once another run holds it, complete nothing more."""
+        if self._lost_to is not None:
+            return
+        lease = self._storage.read_lease()
+        if lease is not None and lease.run != self._run_id:
+            self._lose_lease(lease.run)
+            return
+        self._storage.write_lease(taken(lease, self._run_id, now=time.time()))
+
+    def _lose_lease(self, holder: str) -> None:
+        self._lost_to = holder
+        self._core.paused = True
+        self._fatal.setdefault(self._attempt, f"another run ({holder}) took over the checkpoint storage")
+        log.error("job %s: run %s took over checkpoint storage %r; this run completes no more checkpoints",
+                  self._job, holder, self._storage.uri)
+
+    def _may_complete(self) -> bool:
+        """Whether this run still holds a fresh lease on the storage (checked before a manifest or a deletion)."""
+        lease = self._storage.read_lease()
+        if lease is not None and lease.run != self._run_id:
+            self._lose_lease(lease.run)
+        return self._lost_to is None and may_complete(lease, self._run_id, now=time.time(),
+                                                      lease_s=self._config.lease_s)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -201,7 +235,7 @@ class CoordinatorActor:
                         reason=action.reason.value))
             elif isinstance(action, DiscardCheckpoint):
                 self._cache.pop(action.checkpoint_id, None)
-                await asyncio.to_thread(self._storage.discard, action.checkpoint_id)
+                await asyncio.to_thread(self._discard, action.checkpoint_id)
             elif isinstance(action, FailJob):
                 self._fatal.setdefault(self._attempt, action.reason)
 
@@ -246,7 +280,15 @@ class CoordinatorActor:
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         pause_point(self._job, "coordinator.before_manifest", str(manifest["checkpoint_id"]))
+        if not self._may_complete():
+            msg = (f"job {self._job!r}: run {self._run_id} does not hold a fresh lease on {self._storage.uri!r}; "
+                   f"checkpoint {manifest['checkpoint_id']} is not completed")
+            raise CheckpointError(msg, reason=LEASE_LOST)
         self._storage.write_manifest(manifest)
+
+    def _discard(self, checkpoint_id: int) -> None:
+        if self._may_complete():  # a run that lost the storage deletes nothing of its successor's
+            self._storage.discard(checkpoint_id)
 
     # -- calls from subtasks ----------------------------------------------------------
 
@@ -307,12 +349,13 @@ class CoordinatorActor:
 
     async def watch(self, attempt: int) -> None:
         """Raise once checkpoints of ``attempt`` failed too often for it to go on; return once it is fenced."""
-        while attempt not in self._fatal:
+        while attempt not in self._fatal and self._lost_to is None:
             if attempt <= self._fenced:
                 return
             await asyncio.sleep(0.05)
-        msg = f"job {self._job!r}: {self._fatal[attempt]}"
-        raise CheckpointError(msg, reason="too many failures")
+        reason = self._fatal.get(attempt, f"another run ({self._lost_to}) took over the checkpoint storage")
+        msg = f"job {self._job!r}: {reason}"
+        raise CheckpointError(msg, reason=LEASE_LOST if self._lost_to is not None else "too many failures")
 
     def stats(self) -> dict[str, Any]:
         """Checkpoint figures as Flink reports them: counts, durations, alignment, sizes."""

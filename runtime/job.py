@@ -46,6 +46,7 @@ import ray
 
 from checkpoint.config import CheckpointConfig, RestartStrategy
 from checkpoint.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
+from checkpoint.lease import may_take, taken
 from checkpoint.state import read_sink_state
 from checkpoint.storage import CheckpointStorage
 from checkpoint.supervisor import (
@@ -79,7 +80,7 @@ from operators.keygroups import DEFAULT_MAX_PARALLELISM
 from runtime import progress
 from runtime.actor import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskActor, _Restore
 from runtime.channel import END_OF_TIME, NO_WATERMARK
-from runtime.checkpointing import CoordinatorActor, RestorePoint
+from runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
 from runtime.dataflow import NodeKind
 from runtime.output import DownstreamFailedError
 from runtime.plan import PhysicalPlan, plan
@@ -260,6 +261,9 @@ class JobHandle:
         self._deployed = threading.Event()
         self._done = threading.Event()
         self._refuse_if_running()
+        self._lease_renewed = float("-inf")
+        if self._storage is not None:
+            self._take_lease()
         self._restore = self._starting_point(resume)
         self._created = time.monotonic()
         self.startup_s = 0.0
@@ -279,6 +283,48 @@ class JobHandle:
                    f"({', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}); stop or cancel that job, "
                    "or rename the dataflow")
             raise PlanError(msg)
+
+    def _take_lease(self) -> None:
+        """Take this job's hold on its checkpoint storage, waiting while another live run holds it."""
+        assert self._storage is not None and self._checkpoint is not None
+        lease_s = self._checkpoint.lease_s
+        deadline = time.monotonic() + 3 * lease_s + 5
+        warned = False
+        while True:
+            lease = self._storage.read_lease()
+            if may_take(lease, self.run_id, now=time.time(), lease_s=lease_s):
+                self._storage.write_lease(taken(lease, self.run_id, now=time.time()))
+                self._lease_renewed = time.monotonic()
+                return
+            assert lease is not None
+            age = time.time() - lease.renewed_at
+            if time.monotonic() > deadline:
+                msg = (f"cannot start job {self.job!r}: run {lease.run} holds its checkpoint storage "
+                       f"{self._storage.uri!r} (renewed {age:.1f} s ago), so it is still running elsewhere; "
+                       f"stop that run, or start this one at least {lease_s:g} s after it died")
+                raise PlanError(msg)
+            if not warned:
+                log.warning("job %s: run %s held the checkpoint storage %.1f s ago; waiting until its lease "
+                            "(%g s) lapses", self.job, lease.run, age, lease_s)
+                warned = True
+            time.sleep(0.2)
+
+    def _renew_lease(self) -> SupervisorEvent | None:
+        """Renew the storage lease between the coordinator's renewals (while it is being replaced, say)."""
+        if self._storage is None or self._checkpoint is None or self._supervisor.finished:
+            return None
+        if time.monotonic() - self._lease_renewed < self._checkpoint.lease_s / 3:
+            return None
+        self._lease_renewed = time.monotonic()
+        try:
+            lease = self._storage.read_lease()
+            if lease is not None and lease.run != self.run_id:
+                reason = f"run {lease.run} took over the checkpoint storage {self._storage.uri!r}"
+                return Failed(self._supervisor.attempt, reason, retryable=False)
+            self._storage.write_lease(taken(lease, self.run_id, now=time.time()))
+        except OnceflowError as error:
+            log.warning("job %s: could not renew the checkpoint storage lease: %s", self.job, error)
+        return None
 
     def _starting_point(self, resume: bool) -> int | None:
         """The checkpoint to restore first: the newest of any run with ``resume=True``, else none.
@@ -487,6 +533,9 @@ class JobHandle:
                 return self._events.popleft()
             with contextlib.suppress(queue.Empty):
                 return self._requests.get_nowait()
+            renewal = self._renew_lease()
+            if renewal is not None:
+                return renewal
             if self._timer is not None and time.monotonic() >= self._timer[0]:
                 attempt = self._timer[1]
                 self._timer = None
@@ -540,7 +589,8 @@ class JobHandle:
         else:
             reason = str(root)
         self._last_failure = root
-        return Failed(attempt, reason, retryable=not isinstance(root, _NOT_RETRYABLE),
+        lost = isinstance(root, CheckpointError) and root.reason == LEASE_LOST
+        return Failed(attempt, reason, retryable=not isinstance(root, _NOT_RETRYABLE) and not lost,
                       operator=getattr(root, "operator", "") or actor)
 
     # -- actions ----------------------------------------------------------------------------
@@ -766,7 +816,7 @@ class JobHandle:
         return error
 
     def _remove_everything(self) -> None:
-        """Kill every actor of the job that is left, coordinator included, and confirm it."""
+        """Kill every actor of the job that is left, coordinator included, confirm it, and release the storage."""
         actors = self._attempt.everyone
         if self._coordinator is not None:
             actors.append(self._coordinator)
@@ -774,6 +824,9 @@ class JobHandle:
         self._kill(actors)
         self._waits = {}
         self._confirm_dead(actors)
+        if self._storage is not None:
+            with contextlib.suppress(OnceflowError):
+                self._storage.release_lease(self.run_id)
 
 
 def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,

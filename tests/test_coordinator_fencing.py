@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,8 @@ import ray
 
 from checkpoint.config import CheckpointConfig
 from checkpoint.coordinator import TaskAck
+from checkpoint.errors import CheckpointError, PlanError
+from checkpoint.lease import JobLease
 from checkpoint.storage import CheckpointStorage
 from runtime.checkpointing import CoordinatorActor
 from tests.helpers import wait_until
@@ -79,3 +83,63 @@ def test_a_new_coordinator_restores_only_its_own_runs_checkpoints(tmp_path: Path
     finally:
         ray.kill(fresh)
         ray.kill(resumed)
+
+
+def test_a_coordinator_whose_storage_another_run_took_over_completes_nothing(tmp_path: Path) -> None:
+    """A zombie coordinator (its driver gone, its cluster still running) after a resume elsewhere took over."""
+    storage = str(tmp_path / "chk")
+    config = CheckpointConfig(interval_s=0.05, timeout_s=60, storage=storage, lease_s=2.0)
+    store = CheckpointStorage(storage, "zombie")
+    coordinator = ray.remote(CoordinatorActor).options(num_cpus=0).remote("zombie", config, ["v/0"], run="old")
+    source = _Source.remote()
+    try:
+        ray.get(coordinator.start.remote(1, [source], [source]))
+        first = wait_until(lambda: ray.get(source.triggers.remote()), what="a trigger")[0]
+        held = wait_until(store.read_lease, what="the zombie's lease")
+        assert held.run == "old"
+        # A new run (another driver, another cluster) takes the storage over.
+        store.write_lease(JobLease("new", held.epoch + 1, time.time()))
+        ray.get(coordinator.acknowledge.remote(first, TaskAck("v/0", attempt=1)))
+        with pytest.raises(ray.exceptions.RayTaskError, match="took over the checkpoint storage") as info:
+            ray.get(coordinator.watch.remote(1), timeout=30)
+        assert isinstance(info.value.cause, CheckpointError) and info.value.cause.reason == "lease lost"
+        assert store.completed_ids() == []  # the zombie's fully acknowledged checkpoint never completed
+        assert store.read_lease() is not None and store.read_lease().run == "new"  # and it never renewed over it
+    finally:
+        ray.kill(coordinator)
+        ray.kill(source)
+
+
+def test_a_run_waits_while_another_live_run_holds_the_storage_and_takes_it_once_lapsed(tmp_path: Path) -> None:
+    import onceflow as of
+    from operators.workload import feature_events
+
+    storage = str(tmp_path / "chk")
+    store = CheckpointStorage(storage, "held")
+    holding = threading.Event()
+    holding.set()
+
+    def renew() -> None:  # a live run elsewhere, renewing its lease
+        while holding.is_set():
+            store.write_lease(JobLease("elsewhere", 1, time.time()))
+            time.sleep(0.05)
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+
+    def flow() -> of.Dataflow:
+        flow = of.Dataflow("held")
+        flow.source(of.sources.GeneratorSource(feature_events, total=10_000, batch_size=5_000)).sink(
+            of.sinks.TestingSink())
+        return flow
+
+    config = CheckpointConfig(interval_s=0.1, storage=storage, lease_s=0.5)
+    try:
+        with pytest.raises(PlanError, match="holds its checkpoint storage"):
+            of.run(flow(), checkpoint=config)
+    finally:
+        holding.clear()
+        renewer.join()
+    result = of.run(flow(), checkpoint=config)  # the other run stopped renewing: its lease lapses
+    assert result.metrics["events_in"] == 10_000
+    assert store.read_lease() is None  # released at the end
