@@ -63,7 +63,8 @@ if TYPE_CHECKING:
     from operators.watermark import WatermarkGenerator
     from runtime.plan import PhysicalPlan, VertexSpec
 
-__all__ = ["AttemptId", "CheckpointSetup", "RestoredState", "RuntimeOptions", "SubtaskActor", "configure_logging"]
+__all__ = ["AttemptId", "CheckpointSetup", "RestoredState", "RuntimeOptions", "SubtaskActor", "SubtaskRestore",
+           "configure_logging"]
 
 log = logging.getLogger("onceflow")
 
@@ -147,7 +148,7 @@ class RestoredState:
 
 
 @dataclass(slots=True)
-class _Restore:
+class SubtaskRestore:
     """What one subtask restores: state key (operator uid, or ``@`` runtime entry) -> the handles to load.
 
     Decided by :func:`runtime.restore.assign_restored_state`: several handles
@@ -204,7 +205,7 @@ class SubtaskActor:
     """Runs one subtask of one vertex. Created by the job as a named async Ray actor."""
 
     def __init__(self, plan: PhysicalPlan, vertex_id: int, subtask: int, options: RuntimeOptions,
-                 checkpointing: CheckpointSetup | None = None, restore: _Restore | None = None,
+                 checkpointing: CheckpointSetup | None = None, restore: SubtaskRestore | None = None,
                  attempt: AttemptId | None = None) -> None:
         configure_logging(options.log_level)
         self._plan = plan

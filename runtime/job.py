@@ -78,20 +78,20 @@ from checkpoint.supervisor import (
 from checkpoint.two_phase_commit import Committable, SinkContext, TransactionalSink
 from operators.keygroups import DEFAULT_MAX_PARALLELISM
 from runtime import progress
-from runtime.actor import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskActor, _Restore
+from runtime.actor import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskActor, SubtaskRestore
 from runtime.channel import END_OF_TIME, NO_WATERMARK
 from runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
 from runtime.dataflow import NodeKind
 from runtime.output import DownstreamFailedError
 from runtime.plan import PhysicalPlan, plan
 from runtime.ray_env import NAMESPACE, ensure_ray
-from runtime.restore import assign_restored_state
+from runtime.restore import assign_restored_state, restored_sink_states
 from runtime.telemetry import RestartCounter
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
-    from runtime.dataflow import Dataflow, Node
+    from runtime.dataflow import Dataflow
 
 __all__ = ["JobHandle", "JobResult", "JobStatus", "run", "submit"]
 
@@ -114,9 +114,6 @@ def _gather(refs: list[Any], timeout_s: float = 10.0) -> list[Any]:
     return values
 
 
-def _state_key(node: Node) -> str:
-    """The key of a node's state in a checkpoint: its stable id where it has one, else its name."""
-    return str(getattr(node, "uid", node.name))
 
 
 class JobStatus(Enum):
@@ -640,7 +637,7 @@ class JobHandle:
                 node = vertex.nodes[-1]
                 if node.kind is not NodeKind.SINK:
                     continue
-                committables = decided.get(_state_key(node), [])
+                committables = decided.get(node.uid, [])
                 commit = [] if action.end is SinkEnd.FAIL else committables
                 ctx = SinkContext(self.job, node.name, 0, vertex.parallelism, run=self.run_id, attempt=attempt)
                 refs.append(_resolve_sink.remote(node.spec, ctx, commit, committables))
@@ -651,22 +648,20 @@ class JobHandle:
         return SinksResolved(attempt)
 
     def _sink_committables(self, checkpoint_id: int) -> dict[str, list[Committable]]:
-        """Per sink operator, every transaction checkpoint ``checkpoint_id`` recorded as pre-committed."""
+        """Per sink operator (uid), every transaction checkpoint ``checkpoint_id`` recorded as pre-committed."""
         assert self._storage is not None
         manifest = self._storage.manifest(checkpoint_id)
         if manifest is None:
             msg = f"checkpoint {checkpoint_id} of job {self.job!r} is not complete in {self._storage.uri!r}"
             raise CheckpointError(msg, reason="missing")
-        # Checkpoints key state by the operator's stable id; older ones by its name.
-        sinks = {key: _state_key(v.nodes[-1]) for v in self._plan.vertices if v.nodes[-1].kind is NodeKind.SINK
-                 for key in (_state_key(v.nodes[-1]), v.nodes[-1].name)}
+        paths = {task: {key: state["path"] for key, state in entry["states"].items()}
+                 for task, entry in manifest["tasks"].items()}
         found: dict[str, list[Committable]] = {}
-        for entry in manifest["tasks"].values():
-            for operator, state in entry["states"].items():
-                if operator in sinks:
-                    restored = read_sink_state(self._storage.read_state(state["path"]))
-                    found.setdefault(sinks[operator], []).extend(
-                        c for c_id, items in sorted(restored.items()) if c_id <= checkpoint_id for c in items)
+        for uid, handles in restored_sink_states(self._plan, paths).items():
+            for path in handles:
+                restored = read_sink_state(self._storage.read_state(path))
+                found.setdefault(uid, []).extend(
+                    c for c_id, items in sorted(restored.items()) if c_id <= checkpoint_id for c in items)
         return found
 
     def _deploy(self, number: int, restore_id: int | None) -> SupervisorEvent:
@@ -694,7 +689,7 @@ class JobHandle:
                     name = f"{self.job}/{vertex.name}/{subtask}"
                     task_restore = None
                     if restore is not None:
-                        task_restore = _Restore(restore[0], assigned[f"{vertex.name}/{subtask}"])
+                        task_restore = SubtaskRestore(restore[0], assigned[f"{vertex.name}/{subtask}"])
                     actor = self._create(remote_cls, name, self._plan, vertex.id, subtask, self._options, setup,
                                          task_restore, attempt=identity)
                     group.append(actor)

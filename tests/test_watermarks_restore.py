@@ -29,7 +29,7 @@ import onceflow as of
 from checkpoint.state import source_state
 from checkpoint.storage import CheckpointStorage
 from operators.sources.base import Idle, Source, SourceContext, SourceReader
-from runtime.actor import CheckpointSetup, RestoredState, RuntimeOptions, SubtaskActor, _Restore
+from runtime.actor import CheckpointSetup, RestoredState, RuntimeOptions, SubtaskActor, SubtaskRestore
 from runtime.channel import END_OF_TIME, ChannelMessage
 from runtime.plan import plan
 
@@ -189,7 +189,7 @@ def test_a_restored_source_sends_its_watermark_before_its_first_row(tmp_path: Pa
     state = source_state({"index": 1, "aborted": []}, max_event_time=100)
     uid = source.nodes[0].uid
     handle = CheckpointStorage(str(tmp_path), "wm-announce").write_state(1, "s1/0", uid, state)
-    restore = _Restore(1, {uid: [RestoredState(handle.path)]})
+    restore = SubtaskRestore(1, {uid: [RestoredState(handle.path)]})
     no_coordinator: Any = None
     actor = SubtaskActor(
         physical, source.id, 0, RuntimeOptions(), CheckpointSetup(no_coordinator, str(tmp_path)), restore
