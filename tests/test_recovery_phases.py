@@ -155,8 +155,9 @@ def test_a_checkpoint_completing_during_recovery_is_restored_never_aborted(tmp_p
         failpoints.release(job, point)
         wait_until(lambda: CheckpointStorage(storage, job).manifest(held) is not None, timeout_s=60,
                    what=f"checkpoint {held}'s manifest")
-        wait_until(lambda: actor_id(window) not in (None, first), timeout_s=60, what="the restarted actor")
-        assert kill(window)
+        wait_until(lambda: actor_id(window) not in (None, first) and handle.status() is of.JobStatus.RUNNING,
+                   timeout_s=60, what="the restarted attempt to run")
+        assert kill(window)  # the next restore: checkpoint `held` or newer
         result = handle.wait(timeout_s=300)
     finally:
         failpoints.disarm_all()
@@ -175,8 +176,14 @@ def test_a_fresh_run_never_restores_an_earlier_runs_checkpoint(tmp_path: Path) -
 
     total = 60_000
     second = of.sinks.TestingSink()
-    result = run_killing_at_start(f"{job}/window/0", feature_flow(job, total, second),
-                                  of.CheckpointConfig(interval_s=60.0, storage=storage))
+    handle = of.submit(feature_flow(job, total, second, rate=30_000), parallelism=2,
+                       checkpoint=of.CheckpointConfig(interval_s=60.0, storage=storage),
+                       restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.05))
+    # Running, with some input read, and no checkpoint of this run yet: a failure now must restart from 0.
+    wait_until(lambda: handle.metrics()["events_in"] > 0, timeout_s=60, what="input to flow")
+    assert kill(f"{job}/window/0")
+    result = handle.wait(timeout_s=300)
+    assert result.metrics["restarts"] == 1
     assert result.metrics["restored_from"] == []
     assert_feature_reference(second.table(), total)
 
