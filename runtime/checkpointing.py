@@ -332,9 +332,20 @@ class CoordinatorActor:
             for task, entry in manifest["tasks"].items()
         }
 
-    async def final_checkpoint(self) -> int:
-        """Take a checkpoint now and return once every subtask was notified that it completed."""
+    async def final_checkpoint(self, attempt: int) -> int:
+        """Take attempt ``attempt``'s final checkpoint; return once every subtask was notified that it completed.
+
+        Waits while a periodic checkpoint is pending. The call ends with its
+        attempt: once the attempt is fenced it raises, so it can never trigger
+        a checkpoint for the next attempt.
+
+        Raises:
+            CheckpointError: the attempt was fenced, or the checkpoint was aborted.
+        """
         while True:
+            if self._attempt != attempt:
+                msg = f"job {self._job!r}: attempt {attempt} was fenced before its final checkpoint"
+                raise CheckpointError(msg, reason="fenced")
             actions = self._core.trigger_now()
             if actions:
                 break

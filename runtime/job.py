@@ -605,7 +605,8 @@ class JobHandle:
             assert self._coordinator is not None
             # Every subtask ended its input: its counters are final now.
             self._final_counts = _gather([a.metrics.remote() for a in self._attempt.everyone])
-            self._waits[self._coordinator.final_checkpoint.remote()] = (_Wait.FINAL, f"{self.job}/coordinator")
+            self._waits[self._coordinator.final_checkpoint.remote(action.attempt)] = (_Wait.FINAL,
+                                                                               f"{self.job}/coordinator")
             return None
         if isinstance(action, CommitOutput):
             self._final_counts = _gather([a.metrics.remote() for a in self._attempt.everyone])

@@ -143,3 +143,40 @@ def test_a_run_waits_while_another_live_run_holds_the_storage_and_takes_it_once_
     result = of.run(flow(), checkpoint=config)  # the other run stopped renewing: its lease lapses
     assert result.metrics["events_in"] == 10_000
     assert store.read_lease() is None  # released at the end
+
+
+def test_a_final_checkpoint_call_of_a_fenced_attempt_never_takes_the_next_attempts_checkpoint(
+        tmp_path: Path) -> None:
+    """Attempt 1 asks for its final checkpoint while a periodic one is pending, then is fenced.
+
+    Its waiting call must end with it: it may not trigger a checkpoint for
+    attempt 2 (and pause the coordinator), or attempt 2's own final
+    checkpoint never comes.
+    """
+    storage = str(tmp_path / "chk")
+    config = CheckpointConfig(interval_s=0.05, timeout_s=600, storage=storage)
+    coordinator = ray.remote(CoordinatorActor).options(num_cpus=0).remote("final", config, ["v/0"], run="r")
+    source = _Source.remote()
+    try:
+        ray.get(coordinator.start.remote(1, [source], [source]))
+        wait_until(lambda: ray.get(source.triggers.remote()), what="a periodic checkpoint")  # pending, never acked
+        stale = coordinator.final_checkpoint.remote(1)
+        assert not ray.wait([stale], timeout=0.3)[0]  # waits for the pending one
+        ray.get(coordinator.fence.remote())
+        with pytest.raises(ray.exceptions.RayTaskError):
+            ray.get(stale, timeout=30)  # ends with its attempt
+        seen = set(ray.get(source.triggers.remote()))
+        ray.get(coordinator.start.remote(2, [source], [source]))
+        final = coordinator.final_checkpoint.remote(2)
+
+        def acknowledged_all() -> bool:
+            for checkpoint_id in set(ray.get(source.triggers.remote())) - seen:
+                ray.get(coordinator.acknowledge.remote(checkpoint_id, TaskAck("v/0", attempt=2)))
+                seen.add(checkpoint_id)
+            return bool(ray.wait([final], timeout=0.05)[0])
+
+        wait_until(acknowledged_all, timeout_s=30, what="attempt 2's final checkpoint")
+        assert ray.get(final) == ray.get(coordinator.latest_checkpoint.remote())
+    finally:
+        ray.kill(coordinator)
+        ray.kill(source)
