@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
 from benchmarks.common import feature_flow, pyplot, save_figure, start_ray, write_json
-from checkpoint.storage import CheckpointStorage
-from runtime.checkpointing import percentile
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.runtime.checkpointing import percentile
 
 
 def throughput(events: int, interval: float | None, name: str) -> dict[str, Any]:

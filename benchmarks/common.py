@@ -15,7 +15,7 @@ import psutil
 import ray
 
 import onceflow as of
-from operators.workload import feature_events
+from onceflow.operators.workload import feature_events
 
 RESULTS = Path(__file__).parent / "results"
 

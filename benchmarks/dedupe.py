@@ -34,8 +34,8 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import pyplot, save_figure, write_json
-from operators.dedupe import Dedupe, DedupeMode
-from operators.logic import OperatorContext
+from onceflow.operators.dedupe import Dedupe, DedupeMode
+from onceflow.operators.logic import OperatorContext
 
 BATCH = 100_000
 WITHIN_MS = 600_000

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
 from benchmarks.common import PeakMemory, feature_flow, pyplot, save_figure, start_ray, write_json
-from operators.workload import feature_events
+from onceflow.operators.workload import feature_events
 
 
 def input_amount_sum(total: int, chunk: int = 1_000_000) -> float:

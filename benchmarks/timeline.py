@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
 from benchmarks.common import feature_flow, pyplot, save_figure, start_ray, write_json
-from checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.storage import CheckpointStorage
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from checkpoint.errors import PlanError
+from onceflow.checkpoint.errors import PlanError
 
 __all__ = ["CheckpointConfig", "RestartStrategy", "RestartTracker"]
 
@@ -64,7 +64,7 @@ class CheckpointConfig:
             The running job renews it every ``lease_s / 3``; another run of the
             job (a resume from another driver or cluster) waits until it has
             lapsed before taking over, and a run that lost it completes no
-            more checkpoints (see :mod:`checkpoint.lease`).
+            more checkpoints (see :mod:`onceflow.checkpoint.lease`).
 
     Raises:
         PlanError: an option is out of range or ``mode`` is not ``"aligned"``.
@@ -76,7 +76,7 @@ class CheckpointConfig:
         >>> CheckpointConfig(mode="unaligned")
         Traceback (most recent call last):
         ...
-        checkpoint.errors.PlanError: unaligned mode is not implemented yet; use mode='aligned'
+        onceflow.checkpoint.errors.PlanError: unaligned mode is not implemented yet; use mode='aligned'
 
     """
 

@@ -9,7 +9,7 @@ the coordinator actor carries out. Time comes from an injected clock, so tests
 drive it.
 
 Example:
-    >>> from checkpoint.config import CheckpointConfig
+    >>> from onceflow.checkpoint.config import CheckpointConfig
     >>> now = [0.0]
     >>> coordinator = CheckpointCoordinator(CheckpointConfig(interval_s=1.0), ["a", "b"], clock=lambda: now[0])
     >>> coordinator.poll()
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from checkpoint.config import CheckpointConfig
+from onceflow.checkpoint.config import CheckpointConfig
 
 __all__ = [
     "AbortCheckpoint",

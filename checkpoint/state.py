@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import pyarrow as pa
 
-from checkpoint.two_phase_commit import Committable
+from onceflow.checkpoint.two_phase_commit import Committable
 
 __all__ = ["read_sink_state", "read_source_state", "sink_state", "source_state"]
 

@@ -34,14 +34,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
-from checkpoint.errors import OnceflowError, PlanError
-from checkpoint.lease import JobLease
+from onceflow.checkpoint.errors import OnceflowError, PlanError
+from onceflow.checkpoint.lease import JobLease
 
 __all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle"]
 
 MANIFEST_NAME = "_manifest.json"
 LEASE_NAME = "_lease.json"
-"""The job's storage lease, beside its checkpoint directories (see :mod:`checkpoint.lease`)."""
+"""The job's storage lease, beside its checkpoint directories (see :mod:`onceflow.checkpoint.lease`)."""
 HISTORY_NAME = "checkpoint-history.jsonl"
 _CHECKPOINT_DIR = re.compile(r"chk-(\d+)")
 
@@ -311,7 +311,7 @@ class CheckpointStorage:
     # -- the lease ---------------------------------------------------------------------------------------------
 
     def read_lease(self) -> JobLease | None:
-        """The job's storage lease (:mod:`checkpoint.lease`), or ``None`` if no run holds one."""
+        """The job's storage lease (:mod:`onceflow.checkpoint.lease`), or ``None`` if no run holds one."""
         path = f"{self._root}/{LEASE_NAME}"
         try:
             with self._fs.open_input_stream(path) as source:

@@ -28,7 +28,7 @@ only after that does the next attempt deploy. Nothing a completed checkpoint
 names is ever aborted.
 
 Example:
-    >>> from checkpoint.config import RestartStrategy
+    >>> from onceflow.checkpoint.config import RestartStrategy
     >>> supervisor = JobSupervisor(RestartStrategy.fixed_delay(attempts=1, delay_s=0.5), checkpointing=True)
     >>> supervisor.start(restore=None)
     [ResolveSinks(checkpoint_id=None, end=<SinkEnd.RESTORE: 'restore'>)]
@@ -51,7 +51,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from checkpoint.config import RestartStrategy, RestartTracker
+from onceflow.checkpoint.config import RestartStrategy, RestartTracker
 
 __all__ = [
     "CancelRequested",

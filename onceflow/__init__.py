@@ -1,7 +1,8 @@
 """onceflow: exactly-once stream processing on Ray with Arrow micro-batches.
 
-This package is the public API only; it re-exports names from ``runtime``,
-``operators`` and ``checkpoint`` and holds no logic.
+This module is the public API only: it re-exports names from
+:mod:`onceflow.runtime`, :mod:`onceflow.operators` and :mod:`onceflow.checkpoint`
+and holds no logic.
 
 Example:
     >>> import onceflow as of
@@ -11,8 +12,9 @@ Example:
 
 """
 
-from checkpoint.config import CheckpointConfig, RestartStrategy
-from checkpoint.errors import (
+from onceflow import agg, sinks, sources, windows
+from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
+from onceflow.checkpoint.errors import (
     CheckpointError,
     DataError,
     JobFailedError,
@@ -21,11 +23,10 @@ from checkpoint.errors import (
     PlanError,
     SinkCommitError,
 )
-from checkpoint.supervisor import JobPhase
-from onceflow import agg, sinks, sources, windows
-from operators.watermark import BoundedOutOfOrderness
-from runtime.dataflow import Dataflow, KeyedStream, Stream, WindowedStream
-from runtime.job import JobHandle, JobResult, JobStatus, run, submit
+from onceflow.checkpoint.supervisor import JobPhase
+from onceflow.operators.watermark import BoundedOutOfOrderness
+from onceflow.runtime.dataflow import Dataflow, KeyedStream, Stream, WindowedStream
+from onceflow.runtime.job import JobHandle, JobResult, JobStatus, run, submit
 
 __all__ = [
     "BoundedOutOfOrderness",

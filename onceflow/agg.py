@@ -1,5 +1,5 @@
 """Aggregations for ``WindowedStream.aggregate``."""
 
-from operators.agg import count, max, mean, min, sum  # noqa: A004 - the names users expect
+from onceflow.operators.agg import count, max, mean, min, sum  # noqa: A004 - the names users expect
 
 __all__ = ["count", "max", "mean", "min", "sum"]

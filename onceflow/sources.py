@@ -1,10 +1,10 @@
 """Sources: replayable inputs that record their offsets."""
 
-from operators.sources.base import Idle, Source, SourceContext, SourceReader
-from operators.sources.generator import GeneratorSource
-from operators.sources.jsonl import JsonLinesSource
-from operators.sources.parquet import ParquetSource
-from operators.sources.testing import TestingSource
+from onceflow.operators.sources.base import Idle, Source, SourceContext, SourceReader
+from onceflow.operators.sources.generator import GeneratorSource
+from onceflow.operators.sources.jsonl import JsonLinesSource
+from onceflow.operators.sources.parquet import ParquetSource
+from onceflow.operators.sources.testing import TestingSource
 
 __all__ = [
     "GeneratorSource",

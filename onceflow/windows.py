@@ -1,5 +1,5 @@
 """Event-time window assigners for ``KeyedStream.window``."""
 
-from operators.windows import Session, Sliding, Tumbling
+from onceflow.operators.windows import Session, Sliding, Tumbling
 
 __all__ = ["Session", "Sliding", "Tumbling"]

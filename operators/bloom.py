@@ -14,7 +14,7 @@ hashing (Kirsch and Mitzenmacher): ``g_i = (a + i * b) mod m`` with ``a`` in
 ``[0, m)`` drawn from ``h1`` and the step ``b`` in ``[1, m)`` from ``h2``
 (by multiply-shift range reduction of their high 32 bits up to ``m = 2**32``,
 by ``mod`` beyond). :func:`probe_hashes` derives ``h1`` and ``h2`` from one
-stable 64-bit key hash (:func:`operators.keygroups.hash64_columns`) with
+stable 64-bit key hash (:func:`onceflow.operators.keygroups.hash64_columns`) with
 MurmurHash3's 64-bit finaliser, so the filter never depends on Python's
 per-process salted ``hash()``: a filter restored in another process
 recognises the same keys. The probe layout is part of the snapshot format:
@@ -127,7 +127,7 @@ def probe_hashes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Args:
         keys: stable 64-bit key hashes (``uint64``), e.g. from
-            :func:`operators.keygroups.hash64_columns`.
+            :func:`onceflow.operators.keygroups.hash64_columns`.
 
     Example:
         >>> import numpy as np

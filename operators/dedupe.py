@@ -9,7 +9,7 @@ share of the ids.
 
 Two modes:
 
-- ``"bloom"`` (default): vectorised Bloom filters (:mod:`operators.bloom`).
+- ``"bloom"`` (default): vectorised Bloom filters (:mod:`onceflow.operators.bloom`).
   Memory is about ``1.44 * log2(generations / fp_rate)`` bits per remembered
   id; there are no false negatives (a repeat inside the horizon is always
   dropped), but a *unique* event is wrongly dropped with probability up to
@@ -20,7 +20,7 @@ Two modes:
   8 bytes per remembered id). For a single integer, boolean or temporal id
   column the stored key *is* the value (as 64 bits), so the mode is exact.
   For string, float or several columns the stored key is the 64-bit
-  :func:`~operators.keygroups.hash64_columns`: two distinct ids collide with
+  :func:`~onceflow.operators.keygroups.hash64_columns`: two distinct ids collide with
   probability about ``2**-57`` per pair, so with ``n`` ids remembered per
   subtask a unique event is wrongly dropped with probability below
   ``n**2 / 2**58`` over the whole horizon (3.5e-6 for a million ids).
@@ -72,7 +72,7 @@ watermark, counters, subtask, parallelism, format version):
 
 Example:
     >>> import pyarrow as pa
-    >>> from operators.logic import OperatorContext
+    >>> from onceflow.operators.logic import OperatorContext
     >>> op = Dedupe("id", within_ms=1_000, time_column="t", mode="exact")
     >>> logic = op.build(OperatorContext("dedupe_1"))
     >>> [out.to_pydict() for _, out in logic.on_batch(pa.record_batch({"id": [1, 2, 1], "t": [0, 5, 7]}))]
@@ -96,11 +96,17 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from checkpoint.errors import DataError, PlanError
-from operators.bloom import BloomFilter, distinct_first_rows, optimal_num_bits, optimal_num_hashes, probe_hashes
-from operators.keygroups import SEED, hash64_columns, in_key_groups, int64_values, murmur3_int64, take_rows
-from operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
-from operators.watermark import event_time_ms
+from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.operators.bloom import (
+    BloomFilter,
+    distinct_first_rows,
+    optimal_num_bits,
+    optimal_num_hashes,
+    probe_hashes,
+)
+from onceflow.operators.keygroups import SEED, hash64_columns, in_key_groups, int64_values, murmur3_int64, take_rows
+from onceflow.operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
+from onceflow.operators.watermark import event_time_ms
 
 __all__ = ["STATE_FORMAT_VERSION", "Dedupe", "DedupeLogic"]
 
@@ -293,7 +299,7 @@ class DedupeLogic(OperatorLogic):
 
     Example:
         >>> import pyarrow as pa
-        >>> from operators.logic import OperatorContext
+        >>> from onceflow.operators.logic import OperatorContext
         >>> op = Dedupe("id", within_ms=10_000, time_column="t", expected_items=1_000)
         >>> ctx = OperatorContext("dedupe_1")
         >>> logic = op.build(ctx)

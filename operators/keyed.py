@@ -6,7 +6,7 @@ be checkpointed and re-assigned when the parallelism changes.
 
 Example:
     >>> import pyarrow as pa
-    >>> from operators.logic import OperatorContext
+    >>> from onceflow.operators.logic import OperatorContext
     >>> def running_count(state, row):
     ...     count = (state or 0) + 1
     ...     return count, {"user": row["user"], "count": count}
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from checkpoint.errors import DataError, OnceflowError, OperatorError
-from operators.keygroups import in_key_groups, key_groups_of, require_key_columns
-from operators.logic import Emitted, OperatorContext, OperatorLogic
-from operators.stateless import Row, _RowsToBatch
+from onceflow.checkpoint.errors import DataError, OnceflowError, OperatorError
+from onceflow.operators.keygroups import in_key_groups, key_groups_of, require_key_columns
+from onceflow.operators.logic import Emitted, OperatorContext, OperatorLogic
+from onceflow.operators.stateless import Row, _RowsToBatch
 
 __all__ = ["STATE_FORMAT_VERSION", "KeyedProcess", "KeyedReduce"]
 

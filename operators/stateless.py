@@ -6,7 +6,7 @@ back, which costs about a microsecond per row; they exist for convenience.
 
 Example:
     >>> import pyarrow as pa
-    >>> from operators.logic import OperatorContext
+    >>> from onceflow.operators.logic import OperatorContext
     >>> logic = Map(lambda row: {"x": row["x"] * 2}).build(OperatorContext("map_1"))
     >>> logic.on_batch(pa.record_batch({"x": [1, 2]}))[0][1].to_pydict()
     {'x': [2, 4]}
@@ -21,8 +21,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from checkpoint.errors import DataError, OperatorError
-from operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
+from onceflow.checkpoint.errors import DataError, OperatorError
+from onceflow.operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
 
 __all__ = ["Filter", "FlatMap", "Map", "MapBatches"]
 

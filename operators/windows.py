@@ -27,7 +27,7 @@ allowed lateness spelled out):
   (for sessions, when ``t + gap - 1 + allowed_lateness_ms <= watermark``).
   Late events leave the results unchanged: they are counted
   (``late_events``) and emitted, as the original rows, on port
-  :data:`~operators.logic.LATE`. For sliding windows, an event some of whose
+  :data:`~onceflow.operators.logic.LATE`. For sliding windows, an event some of whose
   windows have fired is not late; it only counts towards the windows still
   open.
 - Sessions: a non-late event that would have joined a session which already
@@ -35,15 +35,15 @@ allowed lateness spelled out):
   gone). With a watermark that never overtakes the events (a correct one)
   this cannot happen.
 - On every watermark advance, the fired windows come out as one batch on
-  :data:`~operators.logic.MAIN`: the key columns, ``window_start`` and
+  :data:`~onceflow.operators.logic.MAIN`: the key columns, ``window_start`` and
   ``window_end`` (int64 ms, end exclusive), then one column per aggregate in
   the order given, sorted by ``(window_start, keys)``. ``on_eof`` fires every
   window left.
 
 Example:
     >>> import pyarrow as pa
-    >>> from operators import agg
-    >>> from operators.logic import OperatorContext
+    >>> from onceflow.operators import agg
+    >>> from onceflow.operators.logic import OperatorContext
     >>> op = WindowAggregate(Tumbling(size_ms=10), keys=["user"], time_column="t",
     ...                      aggregates={"n": agg.count(), "total": agg.sum("amount")})
     >>> logic = op.build(OperatorContext("window_1"))
@@ -66,11 +66,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from checkpoint.errors import DataError, PlanError
-from operators.agg import Aggregation, reduce_groups
-from operators.keygroups import in_key_groups, key_groups_of, require_key_columns, take_rows
-from operators.logic import LATE, MAIN, Emitted, OperatorContext, OperatorLogic
-from operators.watermark import event_time_ms
+from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.operators.agg import Aggregation, reduce_groups
+from onceflow.operators.keygroups import in_key_groups, key_groups_of, require_key_columns, take_rows
+from onceflow.operators.logic import LATE, MAIN, Emitted, OperatorContext, OperatorLogic
+from onceflow.operators.watermark import event_time_ms
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -229,8 +229,8 @@ class WindowAggregate:
 
     Example:
         >>> import pyarrow as pa
-        >>> from operators import agg
-        >>> from operators.logic import OperatorContext
+        >>> from onceflow.operators import agg
+        >>> from onceflow.operators.logic import OperatorContext
         >>> op = WindowAggregate(Session(gap_ms=5), keys=["k"], time_column="t",
         ...                      aggregates={"n": agg.count()})
         >>> logic = op.build(OperatorContext("window_1"))
@@ -360,8 +360,8 @@ class WindowAggregateLogic(OperatorLogic):
 
     Example:
         >>> import pyarrow as pa
-        >>> from operators import agg
-        >>> from operators.logic import OperatorContext
+        >>> from onceflow.operators import agg
+        >>> from onceflow.operators.logic import OperatorContext
         >>> op = WindowAggregate(Tumbling(10), keys=["k"], time_column="t", aggregates={"n": agg.count()})
         >>> ctx = OperatorContext("window_1")
         >>> logic = op.build(ctx)

@@ -1,11 +1,11 @@
 """The subtask actor: one per subtask of a vertex (a chain of fused operators).
 
 The actor is a thin adapter. It builds the chain's live logic (from a restored
-snapshot when the job recovers), accepts :class:`~runtime.channel.ChannelMessage`
+snapshot when the job recovers), accepts :class:`~onceflow.runtime.channel.ChannelMessage`
 calls (``push``), puts them back in sequence order, aligns checkpoint barriers
-(:class:`~checkpoint.barrier_handler.AlignedBarrierHandler`), tracks input
+(:class:`~onceflow.checkpoint.barrier_handler.AlignedBarrierHandler`), tracks input
 watermarks, runs the chain, and hands outputs to its
-:class:`~runtime.output.OutputGate` objects. A source vertex runs its own read
+:class:`~onceflow.runtime.output.OutputGate` objects. A source vertex runs its own read
 loop (``run``) and injects barriers when the coordinator triggers a checkpoint.
 
 Everything that touches operator state runs under one asyncio lock, so
@@ -33,17 +33,17 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import ray
 
-from checkpoint.barrier_handler import AbortAlignment, AlignedBarrierHandler, Release, Snapshot
-from checkpoint.coordinator import TaskAck
-from checkpoint.errors import OnceflowError, OperatorError
-from checkpoint.failpoints import crash_point
-from checkpoint.state import read_source_state, sink_state, source_state
-from checkpoint.storage import CheckpointStorage
-from checkpoint.two_phase_commit import Committable, SinkContext, SinkWriter
-from operators.keygroups import key_group_range
-from operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
-from operators.sources.base import Idle, RescaledOffsets, SourceContext, SourceReader
-from runtime.channel import (
+from onceflow.checkpoint.barrier_handler import AbortAlignment, AlignedBarrierHandler, Release, Snapshot
+from onceflow.checkpoint.coordinator import TaskAck
+from onceflow.checkpoint.errors import OnceflowError, OperatorError
+from onceflow.checkpoint.failpoints import crash_point
+from onceflow.checkpoint.state import read_source_state, sink_state, source_state
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.two_phase_commit import Committable, SinkContext, SinkWriter
+from onceflow.operators.keygroups import key_group_range
+from onceflow.operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
+from onceflow.operators.sources.base import Idle, RescaledOffsets, SourceContext, SourceReader
+from onceflow.runtime.channel import (
     END_OF_TIME,
     INPUT_WATERMARKS,
     ChannelMessage,
@@ -51,17 +51,17 @@ from runtime.channel import (
     InputWatermarks,
     input_channel_names,
 )
-from runtime.dataflow import NodeKind
-from runtime.output import DownstreamFailedError, OutputGate
-from runtime.telemetry import SubtaskMetrics
+from onceflow.runtime.dataflow import NodeKind
+from onceflow.runtime.output import DownstreamFailedError, OutputGate
+from onceflow.runtime.telemetry import SubtaskMetrics
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from ray.actor import ActorHandle
 
-    from operators.watermark import WatermarkGenerator
-    from runtime.plan import PhysicalPlan, VertexSpec
+    from onceflow.operators.watermark import WatermarkGenerator
+    from onceflow.runtime.plan import PhysicalPlan, VertexSpec
 
 __all__ = ["AttemptId", "CheckpointSetup", "RestoredState", "RuntimeOptions", "SubtaskActor", "SubtaskRestore",
            "configure_logging"]
@@ -151,7 +151,7 @@ class RestoredState:
 class SubtaskRestore:
     """What one subtask restores: state key (operator uid, or ``@`` runtime entry) -> the handles to load.
 
-    Decided by :func:`runtime.restore.assign_restored_state`: several handles
+    Decided by :func:`onceflow.runtime.restore.assign_restored_state`: several handles
     when state of several old subtasks lands here (rescaling).
     """
 

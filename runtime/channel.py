@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from checkpoint.errors import DataError
-from runtime.plan import Routing
+from onceflow.checkpoint.errors import DataError
+from onceflow.runtime.plan import Routing
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from runtime.plan import PhysicalPlan
+    from onceflow.runtime.plan import PhysicalPlan
 
 __all__ = [
     "INPUT_WATERMARKS",

@@ -1,6 +1,6 @@
 """The checkpoint coordinator actor: ``<job>/coordinator``.
 
-A thin Ray adapter around :class:`checkpoint.coordinator.CheckpointCoordinator`:
+A thin Ray adapter around :class:`onceflow.checkpoint.coordinator.CheckpointCoordinator`:
 it polls the state machine on a timer, tells source subtasks to inject
 barriers, collects acknowledgements, writes each completed checkpoint's
 manifest atomically to durable storage (the only thing that makes a checkpoint
@@ -25,7 +25,7 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
-from checkpoint.coordinator import (
+from onceflow.checkpoint.coordinator import (
     AbortCheckpoint,
     CheckpointAction,
     CheckpointCoordinator,
@@ -37,17 +37,17 @@ from checkpoint.coordinator import (
     TaskAck,
     TriggerCheckpoint,
 )
-from checkpoint.errors import CheckpointError
-from checkpoint.failpoints import crash_point, pause_point
-from checkpoint.lease import may_complete, taken
-from checkpoint.storage import CheckpointStorage
-from runtime.actor import RestoredState, configure_logging
-from runtime.telemetry import CheckpointMetrics
+from onceflow.checkpoint.errors import CheckpointError
+from onceflow.checkpoint.failpoints import crash_point, pause_point
+from onceflow.checkpoint.lease import may_complete, taken
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.runtime.actor import RestoredState, configure_logging
+from onceflow.runtime.telemetry import CheckpointMetrics
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
-    from checkpoint.config import CheckpointConfig
+    from onceflow.checkpoint.config import CheckpointConfig
 
 __all__ = ["LEASE_LOST", "CoordinatorActor", "RestorePoint", "percentile"]
 

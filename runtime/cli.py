@@ -19,8 +19,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from checkpoint.storage import CheckpointStorage
-from runtime import progress
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.runtime import progress
 
 __all__ = ["main"]
 

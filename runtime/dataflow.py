@@ -1,16 +1,16 @@
 """The dataflow graph users build: ``Dataflow``, ``Stream`` and friends.
 
 These classes only record a graph of small picklable configuration objects;
-:mod:`runtime.plan` turns it into subtask actors and channels, and
-:func:`runtime.job.run` executes it.
+:mod:`onceflow.runtime.plan` turns it into subtask actors and channels, and
+:func:`onceflow.runtime.job.run` executes it.
 
 Example:
     >>> import pyarrow as pa
-    >>> from operators.sources.testing import TestingSource
-    >>> from operators.sinks.testing import TestingSink
-    >>> from operators.watermark import BoundedOutOfOrderness
-    >>> from operators import agg
-    >>> from operators.windows import Tumbling
+    >>> from onceflow.operators.sources.testing import TestingSource
+    >>> from onceflow.operators.sinks.testing import TestingSink
+    >>> from onceflow.operators.watermark import BoundedOutOfOrderness
+    >>> from onceflow.operators import agg
+    >>> from onceflow.operators.windows import Tumbling
     >>> flow = Dataflow("doc")
     >>> events = flow.source(TestingSource([{"user": 1, "t": 5}]),
     ...                      watermark=BoundedOutOfOrderness("t"))
@@ -41,21 +41,21 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from checkpoint.errors import PlanError
-from checkpoint.two_phase_commit import TransactionalSink
-from operators.dedupe import Dedupe, DedupeMode
-from operators.keyed import KeyedProcess, KeyedReduce, ProcessFn, ReduceFn
-from operators.logic import LATE, MAIN
-from operators.sources.base import Source
-from operators.stateless import Filter, FlatMap, Map, MapBatches, Row
-from operators.watermark import BoundedOutOfOrderness
-from operators.windows import WindowAggregate
+from onceflow.checkpoint.errors import PlanError
+from onceflow.checkpoint.two_phase_commit import TransactionalSink
+from onceflow.operators.dedupe import Dedupe, DedupeMode
+from onceflow.operators.keyed import KeyedProcess, KeyedReduce, ProcessFn, ReduceFn
+from onceflow.operators.logic import LATE, MAIN
+from onceflow.operators.sources.base import Source
+from onceflow.operators.stateless import Filter, FlatMap, Map, MapBatches, Row
+from onceflow.operators.watermark import BoundedOutOfOrderness
+from onceflow.operators.windows import WindowAggregate
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from operators.agg import Aggregation
-    from operators.windows import Session, Sliding, Tumbling
+    from onceflow.operators.agg import Aggregation
+    from onceflow.operators.windows import Session, Sliding, Tumbling
 
 __all__ = ["Dataflow", "Edge", "KeyedStream", "Node", "NodeKind", "Stream", "WindowedStream"]
 
@@ -262,7 +262,7 @@ class Stream:
         """Drop events whose id (``on``) was already seen within ``within_ms`` of event time.
 
         The stream is keyed by ``on``, so each subtask owns its share of the
-        ids. See :mod:`operators.dedupe` for the modes, the generations and
+        ids. See :mod:`onceflow.operators.dedupe` for the modes, the generations and
         the guarantees.
 
         Args:

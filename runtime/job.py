@@ -15,7 +15,7 @@ of its input; a failure aborts every sink, so a failed job publishes nothing
 
 A failure in any phase (deploying, wiring, restoring, running, the final
 checkpoint, committing) is one failure for the restart strategy. The decisions
-are a :class:`~checkpoint.supervisor.JobSupervisor`'s; :class:`JobHandle` only
+are a :class:`~onceflow.checkpoint.supervisor.JobSupervisor`'s; :class:`JobHandle` only
 carries them out. How a job ends:
 
 - *finished*: the final checkpoint completed and every sink committed it.
@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from checkpoint.config import CheckpointConfig, RestartStrategy
-from checkpoint.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
-from checkpoint.lease import may_take, taken
-from checkpoint.state import read_sink_state
-from checkpoint.storage import CheckpointStorage
-from checkpoint.supervisor import (
+from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
+from onceflow.checkpoint.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
+from onceflow.checkpoint.lease import may_take, taken
+from onceflow.checkpoint.state import read_sink_state
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.supervisor import (
     CancelRequested,
     CommitOutput,
     Committed,
@@ -75,23 +75,23 @@ from checkpoint.supervisor import (
     SupervisorEvent,
     TakeFinalCheckpoint,
 )
-from checkpoint.two_phase_commit import Committable, SinkContext, TransactionalSink
-from operators.keygroups import DEFAULT_MAX_PARALLELISM
-from runtime import progress
-from runtime.actor import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskActor, SubtaskRestore
-from runtime.channel import END_OF_TIME, NO_WATERMARK
-from runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
-from runtime.dataflow import NodeKind
-from runtime.output import DownstreamFailedError
-from runtime.plan import PhysicalPlan, plan
-from runtime.ray_env import NAMESPACE, ensure_ray
-from runtime.restore import assign_restored_state, restored_sink_states
-from runtime.telemetry import RestartCounter
+from onceflow.checkpoint.two_phase_commit import Committable, SinkContext, TransactionalSink
+from onceflow.operators.keygroups import DEFAULT_MAX_PARALLELISM
+from onceflow.runtime import progress
+from onceflow.runtime.actor import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskActor, SubtaskRestore
+from onceflow.runtime.channel import END_OF_TIME, NO_WATERMARK
+from onceflow.runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
+from onceflow.runtime.dataflow import NodeKind
+from onceflow.runtime.output import DownstreamFailedError
+from onceflow.runtime.plan import PhysicalPlan, plan
+from onceflow.runtime.ray_env import NAMESPACE, ensure_ray
+from onceflow.runtime.restore import assign_restored_state, restored_sink_states
+from onceflow.runtime.telemetry import RestartCounter
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
-    from runtime.dataflow import Dataflow
+    from onceflow.runtime.dataflow import Dataflow
 
 __all__ = ["JobHandle", "JobResult", "JobStatus", "run", "submit"]
 
@@ -219,7 +219,7 @@ def _resolve_sink(spec: TransactionalSink, ctx: SinkContext, commit: list[Commit
 class JobHandle:
     """A running job: watch it, wait for it, stop or cancel it.
 
-    The handle is the *driver* of a :class:`~checkpoint.supervisor.JobSupervisor`:
+    The handle is the *driver* of a :class:`~onceflow.checkpoint.supervisor.JobSupervisor`:
     a thread feeds it what happens (actors deployed, failed, input ended,
     checkpoints completed, the user's stop and cancel) and carries out what it
     decides (deploy, fence, resolve sink transactions, restart, finish). The

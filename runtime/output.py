@@ -4,7 +4,7 @@ An :class:`OutputGate` serves one outgoing edge. It partitions every batch
 (forward, by key group, or round-robin), appends the parts to per-channel
 buffers, and flushes a buffer as one Ray call when it holds
 ``batch_bytes`` or has waited ``linger_s``. Each channel's
-:class:`~runtime.channel.ChannelSender` bounds the unacknowledged calls; a
+:class:`~onceflow.runtime.channel.ChannelSender` bounds the unacknowledged calls; a
 flush with no credit left waits for the oldest call to be acknowledged, which
 is how backpressure reaches the source.
 
@@ -24,10 +24,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from checkpoint.errors import DataError
-from operators.keygroups import hash_columns, key_group_range, require_key_columns, split_by_subtask
-from runtime.channel import NO_WATERMARK, ChannelMessage, ChannelSender
-from runtime.plan import OutputSpec, Routing
+from onceflow.checkpoint.errors import DataError
+from onceflow.operators.keygroups import hash_columns, key_group_range, require_key_columns, split_by_subtask
+from onceflow.runtime.channel import NO_WATERMARK, ChannelMessage, ChannelSender
+from onceflow.runtime.plan import OutputSpec, Routing
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from checkpoint.errors import PlanError
-from operators.keygroups import DEFAULT_MAX_PARALLELISM
-from runtime.dataflow import Dataflow, Node, NodeKind
+from onceflow.checkpoint.errors import PlanError
+from onceflow.operators.keygroups import DEFAULT_MAX_PARALLELISM
+from onceflow.runtime.dataflow import Dataflow, Node, NodeKind
 
 __all__ = ["OutputSpec", "PhysicalPlan", "Routing", "VertexSpec", "plan"]
 

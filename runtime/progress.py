@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from runtime.job import JobHandle
+    from onceflow.runtime.job import JobHandle
 
 __all__ = ["RichProgress", "current", "install", "render_table"]
 

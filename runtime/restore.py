@@ -2,7 +2,7 @@
 
 A restore point holds, per old subtask (``"<vertex>/<subtask>"``), a handle to
 each operator's state, keyed by the operator's uid (:attr:`Node.uid
-<runtime.dataflow.Node>`). :func:`assign_restored_state` decides which handles
+<onceflow.runtime.dataflow.Node>`). :func:`assign_restored_state` decides which handles
 every subtask of a new plan restores from, at any parallelism and any
 chaining, as Flink does when it restores a savepoint:
 
@@ -12,7 +12,7 @@ chaining, as Flink does when it restores a savepoint:
 - **sources**: every new subtask gets every old reader's offset, in old subtask
   order. At an unchanged parallelism a subtask resumes from its own; at another
   one the readers deal the old splits among themselves
-  (:class:`~operators.sources.base.RescaledOffsets`).
+  (:class:`~onceflow.operators.sources.base.RescaledOffsets`).
 - **sinks**: a sink stage starts with no restored transactions: the job
   resolves every restored transaction before the attempt deploys (see
   :func:`restored_sink_states`). A sink's state still counts as matched.
@@ -23,14 +23,14 @@ chaining, as Flink does when it restores a savepoint:
   otherwise every new subtask of the vertex of that name gets all of them.
 
 State whose uid matches no operator of the new plan is refused with a
-:class:`~checkpoint.errors.PlanError` naming it, unless the caller allows
+:class:`~onceflow.checkpoint.errors.PlanError` naming it, unless the caller allows
 dropping it (Flink's ``allowNonRestoredState``).
 
 Example:
-    >>> from operators.sources.testing import TestingSource
-    >>> from operators.sinks.testing import TestingSink
-    >>> from runtime.dataflow import Dataflow
-    >>> from runtime.plan import plan
+    >>> from onceflow.operators.sources.testing import TestingSource
+    >>> from onceflow.operators.sinks.testing import TestingSink
+    >>> from onceflow.runtime.dataflow import Dataflow
+    >>> from onceflow.runtime.plan import plan
     >>> flow = Dataflow("doc")
     >>> flow.source(TestingSource([]), name="events").sink(TestingSink(), name="out")
     >>> old = {"events/0": {"events": "offsets", "out": "transactions", "@input_watermarks": "w"}}
@@ -46,13 +46,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from checkpoint.errors import PlanError
-from operators.keygroups import key_group_range
-from runtime.dataflow import NodeKind
+from onceflow.checkpoint.errors import PlanError
+from onceflow.operators.keygroups import key_group_range
+from onceflow.runtime.dataflow import NodeKind
 
 if TYPE_CHECKING:
-    from runtime.dataflow import Node
-    from runtime.plan import PhysicalPlan, VertexSpec
+    from onceflow.runtime.dataflow import Node
+    from onceflow.runtime.plan import PhysicalPlan, VertexSpec
 
 __all__ = ["RUNTIME_PREFIX", "assign_restored_state", "restored_sink_states"]
 
@@ -62,7 +62,7 @@ RUNTIME_PREFIX = "@"
 """State keys starting with this belong to the subtask's runtime (input watermarks), not to an operator."""
 
 H = TypeVar("H")
-"""A state handle (``runtime.actor.RestoredState``); this module never looks inside one."""
+"""A state handle (``onceflow.runtime.actor.RestoredState``); this module never looks inside one."""
 
 
 @dataclass(frozen=True, slots=True)

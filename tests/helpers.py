@@ -10,8 +10,8 @@ import msgpack
 import numpy as np
 import pyarrow as pa
 
-from operators.sources.base import Source, SourceContext, SourceReader
-from operators.workload import feature_window_reference
+from onceflow.operators.sources.base import Source, SourceContext, SourceReader
+from onceflow.operators.workload import feature_window_reference
 
 T = TypeVar("T")
 """What the polled condition returns."""

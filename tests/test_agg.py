@@ -1,4 +1,4 @@
-"""Tests for operators.agg: the aggregation configs and the grouped reduction."""
+"""Tests for onceflow.operators.agg: the aggregation configs and the grouped reduction."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint.errors import DataError, PlanError
-from operators import agg
-from operators.agg import _reduce_arrow, _reduce_numpy, reduce_groups
-from operators.logic import OperatorContext
-from operators.windows import Tumbling, WindowAggregate
+from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.operators import agg
+from onceflow.operators.agg import _reduce_arrow, _reduce_numpy, reduce_groups
+from onceflow.operators.logic import OperatorContext
+from onceflow.operators.windows import Tumbling, WindowAggregate
 
 ALL_REDUCTIONS = [
     ("rows", None, "count_all"),

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint.barrier_handler import (
+from onceflow.checkpoint.barrier_handler import (
     AbortAlignment,
     AlignedBarrierHandler,
     BarrierAction,

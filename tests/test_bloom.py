@@ -1,4 +1,4 @@
-"""Tests for operators.bloom and keygroups.hash64_columns: sizing, no false negatives, fp rate, snapshots."""
+"""Tests for onceflow.operators.bloom and keygroups.hash64_columns: sizing, no false negatives, fp rate, snapshots."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint.errors import DataError
-from operators.bloom import BloomFilter, first_occurrences, optimal_num_bits, optimal_num_hashes, probe_hashes
-from operators.keygroups import hash64_columns, hash_columns
+from onceflow.checkpoint.errors import DataError
+from onceflow.operators.bloom import BloomFilter, first_occurrences, optimal_num_bits, optimal_num_hashes, probe_hashes
+from onceflow.operators.keygroups import hash64_columns, hash_columns
 
 
 def random_keys(n: int, seed: int) -> np.ndarray:
@@ -201,7 +201,7 @@ def test_hash64_high_half_is_the_key_group_hash_and_halves_are_independent() -> 
 def test_hash64_is_stable_across_processes() -> None:
     """Unlike Python's salted hash(): the same ids give the same hashes in a fresh process."""
     code = (
-        "import pyarrow as pa; from operators.keygroups import hash64_columns; "
+        "import pyarrow as pa; from onceflow.operators.keygroups import hash64_columns; "
         "print(hash64_columns(pa.record_batch({'s': ['a', 'bc'], 'i': [1, -2]}), ['s', 'i']).tolist())"
     )
     outputs = {

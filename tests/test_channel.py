@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import onceflow as of
-from checkpoint.errors import DataError
-from runtime.channel import (
+from onceflow.checkpoint.errors import DataError
+from onceflow.runtime.channel import (
     END_OF_TIME,
     NO_WATERMARK,
     ChannelMessage,
@@ -18,7 +18,7 @@ from runtime.channel import (
     InputWatermarks,
     input_channel_names,
 )
-from runtime.plan import plan
+from onceflow.runtime.plan import plan
 
 
 @given(st.permutations(list(range(12))), st.lists(st.integers(0, 11), max_size=12))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.storage import CheckpointStorage
 from tests.chaos import (
     FAILPOINTS,
     SHAPES,

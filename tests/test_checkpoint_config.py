@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 
-from checkpoint.config import CheckpointConfig, RestartStrategy, RestartTracker
-from checkpoint.errors import PlanError
+from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy, RestartTracker
+from onceflow.checkpoint.errors import PlanError
 
 
 def test_defaults() -> None:

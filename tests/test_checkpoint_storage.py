@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from checkpoint.errors import OnceflowError, PlanError
-from checkpoint.storage import CheckpointStorage, CheckpointStorageError, StateHandle
+from onceflow.checkpoint.errors import OnceflowError, PlanError
+from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError, StateHandle
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint.config import CheckpointConfig
-from checkpoint.coordinator import (
+from onceflow.checkpoint.config import CheckpointConfig
+from onceflow.checkpoint.coordinator import (
     AbortCheckpoint,
     AckResult,
     CheckpointAction,

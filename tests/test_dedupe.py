@@ -1,4 +1,4 @@
-"""Tests for operators.dedupe: exact outputs, generations and expiry, snapshots, fp rate, memory, errors."""
+"""Tests for onceflow.operators.dedupe: exact outputs, generations and expiry, snapshots, fp rate, memory, errors."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint.errors import DataError, PlanError
-from operators.dedupe import Dedupe, DedupeLogic
-from operators.keygroups import key_group_range, key_groups_of
-from operators.logic import MAIN, OperatorContext
-from operators.sinks.testing import TestingSink
-from operators.sources.testing import TestingSource
-from operators.watermark import BoundedOutOfOrderness
-from runtime.dataflow import Dataflow
+from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.operators.dedupe import Dedupe, DedupeLogic
+from onceflow.operators.keygroups import key_group_range, key_groups_of
+from onceflow.operators.logic import MAIN, OperatorContext
+from onceflow.operators.sinks.testing import TestingSink
+from onceflow.operators.sources.testing import TestingSource
+from onceflow.operators.watermark import BoundedOutOfOrderness
+from onceflow.runtime.dataflow import Dataflow
 
 CTX = OperatorContext("dedupe_1")
 MODES = ["bloom", "exact"]

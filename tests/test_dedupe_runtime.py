@@ -21,7 +21,7 @@ import pytest
 import ray
 
 import onceflow as of
-from checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.storage import CheckpointStorage
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -22,8 +22,8 @@ import pytest
 import ray
 
 import onceflow as of
-from checkpoint.storage import CheckpointStorage
-from operators.workload import feature_events
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.operators.workload import feature_events
 from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")

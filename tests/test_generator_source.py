@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 from hypothesis import settings
 
-from checkpoint.errors import DataError, PlanError
-from operators.sources.base import Idle, RescaledOffsets, SourceContext
-from operators.sources.generator import GeneratorSource, GeneratorSourceReader
+from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.operators.sources.base import Idle, RescaledOffsets, SourceContext
+from onceflow.operators.sources.generator import GeneratorSource, GeneratorSourceReader
 from tests.test_restore import assert_exactly_once, rescales
 
 

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, settings
 
-from checkpoint.errors import DataError, PlanError
-from operators.sources.base import RescaledOffsets, SourceContext
-from operators.sources.jsonl import JsonLinesSource, JsonLinesSourceReader
+from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.operators.sources.base import RescaledOffsets, SourceContext
+from onceflow.operators.sources.jsonl import JsonLinesSource, JsonLinesSourceReader
 from tests.helpers import assert_resumes_from_every_offset, read_ids
 from tests.test_restore import assert_exactly_once, rescales
 

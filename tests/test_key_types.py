@@ -24,12 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import onceflow as of
-from checkpoint.errors import DataError
-from checkpoint.storage import CheckpointStorage
-from operators import agg
-from operators.dedupe import Dedupe
-from operators.keyed import KeyedProcess, KeyedReduce
-from operators.keygroups import (
+from onceflow.checkpoint.errors import DataError
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.operators import agg
+from onceflow.operators.dedupe import Dedupe
+from onceflow.operators.keyed import KeyedProcess, KeyedReduce
+from onceflow.operators.keygroups import (
     hash64_columns,
     hash_columns,
     key_group_range,
@@ -39,8 +39,8 @@ from operators.keygroups import (
     subtask_of_key_group,
     take_rows,
 )
-from operators.logic import MAIN, OperatorContext, OperatorLogic
-from operators.windows import Tumbling, WindowAggregate
+from onceflow.operators.logic import MAIN, OperatorContext, OperatorLogic
+from onceflow.operators.windows import Tumbling, WindowAggregate
 
 MAX_PARALLELISM = 128
 

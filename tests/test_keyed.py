@@ -5,10 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from checkpoint.errors import DataError
-from operators.keyed import KeyedProcess, KeyedReduce
-from operators.keygroups import key_group_range, key_groups_of
-from operators.logic import OperatorContext
+from onceflow.checkpoint.errors import DataError
+from onceflow.operators.keyed import KeyedProcess, KeyedReduce
+from onceflow.operators.keygroups import key_group_range, key_groups_of
+from onceflow.operators.logic import OperatorContext
 
 CTX = OperatorContext("process_1")
 EVENTS = pa.record_batch({"user": ["a", "b", "a", "a", "b"], "amount": [1, 2, 3, 4, 5]})

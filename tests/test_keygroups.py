@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from checkpoint.errors import DataError
-from operators.keygroups import (
+from onceflow.checkpoint.errors import DataError
+from onceflow.operators.keygroups import (
     SEED,
     hash_columns,
     key_group_range,

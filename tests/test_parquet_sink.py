@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from checkpoint.errors import DataError, PlanError, SinkCommitError
-from checkpoint.two_phase_commit import SinkContext
-from operators.sinks.parquet import ParquetSink
+from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
+from onceflow.checkpoint.two_phase_commit import SinkContext
+from onceflow.operators.sinks.parquet import ParquetSink
 
 CTX = SinkContext(job="job", operator="sink_2", subtask=1, parallelism=2)
 

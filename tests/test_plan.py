@@ -5,14 +5,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from checkpoint.errors import PlanError
-from operators.sinks.testing import TestingSink
-from operators.sources.generator import GeneratorSource
-from operators.sources.testing import TestingSource
-from operators.watermark import BoundedOutOfOrderness
-from operators.workload import feature_events
-from runtime.dataflow import Dataflow
-from runtime.plan import Routing, plan
+from onceflow.checkpoint.errors import PlanError
+from onceflow.operators.sinks.testing import TestingSink
+from onceflow.operators.sources.generator import GeneratorSource
+from onceflow.operators.sources.testing import TestingSource
+from onceflow.operators.watermark import BoundedOutOfOrderness
+from onceflow.operators.workload import feature_events
+from onceflow.runtime.dataflow import Dataflow
+from onceflow.runtime.plan import Routing, plan
 
 
 def generator() -> GeneratorSource:
@@ -37,8 +37,8 @@ def test_stateless_chain_is_fused_into_the_source() -> None:
 
 
 def test_key_by_breaks_the_chain_with_a_hash_exchange() -> None:
-    from operators import agg
-    from operators.windows import Tumbling
+    from onceflow.operators import agg
+    from onceflow.operators.windows import Tumbling
 
     flow = Dataflow("job")
     events = flow.source(generator(), watermark=BoundedOutOfOrderness("event_time"))
@@ -79,7 +79,7 @@ def test_a_flow_without_sink_is_rejected() -> None:
 
 
 def test_window_without_event_time_is_rejected() -> None:
-    from operators.windows import Tumbling
+    from onceflow.operators.windows import Tumbling
 
     flow = Dataflow("job")
     with pytest.raises(PlanError, match="no event time"):

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 
 import onceflow as of
-from checkpoint import failpoints
-from checkpoint.storage import CheckpointStorage
-from operators.workload import feature_events, feature_window_reference
+from onceflow.checkpoint import failpoints
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.operators.workload import feature_events, feature_window_reference
 from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.usefixtures("ray_session")

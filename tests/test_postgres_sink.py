@@ -10,9 +10,9 @@ import psycopg
 import pyarrow as pa
 import pytest
 
-from checkpoint.errors import DataError, PlanError, SinkCommitError
-from checkpoint.two_phase_commit import SinkContext
-from operators.sinks.postgres import PostgresSink
+from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
+from onceflow.checkpoint.two_phase_commit import SinkContext
+from onceflow.operators.sinks.postgres import PostgresSink
 from tests.helpers import wait_until
 from tests.postgres_server import PostgresServer
 

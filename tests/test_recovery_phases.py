@@ -16,9 +16,9 @@ import pytest
 import ray
 
 import onceflow as of
-from checkpoint import failpoints
-from checkpoint.storage import CheckpointStorage
-from operators.workload import feature_events
+from onceflow.checkpoint import failpoints
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.operators.workload import feature_events
 from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -357,7 +357,7 @@ def test_a_failed_job_keeps_only_its_newest_checkpoints_transactions_and_resume_
 
 
 def _sink_committables(storage: str, job: str) -> list[dict[str, Any]]:
-    from checkpoint.state import read_sink_state
+    from onceflow.checkpoint.state import read_sink_state
 
     store = CheckpointStorage(storage, job)
     manifest = store.latest_manifest()

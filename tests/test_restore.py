@@ -1,6 +1,6 @@
 """Restoring checkpointed state onto a plan: rescaling, source splits, operator identity.
 
-The unit tests drive :func:`runtime.restore.assign_restored_state` and the
+The unit tests drive :func:`onceflow.runtime.restore.assign_restored_state` and the
 real source readers without Ray; the last tests resume real jobs at another
 parallelism and after a step was inserted into the graph.
 """
@@ -20,18 +20,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import onceflow as of
-from checkpoint.errors import PlanError
-from checkpoint.storage import CheckpointStorage
-from operators import agg
-from operators.keygroups import key_group_range
-from operators.sinks.testing import TestingSink
-from operators.sources.base import RescaledOffsets, Source, SourceContext, SplitCursor, deal_cursors
-from operators.sources.generator import GeneratorSource
-from operators.watermark import BoundedOutOfOrderness
-from operators.windows import Tumbling
-from runtime.dataflow import Dataflow
-from runtime.plan import PhysicalPlan, plan
-from runtime.restore import assign_restored_state, restored_sink_states
+from onceflow.checkpoint.errors import PlanError
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.operators import agg
+from onceflow.operators.keygroups import key_group_range
+from onceflow.operators.sinks.testing import TestingSink
+from onceflow.operators.sources.base import RescaledOffsets, Source, SourceContext, SplitCursor, deal_cursors
+from onceflow.operators.sources.generator import GeneratorSource
+from onceflow.operators.watermark import BoundedOutOfOrderness
+from onceflow.operators.windows import Tumbling
+from onceflow.runtime.dataflow import Dataflow
+from onceflow.runtime.plan import PhysicalPlan, plan
+from onceflow.runtime.restore import assign_restored_state, restored_sink_states
 from tests.helpers import wait_until
 
 # -- operator identity ------------------------------------------------------------------------------------------

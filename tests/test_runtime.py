@@ -15,9 +15,9 @@ import pytest
 import ray
 
 import onceflow as of
-from checkpoint.two_phase_commit import SinkWriter
-from operators.workload import feature_events
-from runtime.actor import _SinkStage
+from onceflow.checkpoint.two_phase_commit import SinkWriter
+from onceflow.operators.workload import feature_events
+from onceflow.runtime.actor import _SinkStage
 from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from checkpoint.config import CheckpointConfig, RestartStrategy
-from checkpoint.supervisor import JobEnd, JobPhase
+from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
+from onceflow.checkpoint.supervisor import JobEnd, JobPhase
 from tests.simulation.chooser import Chooser, shrink
 from tests.simulation.invariants import check_run
 from tests.simulation.scheduler import Outcome, Policy, crash, drive, run_schedule

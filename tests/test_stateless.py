@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from checkpoint.errors import DataError, OperatorError
-from operators.logic import MAIN, OperatorContext
-from operators.stateless import Filter, FlatMap, Map, MapBatches
+from onceflow.checkpoint.errors import DataError, OperatorError
+from onceflow.operators.logic import MAIN, OperatorContext
+from onceflow.operators.stateless import Filter, FlatMap, Map, MapBatches
 
 CTX = OperatorContext("op_1")
 BATCH = pa.record_batch({"user": ["a", "b", "c"], "amount": [1.0, 2.5, 4.0]})

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint.config import RestartStrategy
-from checkpoint.supervisor import (
+from onceflow.checkpoint.config import RestartStrategy
+from onceflow.checkpoint.supervisor import (
     CancelRequested,
     CommitOutput,
     Committed,

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 import ray
 
-from checkpoint.errors import OnceflowError, SinkCommitError
-from checkpoint.two_phase_commit import SinkContext
-from operators.sinks.testing import TestingSink
+from onceflow.checkpoint.errors import OnceflowError, SinkCommitError
+from onceflow.checkpoint.two_phase_commit import SinkContext
+from onceflow.operators.sinks.testing import TestingSink
 
 CTX = SinkContext(job="job", operator="sink_3", subtask=0)
 

@@ -8,9 +8,9 @@ import msgpack
 import pyarrow as pa
 import pytest
 
-from checkpoint.errors import OnceflowError, PlanError
-from operators.sources.base import RescaledOffsets, SourceContext
-from operators.sources.testing import TestingSource, TestingSourceAbort, TestingSourceReader
+from onceflow.checkpoint.errors import OnceflowError, PlanError
+from onceflow.operators.sources.base import RescaledOffsets, SourceContext
+from onceflow.operators.sources.testing import TestingSource, TestingSourceAbort, TestingSourceReader
 
 CTX = SourceContext("test_0")
 

@@ -26,12 +26,12 @@ import pyarrow as pa
 import pytest
 
 import onceflow as of
-from checkpoint.state import source_state
-from checkpoint.storage import CheckpointStorage
-from operators.sources.base import Idle, Source, SourceContext, SourceReader
-from runtime.actor import CheckpointSetup, RestoredState, RuntimeOptions, SubtaskActor, SubtaskRestore
-from runtime.channel import END_OF_TIME, ChannelMessage
-from runtime.plan import plan
+from onceflow.checkpoint.state import source_state
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.operators.sources.base import Idle, Source, SourceContext, SourceReader
+from onceflow.runtime.actor import CheckpointSetup, RestoredState, RuntimeOptions, SubtaskActor, SubtaskRestore
+from onceflow.runtime.channel import END_OF_TIME, ChannelMessage
+from onceflow.runtime.plan import plan
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Tests for operators.windows: assigners, firing, lateness, errors, snapshots."""
+"""Tests for onceflow.operators.windows: assigners, firing, lateness, errors, snapshots."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint.errors import DataError, PlanError
-from operators import agg
-from operators.keygroups import key_group_range
-from operators.logic import LATE, MAIN, OperatorContext
-from operators.windows import Session, Sliding, Tumbling, Window, WindowAggregate, WindowAggregateLogic
+from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.operators import agg
+from onceflow.operators.keygroups import key_group_range
+from onceflow.operators.logic import LATE, MAIN, OperatorContext
+from onceflow.operators.windows import Session, Sliding, Tumbling, Window, WindowAggregate, WindowAggregateLogic
 
 CTX = OperatorContext("window_1")
 Row = dict[str, Any]

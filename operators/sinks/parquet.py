@@ -13,7 +13,7 @@ names that start with ``_`` or ``.``) shows exactly the committed rows.
 The stem is ``{job}-{operator}-{subtask}-{run}-{attempt}-{token}``, ``token``
 random per writer; each text field is escaped so that it holds no ``-``
 (``feature-window`` is written ``feature%2Dwindow``, see
-:mod:`operators.sinks.naming`). :meth:`ParquetSinkCommitter.abort_lingering`
+:mod:`onceflow.operators.sinks.naming`). :meth:`ParquetSinkCommitter.abort_lingering`
 splits a hidden name back into its fields and compares the job and operator
 fields exactly, so sinks of other jobs or operators writing into the same
 directory (``sink`` and ``sink-1``, say) never remove each other's files.
@@ -25,7 +25,7 @@ Committable (version 1)::
 Example:
     >>> import tempfile
     >>> import pyarrow as pa, pyarrow.dataset as ds
-    >>> from checkpoint.two_phase_commit import SinkContext
+    >>> from onceflow.checkpoint.two_phase_commit import SinkContext
     >>> folder = tempfile.mkdtemp()
     >>> sink = ParquetSink(folder)
     >>> ctx = SinkContext(job="demo", operator="sink_1")
@@ -52,9 +52,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from checkpoint.errors import DataError, PlanError, SinkCommitError
-from checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
-from operators.sinks.naming import escape_field, split_fields
+from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
+from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+from onceflow.operators.sinks.naming import escape_field, split_fields
 
 __all__ = ["ParquetSink", "ParquetSinkCommitter", "ParquetSinkWriter"]
 
@@ -107,7 +107,7 @@ class ParquetSink(TransactionalSink):
     Example:
         >>> import tempfile, os
         >>> import pyarrow as pa
-        >>> from checkpoint.two_phase_commit import SinkContext
+        >>> from onceflow.checkpoint.two_phase_commit import SinkContext
         >>> folder = tempfile.mkdtemp()
         >>> sink = ParquetSink(folder, rolling_bytes=1)  # one file per batch
         >>> writer = sink.create_writer(SinkContext(job="demo", operator="sink_1"))

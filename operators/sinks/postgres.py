@@ -39,7 +39,7 @@ Names. Every transaction is named
 of a job without checkpoints) for a prepared transaction, and
 ``w<writer token>.<n>`` for a staged one (its rows are tagged when written,
 before the barrier names the checkpoint). Text fields are escaped so that
-they hold no ``:`` or quote (:mod:`operators.sinks.naming`), so ``gid LIKE
+they hold no ``:`` or quote (:mod:`onceflow.operators.sinks.naming`), so ``gid LIKE
 'onceflow:%'`` finds every prepared transaction, and the lingering
 transactions of a job's operator are matched field by field: other
 operators, jobs, runs and attempts sharing the database never collide.
@@ -77,10 +77,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
-from checkpoint.errors import DataError, PlanError, SinkCommitError
-from checkpoint.failpoints import crash_point
-from checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
-from operators.sinks.naming import escape_field, split_fields
+from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
+from onceflow.checkpoint.failpoints import crash_point
+from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+from onceflow.operators.sinks.naming import escape_field, split_fields
 
 __all__ = ["PostgresSink", "PostgresSinkCommitter", "PostgresSinkWriter"]
 

@@ -32,7 +32,7 @@ after a failure apart from the ids its predecessor already committed.
 
 Example:
     >>> import pyarrow as pa
-    >>> from checkpoint.two_phase_commit import SinkContext
+    >>> from onceflow.checkpoint.two_phase_commit import SinkContext
     >>> sink = TestingSink()
     >>> sink.prepare()  # Ray is not initialised here: an in-process store
     >>> ctx = SinkContext(job="demo", operator="sink_1")
@@ -56,8 +56,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from checkpoint.errors import OnceflowError, SinkCommitError
-from checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+from onceflow.checkpoint.errors import OnceflowError, SinkCommitError
+from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
 
 __all__ = ["TestingSink", "TestingSinkCommitter", "TestingSinkWriter"]
 
@@ -141,7 +141,7 @@ class TestingSink(TransactionalSink):
 
     Example:
         >>> import pyarrow as pa
-        >>> from checkpoint.two_phase_commit import SinkContext
+        >>> from onceflow.checkpoint.two_phase_commit import SinkContext
         >>> sink = TestingSink()
         >>> sink.prepare()
         >>> writer = sink.create_writer(SinkContext(job="demo", operator="sink_1"))

@@ -7,15 +7,15 @@ just the index of the next batch to produce.
 
 Batch *k* covers offsets ``[k * batch_size, min((k + 1) * batch_size, total))``.
 With parallelism *p*, subtask *i* produces batches ``i, i + p, i + 2p, ...``.
-A reader's offset lists its :class:`~operators.sources.base.SplitCursor`
+A reader's offset lists its :class:`~onceflow.operators.sources.base.SplitCursor`
 objects over batch indices (``[stride, start, next, 0]``), so readers at
 another parallelism take the batches over exactly (see
-:mod:`operators.sources.base`); the earlier ``{"next_batch": k}`` offsets are
+:mod:`onceflow.operators.sources.base`); the earlier ``{"next_batch": k}`` offsets are
 still read.
 
 Example:
     >>> import pyarrow as pa
-    >>> from operators.sources.base import SourceContext
+    >>> from onceflow.operators.sources.base import SourceContext
     >>> def make_batch(offset: int, n: int) -> pa.RecordBatch:
     ...     return pa.record_batch({"id": list(range(offset, offset + n))})
     >>> source = GeneratorSource(make_batch, total=5, batch_size=2)
@@ -39,8 +39,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from checkpoint.errors import DataError, PlanError
-from operators.sources.base import (
+from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.operators.sources.base import (
     Idle,
     Source,
     SourceContext,
@@ -79,7 +79,7 @@ class GeneratorSource(Source):
     Example:
         >>> import numpy as np
         >>> import pyarrow as pa
-        >>> from operators.sources.base import SourceContext
+        >>> from onceflow.operators.sources.base import SourceContext
         >>> def make_batch(offset: int, n: int) -> pa.RecordBatch:
         ...     rng = np.random.default_rng(offset)  # seeded from the offset
         ...     return pa.record_batch({"id": np.arange(offset, offset + n),
@@ -131,7 +131,7 @@ class GeneratorSource(Source):
             ctx: where the reader runs.
             resume_offset: ``None`` to start, an ``offset()`` of an earlier
                 reader of the same subtask at the same parallelism, or
-                :class:`~operators.sources.base.RescaledOffsets` holding every
+                :class:`~onceflow.operators.sources.base.RescaledOffsets` holding every
                 earlier reader's offset (another parallelism).
 
         Returns:

@@ -5,11 +5,11 @@ The input is one file or a directory searched recursively for ``*.jsonl`` and
 directories starting with ``_`` or ``.`` are skipped). With parallelism *p*,
 subtask *i* reads files ``i, i + p, i + 2p, ...``, ``batch_size`` lines at a
 time, parsed by :mod:`pyarrow.json`. A reader's offset lists its
-:class:`~operators.sources.base.SplitCursor` objects over file indices,
+:class:`~onceflow.operators.sources.base.SplitCursor` objects over file indices,
 ``{"cursors": [[stride, start, file, byte], ...]}``: each sequence's current
 file and the byte offset of its next unread line, so a resumed reader seeks
 straight there, and readers at another parallelism take the files over
-exactly (see :mod:`operators.sources.base`). The earlier
+exactly (see :mod:`onceflow.operators.sources.base`). The earlier
 ``{"file": f, "byte": b}`` offsets are still read.
 
 Every chunk is parsed with one explicit schema, so column types stay stable:
@@ -21,7 +21,7 @@ and missing ones are null.
 
 Example:
     >>> import tempfile, os
-    >>> from operators.sources.base import SourceContext
+    >>> from onceflow.operators.sources.base import SourceContext
     >>> folder = tempfile.mkdtemp()
     >>> with open(os.path.join(folder, "a.jsonl"), "w") as f:
     ...     _ = f.write('{"id": 0}\n{"id": 1}\n{"id": 2}\n')
@@ -43,9 +43,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
 
-from checkpoint.errors import DataError, PlanError
-from operators.sources.base import Source, SourceContext, SourceReader, SplitCursor, cursors_offset, resume_cursors
-from operators.sources.parquet import absolute_path, list_data_files, resolve_filesystem
+from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.operators.sources.base import (
+    Source,
+    SourceContext,
+    SourceReader,
+    SplitCursor,
+    cursors_offset,
+    resume_cursors,
+)
+from onceflow.operators.sources.parquet import absolute_path, list_data_files, resolve_filesystem
 
 __all__ = ["JsonLinesSource", "JsonLinesSourceReader"]
 
@@ -69,7 +76,7 @@ class JsonLinesSource(Source):
     Example:
         >>> import tempfile, os
         >>> import pyarrow as pa
-        >>> from operators.sources.base import SourceContext
+        >>> from onceflow.operators.sources.base import SourceContext
         >>> folder = tempfile.mkdtemp()
         >>> with open(os.path.join(folder, "a.jsonl"), "w") as f:
         ...     _ = f.write('{"id": 1, "name": "x"}\n')
@@ -100,7 +107,7 @@ class JsonLinesSource(Source):
             ctx: where the reader runs.
             resume_offset: ``None`` to start, an ``offset()`` of an earlier
                 reader of the same subtask at the same parallelism, or
-                :class:`~operators.sources.base.RescaledOffsets` holding every
+                :class:`~onceflow.operators.sources.base.RescaledOffsets` holding every
                 earlier reader's offset (another parallelism).
 
         Returns:

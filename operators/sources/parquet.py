@@ -5,11 +5,11 @@ files (sorted by path; names or directories starting with ``_`` or ``.`` are
 skipped, as :func:`pyarrow.dataset.dataset` does). Its *work units* are the
 ``(file, row group)`` pairs in that order; with parallelism *p*, subtask *i*
 reads units ``i, i + p, i + 2p, ...``. A reader's offset lists its
-:class:`~operators.sources.base.SplitCursor` objects over unit indices,
+:class:`~onceflow.operators.sources.base.SplitCursor` objects over unit indices,
 ``{"cursors": [[stride, start, unit, row], ...]}``: each sequence's current
 unit and the rows of it already returned, so a resumed reader continues in the
 middle of a row group, and readers at another parallelism take the units over
-exactly (see :mod:`operators.sources.base`). The earlier
+exactly (see :mod:`onceflow.operators.sources.base`). The earlier
 ``{"unit": u, "row": r}`` offsets are still read.
 
 The input must not change between taking an offset and resuming from it.
@@ -17,7 +17,7 @@ The input must not change between taking an offset and resuming from it.
 Example:
     >>> import tempfile, os
     >>> import pyarrow as pa, pyarrow.parquet as pq
-    >>> from operators.sources.base import SourceContext
+    >>> from onceflow.operators.sources.base import SourceContext
     >>> folder = tempfile.mkdtemp()
     >>> pq.write_table(pa.table({"id": [0, 1, 2]}), os.path.join(folder, "a.parquet"))
     >>> reader = ParquetSource(folder, batch_size=2).build(SourceContext("source_0"))
@@ -41,8 +41,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from checkpoint.errors import DataError, PlanError
-from operators.sources.base import Source, SourceContext, SourceReader, SplitCursor, cursors_offset, resume_cursors
+from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.operators.sources.base import (
+    Source,
+    SourceContext,
+    SourceReader,
+    SplitCursor,
+    cursors_offset,
+    resume_cursors,
+)
 
 __all__ = ["ParquetSource", "ParquetSourceReader", "absolute_path", "list_data_files", "resolve_filesystem"]
 
@@ -123,7 +130,7 @@ class ParquetSource(Source):
     Example:
         >>> import tempfile, os
         >>> import pyarrow as pa, pyarrow.parquet as pq
-        >>> from operators.sources.base import SourceContext
+        >>> from onceflow.operators.sources.base import SourceContext
         >>> folder = tempfile.mkdtemp()
         >>> table = pa.table({"id": list(range(6)), "x": ["a"] * 6})
         >>> pq.write_table(table, os.path.join(folder, "a.parquet"), row_group_size=3)
@@ -154,7 +161,7 @@ class ParquetSource(Source):
             ctx: where the reader runs.
             resume_offset: ``None`` to start, an ``offset()`` of an earlier
                 reader of the same subtask at the same parallelism, or
-                :class:`~operators.sources.base.RescaledOffsets` holding every
+                :class:`~onceflow.operators.sources.base.RescaledOffsets` holding every
                 earlier reader's offset (another parallelism).
 
         Returns:

@@ -19,7 +19,7 @@ two markers:
 Only subtask 0 reads; other subtasks end at once (``max_parallelism()`` is 1).
 
 Example:
-    >>> from operators.sources.base import SourceContext
+    >>> from onceflow.operators.sources.base import SourceContext
     >>> source = TestingSource([{"x": 1}, {"x": 2}, {"x": 3}, TestingSource.EOF(), {"x": 4}],
     ...                        batch_size=2)
     >>> reader = source.build(SourceContext("source_0"))
@@ -42,8 +42,8 @@ from typing import Any, ClassVar, TypeAlias
 
 import pyarrow as pa
 
-from checkpoint.errors import OnceflowError, PlanError
-from operators.sources.base import RescaledOffsets, Source, SourceContext, SourceReader
+from onceflow.checkpoint.errors import OnceflowError, PlanError
+from onceflow.operators.sources.base import RescaledOffsets, Source, SourceContext, SourceReader
 
 __all__ = ["TestingSource", "TestingSourceAbort", "TestingSourceReader"]
 
@@ -103,7 +103,7 @@ class TestingSource(Source):
 
     Example:
         >>> import pytest
-        >>> from operators.sources.base import SourceContext
+        >>> from onceflow.operators.sources.base import SourceContext
         >>> source = TestingSource([{"x": 1}, TestingSource.ABORT(), {"x": 2}])
         >>> reader = source.build(SourceContext("source_0"))
         >>> reader.read().to_pylist()
@@ -142,7 +142,7 @@ class TestingSource(Source):
         Args:
             ctx: where the reader runs.
             resume_offset: an ``offset()`` of an earlier reader, ``None`` to
-                start, or :class:`~operators.sources.base.RescaledOffsets`
+                start, or :class:`~onceflow.operators.sources.base.RescaledOffsets`
                 (subtask 0 takes over the old subtask 0's position: no other
                 subtask ever reads).
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from checkpoint.supervisor import JobEnd
+from onceflow.checkpoint.supervisor import JobEnd
 from tests.simulation.store import TxnState
 from tests.simulation.world import SINK, SOURCE, Driver, World
 

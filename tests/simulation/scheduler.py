@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from checkpoint.config import CheckpointConfig, RestartStrategy
-from checkpoint.supervisor import JobEnd
+from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
+from onceflow.checkpoint.supervisor import JobEnd
 from tests.simulation.chooser import Chooser
 from tests.simulation.invariants import check_run
 from tests.simulation.world import SOURCE, Job, SimActor, Subtask, World

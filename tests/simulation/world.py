@@ -8,9 +8,9 @@ them on every barrier and commits them when the checkpoint completes. Its
 failure-free output is therefore known without running it: every key ``k``
 seen ``n`` times gives the rows ``(k, 1) .. (k, n)``, once each.
 
-The protocol pieces are the real ones: :class:`~checkpoint.supervisor.JobSupervisor`
-decides the lifecycle, :class:`~checkpoint.coordinator.CheckpointCoordinator`
-the checkpoints and :class:`~checkpoint.barrier_handler.AlignedBarrierHandler`
+The protocol pieces are the real ones: :class:`~onceflow.checkpoint.supervisor.JobSupervisor`
+decides the lifecycle, :class:`~onceflow.checkpoint.coordinator.CheckpointCoordinator`
+the checkpoints and :class:`~onceflow.checkpoint.barrier_handler.AlignedBarrierHandler`
 the alignment. Around them the world models what the Ray side does
 (``runtime/job.py``'s driver, ``runtime/checkpointing.py``'s coordinator actor,
 ``runtime/actor.py``'s subtask actor): actor calls are messages in per-caller
@@ -26,9 +26,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from checkpoint.barrier_handler import AlignedBarrierHandler, Release, Snapshot
-from checkpoint.config import CheckpointConfig, RestartStrategy
-from checkpoint.coordinator import (
+from onceflow.checkpoint.barrier_handler import AlignedBarrierHandler, Release, Snapshot
+from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
+from onceflow.checkpoint.coordinator import (
     AbortCheckpoint,
     CheckpointAction,
     CheckpointCoordinator,
@@ -39,7 +39,7 @@ from checkpoint.coordinator import (
     TaskAck,
     TriggerCheckpoint,
 )
-from checkpoint.supervisor import (
+from onceflow.checkpoint.supervisor import (
     CancelRequested,
     DeployAttempt,
     Deployed,
