@@ -95,7 +95,11 @@ def feature_flow(name: str, sink: of.sinks.TransactionalSink, *, events: int | N
 
 def pyplot() -> Any:
     """Return ``matplotlib.pyplot`` on the non-interactive Agg backend (no screen here)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        msg = "the benchmarks draw their figures with matplotlib: pip install 'onceflow[bench]'"
+        raise SystemExit(msg) from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -100,9 +100,21 @@ _SEQ_COLUMN = "_onceflow_seq"
 _STAGING_PREFIX = "onceflow_stage_"
 
 
-def _psycopg() -> Any:
-    import psycopg
+def _psycopg(table: str) -> Any:
+    """The ``psycopg`` module, which the ``postgres`` extra installs.
 
+    Raises:
+        PlanError: psycopg is not installed.
+
+    """
+    try:
+        import psycopg
+    except ImportError as error:
+        msg = (
+            f"postgres sink {table}: psycopg is not installed; install onceflow with its postgres extra: "
+            "pip install 'onceflow[postgres]'"
+        )
+        raise PlanError(msg) from error
     return psycopg
 
 
@@ -177,6 +189,9 @@ def _copy(connection: Any, table: str, batch: pa.RecordBatch) -> None:
 
 class PostgresSink(TransactionalSink):
     """Write a stream into a PostgreSQL table, exactly once.
+
+    It needs psycopg, which the ``postgres`` extra installs (``pip install 'onceflow[postgres]'``);
+    without it the job fails before it starts, with a :class:`PlanError` that says so.
 
     Args:
         dsn: a libpq connection string or URI.
@@ -258,10 +273,11 @@ class PostgresSink(TransactionalSink):
         """Check on the driver, before any writer starts, that the server can run two-phase commit.
 
         Raises:
-            PlanError: the server is unreachable, or it has ``max_prepared_transactions = 0``
-                and the sink appends exactly once (upsert mode needs no prepared transactions).
+            PlanError: psycopg is not installed, the server is unreachable, or it has
+                ``max_prepared_transactions = 0`` and the sink appends exactly once (upsert mode
+                needs no prepared transactions).
         """
-        psycopg = _psycopg()
+        psycopg = _psycopg(self.table)
         try:
             with psycopg.connect(self.dsn, autocommit=True) as connection:
                 setting = int(connection.execute("SHOW max_prepared_transactions").fetchone()[0])
@@ -361,7 +377,7 @@ class _StagedUpsert(_Transactions):
                 "upsert mode; rename it before the sink"
             )
             raise DataError(msg, operator=operator, column=reserved[0])
-        psycopg = _psycopg()
+        psycopg = _psycopg(self._sink.table)
         columns = ", ".join(
             f"{_quote(f.name)} {_postgres_type(f.type, operator=operator, column=f.name)}" for f in schema)
         self._staging = self._sink.staging_table(schema)
@@ -442,7 +458,7 @@ class PostgresSinkWriter(SinkWriter):
     def _connect(self) -> Any:
         """The writer's connection, opened with its lock timeout; not in autocommit unless at-least-once."""
         if self._connection is None or self._connection.closed:
-            connection = _psycopg().connect(self._sink.dsn, autocommit=True)
+            connection = _psycopg(self._sink.table).connect(self._sink.dsn, autocommit=True)
             timeout = self._sink.lock_timeout_s
             connection.execute("SELECT set_config('lock_timeout', %s, false)",
                                 (f"{round(timeout * 1000)}ms" if timeout is not None else "0",))
@@ -451,7 +467,7 @@ class PostgresSinkWriter(SinkWriter):
         return self._connection
 
     def _ensure_table(self, schema: pa.Schema) -> None:
-        psycopg = _psycopg()
+        psycopg = _psycopg(self._sink.table)
         sink = self._sink
         definitions = [f"{_quote(f.name)} {_postgres_type(f.type, operator=self._ctx.operator, column=f.name)}"
                        for f in schema]
@@ -478,7 +494,7 @@ class PostgresSinkWriter(SinkWriter):
             raise DataError(msg, operator=self._ctx.operator, column=missing[0])
         if self._sink.create:
             self._ensure_table(schema)
-        with _psycopg().connect(self._sink.dsn, autocommit=True) as connection:
+        with _psycopg(self._sink.table).connect(self._sink.dsn, autocommit=True) as connection:
             self._transactions.start(connection, schema)
         self._columns = schema.names
 
@@ -501,7 +517,7 @@ class PostgresSinkWriter(SinkWriter):
                 f"{self._columns}; give every batch the same columns"
             )
             raise DataError(msg, operator=self._ctx.operator)
-        psycopg = _psycopg()
+        psycopg = _psycopg(self._sink.table)
         connection = self._connect()
         try:
             self._transactions.write(connection, batch)
@@ -614,7 +630,7 @@ class PostgresSinkCommitter(Committer):
         """Commit (or abort) ``transactions`` in order, each once; retry lost connections and deadlocks."""
         if not transactions:
             return
-        psycopg = _psycopg()
+        psycopg = _psycopg(self._sink.table)
         verb = "commit" if commit else "abort"
         delay = 0.1
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
@@ -688,7 +704,7 @@ class PostgresSinkCommitter(Committer):
         legacy_prefix = f"onceflow:{self._ctx.job}:"
         schema, _, _ = self._sink.table.rpartition(".")
         found: list[_Transaction] = []
-        with _psycopg().connect(self._sink.dsn, autocommit=True) as connection:
+        with _psycopg(self._sink.table).connect(self._sink.dsn, autocommit=True) as connection:
             for (gid,) in connection.execute(
                     "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
                     "AND (starts_with(gid, %s) OR starts_with(gid, %s))", (prefix, legacy_prefix)):
