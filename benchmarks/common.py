@@ -82,7 +82,7 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
 
 def feature_flow(name: str, sink: of.sinks.TransactionalSink, *, events: int | None, batch_size: int = 100_000,
                  users: int = 100_000, window_ms: int = 10_000, rate: int | None = None) -> of.Dataflow:
-    """The DESIGN.md feature-window job: key by user, tumbling windows, count and sum(amount)."""
+    """The feature-window job: key by user, tumbling windows, count and sum(amount)."""
     make_batch = feature_events if users == 100_000 else functools.partial(feature_events, users=users)
     flow = of.Dataflow(name)
     stream = flow.source(of.sources.GeneratorSource(make_batch, total=events, batch_size=batch_size,

@@ -1,8 +1,9 @@
 """Feature-window throughput: events/s end to end, checkpointing off.
 
-The workload of DESIGN.md: N deterministic events, key by ``user_id``,
-tumbling 10 s event-time windows, ``count`` and ``sum(amount)`` per
-(user, window) into the Parquet two-phase-commit sink. Every run is verified
+The feature-window workload (:mod:`onceflow.operators.workload`): N
+deterministic events, key by ``user_id``, tumbling 10 s event-time windows,
+``count`` and ``sum(amount)`` per (user, window) into the Parquet
+two-phase-commit sink. Every run is verified
 (sum of counts == N, sum of sums equal to the input's within 1e-6 relative).
 
 It first sweeps the data-plane knobs (source batch size, channel

@@ -16,8 +16,9 @@ manifest or none: the previous complete checkpoint stays the recovery point.
 Deleting a checkpoint removes its manifest first, so a half-deleted checkpoint
 is never mistaken for a complete one.
 
-The object store is only a cache of these files (see DESIGN.md, point 6); this
-module is plain Python and ``pyarrow.fs`` and imports no Ray.
+The Ray object store only caches these files (an object there dies with its
+owner and cannot be rebuilt), so a restore falls back to them; this module is
+plain Python and ``pyarrow.fs`` and imports no Ray.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ committable twice. ``abort`` discards what was never committed.
 
 Without checkpointing, the runtime pre-commits at the end of input and commits
 once every sink subtask has pre-committed, so a failed job publishes nothing.
-With checkpointing (the checkpoint issue) it pre-commits on every barrier and
-commits when the checkpoint is complete.
+With checkpointing it pre-commits on every barrier and commits when the
+checkpoint is complete.
 """
 
 from __future__ import annotations

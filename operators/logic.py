@@ -3,7 +3,8 @@
 A user-facing operator is a small picklable *config* object; the subtask actor
 calls ``build(ctx)`` on it to get the live :class:`OperatorLogic`. All live
 state derives from what ``build`` receives, never from the config's
-constructor, so that the checkpoint issue can pass a ``resume_state``.
+constructor: a stateful operator's ``build(ctx, resume_state)`` restores the
+tables its :meth:`OperatorLogic.snapshot` returned.
 
 Every event handler returns the batches it emits as ``(port, batch)`` pairs:
 port :data:`MAIN` is the operator's main output, other ports are side outputs
@@ -66,7 +67,7 @@ class OperatorLogic:
     whenever the operator's input watermark (the minimum over its inputs)
     advances, ``on_eof`` once when every input has ended. ``snapshot``
     returns the operator's state as an Arrow table (or ``None`` when it has
-    none); the checkpoint issue restores from it.
+    none); a restored subtask passes it back to ``build`` as ``resume_state``.
     """
 
     def on_batch(self, batch: pa.RecordBatch) -> Emitted:
