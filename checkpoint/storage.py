@@ -292,7 +292,12 @@ class CheckpointStorage:
             msg = (f"manifest of checkpoint {checkpoint_id} is not json-serialisable: {error}; "
                    "store only str, int, float, bool, None, list and dict values")
             raise CheckpointStorageError(msg, path=final) from error
-        temporary = f"{directory}/{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp"
+        self._write_atomically(directory, final, data, "checkpoint manifest")
+        return final
+
+    def _write_atomically(self, directory: str, final: str, data: bytes, what: str) -> None:
+        """Write ``data`` to a temporary name in ``directory``, then rename it over ``final``."""
+        temporary = f"{final}.{uuid.uuid4().hex}.tmp"
         try:
             self._fs.create_dir(directory, recursive=True)
             if self._local:
@@ -304,10 +309,8 @@ class CheckpointStorage:
         except OSError as error:
             with contextlib.suppress(OSError):
                 self._fs.delete_file(temporary)
-            msg = (f"cannot write checkpoint manifest {final!r}: {error}; "
-                   "check that the checkpoint storage is writable and has space")
+            msg = f"cannot write {what} {final!r}: {error}; check that the checkpoint storage is writable and has space"
             raise CheckpointStorageError(msg, path=final) from error
-        return final
 
     # -- the lease ---------------------------------------------------------------------------------------------
 
@@ -327,22 +330,8 @@ class CheckpointStorage:
 
     def write_lease(self, lease: JobLease) -> None:
         """Replace the job's storage lease atomically (as a manifest is written)."""
-        final = f"{self._root}/{LEASE_NAME}"
-        temporary = f"{final}.{uuid.uuid4().hex}.tmp"
-        data = json.dumps(lease.to_json()).encode()
-        try:
-            self._fs.create_dir(self._root, recursive=True)
-            if self._local:
-                self._replace_local(temporary, final, data)
-            else:
-                with self._fs.open_output_stream(temporary) as out:
-                    out.write(data)
-                self._fs.move(temporary, final)
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                self._fs.delete_file(temporary)
-            msg = f"cannot write the job's lease {final!r}: {error}; check that the checkpoint storage is writable"
-            raise CheckpointStorageError(msg, path=final) from error
+        self._write_atomically(self._root, f"{self._root}/{LEASE_NAME}", json.dumps(lease.to_json()).encode(),
+                               "the job's lease")
 
     def release_lease(self, run: str) -> None:
         """Give up ``run``'s lease (the job ended); a lease another run holds stays."""
