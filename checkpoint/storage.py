@@ -392,6 +392,11 @@ class CheckpointStorage:
                 return manifest
         return None
 
+    def latest_id(self, run: str, otherwise: int | None = None) -> int | None:
+        """The id of ``run``'s newest complete checkpoint, or ``otherwise`` (the one it resumed from) if none."""
+        manifest = self.latest_manifest(run=run)
+        return int(manifest["checkpoint_id"]) if manifest is not None else otherwise
+
     def completed_ids(self) -> list[int]:
         """The ids of the complete checkpoints (with a valid manifest), ascending."""
         return [checkpoint_id for checkpoint_id in self._checkpoint_ids() if self.manifest(checkpoint_id) is not None]

@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
@@ -393,12 +394,10 @@ class JobSupervisor:
         return []
 
     def _on_stop(self) -> list[SupervisorAction]:
-        if self.stop_requested or self._ending is not None:
-            self.stop_requested = True
-            return []
+        already = self.stop_requested or self._ending is not None
         self.stop_requested = True
         # A running attempt stops now; one that deploys later stops as soon as it runs.
-        return [StopSources(self.attempt)] if self.phase is JobPhase.RUNNING else []
+        return [StopSources(self.attempt)] if self.phase is JobPhase.RUNNING and not already else []
 
     def _on_cancel(self) -> list[SupervisorAction]:
         if self._ending is not None:
@@ -464,6 +463,6 @@ class JobSupervisor:
     def _end(self, finish: Finish) -> list[SupervisorAction]:
         self.phase = {JobEnd.FINISHED: JobPhase.FINISHED, JobEnd.FAILED: JobPhase.FAILED,
                       JobEnd.CANCELLED: JobPhase.CANCELLED}[finish.end]
-        done = Finish(finish.end, finish.reason, finish.operator, self.latest_checkpoint, finish.gave_up)
+        done = dataclasses.replace(finish, latest_checkpoint=self.latest_checkpoint)
         self._ending = done
         return [done]

@@ -161,10 +161,7 @@ class CoordinatorActor:
         latest = self._core.store.latest
         if latest is not None:
             return latest.checkpoint_id
-        manifest = self._storage.latest_manifest(run=self._run_id)
-        if manifest is not None:
-            return int(manifest["checkpoint_id"])
-        return self._baseline
+        return self._storage.latest_id(run=self._run_id, otherwise=self._baseline)
 
     async def _run(self) -> None:
         period = min(self._config.interval_s / 4, 0.05)

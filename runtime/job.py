@@ -114,8 +114,6 @@ def _gather(refs: list[Any], timeout_s: float = 10.0) -> list[Any]:
     return values
 
 
-
-
 class JobStatus(Enum):
     """Where a job is in its life."""
 
@@ -247,8 +245,8 @@ class JobHandle:
         self._timer: tuple[float, int] | None = None
         self._events: collections.deque[SupervisorEvent] = collections.deque()
         self._earlier: dict[str, Any] = {}
-        self._final_checkpoint: int | None = None
         self._last_failure: BaseException | None = None
+        self._last_reason = ""  # the reason of the newest failure the supervisor acted on, for the log
         self._final_counts: list[dict[str, Any]] = []
         self.restored_from: list[int] = []
         self._result: JobResult | None = None
@@ -502,7 +500,10 @@ class JobHandle:
         try:
             self._carry_out(self._supervisor.start(self._restore))
             while not self._supervisor.finished:
-                self._carry_out(self._supervisor.on_event(self._next_event()))
+                event = self._next_event()
+                if isinstance(event, Failed) and event.attempt == self._supervisor.attempt:
+                    self._last_reason = event.reason
+                self._carry_out(self._supervisor.on_event(event))
         except BaseException as error:
             log.exception("job %s: the job driver failed", self.job)
             if self._error is None and self._result is None:
@@ -555,7 +556,6 @@ class JobHandle:
             return self._root_cause()
         del self._waits[ref]
         if kind is _Wait.FINAL:
-            self._final_checkpoint = int(value)
             return FinalCheckpointCompleted(attempt, int(value))
         if kind is _Wait.DONE and not any(k is _Wait.DONE for k, _ in self._waits.values()):
             return InputEnded(attempt)
@@ -603,13 +603,12 @@ class JobHandle:
             return None
         if isinstance(action, TakeFinalCheckpoint):
             assert self._coordinator is not None
-            # Every subtask ended its input: its counters are final now.
-            self._final_counts = _gather([a.metrics.remote() for a in self._attempt.everyone])
+            self._final_counts = self._attempt_counters()  # every subtask ended its input: final now
             self._waits[self._coordinator.final_checkpoint.remote(action.attempt)] = (_Wait.FINAL,
                                                                                f"{self.job}/coordinator")
             return None
         if isinstance(action, CommitOutput):
-            self._final_counts = _gather([a.metrics.remote() for a in self._attempt.everyone])
+            self._final_counts = self._attempt_counters()
             try:
                 ray.get([a.commit.remote() for a in self._attempt.sinks], timeout=_CALL_TIMEOUT_S)
             except Exception as error:  # noqa: BLE001 - a failure like any other
@@ -671,6 +670,9 @@ class JobHandle:
         self._attempt = attempt
         self._waits = {}
         started = time.monotonic()
+        if number > 1:
+            log.warning("job %s: %s; restart %d restores %s", self.job, self._last_reason, number - 1,
+                        f"checkpoint {restore_id}" if restore_id is not None else "the beginning")
         try:
             setup = None
             restore: RestorePoint | None = None
@@ -748,29 +750,20 @@ class JobHandle:
                 latest = self._latest_of_run()
         self._confirm_dead(actors)
         self._attempt = _Attempt(number)
-        if self._supervisor.phase is JobPhase.FENCING and self._error is None:
-            log.warning("job %s: attempt %d fenced: %s; the newest completed checkpoint is %s", self.job, number,
-                        self._failure_text(), latest)
+        log.info("job %s: attempt %d fenced; the newest completed checkpoint is %s", self.job, number, latest)
         return Fenced(number, latest)
 
     def _latest_of_run(self) -> int | None:
         """Without a coordinator: the newest checkpoint of this run in storage, or the one it resumed from."""
         assert self._storage is not None
-        manifest = self._storage.latest_manifest(run=self.run_id)
-        if manifest is not None:
-            return int(manifest["checkpoint_id"])
-        return self._supervisor.latest_checkpoint
+        return self._storage.latest_id(run=self.run_id, otherwise=self._supervisor.latest_checkpoint)
 
-    def _failure_text(self) -> str:
-        failure = self._last_failure
-        return f"{type(failure).__name__}: {failure}" if failure is not None else "failure"
+    def _attempt_counters(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """The counters of the attempt's subtasks that answer within ``timeout_s`` (a dead one's are lost)."""
+        return _gather([a.metrics.remote() for a in self._attempt.everyone], timeout_s)
 
     def _collect_attempt_counts(self) -> None:
-        refs: list[Any] = [a.metrics.remote() for a in self._attempt.everyone]
-        if not refs:
-            return
-        per_actor = _gather(refs, timeout_s=2.0)
-        _add_counts(self._earlier, _sum_metrics(per_actor, self._plan))
+        _add_counts(self._earlier, _sum_metrics(self._attempt_counters(timeout_s=2.0), self._plan))
 
     def _finish(self, finish: Finish) -> None:
         if finish.end is JobEnd.FINISHED:
@@ -782,7 +775,7 @@ class JobHandle:
     def _final_result(self) -> JobResult:
         """The finished job's result; an actor that dies now (the output is committed) only loses its counters."""
         finished = time.monotonic()
-        per_actor = self._final_counts or _gather([a.metrics.remote() for a in self._attempt.everyone])
+        per_actor = self._final_counts or self._attempt_counters()
         processed = max((e["active_s"] or 0.0 for e in per_actor), default=0.0)
         metrics = _sum_metrics(per_actor, self._plan)
         _add_counts(metrics, self._earlier)
