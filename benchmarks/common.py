@@ -39,7 +39,7 @@ class PeakMemory:
         total = psutil.Process().memory_info().rss
         for proc in psutil.process_iter(["cmdline"]):
             cmdline = proc.info.get("cmdline") or []
-            if cmdline and cmdline[0].startswith("ray::SubtaskActor"):
+            if cmdline and cmdline[0].startswith(("ray::SourceSubtask", "ray::OperatorSubtask")):
                 try:
                     total += proc.memory_info().rss
                 except psutil.Error:

@@ -41,7 +41,8 @@ from onceflow.checkpoint.errors import CheckpointError
 from onceflow.checkpoint.failpoints import crash_point, pause_point
 from onceflow.checkpoint.lease import may_complete, taken
 from onceflow.checkpoint.storage import CheckpointStorage
-from onceflow.runtime.actor import RestoredState, configure_logging
+from onceflow.runtime.deployment import RestoredState
+from onceflow.runtime.logs import configure_logging
 from onceflow.runtime.telemetry import CheckpointMetrics
 
 if TYPE_CHECKING:

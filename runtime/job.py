@@ -78,14 +78,15 @@ from onceflow.checkpoint.supervisor import (
 from onceflow.checkpoint.two_phase_commit import Committable, SinkContext, TransactionalSink
 from onceflow.operators.keygroups import DEFAULT_MAX_PARALLELISM
 from onceflow.runtime import progress
-from onceflow.runtime.actor import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskActor, SubtaskRestore
 from onceflow.runtime.channel import END_OF_TIME, NO_WATERMARK
 from onceflow.runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
 from onceflow.runtime.dataflow import NodeKind
+from onceflow.runtime.deployment import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskRestore
 from onceflow.runtime.output import DownstreamFailedError
 from onceflow.runtime.plan import PhysicalPlan, plan
 from onceflow.runtime.ray_env import NAMESPACE, ensure_ray
 from onceflow.runtime.restore import assign_restored_state, restored_sink_states
+from onceflow.runtime.subtask import Subtask, subtask_class
 from onceflow.runtime.telemetry import RestartCounter
 
 if TYPE_CHECKING:
@@ -682,12 +683,14 @@ class JobHandle:
                 if restore_id is not None:
                     restore = ray.get(coordinator.restore_point.remote(restore_id),  # type: ignore[assignment]
                                       timeout=_CALL_TIMEOUT_S)
-            remote_cls: Any = ray.remote(SubtaskActor)
+            remote_classes: dict[type[Subtask], Any] = {}
             identity = AttemptId(self.run_id, number)
             assigned = {} if restore is None else assign_restored_state(
                 self._plan, restore[1], allow_non_restored_state=self._allow_non_restored_state)
             for vertex in self._plan.vertices:
                 group = []
+                cls = subtask_class(vertex)
+                remote_cls = remote_classes.setdefault(cls, ray.remote(cls))
                 for subtask in range(vertex.parallelism):
                     name = f"{self.job}/{vertex.name}/{subtask}"
                     task_restore = None

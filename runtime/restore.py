@@ -62,7 +62,7 @@ RUNTIME_PREFIX = "@"
 """State keys starting with this belong to the subtask's runtime (input watermarks), not to an operator."""
 
 H = TypeVar("H")
-"""A state handle (``onceflow.runtime.actor.RestoredState``); this module never looks inside one."""
+"""A state handle (``onceflow.runtime.deployment.RestoredState``); this module never looks inside one."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import threading
 import time
 from pathlib import Path
 
@@ -15,9 +13,7 @@ import pytest
 import ray
 
 import onceflow as of
-from onceflow.checkpoint.two_phase_commit import SinkWriter
 from onceflow.operators.workload import feature_events
-from onceflow.runtime.actor import _SinkStage
 from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -205,53 +201,3 @@ def test_a_killed_actor_fails_the_job_without_committing(tmp_path: Path) -> None
     # The surviving subtask aborted its sink: no file of it is left, not even a hidden one
     # (the killed subtask's in-progress file waits for the next run's recovery).
     assert not list((tmp_path / "out").glob("*killed-sink_3-0-*")), sorted((tmp_path / "out").iterdir())
-
-
-class _BlockingWriter(SinkWriter):
-    """Records calls; ``write`` blocks until ``release`` is set."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.writing = threading.Event()
-        self.release = threading.Event()
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        self.writing.set()
-        self.release.wait(timeout=30)
-        self.calls.append(f"write {batch.num_rows}")
-
-    def prepare_commit(self, checkpoint_id: int | None = None) -> list:
-        return []
-
-    def abort(self) -> None:
-        self.calls.append("abort")
-
-
-def test_a_sink_abort_waits_for_the_write_in_progress_and_drops_later_writes() -> None:
-    writer = _BlockingWriter()
-    stage = _SinkStage(writer)
-    batch = pa.record_batch({"x": [1, 2, 3]})
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        write = pool.submit(stage.on_batch, batch)
-        assert writer.writing.wait(timeout=30)
-        abort = pool.submit(stage.abort, wait_s=30)
-        wait_until(lambda: stage.aborted, what="the abort to start")
-        assert writer.calls == [] and not abort.done()  # the abort waits for the write
-        writer.release.set()
-        write.result(timeout=30)
-        abort.result(timeout=30)
-    stage.on_batch(batch)  # after the abort: dropped
-    assert writer.calls == ["write 3", "abort"]
-    assert stage.rows == 3
-
-
-def test_a_sink_abort_gives_up_waiting_for_a_write_blocked_on_its_external_system() -> None:
-    writer = _BlockingWriter()
-    stage = _SinkStage(writer)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        write = pool.submit(stage.on_batch, pa.record_batch({"x": [1]}))
-        assert writer.writing.wait(timeout=30)
-        stage.abort(wait_s=0.05)
-        assert writer.calls == ["abort"]  # aborted under the blocked write
-        writer.release.set()
-        write.result(timeout=30)

@@ -29,9 +29,10 @@ import onceflow as of
 from onceflow.checkpoint.state import source_state
 from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.operators.sources.base import Idle, Source, SourceContext, SourceReader
-from onceflow.runtime.actor import CheckpointSetup, RestoredState, RuntimeOptions, SubtaskActor, SubtaskRestore
 from onceflow.runtime.channel import END_OF_TIME, ChannelMessage
+from onceflow.runtime.deployment import CheckpointSetup, RestoredState, RuntimeOptions, SubtaskRestore
 from onceflow.runtime.plan import plan
+from onceflow.runtime.subtask import SourceSubtask
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def test_a_restored_source_sends_its_watermark_before_its_first_row(tmp_path: Pa
     handle = CheckpointStorage(str(tmp_path), "wm-announce").write_state(1, "s1/0", uid, state)
     restore = SubtaskRestore(1, {uid: [RestoredState(handle.path)]})
     no_coordinator: Any = None
-    actor = SubtaskActor(
+    actor = SourceSubtask(
         physical, source.id, 0, RuntimeOptions(), CheckpointSetup(no_coordinator, str(tmp_path)), restore
     )
     downstream = _Downstream()

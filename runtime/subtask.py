@@ -1,0 +1,555 @@
+"""Subtasks: one per subtask of a vertex, created by the job as named async Ray actors.
+
+A subtask is a thin adapter over sans-IO parts that decide everything:
+
+- :class:`~onceflow.runtime.chain.OperatorChain`: the fused operators, the
+  routing between them, their snapshots and counters;
+- :class:`~onceflow.runtime.input_gate.InputGate` (an :class:`OperatorSubtask`'s
+  input): channel order and repeats, barrier alignment, input watermarks, end of input;
+- :class:`~onceflow.runtime.sink_committer.SinkCommitter` (when the chain ends
+  in a sink): writes, pre-commits on barriers, commits in checkpoint order;
+- :class:`~onceflow.runtime.output.OutputGate`: credit-based channels to the
+  subtasks downstream.
+
+A :class:`SourceSubtask` runs its reader's loop (``run``) and injects barriers
+when the coordinator triggers a checkpoint; an :class:`OperatorSubtask` is driven
+by the messages its upstream subtasks ``push``. A ``push`` returns (and so gives
+its sender the credit back) only once its message was processed: a channel held
+back by barrier alignment holds its sender back, as in Flink.
+
+Snapshots have a synchronous part (under the processing lock: every operator
+returns an immutable Arrow table, the sink pre-commits, the barrier goes
+downstream) and an asynchronous part (``ray.put`` owned by the coordinator, the
+Arrow IPC file in durable storage, the acknowledgement) that runs while
+processing goes on.
+
+Locks (asyncio, all on the actor's event loop):
+
+- ``_lock``: the processing lock. It guards operator state (the chain, the
+  input gate, the source reader and its watermark generator) and the output
+  gates, so operator logic never sees two events at once and the output
+  channels see batches, watermarks and barriers in one order.
+- ``_commit_lock``: serialises the sink's commits, which run without the
+  processing lock (a sink write may wait on a row lock that only a commit
+  releases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import ray
+
+from onceflow.checkpoint.coordinator import TaskAck
+from onceflow.checkpoint.errors import OnceflowError
+from onceflow.checkpoint.failpoints import crash_point
+from onceflow.checkpoint.state import source_state
+from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.two_phase_commit import SinkContext
+from onceflow.operators.keygroups import key_group_range
+from onceflow.operators.logic import OperatorContext, OperatorLogic
+from onceflow.operators.sources.base import Idle, SourceContext, SourceReader
+from onceflow.runtime.chain import INTO_SINK, OperatorChain, Output, operator_failure
+from onceflow.runtime.channel import END_OF_TIME, INPUT_WATERMARKS, ChannelMessage, input_channel_names
+from onceflow.runtime.dataflow import NodeKind
+from onceflow.runtime.deployment import (
+    AttemptId,
+    CheckpointSetup,
+    RuntimeOptions,
+    SubtaskRestore,
+    load_restored,
+    restored_position,
+)
+from onceflow.runtime.input_gate import BarrierAligned, EndOfInput, InputGate, Rows, WatermarkAdvanced
+from onceflow.runtime.logs import configure_logging
+from onceflow.runtime.output import DownstreamFailedError, OutputGate
+from onceflow.runtime.sink_committer import SinkCommitter
+from onceflow.runtime.telemetry import SubtaskMetrics
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine, Iterator
+
+    from ray.actor import ActorHandle
+
+    from onceflow.operators.watermark import WatermarkGenerator
+    from onceflow.runtime.plan import PhysicalPlan, VertexSpec
+
+__all__ = ["OperatorSubtask", "SourceSubtask", "Subtask", "subtask_class"]
+
+log = logging.getLogger("onceflow")
+
+_ABORT_WAIT_S = 5.0
+"""How long an abort waits for a sink write in progress (the job waits 10 s for every abort)."""
+
+
+class Subtask:
+    """What every subtask does: the chain, the sink, the output gates, snapshots, failure and counters.
+
+    Args:
+        plan: the job's physical plan.
+        vertex_id: the vertex this subtask runs.
+        subtask: its index among the vertex's subtasks.
+        options: data-plane settings.
+        checkpointing: the coordinator and storage, or ``None`` without checkpoints.
+        restore: the state to start from, or ``None`` for a fresh start.
+        attempt: the run and attempt this subtask belongs to.
+
+    """
+
+    def __init__(self, plan: PhysicalPlan, vertex_id: int, subtask: int, options: RuntimeOptions,
+                 checkpointing: CheckpointSetup | None = None, restore: SubtaskRestore | None = None,
+                 attempt: AttemptId | None = None) -> None:
+        configure_logging(options.log_level)
+        vertex = plan.vertices[vertex_id]
+        self._plan = plan
+        self._vertex: VertexSpec = vertex
+        self._subtask = subtask
+        self._options = options
+        self._checkpointing = checkpointing
+        self._attempt = attempt or AttemptId()
+        self.task = f"{vertex.name}/{subtask}"
+        self._label = f"{plan.job}/{self.task}"
+        self._storage = CheckpointStorage(checkpointing.storage, plan.job) if checkpointing else None
+        self._restored_from = restore.checkpoint_id if restore else None
+        restored = load_restored(restore, self._storage)
+        self._uids = [node.uid for node in vertex.nodes]
+        self._sink_stage: int | None = None
+        self._sink: SinkCommitter | None = None
+        logics: dict[int, OperatorLogic] = {}
+        for stage, node in enumerate(vertex.nodes):
+            if node.kind is NodeKind.SINK:
+                # The restored checkpoint's transactions were resolved by the job before this attempt deployed.
+                self._sink_stage = stage
+                self._sink = SinkCommitter(node.spec, self._sink_context())
+            elif node.kind is not NodeKind.SOURCE:
+                op_ctx = OperatorContext(node.name, subtask, vertex.parallelism, plan.max_parallelism,
+                                         key_group_range(subtask, vertex.parallelism, plan.max_parallelism))
+                tables = restored.get(node.uid)
+                # Several tables (rescaling) go over as a sequence, each with its own metadata;
+                # the operator keeps the rows of its own key groups.
+                resume = (tables[0] if len(tables) == 1 else tables) if tables else None
+                logics[stage] = node.spec.build(op_ctx, resume_state=resume) if resume is not None \
+                    else node.spec.build(op_ctx)
+        self._chain = OperatorChain([node.name for node in vertex.nodes], logics,
+                                    wired={(spec.stage, spec.port) for spec in vertex.outputs},
+                                    sink=self._sink_stage, subtask=subtask)
+        self._lock = asyncio.Lock()
+        self._commit_lock = asyncio.Lock()
+        self._restore_input(restored)
+        self._gates: dict[tuple[int, int], list[OutputGate]] = {}
+        self._all_gates: list[OutputGate] = []
+        self._finished = asyncio.Event()
+        self._failed = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._ended = False
+        self._started_at: float | None = None
+        self._finished_at: float | None = None
+        self._first_record_at: float | None = None
+        self._checkpoint_metrics: list[dict[str, float]] = []
+        self._telemetry = SubtaskMetrics(plan.job, vertex.operators, subtask)
+
+    def _restore_input(self, restored: dict[str, list[pa.Table]]) -> None:
+        """Build the subtask's input side (a reader, an input gate) from the restored state."""
+        raise NotImplementedError
+
+    def _input_state(self) -> dict[str, pa.Table]:
+        """The input side's snapshot tables (a reader's position, the input channels' watermarks)."""
+        raise NotImplementedError
+
+    def _sink_context(self) -> SinkContext:
+        return SinkContext(self._plan.job, self._vertex.nodes[-1].name, self._subtask, self._vertex.parallelism,
+                           run=self._attempt.run, attempt=self._attempt.number)
+
+    # -- wiring ---------------------------------------------------------------------
+
+    async def connect(self, downstream: dict[int, list[ActorHandle]]) -> str:
+        """Receive the handles of downstream subtasks; start the linger timer."""
+        for spec in self._vertex.outputs:
+            gate = OutputGate(
+                spec, self._subtask, downstream[spec.target], operator=self._vertex.nodes[spec.stage].name,
+                max_parallelism=self._plan.max_parallelism, credits=self._options.credits,
+                batch_bytes=self._options.batch_bytes,
+            )
+            self._gates.setdefault((spec.stage, spec.port), []).append(gate)
+            self._all_gates.append(gate)
+        self._spawn(self._linger_loop())
+        return self._label
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _linger_loop(self) -> None:
+        if not self._all_gates:
+            return
+        period = max(self._options.linger_s / 2, 0.001)
+        published = time.monotonic()
+        while self._failure is None:
+            await asyncio.sleep(period)
+            if time.monotonic() - published >= 1.0:
+                published = time.monotonic()
+                self._telemetry.publish(self._chain.records_in, self._chain.records_out,
+                                        sum(g.backpressure_s for g in self._all_gates))
+            async with self._lock:
+                try:
+                    for gate in self._all_gates:
+                        await gate.flush_lingering(self._options.linger_s)
+                except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+                    self._fail(error)
+                    return
+
+    # -- processing -----------------------------------------------------------------
+
+    def _fail(self, error: BaseException, operator: str | None = None) -> None:
+        """Record this subtask's first failure (blamed on ``operator``, by default the vertex) and report it."""
+        if self._failure is not None:
+            return
+        if isinstance(error, OnceflowError | DownstreamFailedError):
+            self._failure = error
+        else:
+            self._failure = operator_failure(error, operator or self._vertex.name, self._subtask)
+        if not isinstance(error, DownstreamFailedError):
+            log.error("%s failed: %s", self._label, self._failure)
+        self._finished.set()
+        self._failed.set()
+
+    @contextlib.contextmanager
+    def _blame(self, stage: int) -> Iterator[None]:
+        """Raise an exception raised inside as a failure of node ``stage``."""
+        try:
+            yield
+        except Exception as error:
+            failure = operator_failure(error, self._vertex.nodes[stage].name, self._subtask)
+            if failure is error:
+                raise
+            raise failure from error
+
+    async def _send(self, outputs: list[Output]) -> None:
+        """Hand the chain's outputs on: to the sink, or to the output gates of their port."""
+        for output in outputs:
+            if output.port == INTO_SINK:
+                await self._write_sink(output.stage, output.batch)
+            else:
+                for gate in self._gates.get((output.stage, output.port), ()):
+                    await gate.send(output.batch)
+
+    async def _write_sink(self, stage: int, batch: pa.RecordBatch) -> None:
+        assert self._sink is not None  # the chain routes INTO_SINK only when there is a sink
+        with self._blame(stage):
+            # A sink may block on its external system (a row lock held by a
+            # prepared transaction that only our own commit releases): keep
+            # the event loop free so that notify_checkpoint_complete can run.
+            await asyncio.to_thread(self._sink.write, batch)
+        crash_point(self._plan.job, "sink.after_write", self._subtask)
+
+    async def _advance_watermark(self, watermark: int) -> None:
+        await self._send(self._chain.on_watermark(watermark))
+        for gate in self._all_gates:
+            gate.set_watermark(watermark)
+
+    async def _end_of_input(self) -> None:
+        await self._send(self._chain.on_eof())
+        for gate in self._all_gates:
+            gate.set_watermark(END_OF_TIME)
+            await gate.close()
+        if self._sink is not None and self._sink_stage is not None and self._checkpointing is None:
+            # Without checkpoints the job commits once, after every subtask ended.
+            with self._blame(self._sink_stage):
+                self._sink.end_of_input()
+        self._ended = True
+        self._finished_at = time.monotonic()
+        self._finished.set()
+
+    async def done(self) -> None:
+        """Return when this subtask processed its end of input; raise its failure if it failed."""
+        await self._finished.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def watch(self) -> None:
+        """Return only if this subtask fails (raising its failure); for the job's supervision."""
+        await self._failed.wait()
+        assert self._failure is not None  # set before _failed
+        raise self._failure
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    async def _snapshot(self, checkpoint_id: int, triggered_at: float, alignment_s: float) -> None:
+        """The synchronous part, under the lock: state tables, pre-commit, barrier downstream."""
+        started = time.monotonic()
+        tables = self._input_state()
+        tables.update(self._chain.snapshot(self._uids))
+        if self._sink is not None and self._sink_stage is not None:
+            with self._blame(self._sink_stage):
+                tables[self._uids[self._sink_stage]] = self._sink.pre_commit(checkpoint_id)
+            crash_point(self._plan.job, "sink.after_pre_commit", self._subtask)
+        for gate in self._all_gates:
+            await gate.barrier(checkpoint_id, triggered_at)
+        metrics = {
+            "sync_s": time.monotonic() - started,
+            "alignment_s": alignment_s,
+            "start_delay_s": max(time.time() - triggered_at - alignment_s, 0.0),
+        }
+        self._spawn(self._persist(checkpoint_id, tables, metrics))
+
+    async def _persist(self, checkpoint_id: int, tables: dict[str, pa.Table], metrics: dict[str, float]) -> None:
+        """The asynchronous part: cache in the object store, write durably, acknowledge."""
+        assert self._checkpointing is not None and self._storage is not None  # barriers come only with checkpoints
+        coordinator = self._checkpointing.coordinator
+        started = time.monotonic()
+        try:
+            states: dict[str, dict[str, Any]] = {}
+            cache: dict[str, Any] = {}
+            for operator, table in tables.items():
+                handle = await asyncio.to_thread(self._storage.write_state, checkpoint_id, self.task, operator, table)
+                states[operator] = {"path": handle.path, "bytes": handle.bytes, "rows": handle.rows}
+                with contextlib.suppress(Exception):  # the cache is optional; the file is not
+                    cache[operator] = await asyncio.to_thread(ray.put, table, _owner=coordinator)
+            metrics = {**metrics, "async_s": time.monotonic() - started,
+                       "state_bytes": float(sum(s["bytes"] for s in states.values()))}
+            self._checkpoint_metrics.append({"checkpoint_id": checkpoint_id, **metrics})
+            log.debug("%s: checkpoint %d snapshot: sync %.3f s, async %.3f s, alignment %.3f s, %d bytes",
+                      self._label, checkpoint_id, metrics["sync_s"], metrics["async_s"], metrics["alignment_s"],
+                      int(metrics["state_bytes"]))
+            coordinator.acknowledge.remote(checkpoint_id, TaskAck(self.task, states, cache, metrics,
+                                                                  attempt=self._attempt.number))
+        except Exception as error:  # noqa: BLE001 - a failed snapshot declines the checkpoint
+            log.warning("%s: checkpoint %d failed: %s", self._label, checkpoint_id, error)
+            coordinator.decline.remote(checkpoint_id, self.task, str(error))
+
+    async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        """Checkpoint ``checkpoint_id`` is complete: a sink commits everything pre-committed up to it.
+
+        Runs without the processing lock: the sink may be blocked on a row lock
+        that only this commit releases. Commits take their own lock instead: a
+        notification that arrives while an earlier commit runs (a commit slower
+        than the checkpoint interval) waits for it, rather than committing the
+        same transactions again beside it. What a failed commit leaves
+        uncommitted is retried by the next notification.
+        """
+        if self._sink is None:
+            return
+        async with self._commit_lock:
+            if self._sink.has_uncommitted(checkpoint_id):
+                crash_point(self._plan.job, "sink.before_commit", self._subtask)
+                await asyncio.to_thread(self._sink.commit_through, checkpoint_id)
+
+    async def abort_checkpoint(self, checkpoint_id: int) -> None:
+        """The coordinator gave up on ``checkpoint_id`` (only a subtask that aligns barriers cares)."""
+
+    # -- two-phase commit without checkpoints ---------------------------------------
+
+    async def commit(self) -> int:
+        """Commit what the sink pre-committed at the end of input; return the committables count."""
+        if self._sink is None:
+            return 0
+        return await asyncio.to_thread(self._sink.commit_final)
+
+    async def abort(self) -> None:
+        """Stop the sink's writes; without checkpoints, discard what it pre-committed at the end of input.
+
+        With checkpoints, pre-committed transactions are left for recovery to
+        resolve: one recorded in a complete checkpoint must still commit when
+        the job resumes.
+        """
+        if self._sink is not None:
+            await asyncio.to_thread(self._sink.abort, _ABORT_WAIT_S, discard_final=self._checkpointing is None)
+
+    # -- observation ----------------------------------------------------------------
+
+    def _input_watermark(self) -> int:
+        return END_OF_TIME
+
+    def _duplicates_dropped(self) -> int:
+        return 0
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters of this subtask, per chained operator."""
+        busy = None
+        if self._started_at is not None:
+            busy = (self._finished_at or time.monotonic()) - self._started_at
+        return {
+            "actor": self._label,
+            "task": self.task,
+            "vertex": self._vertex.name,
+            "subtask": self._subtask,
+            "is_source": self._vertex.is_source,
+            "sink_rows": self._sink.rows if self._sink is not None else 0,
+            "operators": self._chain.metrics(),
+            "backpressure_s": sum(g.backpressure_s for g in self._all_gates),
+            "messages_out": sum(g.messages for g in self._all_gates),
+            "duplicates_dropped": self._duplicates_dropped(),
+            "input_watermark": self._input_watermark(),
+            "active_s": busy,
+            "ended": self._ended,
+            "restored_from": self._restored_from,
+            "first_record_at": self._first_record_at,
+            "checkpoints": list(self._checkpoint_metrics),
+        }
+
+
+class SourceSubtask(Subtask):
+    """A subtask whose chain starts with a source: it reads in a loop and injects checkpoint barriers."""
+
+    _reader: SourceReader
+    _watermarks: WatermarkGenerator | None
+    """The source's watermark generator, if the source has one."""
+
+    def _restore_input(self, restored: dict[str, list[pa.Table]]) -> None:
+        node = self._vertex.nodes[0]
+        offset, max_event_time = restored_position(restored.get(node.uid, []), self._subtask, self._vertex.parallelism)
+        self._reader = node.spec.build(SourceContext(node.name, self._subtask, self._vertex.parallelism), offset)
+        self._watermarks = node.watermark.build(node.name, max_event_time) if node.watermark is not None else None
+        self._stop_requested = False
+        self._last_barrier = 0
+
+    def _input_state(self) -> dict[str, pa.Table]:
+        with self._blame(0):
+            max_time = self._watermarks.max_event_time if self._watermarks is not None else None
+            return {self._uids[0]: source_state(self._reader.offset(), max_time)}
+
+    async def run(self) -> None:
+        """Read the source until it ends (or ``stop``), pushing batches through the chain."""
+        self._started_at = time.monotonic()
+        try:
+            # A restored source announces its watermark before its first batch, so the
+            # channels downstream know it even if its event time never grows again.
+            restored = self._watermarks.on_start() if self._watermarks is not None else None
+            if restored is not None:
+                async with self._lock:
+                    await self._advance_watermark(restored)
+            while not self._stop_requested:
+                async with self._lock:
+                    if self._failure is not None:
+                        break
+                    with self._blame(0):
+                        item = self._reader.read()
+                    if item is None:
+                        break
+                    if not isinstance(item, Idle):
+                        await self._read(item)
+                await asyncio.sleep(item.seconds if isinstance(item, Idle) else 0)
+            if self._failure is None:
+                async with self._lock:
+                    await self._end_of_input()
+        except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+            self._fail(error, self._vertex.nodes[0].name)
+        finally:
+            if self._checkpointing is None:
+                self._reader.close()
+
+    async def _read(self, batch: pa.RecordBatch) -> None:
+        if self._first_record_at is None:
+            self._first_record_at = time.time()
+        await self._send(self._chain.on_source_rows(batch))
+        if self._watermarks is not None:
+            with self._blame(0):
+                watermark = self._watermarks.on_batch(batch)
+            if watermark is not None:
+                await self._advance_watermark(watermark)
+
+    def stop(self) -> None:
+        """End the input now (a graceful, draining stop)."""
+        self._stop_requested = True
+
+    async def trigger_checkpoint(self, checkpoint_id: int, triggered_at: float) -> None:
+        """Snapshot the position and inject barrier ``checkpoint_id``."""
+        async with self._lock:
+            if self._failure is None and checkpoint_id > self._last_barrier:
+                self._last_barrier = checkpoint_id
+                try:
+                    await self._snapshot(checkpoint_id, triggered_at, 0.0)
+                except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+                    self._fail(error, self._vertex.nodes[0].name)
+
+
+class OperatorSubtask(Subtask):
+    """A subtask fed by channels from upstream subtasks, through its input gate."""
+
+    _input: InputGate
+
+    def _restore_input(self, restored: dict[str, list[pa.Table]]) -> None:
+        vertex = self._vertex
+        self._input = InputGate(vertex.input_channels, input_channel_names(self._plan, vertex.id, self._subtask),
+                                operator=self.task)
+        if restored.get(INPUT_WATERMARKS):
+            self._input.watermarks.restore(restored[INPUT_WATERMARKS])
+        self._processed = asyncio.Condition(self._lock)
+        """Notified (under the processing lock) when messages were processed or the subtask failed."""
+
+    def _input_state(self) -> dict[str, pa.Table]:
+        return {INPUT_WATERMARKS: self._input.watermarks.snapshot()}
+
+    def _fail(self, error: BaseException, operator: str | None = None) -> None:
+        super()._fail(error, operator)
+        if self._lock.locked():  # wake the pushes that wait for their message
+            with contextlib.suppress(RuntimeError):
+                self._processed.notify_all()
+
+    async def _drain(self) -> None:
+        """Process every input event the gate has now."""
+        for event in self._input.drain():
+            if isinstance(event, Rows):
+                if self._first_record_at is None:
+                    self._first_record_at = time.time()
+                await self._send(self._chain.on_input(event.batch))
+            elif isinstance(event, WatermarkAdvanced):
+                await self._advance_watermark(event.watermark)
+            elif isinstance(event, BarrierAligned):
+                await self._snapshot(event.checkpoint_id, event.triggered_at, event.alignment_s)
+            elif isinstance(event, EndOfInput):
+                await self._end_of_input()
+
+    async def push(self, message: ChannelMessage) -> bool:
+        """Process one channel message in sequence order; ``False`` if this subtask failed.
+
+        Returns only once the message was processed, so a channel held back by
+        barrier alignment keeps its sender's credit.
+        """
+        if self._failure is not None:
+            return False
+        if self._started_at is None:
+            self._started_at = time.monotonic()
+        channel = message.channel
+        async with self._processed:
+            if self._failure is not None:
+                return False
+            try:
+                self._input.receive(message)
+                await self._drain()
+            except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+                self._fail(error)
+                return False
+            finally:
+                self._processed.notify_all()
+            await self._processed.wait_for(
+                lambda: self._failure is not None or self._input.applied(channel) >= message.seq)
+        return self._failure is None
+
+    async def abort_checkpoint(self, checkpoint_id: int) -> None:
+        """The coordinator gave up on ``checkpoint_id``: stop aligning it."""
+        async with self._processed:
+            if self._input.abort_checkpoint(checkpoint_id):
+                try:
+                    await self._drain()
+                except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+                    self._fail(error)
+                self._processed.notify_all()
+
+    def _input_watermark(self) -> int:
+        return self._input.watermark
+
+    def _duplicates_dropped(self) -> int:
+        return self._input.duplicates
+
+
+def subtask_class(vertex: VertexSpec) -> type[Subtask]:
+    """The subtask class that runs ``vertex``."""
+    return SourceSubtask if vertex.is_source else OperatorSubtask
