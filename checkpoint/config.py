@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from onceflow.checkpoint.errors import PlanError
+from onceflow.errors import PlanError
 
 __all__ = ["CheckpointConfig", "RestartStrategy", "RestartTracker"]
 
@@ -76,7 +76,7 @@ class CheckpointConfig:
         >>> CheckpointConfig(mode="unaligned")
         Traceback (most recent call last):
         ...
-        onceflow.checkpoint.errors.PlanError: unaligned mode is not implemented yet; use mode='aligned'
+        onceflow.errors.PlanError: unaligned mode is not implemented yet; use mode='aligned'
 
     """
 

@@ -14,7 +14,8 @@ Example:
 
 from onceflow import agg, sinks, sources, windows
 from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
-from onceflow.checkpoint.errors import (
+from onceflow.checkpoint.supervisor import JobPhase
+from onceflow.errors import (
     CheckpointError,
     DataError,
     JobFailedError,
@@ -23,7 +24,6 @@ from onceflow.checkpoint.errors import (
     PlanError,
     SinkCommitError,
 )
-from onceflow.checkpoint.supervisor import JobPhase
 from onceflow.operators.watermark import BoundedOutOfOrderness
 from onceflow.runtime.dataflow import Dataflow, KeyedStream, Stream, WindowedStream
 from onceflow.runtime.job import JobHandle, JobResult, JobStatus, run, submit

@@ -35,11 +35,11 @@ import ray
 
 from onceflow.checkpoint.barrier_handler import AbortAlignment, AlignedBarrierHandler, Release, Snapshot
 from onceflow.checkpoint.coordinator import TaskAck
-from onceflow.checkpoint.errors import OnceflowError, OperatorError
 from onceflow.checkpoint.failpoints import crash_point
 from onceflow.checkpoint.state import read_source_state, sink_state, source_state
 from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.checkpoint.two_phase_commit import Committable, SinkContext, SinkWriter
+from onceflow.errors import OnceflowError, OperatorError
 from onceflow.operators.keygroups import key_group_range
 from onceflow.operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
 from onceflow.operators.sources.base import Idle, RescaledOffsets, SourceContext, SourceReader

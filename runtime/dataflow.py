@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from onceflow.checkpoint.errors import PlanError
 from onceflow.checkpoint.two_phase_commit import TransactionalSink
+from onceflow.errors import PlanError
 from onceflow.operators.dedupe import Dedupe, DedupeMode
 from onceflow.operators.keyed import KeyedProcess, KeyedReduce, ProcessFn, ReduceFn
 from onceflow.operators.logic import LATE, MAIN

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
-from onceflow.checkpoint.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
 from onceflow.checkpoint.lease import may_take, taken
 from onceflow.checkpoint.state import read_sink_state
 from onceflow.checkpoint.storage import CheckpointStorage
@@ -76,6 +75,7 @@ from onceflow.checkpoint.supervisor import (
     TakeFinalCheckpoint,
 )
 from onceflow.checkpoint.two_phase_commit import Committable, SinkContext, TransactionalSink
+from onceflow.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
 from onceflow.operators.keygroups import DEFAULT_MAX_PARALLELISM
 from onceflow.runtime import progress
 from onceflow.runtime.actor import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskActor, SubtaskRestore

@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy, RestartTracker
-from onceflow.checkpoint.errors import PlanError
+from onceflow.errors import PlanError
 
 
 def test_defaults() -> None:

@@ -11,9 +11,9 @@ import ray
 
 from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.coordinator import TaskAck
-from onceflow.checkpoint.errors import CheckpointError, PlanError
 from onceflow.checkpoint.lease import JobLease
 from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.errors import CheckpointError, PlanError
 from onceflow.runtime.checkpointing import CoordinatorActor
 from tests.helpers import wait_until
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.errors import DataError, PlanError
 from onceflow.operators.dedupe import Dedupe, DedupeLogic
 from onceflow.operators.keygroups import key_group_range, key_groups_of
 from onceflow.operators.logic import MAIN, OperatorContext

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
 from onceflow.checkpoint.two_phase_commit import SinkContext
+from onceflow.errors import DataError, PlanError, SinkCommitError
 from onceflow.operators.sinks.parquet import ParquetSink
 
 CTX = SinkContext(job="job", operator="sink_2", subtask=1, parallelism=2)

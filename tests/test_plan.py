@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from onceflow.checkpoint.errors import PlanError
+from onceflow.errors import PlanError
 from onceflow.operators.sinks.testing import TestingSink
 from onceflow.operators.sources.generator import GeneratorSource
 from onceflow.operators.sources.testing import TestingSource

@@ -10,8 +10,8 @@ import psycopg
 import pyarrow as pa
 import pytest
 
-from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
 from onceflow.checkpoint.two_phase_commit import SinkContext
+from onceflow.errors import DataError, PlanError, SinkCommitError
 from onceflow.operators.sinks.postgres import PostgresSink
 from tests.helpers import wait_until
 from tests.postgres_server import PostgresServer

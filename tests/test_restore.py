@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import onceflow as of
-from onceflow.checkpoint.errors import PlanError
 from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.errors import PlanError
 from onceflow.operators import agg
 from onceflow.operators.keygroups import key_group_range
 from onceflow.operators.sinks.testing import TestingSink

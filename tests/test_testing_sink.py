@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 import ray
 
-from onceflow.checkpoint.errors import OnceflowError, SinkCommitError
 from onceflow.checkpoint.two_phase_commit import SinkContext
+from onceflow.errors import OnceflowError, SinkCommitError
 from onceflow.operators.sinks.testing import TestingSink
 
 CTX = SinkContext(job="job", operator="sink_3", subtask=0)

@@ -52,8 +52,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
 from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+from onceflow.errors import DataError, PlanError, SinkCommitError
 from onceflow.operators.sinks.naming import escape_field, split_fields
 
 __all__ = ["ParquetSink", "ParquetSinkCommitter", "ParquetSinkWriter"]

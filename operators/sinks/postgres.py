@@ -77,9 +77,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
-from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
 from onceflow.checkpoint.failpoints import crash_point
 from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+from onceflow.errors import DataError, PlanError, SinkCommitError
 from onceflow.operators.sinks.naming import escape_field, split_fields
 
 __all__ = ["PostgresSink", "PostgresSinkCommitter", "PostgresSinkWriter"]

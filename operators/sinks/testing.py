@@ -56,8 +56,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from onceflow.checkpoint.errors import OnceflowError, SinkCommitError
 from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+from onceflow.errors import OnceflowError, SinkCommitError
 
 __all__ = ["TestingSink", "TestingSinkCommitter", "TestingSinkWriter"]
 
