@@ -13,7 +13,7 @@ Example:
 """
 
 from onceflow import agg, sinks, sources, windows
-from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
+from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.supervisor import JobPhase
 from onceflow.errors import (
     CheckpointError,
@@ -27,6 +27,8 @@ from onceflow.errors import (
 from onceflow.operators.watermark import BoundedOutOfOrderness
 from onceflow.runtime.dataflow import Dataflow, KeyedStream, Stream, WindowedStream
 from onceflow.runtime.job import JobHandle, JobResult, JobStatus, run, submit
+from onceflow.runtime.options import JobOptions
+from onceflow.runtime.restart import RestartStrategy
 
 __all__ = [
     "BoundedOutOfOrderness",
@@ -36,6 +38,7 @@ __all__ = [
     "Dataflow",
     "JobFailedError",
     "JobHandle",
+    "JobOptions",
     "JobPhase",
     "JobResult",
     "JobStatus",
