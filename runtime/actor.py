@@ -35,7 +35,6 @@ import ray
 
 from onceflow.checkpoint.barrier_handler import AbortAlignment, AlignedBarrierHandler, Release, Snapshot
 from onceflow.checkpoint.coordinator import TaskAck
-from onceflow.checkpoint.failpoints import crash_point
 from onceflow.checkpoint.state import read_source_state, sink_state, source_state
 from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.checkpoint.two_phase_commit import Committable, SinkContext, SinkWriter
@@ -54,6 +53,7 @@ from onceflow.runtime.channel import (
 from onceflow.runtime.dataflow import NodeKind
 from onceflow.runtime.output import DownstreamFailedError, OutputGate
 from onceflow.runtime.telemetry import SubtaskMetrics
+from onceflow.testing.failpoints import crash_point
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -6,8 +6,8 @@ These classes only record a graph of small picklable configuration objects;
 
 Example:
     >>> import pyarrow as pa
-    >>> from onceflow.operators.sources.testing import TestingSource
-    >>> from onceflow.operators.sinks.testing import TestingSink
+    >>> from onceflow.testing.source import TestingSource
+    >>> from onceflow.testing.sink import TestingSink
     >>> from onceflow.operators.watermark import BoundedOutOfOrderness
     >>> from onceflow.operators import agg
     >>> from onceflow.operators.windows import Tumbling

@@ -27,8 +27,8 @@ State whose uid matches no operator of the new plan is refused with a
 dropping it (Flink's ``allowNonRestoredState``).
 
 Example:
-    >>> from onceflow.operators.sources.testing import TestingSource
-    >>> from onceflow.operators.sinks.testing import TestingSink
+    >>> from onceflow.testing.source import TestingSource
+    >>> from onceflow.testing.sink import TestingSink
     >>> from onceflow.runtime.dataflow import Dataflow
     >>> from onceflow.runtime.plan import plan
     >>> flow = Dataflow("doc")

@@ -112,7 +112,7 @@ def test_a_coordinator_whose_storage_another_run_took_over_completes_nothing(tmp
 
 def test_a_run_waits_while_another_live_run_holds_the_storage_and_takes_it_once_lapsed(tmp_path: Path) -> None:
     import onceflow as of
-    from onceflow.operators.workload import feature_events
+    from onceflow.testing.workload import feature_events
 
     storage = str(tmp_path / "chk")
     store = CheckpointStorage(storage, "held")

@@ -16,9 +16,9 @@ import pytest
 import ray
 
 import onceflow as of
-from onceflow.checkpoint import failpoints
 from onceflow.checkpoint.storage import CheckpointStorage
-from onceflow.operators.workload import feature_events
+from onceflow.testing import failpoints
+from onceflow.testing.workload import feature_events
 from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")

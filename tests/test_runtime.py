@@ -16,8 +16,8 @@ import ray
 
 import onceflow as of
 from onceflow.checkpoint.two_phase_commit import SinkWriter
-from onceflow.operators.workload import feature_events
 from onceflow.runtime.actor import _SinkStage
+from onceflow.testing.workload import feature_events
 from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")

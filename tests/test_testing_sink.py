@@ -13,7 +13,7 @@ import ray
 
 from onceflow.checkpoint.two_phase_commit import SinkContext
 from onceflow.errors import OnceflowError, SinkCommitError
-from onceflow.operators.sinks.testing import TestingSink
+from onceflow.testing.sink import TestingSink
 
 CTX = SinkContext(job="job", operator="sink_3", subtask=0)
 

@@ -10,7 +10,7 @@ import pytest
 
 from onceflow.errors import OnceflowError, PlanError
 from onceflow.operators.sources.base import RescaledOffsets, SourceContext
-from onceflow.operators.sources.testing import TestingSource, TestingSourceAbort, TestingSourceReader
+from onceflow.testing.source import TestingSource, TestingSourceAbort, TestingSourceReader
 
 CTX = SourceContext("test_0")
 

@@ -77,10 +77,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
-from onceflow.checkpoint.failpoints import crash_point
 from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
 from onceflow.errors import DataError, PlanError, SinkCommitError
 from onceflow.operators.sinks.naming import escape_field, split_fields
+from onceflow.testing.failpoints import crash_point
 
 __all__ = ["PostgresSink", "PostgresSinkCommitter", "PostgresSinkWriter"]
 
