@@ -74,7 +74,7 @@ from onceflow.checkpoint.supervisor import (
     SupervisorEvent,
     TakeFinalCheckpoint,
 )
-from onceflow.checkpoint.two_phase_commit import Committable, SinkContext, TransactionalSink
+from onceflow.checkpoint.two_phase_commit import CommittableRecord, SinkContext, TransactionalSink
 from onceflow.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
 from onceflow.runtime import progress
 from onceflow.runtime.actor import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskActor, SubtaskRestore
@@ -206,8 +206,7 @@ class _Wait(Enum):
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _resolve_sink(spec: TransactionalSink, ctx: SinkContext, commit: list[Committable],
-                  keep: list[Committable]) -> None:
+def _resolve_sink(spec: TransactionalSink[Any], ctx: SinkContext, commit: list[Any], keep: list[Any]) -> None:
     """Commit ``commit`` and abort every other transaction of the sink operator except ``keep``."""
     committer = spec.create_committer(ctx)
     if commit:
@@ -638,7 +637,8 @@ class JobHandle:
                 node = vertex.nodes[-1]
                 if node.kind is not NodeKind.SINK:
                     continue
-                committables = decided.get(node.uid, [])
+                committables = [node.spec.read_committable(record, operator=node.name)
+                                for record in decided.get(node.uid, [])]
                 commit = [] if action.end is SinkEnd.FAIL else committables
                 ctx = SinkContext(self.job, node.name, 0, vertex.parallelism, run=self.run_id, attempt=attempt)
                 refs.append(_resolve_sink.remote(node.spec, ctx, commit, committables))
@@ -648,7 +648,7 @@ class JobHandle:
             return Failed(attempt, f"resolving the sinks' transactions failed: {error}")
         return SinksResolved(attempt)
 
-    def _sink_committables(self, checkpoint_id: int) -> dict[str, list[Committable]]:
+    def _sink_committables(self, checkpoint_id: int) -> dict[str, list[CommittableRecord]]:
         """Per sink operator (uid), every transaction checkpoint ``checkpoint_id`` recorded as pre-committed."""
         assert self._storage is not None
         manifest = self._storage.manifest(checkpoint_id)
@@ -657,7 +657,7 @@ class JobHandle:
             raise CheckpointError(msg, reason="missing")
         paths = {task: {key: state["path"] for key, state in entry["states"].items()}
                  for task, entry in manifest["tasks"].items()}
-        found: dict[str, list[Committable]] = {}
+        found: dict[str, list[CommittableRecord]] = {}
         for uid, handles in restored_sink_states(self._plan, paths).items():
             for path in handles:
                 restored = read_sink_state(self._storage.read_state(path))
