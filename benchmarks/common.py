@@ -15,7 +15,7 @@ import psutil
 import ray
 
 import onceflow as of
-from onceflow.operators.workload import feature_events
+from onceflow.testing.workload import feature_events
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,6 +1,6 @@
 """Feature-window throughput: events/s end to end, checkpointing off.
 
-The feature-window workload (:mod:`onceflow.operators.workload`): N
+The feature-window workload (:mod:`onceflow.testing.workload`): N
 deterministic events, key by ``user_id``, tumbling 10 s event-time windows,
 ``count`` and ``sum(amount)`` per (user, window) into the Parquet
 two-phase-commit sink. Every run is verified
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
 from benchmarks.common import PeakMemory, feature_flow, pyplot, save_figure, start_ray, write_json
-from onceflow.operators.workload import feature_events
+from onceflow.testing.workload import feature_events
 
 
 def input_amount_sum(total: int, chunk: int = 1_000_000) -> float:

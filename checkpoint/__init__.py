@@ -1,1 +1,1 @@
-"""The checkpoint protocol core (sans-IO): errors and the two-phase-commit sink contract."""
+"""The checkpoint protocol core (sans-IO): barriers, the coordinator, storage, the two-phase-commit sink contract."""

@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
-from onceflow.checkpoint.errors import OnceflowError, PlanError
 from onceflow.checkpoint.lease import JobLease
+from onceflow.errors import OnceflowError, PlanError
 
 __all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle"]
 

@@ -28,7 +28,7 @@ only after that does the next attempt deploy. Nothing a completed checkpoint
 names is ever aborted.
 
 Example:
-    >>> from onceflow.checkpoint.config import RestartStrategy
+    >>> from onceflow.runtime.restart import RestartStrategy
     >>> supervisor = JobSupervisor(RestartStrategy.fixed_delay(attempts=1, delay_s=0.5), checkpointing=True)
     >>> supervisor.start(restore=None)
     [ResolveSinks(checkpoint_id=None, end=<SinkEnd.RESTORE: 'restore'>)]
@@ -51,8 +51,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
-from onceflow.checkpoint.config import RestartStrategy, RestartTracker
+if TYPE_CHECKING:
+    from onceflow.runtime.restart import RestartStrategy
 
 __all__ = [
     "CancelRequested",
@@ -321,7 +323,7 @@ class JobSupervisor:
     """
 
     def __init__(self, strategy: RestartStrategy, *, checkpointing: bool) -> None:
-        self._restarts = RestartTracker(strategy)
+        self._restarts = strategy.tracker()
         self.checkpointing = checkpointing
         self.phase = JobPhase.RESOLVING
         self.attempt = 0

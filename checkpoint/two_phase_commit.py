@@ -2,10 +2,20 @@
 
 A sink subtask owns a :class:`SinkWriter`. It ``write``s batches into an open
 transaction; ``prepare_commit`` makes everything written so far durable but
-invisible and returns *committables* (small msgpack-able descriptions of the
-pre-committed transactions); a :class:`Committer` later makes them visible.
+invisible and returns *committables* (descriptions of the pre-committed
+transactions); a :class:`Committer` later makes them visible.
 ``Committer.commit`` must be idempotent: recovery may commit the same
 committable twice. ``abort`` discards what was never committed.
+
+A committable is a frozen dataclass of its sink, a subclass of
+:class:`Committable`. A checkpoint stores it as a :class:`CommittableRecord`:
+the version its class writes and its fields, one msgpack map
+``{"v": <version>, <field>: <value>, ...}``. Reading it back goes through the
+sink (:meth:`TransactionalSink.read_committable`), whose committable class
+reads every version it ever wrote, as Flink's ``SimpleVersionedSerializer``
+does, so a checkpoint taken by an older onceflow stays restorable. A sink
+whose committables are plain msgpack-able mappings with a ``"v"`` key is
+stored as it is and gets its mappings back.
 
 Without checkpointing, the runtime pre-commits at the end of input and commits
 once every sink subtask has pre-committed, so a failed job publishes nothing.
@@ -16,16 +26,132 @@ checkpoint is complete.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar, cast
+
+from onceflow.errors import CheckpointError, SinkCommitError
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["Committable", "Committer", "SinkContext", "SinkWriter", "TransactionalSink"]
+__all__ = [
+    "Committable",
+    "CommittableRecord",
+    "Committer",
+    "SinkContext",
+    "SinkWriter",
+    "TransactionalSink",
+    "unsupported_version",
+]
 
-Committable = dict[str, Any]
-"""A pre-committed transaction: a msgpack-able mapping with a ``"v"`` version key."""
+
+@dataclass(frozen=True, slots=True)
+class CommittableRecord:
+    """A committable as a checkpoint stores it: the version it was written in and its fields.
+
+    Attributes:
+        version: the version of the fields' layout (the ``"v"`` key of the stored map).
+        fields: the msgpack-able fields, without the version.
+
+    Example:
+        >>> record = CommittableRecord.from_dict({"v": 1, "id": "a"})
+        >>> record
+        CommittableRecord(version=1, fields={'id': 'a'})
+        >>> record.to_dict()
+        {'v': 1, 'id': 'a'}
+
+    """
+
+    version: int
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: ``{"v": version, **fields}``."""
+        return {"v": self.version, **self.fields}
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any]) -> CommittableRecord:
+        """Read the stored form of :meth:`to_dict`.
+
+        Raises:
+            CheckpointError: ``stored`` has no integer ``"v"`` key.
+
+        """
+        version = stored.get("v")
+        if isinstance(version, bool) or not isinstance(version, int):
+            msg = (
+                f"a sink committable in the checkpoint has no version (its keys: {sorted(stored)}); "
+                "the checkpoint was not written by onceflow: start the job without resume=True"
+            )
+            raise CheckpointError(msg, reason="unreadable")
+        return cls(version, {key: value for key, value in stored.items() if key != "v"})
+
+
+class Committable(ABC):
+    """A pre-committed transaction of one sink: subclass it as a frozen dataclass.
+
+    A subclass sets :attr:`VERSION` (the layout it writes), returns its
+    msgpack-able fields from :meth:`fields` and reads every layout it ever
+    wrote in :meth:`from_record`; raise :func:`unsupported_version` for any
+    other. Change a layout by adding a version: never change what an old
+    version means, checkpoints taken with it may still be restored.
+    """
+
+    __slots__ = ()
+
+    VERSION: ClassVar[int]
+    """The version of the layout :meth:`fields` returns."""
+
+    @abstractmethod
+    def fields(self) -> dict[str, Any]:
+        """The msgpack-able fields of this committable, in the layout of :attr:`VERSION`."""
+
+    @classmethod
+    @abstractmethod
+    def from_record(cls, record: CommittableRecord, *, operator: str = "") -> Self:
+        """Read ``record``, written by this class in any of its versions.
+
+        Args:
+            record: the stored record.
+            operator: the sink operator, for error messages.
+
+        Raises:
+            SinkCommitError: ``record.version`` is not one this class reads.
+
+        """
+
+    def to_record(self) -> CommittableRecord:
+        """Return the record a checkpoint stores for this committable."""
+        return CommittableRecord(self.VERSION, self.fields())
+
+
+def unsupported_version(
+    record: CommittableRecord, readable: tuple[int, ...], *, sink: str, operator: str = ""
+) -> SinkCommitError:
+    """The error for a committable whose version this onceflow cannot read.
+
+    Args:
+        record: the record read.
+        readable: the versions the sink reads.
+        sink: the kind of sink (``"parquet sink"``).
+        operator: the sink operator, where known.
+
+    Example:
+        >>> str(unsupported_version(CommittableRecord(9), (1,), sink="parquet sink", operator="sink_1"))
+        'parquet sink sink_1: committable version 9 is not supported (this onceflow reads versions 1); ...'
+
+    """
+    where = f"{sink} {operator}" if operator else sink
+    msg = (
+        f"{where}: committable version {record.version!r} is not supported (this onceflow reads versions "
+        f"{', '.join(str(v) for v in readable)}); resolve the checkpoint with the onceflow version that wrote it"
+    )
+    return SinkCommitError(msg)
+
+
+C = TypeVar("C")
+"""The committable type of a sink: a :class:`Committable` subclass (or a union of them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,18 +176,18 @@ class SinkContext:
     attempt: int = 0
 
 
-class SinkWriter(ABC):
+class SinkWriter(ABC, Generic[C]):
     """Writes one sink subtask's rows into an open transaction."""
 
     @abstractmethod
     def write(self, batch: pa.RecordBatch) -> None:
         """Add ``batch`` to the open transaction."""
 
-    def flush(self, end_of_input: bool) -> None:  # noqa: B027 - optional hook
+    def flush(self, end_of_input: bool) -> None:
         """Push buffered rows to the transaction; ``end_of_input`` at the end."""
 
     @abstractmethod
-    def prepare_commit(self, checkpoint_id: int | None = None) -> list[Committable]:
+    def prepare_commit(self, checkpoint_id: int | None = None) -> list[C]:
         """Pre-commit the open transaction; return its committables.
 
         Args:
@@ -74,18 +200,18 @@ class SinkWriter(ABC):
         """Discard everything written and not yet pre-committed."""
 
 
-class Committer(ABC):
+class Committer(ABC, Generic[C]):
     """Makes pre-committed transactions visible; idempotent."""
 
     @abstractmethod
-    def commit(self, committables: list[Committable]) -> None:
+    def commit(self, committables: list[C]) -> None:
         """Publish ``committables``; publishing one twice is a no-op."""
 
     @abstractmethod
-    def abort(self, committables: list[Committable]) -> None:
+    def abort(self, committables: list[C]) -> None:
         """Discard pre-committed ``committables`` that will never be published."""
 
-    def abort_lingering(self, keep: list[Committable]) -> None:  # noqa: B027 - optional hook
+    def abort_lingering(self, keep: list[C]) -> None:
         """Discard every transaction of this job's sink operator except those ``keep`` names.
 
         The scope is the whole operator: every subtask, every run and every
@@ -109,16 +235,32 @@ class Committer(ABC):
         return []
 
 
-class TransactionalSink(ABC):
+class TransactionalSink(ABC, Generic[C]):
     """A picklable sink config that builds a writer and a committer."""
 
     @abstractmethod
-    def create_writer(self, ctx: SinkContext) -> SinkWriter:
+    def create_writer(self, ctx: SinkContext) -> SinkWriter[C]:
         """Return the writer for ``ctx.subtask``."""
 
     @abstractmethod
-    def create_committer(self, ctx: SinkContext) -> Committer:
+    def create_committer(self, ctx: SinkContext) -> Committer[C]:
         """Return a committer for this sink's committables."""
 
-    def prepare(self) -> None:  # noqa: B027 - optional hook
+    def read_committable(self, record: CommittableRecord, *, operator: str = "") -> C:
+        """Read a committable of this sink back from a checkpoint, whichever version wrote it.
+
+        A sink with typed committables returns ``TheCommittable.from_record(record)``;
+        this default returns the stored mapping, for sinks whose committables are mappings.
+
+        Args:
+            record: the stored record.
+            operator: the sink operator, for error messages.
+
+        Raises:
+            SinkCommitError: the record's version is not one this sink reads.
+
+        """
+        return cast(C, record.to_dict())
+
+    def prepare(self) -> None:
         """Run once on the driver before any writer starts (create a table...)."""

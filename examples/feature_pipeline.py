@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.dataset as ds
 
 import onceflow as of
-from onceflow.operators.workload import feature_events, feature_window_reference
+from onceflow.testing.workload import feature_events, feature_window_reference
 
 
 def build(out_dir: str, events: int, batch_size: int) -> of.Dataflow:

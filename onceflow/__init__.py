@@ -13,8 +13,9 @@ Example:
 """
 
 from onceflow import agg, sinks, sources, windows
-from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
-from onceflow.checkpoint.errors import (
+from onceflow.checkpoint.config import CheckpointConfig
+from onceflow.checkpoint.supervisor import JobPhase
+from onceflow.errors import (
     CheckpointError,
     DataError,
     JobFailedError,
@@ -23,10 +24,11 @@ from onceflow.checkpoint.errors import (
     PlanError,
     SinkCommitError,
 )
-from onceflow.checkpoint.supervisor import JobPhase
 from onceflow.operators.watermark import BoundedOutOfOrderness
 from onceflow.runtime.dataflow import Dataflow, KeyedStream, Stream, WindowedStream
 from onceflow.runtime.job import JobHandle, JobResult, JobStatus, run, submit
+from onceflow.runtime.options import JobOptions
+from onceflow.runtime.restart import RestartStrategy
 
 __all__ = [
     "BoundedOutOfOrderness",
@@ -36,6 +38,7 @@ __all__ = [
     "Dataflow",
     "JobFailedError",
     "JobHandle",
+    "JobOptions",
     "JobPhase",
     "JobResult",
     "JobStatus",

@@ -1,8 +1,25 @@
 """Sinks: two-phase-commit outputs."""
 
-from onceflow.checkpoint.two_phase_commit import Committer, SinkContext, SinkWriter, TransactionalSink
+from onceflow.checkpoint.two_phase_commit import (
+    Committable,
+    CommittableRecord,
+    Committer,
+    SinkContext,
+    SinkWriter,
+    TransactionalSink,
+)
 from onceflow.operators.sinks.parquet import ParquetSink
 from onceflow.operators.sinks.postgres import PostgresSink
-from onceflow.operators.sinks.testing import TestingSink
+from onceflow.testing.sink import TestingSink
 
-__all__ = ["Committer", "ParquetSink", "PostgresSink", "SinkContext", "SinkWriter", "TestingSink", "TransactionalSink"]
+__all__ = [
+    "Committable",
+    "CommittableRecord",
+    "Committer",
+    "ParquetSink",
+    "PostgresSink",
+    "SinkContext",
+    "SinkWriter",
+    "TestingSink",
+    "TransactionalSink",
+]

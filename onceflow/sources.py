@@ -4,7 +4,7 @@ from onceflow.operators.sources.base import Idle, Source, SourceContext, SourceR
 from onceflow.operators.sources.generator import GeneratorSource
 from onceflow.operators.sources.jsonl import JsonLinesSource
 from onceflow.operators.sources.parquet import ParquetSource
-from onceflow.operators.sources.testing import TestingSource
+from onceflow.testing.source import TestingSource
 
 __all__ = [
     "GeneratorSource",

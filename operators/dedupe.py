@@ -96,7 +96,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.errors import DataError, PlanError
 from onceflow.operators.bloom import (
     BloomFilter,
     distinct_first_rows,

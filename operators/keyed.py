@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from onceflow.checkpoint.errors import DataError, OnceflowError, OperatorError
+from onceflow.errors import DataError, OnceflowError, OperatorError
 from onceflow.operators.keygroups import in_key_groups, key_groups_of, require_key_columns
 from onceflow.operators.logic import Emitted, OperatorContext, OperatorLogic
 from onceflow.operators.stateless import Row, _RowsToBatch

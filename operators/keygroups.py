@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from onceflow.checkpoint.errors import DataError
+from onceflow.errors import DataError
 
 _Rows = TypeVar("_Rows", pa.RecordBatch, pa.Table)
 """A record batch or a table (what :func:`take_rows` takes and returns)."""

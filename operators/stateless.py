@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from onceflow.checkpoint.errors import DataError, OperatorError
+from onceflow.errors import DataError, OperatorError
 from onceflow.operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
 
 __all__ = ["Filter", "FlatMap", "Map", "MapBatches"]

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.errors import DataError, PlanError
 
 __all__ = ["BoundedOutOfOrderness", "WatermarkGenerator", "event_time_ms"]
 

@@ -66,7 +66,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.errors import DataError, PlanError
 from onceflow.operators.agg import Aggregation, reduce_groups
 from onceflow.operators.keygroups import in_key_groups, key_groups_of, require_key_columns, take_rows
 from onceflow.operators.logic import LATE, MAIN, Emitted, OperatorContext, OperatorLogic

@@ -36,7 +36,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from onceflow.checkpoint.errors import OnceflowError, OperatorError
+from onceflow.errors import OnceflowError, OperatorError
 from onceflow.operators.logic import MAIN, Emitted, OperatorLogic
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class Output:
 def operator_failure(error: BaseException, operator: str, subtask: int) -> BaseException:
     """The failure a subtask reports for ``error`` raised by ``operator``: an onceflow error as it is.
 
-    Anything else becomes an :class:`~onceflow.checkpoint.errors.OperatorError`
+    Anything else becomes an :class:`~onceflow.errors.OperatorError`
     that names the operator and subtask, with ``error`` as its cause.
     """
     if isinstance(error, OnceflowError):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from onceflow.checkpoint.errors import DataError
+from onceflow.errors import DataError
 from onceflow.runtime.plan import Routing
 
 if TYPE_CHECKING:

@@ -37,13 +37,13 @@ from onceflow.checkpoint.coordinator import (
     TaskAck,
     TriggerCheckpoint,
 )
-from onceflow.checkpoint.errors import CheckpointError
-from onceflow.checkpoint.failpoints import crash_point, pause_point
 from onceflow.checkpoint.lease import may_complete, taken
 from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.errors import CheckpointError
 from onceflow.runtime.deployment import RestoredState
 from onceflow.runtime.logs import configure_logging
 from onceflow.runtime.telemetry import CheckpointMetrics
+from onceflow.testing.failpoints import crash_point, pause_point
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle

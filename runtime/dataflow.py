@@ -6,8 +6,8 @@ These classes only record a graph of small picklable configuration objects;
 
 Example:
     >>> import pyarrow as pa
-    >>> from onceflow.operators.sources.testing import TestingSource
-    >>> from onceflow.operators.sinks.testing import TestingSink
+    >>> from onceflow.testing.source import TestingSource
+    >>> from onceflow.testing.sink import TestingSink
     >>> from onceflow.operators.watermark import BoundedOutOfOrderness
     >>> from onceflow.operators import agg
     >>> from onceflow.operators.windows import Tumbling
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from onceflow.checkpoint.errors import PlanError
 from onceflow.checkpoint.two_phase_commit import TransactionalSink
+from onceflow.errors import PlanError
 from onceflow.operators.dedupe import Dedupe, DedupeMode
 from onceflow.operators.keyed import KeyedProcess, KeyedReduce, ProcessFn, ReduceFn
 from onceflow.operators.logic import LATE, MAIN

@@ -238,7 +238,7 @@ class LocalExecutor:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.loop.set_task_factory(self._task_factory)
+        self.loop.set_task_factory(self._task_factory)  # type: ignore[arg-type]  # 3.11 passes context= too
         self._actors: dict[str, LocalActor] = {}
         self._names = threading.Lock()
         """Guards ``_actors`` between the drivers of the jobs that share this executor."""
@@ -272,7 +272,7 @@ class LocalExecutor:
             actor = LocalActor(self, name, None)
             self._actors[name] = actor
         try:
-            actor._instance = cls(*args, **kwargs)  # noqa: SLF001 - the handle is this module's
+            actor._instance = cls(*args, **kwargs)
         except BaseException:
             with self._names:
                 self._actors.pop(name, None)

@@ -40,12 +40,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import ray
 
-from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
-from onceflow.checkpoint.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
+from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.lease import may_take, taken
 from onceflow.checkpoint.state import read_sink_state
 from onceflow.checkpoint.storage import CheckpointStorage
@@ -75,16 +74,18 @@ from onceflow.checkpoint.supervisor import (
     SupervisorEvent,
     TakeFinalCheckpoint,
 )
-from onceflow.checkpoint.two_phase_commit import Committable, SinkContext, TransactionalSink
-from onceflow.operators.keygroups import DEFAULT_MAX_PARALLELISM
+from onceflow.checkpoint.two_phase_commit import CommittableRecord, SinkContext, TransactionalSink
+from onceflow.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
 from onceflow.runtime import progress
 from onceflow.runtime.channel import END_OF_TIME, NO_WATERMARK
 from onceflow.runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
 from onceflow.runtime.dataflow import NodeKind
 from onceflow.runtime.deployment import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskRestore
+from onceflow.runtime.options import JobKeywords, JobOptions
 from onceflow.runtime.output import DownstreamFailedError
 from onceflow.runtime.plan import PhysicalPlan, plan
 from onceflow.runtime.ray_env import NAMESPACE, ensure_ray
+from onceflow.runtime.restart import RestartStrategy
 from onceflow.runtime.restore import assign_restored_state, restored_sink_states
 from onceflow.runtime.subtask import Subtask, subtask_class
 from onceflow.runtime.telemetry import RestartCounter
@@ -206,8 +207,7 @@ class _Wait(Enum):
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _resolve_sink(spec: TransactionalSink, ctx: SinkContext, commit: list[Committable],
-                  keep: list[Committable]) -> None:
+def _resolve_sink(spec: TransactionalSink[Any], ctx: SinkContext, commit: list[Any], keep: list[Any]) -> None:
     """Commit ``commit`` and abort every other transaction of the sink operator except ``keep``."""
     committer = spec.create_committer(ctx)
     if commit:
@@ -638,7 +638,8 @@ class JobHandle:
                 node = vertex.nodes[-1]
                 if node.kind is not NodeKind.SINK:
                     continue
-                committables = decided.get(node.uid, [])
+                committables = [node.spec.read_committable(record, operator=node.name)
+                                for record in decided.get(node.uid, [])]
                 commit = [] if action.end is SinkEnd.FAIL else committables
                 ctx = SinkContext(self.job, node.name, 0, vertex.parallelism, run=self.run_id, attempt=attempt)
                 refs.append(_resolve_sink.remote(node.spec, ctx, commit, committables))
@@ -648,7 +649,7 @@ class JobHandle:
             return Failed(attempt, f"resolving the sinks' transactions failed: {error}")
         return SinksResolved(attempt)
 
-    def _sink_committables(self, checkpoint_id: int) -> dict[str, list[Committable]]:
+    def _sink_committables(self, checkpoint_id: int) -> dict[str, list[CommittableRecord]]:
         """Per sink operator (uid), every transaction checkpoint ``checkpoint_id`` recorded as pre-committed."""
         assert self._storage is not None
         manifest = self._storage.manifest(checkpoint_id)
@@ -657,7 +658,7 @@ class JobHandle:
             raise CheckpointError(msg, reason="missing")
         paths = {task: {key: state["path"] for key, state in entry["states"].items()}
                  for task, entry in manifest["tasks"].items()}
-        found: dict[str, list[Committable]] = {}
+        found: dict[str, list[CommittableRecord]] = {}
         for uid, handles in restored_sink_states(self._plan, paths).items():
             for path in handles:
                 restored = read_sink_state(self._storage.read_state(path))
@@ -821,42 +822,41 @@ class JobHandle:
                 self._storage.release_lease(self.run_id)
 
 
-def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
-           checkpoint: CheckpointConfig | None = None, restart: RestartStrategy | None = None,
-           max_parallelism: int = DEFAULT_MAX_PARALLELISM, batch_bytes: int | None = None,
-           linger_s: float | None = None, credits: int | None = None, chaining: bool = True,
-           actor_options: dict[str, Any] | None = None, resume: bool = False,
-           allow_non_restored_state: bool = False) -> JobHandle:
+def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unpack[JobKeywords]) -> JobHandle:
     """Start ``flow`` and return a handle without waiting for it.
 
     Args:
         flow: the dataflow.
-        parallelism: the default parallelism of sources, keyed operators and unions.
-        address: ``None`` reuses an initialised Ray or starts an embedded one
-            (or joins ``RAY_ADDRESS`` under ``ray job submit``); ``"auto"`` or
-            ``"ray://..."`` joins a cluster.
-        checkpoint: take checkpoints (exactly-once through failures); ``None``
-            turns them off: a failure then fails the job and commits nothing.
-        restart: how often and how soon to restart after a failure (with
-            checkpointing); ``RestartStrategy.default()`` by default.
-        resume: start from the newest complete checkpoint of this job in
-            ``checkpoint.storage``, whichever run took it (after the driver
-            itself was lost, or a job failed for good); without one the job
-            starts from the beginning. A fresh run (``False``) never restores
-            another run's state: it starts from the beginning, and its sinks
-            abort every transaction an earlier run left uncommitted.
-        allow_non_restored_state: when resuming, drop (with a warning)
-            checkpointed state that matches no operator of ``flow`` instead of
-            refusing to start. State is matched by operator uid: an
-            operator's ``name=``, or an id derived from the steps upstream of
-            it, so give stateful operators names to keep their state across
-            changes to the graph.
-        max_parallelism: the number of key groups (the most subtasks a keyed operator can have).
-        batch_bytes: a channel sends once it buffers this many bytes.
-        linger_s: a channel sends buffered rows at the latest after this long.
-        credits: unacknowledged messages per channel.
-        chaining: fuse forward-connected operators into one actor.
-        actor_options: extra Ray actor options for every subtask (``num_cpus``, ...).
+        options: how to run it, as one :class:`~onceflow.runtime.options.JobOptions`;
+            or give the same options as keywords (below), not both.
+        **keywords: the fields of :class:`~onceflow.runtime.options.JobOptions`, each optional:
+
+            - ``parallelism`` (1): the default parallelism of sources, keyed operators and unions.
+            - ``address`` (``None``): ``None`` reuses an initialised Ray or starts an embedded one
+              (or joins ``RAY_ADDRESS`` under ``ray job submit``); ``"auto"`` or
+              ``"ray://..."`` joins a cluster.
+            - ``checkpoint`` (``None``): take checkpoints (exactly-once through failures); ``None``
+              turns them off: a failure then fails the job and commits nothing.
+            - ``restart`` (``None``): how often and how soon to restart after a failure (with
+              checkpointing); ``RestartStrategy.default()`` by default.
+            - ``resume`` (``False``): start from the newest complete checkpoint of this job in
+              ``checkpoint.storage``, whichever run took it (after the driver
+              itself was lost, or a job failed for good); without one the job
+              starts from the beginning. A fresh run (``False``) never restores
+              another run's state: it starts from the beginning, and its sinks
+              abort every transaction an earlier run left uncommitted.
+            - ``allow_non_restored_state`` (``False``): when resuming, drop (with a warning)
+              checkpointed state that matches no operator of ``flow`` instead of
+              refusing to start. State is matched by operator uid: an
+              operator's ``name=``, or an id derived from the steps upstream of
+              it, so give stateful operators names to keep their state across
+              changes to the graph.
+            - ``max_parallelism`` (128): the number of key groups (the most subtasks a keyed operator can have).
+            - ``batch_bytes`` (4 MiB): a channel sends once it buffers this many bytes.
+            - ``linger_s`` (50 ms): a channel sends buffered rows at the latest after this long.
+            - ``credits`` (2): unacknowledged messages per channel.
+            - ``chaining`` (``True``): fuse forward-connected operators into one actor.
+            - ``actor_options`` (``None``): extra Ray actor options for every subtask (``num_cpus``, ...).
 
     Returns once the first attempt runs (its actors deployed and wired), or
     the job already ended; failures from then on are the job's to recover.
@@ -864,43 +864,44 @@ def submit(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
     Raises:
         PlanError: the dataflow cannot run (no sink, bad parallelism, a job of
             the same name is already running, or resumed state that matches
-            no operator, without ``allow_non_restored_state``).
+            no operator, without ``allow_non_restored_state``), an option is
+            invalid, or both ``options`` and keyword options were given.
+        TypeError: a keyword names no option.
     """
-    physical = plan(flow, parallelism, max_parallelism=max_parallelism, chaining=chaining)
+    job = JobOptions.from_keywords(options, keywords)
+    physical = plan(flow, job.parallelism, max_parallelism=job.max_parallelism, chaining=job.chaining)
     defaults = RuntimeOptions()
-    options = RuntimeOptions(
-        batch_bytes=batch_bytes or defaults.batch_bytes,
-        linger_s=defaults.linger_s if linger_s is None else linger_s,
-        credits=credits or defaults.credits,
+    runtime_options = RuntimeOptions(
+        batch_bytes=job.batch_bytes or defaults.batch_bytes,
+        linger_s=defaults.linger_s if job.linger_s is None else job.linger_s,
+        credits=job.credits or defaults.credits,
         log_level=logging.getLogger("onceflow").getEffectiveLevel(),
     )
-    ensure_ray(address)
+    ensure_ray(job.address)
     for node in flow.nodes:
         if node.kind is NodeKind.SINK:
             node.spec.prepare()
-    if resume and checkpoint is None:
-        msg = "resume=True needs checkpoint=CheckpointConfig(...) naming the storage to resume from"
-        raise PlanError(msg)
-    return JobHandle(flow, physical, options, checkpoint, restart or RestartStrategy.default(), actor_options or {},
-                     resume, allow_non_restored_state)
+    return JobHandle(flow, physical, runtime_options, job.checkpoint, job.restart_strategy, job.actor_options or {},
+                     job.resume, job.allow_non_restored_state)
 
 
-def run(flow: Dataflow, *, parallelism: int = 1, address: str | None = None,
-        checkpoint: CheckpointConfig | None = None, restart: RestartStrategy | None = None,
-        max_parallelism: int = DEFAULT_MAX_PARALLELISM, batch_bytes: int | None = None,
-        linger_s: float | None = None, credits: int | None = None, chaining: bool = True,
-        actor_options: dict[str, Any] | None = None, resume: bool = False,
-        allow_non_restored_state: bool = False, timeout_s: float | None = None) -> JobResult:
-    """Run a bounded ``flow`` to the end and return its result (see :func:`submit` for the arguments).
+def run(flow: Dataflow, *, options: JobOptions | None = None, timeout_s: float | None = None,
+        **keywords: Unpack[JobKeywords]) -> JobResult:
+    """Run a bounded ``flow`` to the end and return its result (see :func:`submit` for the options).
+
+    Args:
+        flow: the dataflow.
+        options: how to run it (see :func:`submit`); or give the options as keywords, not both.
+        timeout_s: cancel the job and raise :class:`TimeoutError` if it has not ended after this long.
+        **keywords: the fields of :class:`~onceflow.runtime.options.JobOptions` (see :func:`submit`).
 
     Raises:
         JobFailedError: an operator failed (and restarts, if any, ran out); the
             message names it.
+        PlanError: the dataflow cannot run, an option is invalid, or both
+            ``options`` and keyword options were given.
     """
-    handle = submit(flow, parallelism=parallelism, address=address, checkpoint=checkpoint, restart=restart,
-                    max_parallelism=max_parallelism, batch_bytes=batch_bytes, linger_s=linger_s,
-                    credits=credits, chaining=chaining, actor_options=actor_options, resume=resume,
-                    allow_non_restored_state=allow_non_restored_state)
+    handle = submit(flow, options=JobOptions.from_keywords(options, keywords))
     try:
         return handle.wait(timeout_s)
     except TimeoutError:

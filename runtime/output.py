@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from onceflow.checkpoint.errors import DataError
+from onceflow.errors import DataError
 from onceflow.operators.keygroups import hash_columns, key_group_range, require_key_columns, split_by_subtask
 from onceflow.runtime.channel import NO_WATERMARK, ChannelMessage, ChannelSender
 from onceflow.runtime.plan import OutputSpec, Routing

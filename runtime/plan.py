@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from onceflow.checkpoint.errors import PlanError
+from onceflow.errors import PlanError
 from onceflow.operators.keygroups import DEFAULT_MAX_PARALLELISM
 from onceflow.runtime.dataflow import Dataflow, Node, NodeKind
 

@@ -23,12 +23,12 @@ chaining, as Flink does when it restores a savepoint:
   otherwise every new subtask of the vertex of that name gets all of them.
 
 State whose uid matches no operator of the new plan is refused with a
-:class:`~onceflow.checkpoint.errors.PlanError` naming it, unless the caller allows
+:class:`~onceflow.errors.PlanError` naming it, unless the caller allows
 dropping it (Flink's ``allowNonRestoredState``).
 
 Example:
-    >>> from onceflow.operators.sources.testing import TestingSource
-    >>> from onceflow.operators.sinks.testing import TestingSink
+    >>> from onceflow.testing.source import TestingSource
+    >>> from onceflow.testing.sink import TestingSink
     >>> from onceflow.runtime.dataflow import Dataflow
     >>> from onceflow.runtime.plan import plan
     >>> flow = Dataflow("doc")
@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from onceflow.checkpoint.errors import PlanError
+from onceflow.errors import PlanError
 from onceflow.operators.keygroups import key_group_range
 from onceflow.runtime.dataflow import NodeKind
 

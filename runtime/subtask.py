@@ -46,11 +46,10 @@ import pyarrow as pa
 import ray
 
 from onceflow.checkpoint.coordinator import TaskAck
-from onceflow.checkpoint.errors import OnceflowError
-from onceflow.checkpoint.failpoints import crash_point
 from onceflow.checkpoint.state import source_state
 from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.checkpoint.two_phase_commit import SinkContext
+from onceflow.errors import OnceflowError
 from onceflow.operators.keygroups import key_group_range
 from onceflow.operators.logic import OperatorContext, OperatorLogic
 from onceflow.operators.sources.base import Idle, SourceContext, SourceReader
@@ -70,6 +69,7 @@ from onceflow.runtime.logs import configure_logging
 from onceflow.runtime.output import DownstreamFailedError, OutputGate
 from onceflow.runtime.sink_committer import SinkCommitter
 from onceflow.runtime.telemetry import SubtaskMetrics
+from onceflow.testing.failpoints import crash_point
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterator

@@ -6,7 +6,7 @@ waits until the job reaches the phase it aims at (start-up, just after
 start-up, running, fencing, resolving, recovery, the final checkpoint), then
 kills one or two random targets (a subtask actor ``<job>/<operator>/<subtask>``
 or the coordinator ``<job>/coordinator``) with ``ray.kill``, with or without
-``no_restart``. A :mod:`onceflow.checkpoint.failpoints` crash point may also be armed
+``no_restart``. A :mod:`onceflow.testing.failpoints` crash point may also be armed
 for moments a kill from outside cannot aim at (after a manifest is written,
 between a sink's pre-commit and its commit...). Every kill is recorded with
 the phase and attempt it landed in, so a failing schedule replays from its
@@ -50,11 +50,11 @@ import pyarrow.dataset as ds
 import ray
 
 import onceflow as of
-from onceflow.checkpoint import failpoints
 from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.checkpoint.supervisor import JobPhase
-from onceflow.operators.workload import feature_events
 from onceflow.runtime.ray_env import NAMESPACE
+from onceflow.testing import failpoints
+from onceflow.testing.workload import feature_events
 
 __all__ = [
     "FAILPOINTS",
@@ -484,7 +484,7 @@ def random_aims(rng: random.Random, budget: int) -> list[Aim]:
 
 
 def _failpoint_flag(job: str, name: str) -> Path:
-    # The flag file crash_point looks for (onceflow.checkpoint.failpoints keeps them in this directory).
+    # The flag file crash_point looks for (onceflow.testing.failpoints keeps them in this directory).
     return Path(tempfile.gettempdir()) / "onceflow-failpoints" / f"{job}.{name}"
 
 

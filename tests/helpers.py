@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from onceflow.operators.sources.base import Source, SourceContext, SourceReader
-from onceflow.operators.workload import feature_window_reference
+from onceflow.testing.workload import feature_window_reference
 
 T = TypeVar("T")
 """What the polled condition returns."""

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.errors import DataError, PlanError
 from onceflow.operators import agg
 from onceflow.operators.agg import _reduce_arrow, _reduce_numpy, reduce_groups
 from onceflow.operators.logic import OperatorContext

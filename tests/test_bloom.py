@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onceflow.checkpoint.errors import DataError
+from onceflow.errors import DataError
 from onceflow.operators.bloom import BloomFilter, first_occurrences, optimal_num_bits, optimal_num_hashes, probe_hashes
 from onceflow.operators.keygroups import hash64_columns, hash_columns
 

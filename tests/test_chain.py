@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from onceflow.checkpoint.errors import DataError, OperatorError
+from onceflow.errors import DataError, OperatorError
 from onceflow.operators.logic import MAIN, Emitted, OperatorLogic
 from onceflow.runtime.chain import INTO_SINK, OperatorChain
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import onceflow as of
-from onceflow.checkpoint.errors import DataError
+from onceflow.errors import DataError
 from onceflow.runtime.channel import (
     END_OF_TIME,
     NO_WATERMARK,

@@ -7,8 +7,9 @@ import pickle
 
 import pytest
 
-from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy, RestartTracker
-from onceflow.checkpoint.errors import PlanError
+from onceflow.checkpoint.config import CheckpointConfig
+from onceflow.errors import PlanError
+from onceflow.runtime.restart import RestartStrategy, RestartTracker
 
 
 def test_defaults() -> None:

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from onceflow.checkpoint.errors import OnceflowError, PlanError
 from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError, StateHandle
+from onceflow.errors import OnceflowError, PlanError
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 import onceflow as of
-from onceflow.operators.workload import feature_events
 from onceflow.runtime.cli import main
+from onceflow.testing.workload import feature_events
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -46,7 +46,7 @@ def test_run_shows_live_progress(tmp_path: Path) -> None:
     script.write_text(textwrap.dedent("""
         import sys
         import onceflow as of
-        from onceflow.operators.workload import feature_events
+        from onceflow.testing.workload import feature_events
 
         flow = of.Dataflow("cli-run")
         events = flow.source(of.sources.GeneratorSource(feature_events, total=int(sys.argv[1]), batch_size=5_000,

@@ -11,9 +11,9 @@ import ray
 
 from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.coordinator import TaskAck
-from onceflow.checkpoint.errors import CheckpointError, PlanError
 from onceflow.checkpoint.lease import JobLease
 from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.errors import CheckpointError, PlanError
 from onceflow.runtime.checkpointing import CoordinatorActor
 from tests.helpers import wait_until
 
@@ -112,7 +112,7 @@ def test_a_coordinator_whose_storage_another_run_took_over_completes_nothing(tmp
 
 def test_a_run_waits_while_another_live_run_holds_the_storage_and_takes_it_once_lapsed(tmp_path: Path) -> None:
     import onceflow as of
-    from onceflow.operators.workload import feature_events
+    from onceflow.testing.workload import feature_events
 
     storage = str(tmp_path / "chk")
     store = CheckpointStorage(storage, "held")

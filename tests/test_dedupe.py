@@ -11,14 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.errors import DataError, PlanError
 from onceflow.operators.dedupe import Dedupe, DedupeLogic
 from onceflow.operators.keygroups import key_group_range, key_groups_of
 from onceflow.operators.logic import MAIN, OperatorContext
-from onceflow.operators.sinks.testing import TestingSink
-from onceflow.operators.sources.testing import TestingSource
 from onceflow.operators.watermark import BoundedOutOfOrderness
 from onceflow.runtime.dataflow import Dataflow
+from onceflow.testing.sink import TestingSink
+from onceflow.testing.source import TestingSource
 
 CTX = OperatorContext("dedupe_1")
 MODES = ["bloom", "exact"]

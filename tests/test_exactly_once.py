@@ -23,7 +23,7 @@ import ray
 
 import onceflow as of
 from onceflow.checkpoint.storage import CheckpointStorage
-from onceflow.operators.workload import feature_events
+from onceflow.testing.workload import feature_events
 from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import settings
 
-from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.errors import DataError, PlanError
 from onceflow.operators.sources.base import Idle, RescaledOffsets, SourceContext
 from onceflow.operators.sources.generator import GeneratorSource, GeneratorSourceReader
 from tests.test_restore import assert_exactly_once, rescales

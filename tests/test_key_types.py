@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import onceflow as of
-from onceflow.checkpoint.errors import DataError
 from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.errors import DataError
 from onceflow.operators import agg
 from onceflow.operators.dedupe import Dedupe
 from onceflow.operators.keyed import KeyedProcess, KeyedReduce

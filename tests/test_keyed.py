@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from onceflow.checkpoint.errors import DataError
+from onceflow.errors import DataError
 from onceflow.operators.keyed import KeyedProcess, KeyedReduce
 from onceflow.operators.keygroups import key_group_range, key_groups_of
 from onceflow.operators.logic import OperatorContext

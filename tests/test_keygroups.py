@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from onceflow.checkpoint.errors import DataError
+from onceflow.errors import DataError
 from onceflow.operators.keygroups import (
     SEED,
     hash_columns,

@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent("""
     import socket, tempfile, time, urllib.request
     import ray
     import onceflow as of
-    from onceflow.operators.workload import feature_events
+    from onceflow.testing.workload import feature_events
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

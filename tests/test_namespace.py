@@ -21,8 +21,8 @@ import operators
 import runtime
 
 import onceflow as of
-from onceflow.operators.sinks.testing import TestingSink
-from onceflow.operators.sources.testing import TestingSource
+from onceflow.testing.sink import TestingSink
+from onceflow.testing.source import TestingSource
 from onceflow.runtime.plan import plan
 
 flow = of.Dataflow("shadowed")

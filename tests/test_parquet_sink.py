@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
-from onceflow.checkpoint.two_phase_commit import SinkContext
+from onceflow.checkpoint.two_phase_commit import CommittableRecord, SinkContext
+from onceflow.errors import DataError, PlanError, SinkCommitError
 from onceflow.operators.sinks.parquet import ParquetSink
 
 CTX = SinkContext(job="job", operator="sink_2", subtask=1, parallelism=2)
@@ -52,13 +52,14 @@ def test_rows_are_invisible_until_committed_then_exactly_visible(tmp_path: Path)
     assert visible(out) == []
     assert len(committables) == 1
     (committable,) = committables
-    assert msgpack.unpackb(msgpack.packb(committable)) == committable
-    assert committable["v"] == 1
-    assert Path(committable["pending"]).name.startswith("_job-sink_2-1-")
-    assert committable["pending"].endswith("-0.parquet.pending")
-    assert Path(committable["final"]).name == Path(committable["pending"]).name[1:-len(".pending")].replace(
+    stored = committable.to_record().to_dict()
+    assert msgpack.unpackb(msgpack.packb(stored)) == stored
+    assert stored["v"] == 1
+    assert Path(committable.pending).name.startswith("_job-sink_2-1-")
+    assert committable.pending.endswith("-0.parquet.pending")
+    assert Path(committable.final).name == Path(committable.pending).name[1:-len(".pending")].replace(
         "job-", "part-job-", 1)
-    assert Path(committable["final"]).parent == out
+    assert Path(committable.final).parent == out
     sink.create_committer(CTX).commit(committables)
     assert visible(out) == list(range(8))
     assert all(n.startswith("part-job-sink_2-1-") for n in names(out))
@@ -83,7 +84,7 @@ def test_commit_of_a_vanished_file_raises_but_commits_the_rest(tmp_path: Path) -
     writer.write(batch(0, 2))
     writer.write(batch(2, 4))
     lost, kept = writer.prepare_commit()
-    Path(lost["pending"]).unlink()
+    Path(lost.pending).unlink()
     with pytest.raises(SinkCommitError, match=r"parquet sink sink_2: cannot commit 1 file\(s\), neither the pending "
                                               r"file nor its part file exists .*rerun the job"):
         sink.create_committer(CTX).commit([lost, kept])
@@ -92,7 +93,7 @@ def test_commit_of_a_vanished_file_raises_but_commits_the_rest(tmp_path: Path) -
 
 def test_an_unknown_committable_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SinkCommitError, match="committable version 2 is not supported"):
-        ParquetSink(tmp_path).create_committer(CTX).commit([{"v": 2, "pending": "x", "final": "y"}])
+        ParquetSink(tmp_path).read_committable(CommittableRecord(2, {"pending": "x", "final": "y"}), operator="sink_2")
 
 
 def test_writer_abort_leaves_no_file(tmp_path: Path) -> None:
@@ -144,7 +145,7 @@ def test_rolling_by_size_creates_several_files(tmp_path: Path) -> None:
     assert sum(n.endswith(".pending") for n in names(tmp_path)) == 2  # rolled after batches 2 and 4
     committables = writer.prepare_commit()
     assert len(committables) == 3
-    assert [c["final"].rsplit("-", 1)[1] for c in committables] == ["0.parquet", "1.parquet", "2.parquet"]
+    assert [c.final.rsplit("-", 1)[1] for c in committables] == ["0.parquet", "1.parquet", "2.parquet"]
     sink.create_committer(CTX).commit(committables)
     assert visible(tmp_path) == list(range(500))
     assert len(names(tmp_path)) == 3
@@ -258,7 +259,7 @@ def test_abort_lingering_removes_every_subtask_run_and_attempt_of_the_operator_b
     assert len(committer.lingering()) == 8
     committer.abort_lingering(keep=handed_out["kept"])
     committer.abort_lingering(keep=handed_out["kept"])  # idempotent
-    assert committer.lingering() == [handed_out["kept"][0]["pending"]]
+    assert committer.lingering() == [handed_out["kept"][0].pending]
     committer.commit(handed_out["kept"])
     assert visible(tmp_path) == [0, 50]
     assert committer.lingering() == []
@@ -273,10 +274,10 @@ def test_file_names_carry_run_and_attempt_as_escaped_fields(tmp_path: Path) -> N
     writer = sink.create_writer(long)
     writer.write(batch(0, 1))
     (committable,) = writer.prepare_commit(1)
-    name = Path(committable["pending"]).name
+    name = Path(committable.pending).name
     assert len(name.encode()) < 255
     assert name.startswith("_feature%2Dwindowjjj") and name.count("-") == 6
     assert name.split("-")[2:5] == ["3", "run%2D1", "2"]
-    assert sink.create_committer(long).lingering() == [committable["pending"]]
+    assert sink.create_committer(long).lingering() == [committable.pending]
     sink.create_committer(long).commit([committable])
     assert visible(tmp_path) == [0]

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, settings
 
-from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.errors import DataError, PlanError
 from onceflow.operators.sources.base import RescaledOffsets, SourceContext
 from onceflow.operators.sources.parquet import ParquetSource
 from tests.helpers import assert_resumes_from_every_offset, read_ids

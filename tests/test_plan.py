@@ -5,14 +5,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from onceflow.checkpoint.errors import PlanError
-from onceflow.operators.sinks.testing import TestingSink
+from onceflow.errors import PlanError
 from onceflow.operators.sources.generator import GeneratorSource
-from onceflow.operators.sources.testing import TestingSource
 from onceflow.operators.watermark import BoundedOutOfOrderness
-from onceflow.operators.workload import feature_events
 from onceflow.runtime.dataflow import Dataflow
 from onceflow.runtime.plan import Routing, plan
+from onceflow.testing.sink import TestingSink
+from onceflow.testing.source import TestingSource
+from onceflow.testing.workload import feature_events
 
 
 def generator() -> GeneratorSource:

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 
 import onceflow as of
-from onceflow.checkpoint import failpoints
 from onceflow.checkpoint.storage import CheckpointStorage
-from onceflow.operators.workload import feature_events, feature_window_reference
+from onceflow.testing import failpoints
+from onceflow.testing.workload import feature_events, feature_window_reference
 from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -10,9 +10,9 @@ import psycopg
 import pyarrow as pa
 import pytest
 
-from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
 from onceflow.checkpoint.two_phase_commit import SinkContext
-from onceflow.operators.sinks.postgres import PostgresSink
+from onceflow.errors import DataError, PlanError, SinkCommitError
+from onceflow.operators.sinks.postgres import PostgresSink, PreparedTransaction
 from tests.helpers import wait_until
 from tests.postgres_server import PostgresServer
 
@@ -45,7 +45,8 @@ def test_append_is_invisible_until_commit_and_commit_is_idempotent(postgres: Pos
     writer.write(BATCH)
     writer.write(BATCH.slice(0, 1))
     committables = writer.prepare_commit(7)
-    assert committables == [{"v": 1, "gid": "onceflow:job1:sink_1:0:7::0"}]
+    assert committables == [PreparedTransaction("onceflow:job1:sink_1:0:7::0")]
+    assert committables[0].to_record().to_dict() == {"v": 1, "gid": "onceflow:job1:sink_1:0:7::0"}
     assert rows(postgres.dsn, table) == []
     assert prepared(postgres.dsn) == ["onceflow:job1:sink_1:0:7::0"]
     committer = sink.create_committer(ctx)
@@ -207,7 +208,7 @@ def test_names_carry_operator_run_and_attempt_and_fit_any_name(postgres: Postgre
         writer = sink.create_writer(ctx)
         writer.write(BATCH)
         committables += writer.prepare_commit(5)
-    names = [c["gid"] for c in committables]
+    names = [c.gid for c in committables]
     assert names[:3] == ["onceflow:job7:sink_1:0:5:a:0", "onceflow:job7:sink_1:0:5:b:0",
                          "onceflow:job7:sink_1:0:5:b:1"]
     assert len(names[3].encode()) < 200
@@ -242,15 +243,15 @@ def test_upsert_stages_rows_until_the_commit_then_merges_them_in_order(postgres:
     writer.write(pa.record_batch({**UPSERT_TYPES.to_pydict(), "amount": [9.0, 8.0, 7.0]}, schema=UPSERT_TYPES.schema)
                  .slice(0, 2))  # later rows of ids 1 and 2 in the same transaction win
     first = writer.prepare_commit(1)
-    assert [(c["v"], c["checkpoint"], c["staging"]) for c in first] == [(2, 1, sink.staging_table(UPSERT_TYPES.schema))]
-    assert first[0]["txn"].startswith("onceflow:job8:sink_1:0:w") and first[0]["txn"].endswith(":r:0")
+    assert [(c.VERSION, c.checkpoint, c.staging) for c in first] == [(2, 1, sink.staging_table(UPSERT_TYPES.schema))]
+    assert first[0].txn.startswith("onceflow:job8:sink_1:0:w") and first[0].txn.endswith(":r:0")
     assert rows(postgres.dsn, table) == []  # staged: invisible in the target
     assert prepared(postgres.dsn) == []  # and nothing prepared holds a lock
     writer.write(pa.record_batch({"id": [1], "amount": [10.0], "name": ["z"], "tag": [None], "at": [None],
                                   "flag": [None]}, schema=UPSERT_TYPES.schema))
     second = writer.prepare_commit(2)
     committer = sink.create_committer(ctx)
-    assert committer.lingering() == [first[0]["txn"], second[0]["txn"]]
+    assert committer.lingering() == [first[0].txn, second[0].txn]
     committer.commit(first + second)
     committer.commit(first + second)  # idempotent
     got = rows(postgres.dsn, table)
@@ -282,7 +283,7 @@ def test_upsert_abort_and_abort_lingering_delete_staged_rows_of_the_operator_onl
     committer.abort(staged["other subtask"])
     assert len(committer.lingering()) == 3
     committer.abort_lingering(keep=staged["kept"])
-    assert committer.lingering() == [staged["kept"][0]["txn"]]
+    assert committer.lingering() == [staged["kept"][0].txn]
     committer.commit(staged["kept"] + staged["other run"])  # aborted ones commit nothing
     for key in ("other operator", "other job"):
         sink.create_committer(ctx).commit(staged[key])
@@ -332,6 +333,6 @@ def test_a_merge_the_table_refuses_is_a_sink_commit_error_and_stays_staged(postg
     with pytest.raises(SinkCommitError, match=rf"postgres sink sink_5: the server refused to commit a transaction "
                                               rf"of {table} \(.*not-null.*\); it stays pre-committed"):
         committer.commit(committables)
-    assert committer.lingering() == [committables[0]["txn"]]
+    assert committer.lingering() == [committables[0].txn]
     committer.abort(committables)
     assert committer.lingering() == []

@@ -16,9 +16,10 @@ import pytest
 import ray
 
 import onceflow as of
-from onceflow.checkpoint import failpoints
 from onceflow.checkpoint.storage import CheckpointStorage
-from onceflow.operators.workload import feature_events
+from onceflow.checkpoint.two_phase_commit import CommittableRecord
+from onceflow.testing import failpoints
+from onceflow.testing.workload import feature_events
 from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -348,7 +349,7 @@ def test_a_failed_job_keeps_only_its_newest_checkpoints_transactions_and_resume_
     assert newest is not None
     left = hidden_files(out)
     # What is left is exactly what the newest checkpoint recorded as pre-committed and not yet committed.
-    recorded = {Path(c["pending"]).name for c in _sink_committables(storage, job)}
+    recorded = {Path(c.fields["pending"]).name for c in _sink_committables(storage, job)}
     assert set(left) <= recorded, f"left behind beyond the newest checkpoint: {set(left) - recorded}"
     (tmp_path / "fixed").touch()
     of.run(flow(), parallelism=2, checkpoint=config, resume=True)
@@ -356,7 +357,7 @@ def test_a_failed_job_keeps_only_its_newest_checkpoints_transactions_and_resume_
     assert hidden_files(out) == []
 
 
-def _sink_committables(storage: str, job: str) -> list[dict[str, Any]]:
+def _sink_committables(storage: str, job: str) -> list[CommittableRecord]:
     from onceflow.checkpoint.state import read_sink_state
 
     store = CheckpointStorage(storage, job)

@@ -20,11 +20,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import onceflow as of
-from onceflow.checkpoint.errors import PlanError
 from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.errors import PlanError
 from onceflow.operators import agg
 from onceflow.operators.keygroups import key_group_range
-from onceflow.operators.sinks.testing import TestingSink
 from onceflow.operators.sources.base import RescaledOffsets, Source, SourceContext, SplitCursor, deal_cursors
 from onceflow.operators.sources.generator import GeneratorSource
 from onceflow.operators.watermark import BoundedOutOfOrderness
@@ -32,6 +31,7 @@ from onceflow.operators.windows import Tumbling
 from onceflow.runtime.dataflow import Dataflow
 from onceflow.runtime.plan import PhysicalPlan, plan
 from onceflow.runtime.restore import assign_restored_state, restored_sink_states
+from onceflow.testing.sink import TestingSink
 from tests.helpers import wait_until
 
 # -- operator identity ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 import onceflow as of
-from onceflow.operators.workload import feature_events
+from onceflow.testing.workload import feature_events
 from tests.helpers import assert_feature_reference, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
+from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.supervisor import JobEnd, JobPhase
+from onceflow.runtime.restart import RestartStrategy
 from tests.simulation.chooser import Chooser, shrink
 from tests.simulation.invariants import check_run
 from tests.simulation.scheduler import Outcome, Policy, crash, drive, run_schedule

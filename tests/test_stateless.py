@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from onceflow.checkpoint.errors import DataError, OperatorError
+from onceflow.errors import DataError, OperatorError
 from onceflow.operators.logic import MAIN, OperatorContext
 from onceflow.operators.stateless import Filter, FlatMap, Map, MapBatches
 

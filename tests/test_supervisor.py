@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onceflow.checkpoint.config import RestartStrategy
 from onceflow.checkpoint.supervisor import (
     CancelRequested,
     CommitOutput,
@@ -34,6 +33,7 @@ from onceflow.checkpoint.supervisor import (
     SupervisorEvent,
     TakeFinalCheckpoint,
 )
+from onceflow.runtime.restart import RestartStrategy
 
 
 def started(attempts: int = 3, *, checkpointing: bool = True, restore: int | None = None) -> JobSupervisor:

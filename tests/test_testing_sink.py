@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 import ray
 
-from onceflow.checkpoint.errors import OnceflowError, SinkCommitError
 from onceflow.checkpoint.two_phase_commit import SinkContext
-from onceflow.operators.sinks.testing import TestingSink
+from onceflow.errors import OnceflowError, SinkCommitError
+from onceflow.testing.sink import TestingSink
 
 CTX = SinkContext(job="job", operator="sink_3", subtask=0)
 
@@ -80,9 +80,10 @@ def test_nothing_is_visible_before_commit(sink: TestingSink) -> None:
     empty = sink.table()
     assert (empty.num_rows, empty.num_columns) == (0, 0)
     assert len(committables) == 1
-    assert msgpack.unpackb(msgpack.packb(committables[0])) == committables[0]
-    assert committables[0]["v"] == 1
-    assert committables[0]["id"].startswith("sink_3/0/")
+    stored = committables[0].to_record().to_dict()
+    assert msgpack.unpackb(msgpack.packb(stored)) == stored
+    assert stored["v"] == 1
+    assert committables[0].id.startswith("sink_3/0/")
 
 
 def test_committed_rows_in_commit_order_and_commit_is_idempotent(sink: TestingSink) -> None:
@@ -103,7 +104,7 @@ def test_committed_rows_in_commit_order_and_commit_is_idempotent(sink: TestingSi
     assert sink.table().column("x").to_pylist() == [10, 11, 0, 1, 2, 3]
     assert sink.rows() == [{"x": x} for x in [10, 11, 0, 1, 2, 3]]
     ids = sink.committed_ids()
-    assert ids == [b[0]["id"], a[0]["id"], c[0]["id"]]
+    assert ids == [b[0].id, a[0].id, c[0].id]
     assert [i.rsplit("/", 1)[0] for i in ids] == ["sink_3/1", "sink_3/0", "sink_3/0"]
     assert len(set(ids)) == 3
 
@@ -172,7 +173,7 @@ def test_abort_lingering_aborts_every_pre_commit_of_the_operator_but_the_kept(si
     assert len(sink.pending_ids()) == 6
     committer.abort_lingering(keep=committables["kept"])
     committer.abort_lingering(keep=committables["kept"])  # idempotent
-    assert committer.lingering() == [committables["kept"][0]["id"]]
+    assert committer.lingering() == [committables["kept"][0].id]
     with pytest.raises(SinkCommitError, match=r"testing sink sink_3: cannot commit 1 transaction\(s\) that were "
                                               r"aborted .*a checkpoint named a transaction that recovery aborted"):
         committer.commit(committables["kept"] + committables["other attempt"])

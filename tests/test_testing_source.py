@@ -8,9 +8,9 @@ import msgpack
 import pyarrow as pa
 import pytest
 
-from onceflow.checkpoint.errors import OnceflowError, PlanError
+from onceflow.errors import OnceflowError, PlanError
 from onceflow.operators.sources.base import RescaledOffsets, SourceContext
-from onceflow.operators.sources.testing import TestingSource, TestingSourceAbort, TestingSourceReader
+from onceflow.testing.source import TestingSource, TestingSourceAbort, TestingSourceReader
 
 CTX = SourceContext("test_0")
 

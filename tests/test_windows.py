@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onceflow.checkpoint.errors import DataError, PlanError
+from onceflow.errors import DataError, PlanError
 from onceflow.operators import agg
 from onceflow.operators.keygroups import key_group_range
 from onceflow.operators.logic import LATE, MAIN, OperatorContext

@@ -18,7 +18,7 @@ splits a hidden name back into its fields and compares the job and operator
 fields exactly, so sinks of other jobs or operators writing into the same
 directory (``sink`` and ``sink-1``, say) never remove each other's files.
 
-Committable (version 1)::
+Committables are :class:`ParquetCommittable` values, stored as (version 1)::
 
     {"v": 1, "pending": "<path of the pending file>", "final": "<path of the part file>"}
 
@@ -47,19 +47,26 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
-from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+from onceflow.checkpoint.two_phase_commit import (
+    Committable,
+    CommittableRecord,
+    Committer,
+    SinkContext,
+    SinkWriter,
+    TransactionalSink,
+    unsupported_version,
+)
+from onceflow.errors import DataError, PlanError, SinkCommitError
 from onceflow.operators.sinks.naming import escape_field, split_fields
 
-__all__ = ["ParquetSink", "ParquetSinkCommitter", "ParquetSinkWriter"]
-
-COMMITTABLE_VERSION = 1
-"""The version of the committables this module writes and reads."""
+__all__ = ["ParquetCommittable", "ParquetSink", "ParquetSinkCommitter", "ParquetSinkWriter"]
 
 _FIELDS = 7
 """Fields of a file name: job, operator, subtask, run, attempt, writer token, file sequence."""
@@ -89,7 +96,39 @@ def _uncommitted_fields(name: str) -> list[str] | None:
     return None
 
 
-class ParquetSink(TransactionalSink):
+@dataclass(frozen=True, slots=True)
+class ParquetCommittable(Committable):
+    """A pending file, committed by renaming it to its part file.
+
+    Attributes:
+        pending: the path of the hidden pending file.
+        final: the path of the visible part file it becomes.
+
+    Example:
+        >>> committable = ParquetCommittable("/out/_a.parquet.pending", "/out/part-a.parquet")
+        >>> committable.to_record().to_dict()
+        {'v': 1, 'pending': '/out/_a.parquet.pending', 'final': '/out/part-a.parquet'}
+        >>> ParquetCommittable.from_record(committable.to_record()) == committable
+        True
+
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    pending: str
+    final: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"pending": self.pending, "final": self.final}
+
+    @classmethod
+    def from_record(cls, record: CommittableRecord, *, operator: str = "") -> Self:
+        if record.version != 1:
+            raise unsupported_version(record, (1,), sink="parquet sink", operator=operator)
+        return cls(str(record.fields["pending"]), str(record.fields["final"]))
+
+
+class ParquetSink(TransactionalSink[ParquetCommittable]):
     """Writes committed rows as Parquet files into a directory, exactly once.
 
     Args:
@@ -178,8 +217,17 @@ class ParquetSink(TransactionalSink):
         fs, path = _resolve(self.path)
         return ParquetSinkCommitter(fs, ctx, path)
 
+    def read_committable(self, record: CommittableRecord, *, operator: str = "") -> ParquetCommittable:
+        """Read a committable of this sink from a checkpoint (version 1).
 
-class ParquetSinkWriter(SinkWriter):
+        Raises:
+            SinkCommitError: the record's version is not 1.
+
+        """
+        return ParquetCommittable.from_record(record, operator=operator)
+
+
+class ParquetSinkWriter(SinkWriter[ParquetCommittable]):
     """Writes one sink subtask's batches into in-progress and pending files.
 
     Args:
@@ -202,7 +250,7 @@ class ParquetSinkWriter(SinkWriter):
         self._name = ""
         self._bytes = 0
         self._opened_at = 0.0
-        self._pending: list[Committable] = []
+        self._pending: list[ParquetCommittable] = []
 
     def write(self, batch: pa.RecordBatch) -> None:
         """Write ``batch`` into the open file, rolling first or after where due.
@@ -234,7 +282,7 @@ class ParquetSinkWriter(SinkWriter):
         if self._writer is not None and self._interval_due():
             self._roll()
 
-    def prepare_commit(self, checkpoint_id: int | None = None) -> list[Committable]:
+    def prepare_commit(self, checkpoint_id: int | None = None) -> list[ParquetCommittable]:
         """Close the open file into pending and hand out every pending file.
 
         Returns:
@@ -255,7 +303,7 @@ class ParquetSinkWriter(SinkWriter):
                 self._writer = None
                 _delete(self._fs, self._path(f".{self._name}.inprogress"))
         for committable in self._pending:
-            _delete(self._fs, committable["pending"])
+            _delete(self._fs, committable.pending)
         self._pending = []
 
     def _path(self, name: str) -> str:
@@ -283,7 +331,7 @@ class ParquetSinkWriter(SinkWriter):
         _fsync(self._fs, in_progress)
         self._fs.move(in_progress, pending)
         _fsync_directory(self._fs, self._directory)
-        self._pending.append({"v": COMMITTABLE_VERSION, "pending": pending, "final": self._path(f"part-{self._name}")})
+        self._pending.append(ParquetCommittable(pending, self._path(f"part-{self._name}")))
 
     def _interval_due(self) -> bool:
         interval = self._sink.rolling_interval_s
@@ -314,7 +362,7 @@ class ParquetSinkWriter(SinkWriter):
         return DataError(msg, operator=operator, column=column or None)
 
 
-class ParquetSinkCommitter(Committer):
+class ParquetSinkCommitter(Committer[ParquetCommittable]):
     """Renames pending files to their visible names, idempotently.
 
     Args:
@@ -328,18 +376,18 @@ class ParquetSinkCommitter(Committer):
         self._ctx = ctx
         self._directory = directory.rstrip("/")
 
-    def commit(self, committables: list[Committable]) -> None:
+    def commit(self, committables: list[ParquetCommittable]) -> None:
         """Rename each pending file to its final name; a committed one is skipped.
 
         Raises:
-            SinkCommitError: a committable has an unknown version, or neither
-                its pending nor its final file exists (the rest are committed).
+            SinkCommitError: neither the pending nor the final file of a
+                committable exists (the rest are committed).
 
         """
         lost = []
         directories = set()
         for committable in committables:
-            pending, final = self._paths(committable)
+            pending, final = committable.pending, committable.final
             if _exists(self._fs, pending):
                 self._fs.move(pending, final)
                 directories.add(final.rsplit("/", 1)[0])
@@ -355,13 +403,12 @@ class ParquetSinkCommitter(Committer):
             )
             raise SinkCommitError(msg)
 
-    def abort(self, committables: list[Committable]) -> None:
+    def abort(self, committables: list[ParquetCommittable]) -> None:
         """Delete the pending files of ``committables`` (committed ones stay)."""
         for committable in committables:
-            pending, _ = self._paths(committable)
-            _delete(self._fs, pending)
+            _delete(self._fs, committable.pending)
 
-    def abort_lingering(self, keep: list[Committable]) -> None:
+    def abort_lingering(self, keep: list[ParquetCommittable]) -> None:
         """Delete every in-progress and pending file of this job's sink operator that ``keep`` does not name.
 
         Every subtask, run and attempt of the operator is included; files of
@@ -369,7 +416,7 @@ class ParquetSinkCommitter(Committer):
         their names share (names are compared field by field). Run it with
         no writer of the operator alive: a live writer's files would go too.
         """
-        kept = {self._paths(c)[0].rsplit("/", 1)[-1] for c in keep}
+        kept = {c.pending.rsplit("/", 1)[-1] for c in keep}
         for path in self.lingering():
             if path.rsplit("/", 1)[-1] not in kept:
                 _delete(self._fs, path)
@@ -387,17 +434,6 @@ class ParquetSinkCommitter(Committer):
             if fields is not None and fields[0] == job and fields[1] == operator:
                 found.append(info.path)
         return sorted(found)
-
-    def _paths(self, committable: Committable) -> tuple[str, str]:
-        version = committable.get("v")
-        if version != COMMITTABLE_VERSION:
-            msg = (
-                f"parquet sink {self._ctx.operator}: committable version {version!r} is not "
-                f"supported (this onceflow reads version {COMMITTABLE_VERSION}); resolve the "
-                "checkpoint with the onceflow version that wrote it"
-            )
-            raise SinkCommitError(msg)
-        return committable["pending"], committable["final"]
 
 
 def _resolve(path: str) -> tuple[pafs.FileSystem, str]:

@@ -48,9 +48,11 @@ operators, jobs, runs and attempts sharing the database never collide.
 (at-least-once after a failure: rows written since the last checkpoint are
 written again); it is the baseline of the sink benchmark.
 
-Committables: version 1 ``{"v": 1, "gid": <prepared transaction>}``; version 2
-``{"v": 2, "txn": <name>, "checkpoint": <id or None>, "table": <target>,
-"staging": <staging table>, "columns": [...], "keys": [...]}``.
+Committables: a :class:`PreparedTransaction` (append mode), stored as version 1
+``{"v": 1, "gid": <prepared transaction>}``; a :class:`StagedTransaction`
+(upsert mode), stored as version 2 ``{"v": 2, "txn": <name>, "checkpoint":
+<id or None>, "table": <target>, "staging": <staging table>, "columns": [...],
+"keys": [...]}``.
 
 Example:
     >>> sink = PostgresSink("host=127.0.0.1 dbname=features", "user_windows",
@@ -71,25 +73,36 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
-from onceflow.checkpoint.errors import DataError, PlanError, SinkCommitError
-from onceflow.checkpoint.failpoints import crash_point
-from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+from onceflow.checkpoint.two_phase_commit import (
+    Committable,
+    CommittableRecord,
+    Committer,
+    SinkContext,
+    SinkWriter,
+    TransactionalSink,
+    unsupported_version,
+)
+from onceflow.errors import DataError, PlanError, SinkCommitError
 from onceflow.operators.sinks.naming import escape_field, split_fields
+from onceflow.testing.failpoints import crash_point
 
-__all__ = ["PostgresSink", "PostgresSinkCommitter", "PostgresSinkWriter"]
+__all__ = [
+    "PostgresCommittable",
+    "PostgresSink",
+    "PostgresSinkCommitter",
+    "PostgresSinkWriter",
+    "PreparedTransaction",
+    "StagedTransaction",
+]
 
 log = logging.getLogger("onceflow")
 
-PREPARED_VERSION = 1
-"""The committable version of a prepared transaction (append mode)."""
-STAGED_VERSION = 2
-"""The committable version of a staged transaction (upsert mode)."""
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _COMMIT_ATTEMPTS = 6
@@ -187,7 +200,102 @@ def _copy(connection: Any, table: str, batch: pa.RecordBatch) -> None:
         copy.write(_csv(batch))
 
 
-class PostgresSink(TransactionalSink):
+@dataclass(frozen=True, slots=True)
+class PreparedTransaction(Committable):
+    """A prepared transaction (append mode), resolved by ``COMMIT PREPARED`` or ``ROLLBACK PREPARED``.
+
+    Attributes:
+        gid: the transaction's name.
+
+    Example:
+        >>> PreparedTransaction("onceflow:job:sink_1:0:7::0").to_record().to_dict()
+        {'v': 1, 'gid': 'onceflow:job:sink_1:0:7::0'}
+
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    gid: str
+
+    @property
+    def name(self) -> str:
+        return self.gid
+
+    def fields(self) -> dict[str, Any]:
+        return {"gid": self.gid}
+
+    @classmethod
+    def from_record(cls, record: CommittableRecord, *, operator: str = "") -> Self:
+        if record.version != cls.VERSION:
+            raise unsupported_version(record, (cls.VERSION,), sink="postgres sink", operator=operator)
+        return cls(str(record.fields["gid"]))
+
+
+@dataclass(frozen=True, slots=True)
+class StagedTransaction(Committable):
+    """Rows staged under one transaction name (upsert mode), merged into the target or deleted.
+
+    Attributes:
+        txn: the transaction's name, which tags its staged rows.
+        staging: the staging table.
+        table: the target table.
+        columns: the stream's columns.
+        keys: the key columns of the upsert.
+        checkpoint: the checkpoint whose barrier pre-committed it, or ``None``
+            (the end of a job without checkpoints, or found lingering).
+
+    Example:
+        >>> staged = StagedTransaction("t", "s", "target", ("id", "x"), ("id",), checkpoint=3)
+        >>> staged.to_record().to_dict()
+        {'v': 2, 'txn': 't', 'checkpoint': 3, 'table': 'target', 'staging': 's', 'columns': ['id', 'x'], 'keys': ['id']}
+
+    """
+
+    VERSION: ClassVar[int] = 2
+
+    txn: str
+    staging: str
+    table: str = ""
+    columns: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    checkpoint: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.txn
+
+    def fields(self) -> dict[str, Any]:
+        return {"txn": self.txn, "checkpoint": self.checkpoint, "table": self.table, "staging": self.staging,
+                "columns": list(self.columns), "keys": list(self.keys)}
+
+    @classmethod
+    def from_record(cls, record: CommittableRecord, *, operator: str = "") -> Self:
+        if record.version != cls.VERSION:
+            raise unsupported_version(record, (cls.VERSION,), sink="postgres sink", operator=operator)
+        fields = record.fields
+        return cls(str(fields["txn"]), _checked_table(fields["staging"], operator=operator),
+                   _checked_table(fields["table"], operator=operator), tuple(fields["columns"]),
+                   tuple(fields["keys"]), fields.get("checkpoint"))
+
+    def merge_statement(self) -> str:
+        """Move the staged rows into the target, the last one per key winning; takes ``txn`` as its parameter."""
+        columns = ", ".join(_quote(c) for c in self.columns)
+        keys = ", ".join(_quote(k) for k in self.keys)
+        updates = ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in self.columns if c not in self.keys)
+        action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+        return (
+            f"WITH staged AS (DELETE FROM {self.staging} WHERE {_TXN_COLUMN} = %s "  # noqa: S608 - checked names
+            f"RETURNING {_SEQ_COLUMN}, {columns}) "
+            f"INSERT INTO {self.table} ({columns}) SELECT DISTINCT ON ({keys}) {columns} FROM staged "
+            f"ORDER BY {keys}, {_SEQ_COLUMN} DESC ON CONFLICT ({keys}) {action}"
+        )
+
+
+PostgresCommittable = PreparedTransaction | StagedTransaction
+"""A committable of :class:`PostgresSink`: its version tells which (1: prepared, 2: staged)."""
+
+
+class PostgresSink(TransactionalSink[PostgresCommittable]):
     """Write a stream into a PostgreSQL table, exactly once.
 
     It needs psycopg, which the ``postgres`` extra installs (``pip install 'onceflow[postgres]'``);
@@ -300,6 +408,20 @@ class PostgresSink(TransactionalSink):
         """Return a committer (it connects when it has something to do)."""
         return PostgresSinkCommitter(self, ctx)
 
+    def read_committable(self, record: CommittableRecord, *, operator: str = "") -> PostgresCommittable:
+        """Read a committable of this sink from a checkpoint: version 1 (prepared) or 2 (staged).
+
+        Raises:
+            SinkCommitError: another version, or a staged one naming a table that is no plain identifier.
+
+        """
+        if record.version == PreparedTransaction.VERSION:
+            return PreparedTransaction.from_record(record, operator=operator)
+        if record.version == StagedTransaction.VERSION:
+            return StagedTransaction.from_record(record, operator=operator)
+        readable = (PreparedTransaction.VERSION, StagedTransaction.VERSION)
+        raise unsupported_version(record, readable, sink="postgres sink", operator=operator)
+
 
 class _Transactions(ABC):
     """How one writer's rows reach the server and get pre-committed: one strategy per mode."""
@@ -314,7 +436,7 @@ class _Transactions(ABC):
         """Add ``batch`` to the open transaction."""
 
     @abstractmethod
-    def pre_commit(self, connection: Any, checkpoint_id: int | None) -> list[Committable]:
+    def pre_commit(self, connection: Any, checkpoint_id: int | None) -> list[PostgresCommittable]:
         """Make the open transaction durable and invisible; return its committables."""
 
     def reset(self) -> None:  # noqa: B027 - optional hook
@@ -332,7 +454,7 @@ class _Autocommit(_Transactions):
     def write(self, connection: Any, batch: pa.RecordBatch) -> None:
         _copy(connection, self._sink.table, batch)
 
-    def pre_commit(self, connection: Any, checkpoint_id: int | None) -> list[Committable]:
+    def pre_commit(self, connection: Any, checkpoint_id: int | None) -> list[PostgresCommittable]:
         return []
 
 
@@ -346,10 +468,10 @@ class _PreparedAppend(_Transactions):
     def write(self, connection: Any, batch: pa.RecordBatch) -> None:
         _copy(connection, self._sink.table, batch)
 
-    def pre_commit(self, connection: Any, checkpoint_id: int | None) -> list[Committable]:
+    def pre_commit(self, connection: Any, checkpoint_id: int | None) -> list[PostgresCommittable]:
         name = PostgresSink.transaction_name(self._ctx, checkpoint_id if checkpoint_id is not None else "end")
         connection.execute(f"PREPARE TRANSACTION '{name}'")
-        return [{"v": PREPARED_VERSION, "gid": name}]
+        return [PreparedTransaction(name)]
 
 
 class _StagedUpsert(_Transactions):
@@ -394,7 +516,7 @@ class _StagedUpsert(_Transactions):
                     psycopg.sql.SQL(self._staging), psycopg.sql.Literal(comment)))
         # A merge of nothing checks, before any row is written, that the target
         # exists, has these columns and a unique key on key_columns.
-        probe = _StagedTransaction("", self._staging, self._sink.table, tuple(self._columns),
+        probe = StagedTransaction("", self._staging, self._sink.table, tuple(self._columns),
                                    self._sink.key_columns)
         try:
             connection.execute(probe.merge_statement(), (probe.txn,))
@@ -423,17 +545,17 @@ class _StagedUpsert(_Transactions):
         _copy(connection, self._staging, tagged)
         self._sequence += rows
 
-    def pre_commit(self, connection: Any, checkpoint_id: int | None) -> list[Committable]:
+    def pre_commit(self, connection: Any, checkpoint_id: int | None) -> list[PostgresCommittable]:
         connection.commit()
         name, self._name = self._name, ""
-        return [{"v": STAGED_VERSION, "txn": name, "checkpoint": checkpoint_id, "table": self._sink.table,
-                 "staging": self._staging, "columns": self._columns, "keys": list(self._sink.key_columns)}]
+        return [StagedTransaction(name, self._staging, self._sink.table, tuple(self._columns),
+                                  tuple(self._sink.key_columns), checkpoint_id)]
 
     def reset(self) -> None:
         self._name = ""
 
 
-class PostgresSinkWriter(SinkWriter):
+class PostgresSinkWriter(SinkWriter[PostgresCommittable]):
     """Writes one subtask's rows into its open transaction.
 
     Attributes:
@@ -541,7 +663,7 @@ class PostgresSinkWriter(SinkWriter):
     def flush(self, end_of_input: bool) -> None:
         """Nothing is buffered: every batch went to the server when written."""
 
-    def prepare_commit(self, checkpoint_id: int | None = None) -> list[Committable]:
+    def prepare_commit(self, checkpoint_id: int | None = None) -> list[PostgresCommittable]:
         """Pre-commit the rows written since the last call; return their committable (none if no rows)."""
         if not self._dirty:
             return []
@@ -560,73 +682,14 @@ class PostgresSinkWriter(SinkWriter):
         self._dirty = False
 
 
-@dataclass(frozen=True, slots=True)
-class _PreparedTransaction:
-    """A prepared transaction, resolved by ``COMMIT PREPARED`` or ``ROLLBACK PREPARED``."""
-
-    gid: str
-
-    @property
-    def name(self) -> str:
-        return self.gid
-
-
-@dataclass(frozen=True, slots=True)
-class _StagedTransaction:
-    """Rows staged under one transaction name, merged into the target or deleted."""
-
-    txn: str
-    staging: str
-    table: str = ""
-    columns: tuple[str, ...] = ()
-    keys: tuple[str, ...] = ()
-
-    @property
-    def name(self) -> str:
-        return self.txn
-
-    def merge_statement(self) -> str:
-        """Move the staged rows into the target, the last one per key winning; takes ``txn`` as its parameter."""
-        columns = ", ".join(_quote(c) for c in self.columns)
-        keys = ", ".join(_quote(k) for k in self.keys)
-        updates = ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in self.columns if c not in self.keys)
-        action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
-        return (
-            f"WITH staged AS (DELETE FROM {self.staging} WHERE {_TXN_COLUMN} = %s "  # noqa: S608 - checked names
-            f"RETURNING {_SEQ_COLUMN}, {columns}) "
-            f"INSERT INTO {self.table} ({columns}) SELECT DISTINCT ON ({keys}) {columns} FROM staged "
-            f"ORDER BY {keys}, {_SEQ_COLUMN} DESC ON CONFLICT ({keys}) {action}"
-        )
-
-
-_Transaction = _PreparedTransaction | _StagedTransaction
-
-
-class PostgresSinkCommitter(Committer):
+class PostgresSinkCommitter(Committer[PostgresCommittable]):
     """Commits and aborts prepared and staged transactions by name, idempotently, with retries."""
 
     def __init__(self, sink: PostgresSink, ctx: SinkContext) -> None:
         self._sink = sink
         self._ctx = ctx
 
-    def _transaction(self, committable: Committable) -> _Transaction:
-        version = committable.get("v")
-        operator = self._ctx.operator
-        if version == PREPARED_VERSION:
-            return _PreparedTransaction(str(committable["gid"]))
-        if version == STAGED_VERSION:
-            return _StagedTransaction(
-                str(committable["txn"]), _checked_table(committable["staging"], operator=operator),
-                _checked_table(committable["table"], operator=operator), tuple(committable["columns"]),
-                tuple(committable["keys"]))
-        msg = (
-            f"postgres sink {operator}: committable version {version!r} is not supported (this onceflow "
-            f"reads versions {PREPARED_VERSION} and {STAGED_VERSION}); resolve the checkpoint with the "
-            "onceflow version that wrote it"
-        )
-        raise SinkCommitError(msg)
-
-    def _resolve(self, transactions: Sequence[_Transaction], commit: bool) -> None:
+    def _resolve(self, transactions: Sequence[PostgresCommittable], commit: bool) -> None:
         """Commit (or abort) ``transactions`` in order, each once; retry lost connections and deadlocks."""
         if not transactions:
             return
@@ -640,7 +703,7 @@ class PostgresSinkCommitter(Committer):
                         "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")}
                     done = 0
                     for transaction in transactions:
-                        if isinstance(transaction, _PreparedTransaction):
+                        if isinstance(transaction, PreparedTransaction):
                             if transaction.gid not in prepared:  # resolved before
                                 continue
                             connection.execute(f"{'COMMIT' if commit else 'ROLLBACK'} PREPARED '{transaction.gid}'")
@@ -674,22 +737,22 @@ class PostgresSinkCommitter(Committer):
                 )
                 raise SinkCommitError(msg) from error
 
-    def commit(self, committables: list[Committable]) -> None:
+    def commit(self, committables: list[PostgresCommittable]) -> None:
         """Publish each transaction, in order; one resolved before is skipped."""
-        self._resolve([self._transaction(c) for c in committables], commit=True)
+        self._resolve(committables, commit=True)
 
-    def abort(self, committables: list[Committable]) -> None:
+    def abort(self, committables: list[PostgresCommittable]) -> None:
         """Discard each transaction still pre-committed (committed ones stay)."""
-        self._resolve([self._transaction(c) for c in committables], commit=False)
+        self._resolve(committables, commit=False)
 
-    def abort_lingering(self, keep: list[Committable]) -> None:
+    def abort_lingering(self, keep: list[PostgresCommittable]) -> None:
         """Discard every prepared and staged transaction of this job's sink operator except ``keep``.
 
         Every subtask, run and attempt of the operator is included; names are
         matched by their job and operator fields, so other jobs and operators
         in the database are never touched.
         """
-        kept = {self._transaction(c).name for c in keep}
+        kept = {c.name for c in keep}
         lingering = [t for t in self._lingering() if t.name not in kept]
         if lingering:
             log.info("postgres sink %s: aborting %d lingering transaction(s)", self._ctx.operator, len(lingering))
@@ -699,16 +762,16 @@ class PostgresSinkCommitter(Committer):
         """Name every prepared or staged transaction of this job's sink operator, sorted."""
         return sorted(t.name for t in self._lingering())
 
-    def _lingering(self) -> list[_Transaction]:
+    def _lingering(self) -> list[PostgresCommittable]:
         prefix = ":".join(PostgresSink.transaction_name(self._ctx, "").split(":")[:3]) + ":"
         legacy_prefix = f"onceflow:{self._ctx.job}:"
         schema, _, _ = self._sink.table.rpartition(".")
-        found: list[_Transaction] = []
+        found: list[PostgresCommittable] = []
         with _psycopg(self._sink.table).connect(self._sink.dsn, autocommit=True) as connection:
             for (gid,) in connection.execute(
                     "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
                     "AND (starts_with(gid, %s) OR starts_with(gid, %s))", (prefix, legacy_prefix)):
-                found.append(_PreparedTransaction(gid))
+                found.append(PreparedTransaction(gid))
             stagings = connection.execute(
                 "SELECT schemaname, tablename FROM pg_tables WHERE schemaname = coalesce(%s, current_schema()) "
                 "AND starts_with(tablename, %s)", (schema or None, _STAGING_PREFIX)).fetchall()
@@ -717,7 +780,7 @@ class PostgresSinkCommitter(Committer):
                 for (txn,) in connection.execute(
                         f"SELECT DISTINCT {_TXN_COLUMN} FROM {staging} "  # noqa: S608 - names from the catalog
                         f"WHERE starts_with({_TXN_COLUMN}, %s)", (prefix,)):
-                    found.append(_StagedTransaction(txn, staging))
+                    found.append(StagedTransaction(txn, staging))
         return [t for t in found if self._owns(t.name)]
 
     def _owns(self, name: str) -> bool:

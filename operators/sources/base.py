@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from onceflow.checkpoint.errors import PlanError
+from onceflow.errors import PlanError
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -9,7 +9,7 @@ import argparse
 import json
 
 import onceflow as of
-from onceflow.operators.workload import feature_events
+from onceflow.testing.workload import feature_events
 
 
 def main() -> None:

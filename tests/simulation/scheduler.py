@@ -17,8 +17,9 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
+from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.supervisor import JobEnd
+from onceflow.runtime.restart import RestartStrategy
 from tests.simulation.chooser import Chooser
 from tests.simulation.invariants import check_run
 from tests.simulation.world import SOURCE, Job, SimActor, Subtask, World

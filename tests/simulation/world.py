@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onceflow.checkpoint.barrier_handler import AlignedBarrierHandler, Release, Snapshot
-from onceflow.checkpoint.config import CheckpointConfig, RestartStrategy
+from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.coordinator import (
     AbortCheckpoint,
     CheckpointAction,
@@ -61,6 +61,7 @@ from onceflow.checkpoint.supervisor import (
     SupervisorEvent,
     TakeFinalCheckpoint,
 )
+from onceflow.runtime.restart import RestartStrategy
 from tests.simulation.chooser import Chooser
 from tests.simulation.store import ManifestStorage, ManifestWrite, TransactionalStore
 

@@ -23,7 +23,7 @@ Bytewax's ``TestingSink`` list does. Without Ray initialised, ``prepare``
 keeps the store in this process instead (for unit tests; such a sink cannot be
 sent to another process).
 
-Committable (version 1)::
+Committables are :class:`TestingCommittable` values, stored as (version 1)::
 
     {"v": 1, "id": "<operator>/<subtask>/<writer token>-<n>", "batches": <Arrow IPC stream bytes>}
 
@@ -52,17 +52,54 @@ Example:
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 import pyarrow as pa
 
-from onceflow.checkpoint.errors import OnceflowError, SinkCommitError
-from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, SinkWriter, TransactionalSink
+from onceflow.checkpoint.two_phase_commit import (
+    Committable,
+    CommittableRecord,
+    Committer,
+    SinkContext,
+    SinkWriter,
+    TransactionalSink,
+    unsupported_version,
+)
+from onceflow.errors import OnceflowError, SinkCommitError
 
-__all__ = ["TestingSink", "TestingSinkCommitter", "TestingSinkWriter"]
+__all__ = ["TestingCommittable", "TestingSink", "TestingSinkCommitter", "TestingSinkWriter"]
 
-COMMITTABLE_VERSION = 1
-"""The version of the committables this module writes and reads."""
+
+@dataclass(frozen=True, slots=True)
+class TestingCommittable(Committable):
+    """One writer's rows between two pre-commits, under an id unique to them.
+
+    Attributes:
+        id: ``<operator>/<subtask>/<writer token>-<n>``.
+        batches: the rows, as Arrow IPC stream bytes.
+
+    Example:
+        >>> committable = TestingCommittable("sink_1/0/abc-0", b"")
+        >>> committable.to_record().to_dict()
+        {'v': 1, 'id': 'sink_1/0/abc-0', 'batches': b''}
+
+    """
+
+    __test__: ClassVar[bool] = False
+    VERSION: ClassVar[int] = 1
+
+    id: str
+    batches: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"id": self.id, "batches": self.batches}
+
+    @classmethod
+    def from_record(cls, record: CommittableRecord, *, operator: str = "") -> Self:
+        if record.version != 1:
+            raise unsupported_version(record, (1,), sink="testing sink", operator=operator)
+        return cls(str(record.fields["id"]), bytes(record.fields["batches"]))
 
 
 class _TestingStore:
@@ -78,15 +115,15 @@ class _TestingStore:
             if committable_id not in self._committed and committable_id not in self._aborted:
                 self._prepared[committable_id] = (job, operator)
 
-    def commit(self, committables: list[Committable]) -> list[str]:
+    def commit(self, committables: list[TestingCommittable]) -> list[str]:
         """Commit each committable not aborted; return the ids of the aborted ones."""
         aborted = []
         for committable in committables:
-            committable_id = committable["id"]
+            committable_id = committable.id
             if committable_id in self._aborted:
                 aborted.append(committable_id)
                 continue
-            self._committed.setdefault(committable_id, committable["batches"])
+            self._committed.setdefault(committable_id, committable.batches)
             self._prepared.pop(committable_id, None)
         return aborted
 
@@ -136,7 +173,7 @@ class _LocalStore:
         raise OnceflowError(msg)
 
 
-class TestingSink(TransactionalSink):
+class TestingSink(TransactionalSink[TestingCommittable]):
     """Collects committed rows for tests; read them with :meth:`table` or :meth:`rows`.
 
     Example:
@@ -183,6 +220,15 @@ class TestingSink(TransactionalSink):
         """Return a committer that sends committables to the store."""
         return TestingSinkCommitter(self._store, ctx)
 
+    def read_committable(self, record: CommittableRecord, *, operator: str = "") -> TestingCommittable:
+        """Read a committable of this sink from a checkpoint (version 1).
+
+        Raises:
+            SinkCommitError: the record's version is not 1.
+
+        """
+        return TestingCommittable.from_record(record, operator=operator)
+
     def table(self) -> pa.Table:
         """Return every committed row, in commit order (no columns if none)."""
         tables = [_decode(data) for _, data in self._committed()]
@@ -207,7 +253,7 @@ class TestingSink(TransactionalSink):
         return [] if self._store is None else list(_call(self._store, "committed"))
 
 
-class TestingSinkWriter(SinkWriter):
+class TestingSinkWriter(SinkWriter[TestingCommittable]):
     """Buffers one subtask's batches until ``prepare_commit``.
 
     Args:
@@ -235,7 +281,7 @@ class TestingSinkWriter(SinkWriter):
             self._batches.append(batch)
             self.rows_written += batch.num_rows
 
-    def prepare_commit(self, checkpoint_id: int | None = None) -> list[Committable]:
+    def prepare_commit(self, checkpoint_id: int | None = None) -> list[TestingCommittable]:
         """Return one committable holding the buffered rows, or ``[]`` if none."""
         if not self._batches:
             return []
@@ -247,14 +293,14 @@ class TestingSinkWriter(SinkWriter):
         self._sequence += 1
         if self._store is not None:
             _call(self._store, "prepare", self._ctx.job, self._ctx.operator, [committable_id])
-        return [{"v": COMMITTABLE_VERSION, "id": committable_id, "batches": _encode(table)}]
+        return [TestingCommittable(committable_id, _encode(table))]
 
     def abort(self) -> None:
         """Discard the buffered rows."""
         self._batches = []
 
 
-class TestingSinkCommitter(Committer):
+class TestingSinkCommitter(Committer[TestingCommittable]):
     """Sends committables to the store, which keeps each id once.
 
     Args:
@@ -270,15 +316,14 @@ class TestingSinkCommitter(Committer):
         self._store = store
         self._ctx = ctx
 
-    def commit(self, committables: list[Committable]) -> None:
+    def commit(self, committables: list[TestingCommittable]) -> None:
         """Publish ``committables`` in the store; an id already there is skipped.
 
         Raises:
-            SinkCommitError: the sink was never prepared, a committable has an
-                unknown version, or one was aborted (the others are committed).
+            SinkCommitError: the sink was never prepared, or a committable was
+                aborted (the others are committed).
 
         """
-        self._ids(committables)
         if not committables:
             return
         if self._store is None:
@@ -296,32 +341,21 @@ class TestingSinkCommitter(Committer):
             )
             raise SinkCommitError(msg)
 
-    def abort(self, committables: list[Committable]) -> None:
+    def abort(self, committables: list[TestingCommittable]) -> None:
         """Mark ``committables`` aborted (committed ones stay): they can never commit afterwards."""
-        ids = self._ids(committables)
+        ids = [committable.id for committable in committables]
         if ids and self._store is not None:
             _call(self._store, "abort", ids)
 
-    def abort_lingering(self, keep: list[Committable]) -> None:
+    def abort_lingering(self, keep: list[TestingCommittable]) -> None:
         """Abort every pre-committed id of this job's sink operator (all subtasks, runs, attempts) but ``keep``."""
         if self._store is not None:
-            _call(self._store, "abort_lingering", self._ctx.job, self._ctx.operator, self._ids(keep))
+            _call(self._store, "abort_lingering", self._ctx.job, self._ctx.operator, [c.id for c in keep])
 
     def lingering(self) -> list[str]:
         """Return the ids of this job's sink operator pre-committed and neither committed nor aborted."""
         return [] if self._store is None else list(_call(self._store, "lingering", self._ctx.job,
                                                          self._ctx.operator))
-
-    def _ids(self, committables: list[Committable]) -> list[str]:
-        for committable in committables:
-            if committable.get("v") != COMMITTABLE_VERSION:
-                msg = (
-                    f"testing sink {self._ctx.operator}: committable version {committable.get('v')!r} "
-                    f"is not supported (this onceflow reads version {COMMITTABLE_VERSION}); "
-                    "resolve the checkpoint with the onceflow version that wrote it"
-                )
-                raise SinkCommitError(msg)
-        return [str(committable["id"]) for committable in committables]
 
 
 def _encode(table: pa.Table) -> bytes:

@@ -42,7 +42,7 @@ from typing import Any, ClassVar, TypeAlias
 
 import pyarrow as pa
 
-from onceflow.checkpoint.errors import OnceflowError, PlanError
+from onceflow.errors import OnceflowError, PlanError
 from onceflow.operators.sources.base import RescaledOffsets, Source, SourceContext, SourceReader
 
 __all__ = ["TestingSource", "TestingSourceAbort", "TestingSourceReader"]

@@ -4,9 +4,9 @@ Every error onceflow raises derives from :class:`OnceflowError`. Subclasses
 exist where a caller would catch them differently. Messages are lowercase,
 name the operator and the column where there is one, and end with what to do.
 
-The hierarchy lives in ``checkpoint`` because it is the bottom of the
-dependency graph (``onceflow -> runtime -> operators -> checkpoint``); users
-import these names from ``onceflow``.
+This module is a leaf: it imports nothing from onceflow, so every package
+(``runtime``, ``operators``, ``checkpoint``) can import it without a cycle.
+Users import these names from ``onceflow``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,203 @@
+"""Job options: everything ``of.run`` and ``of.submit`` take besides the dataflow, as one value.
+
+A :class:`JobOptions` is frozen and validates itself on construction, so a bad
+option fails before Ray starts, with a message naming the option and what to
+do. ``of.run(flow, options=JobOptions(...))`` and the keyword form
+``of.run(flow, parallelism=2, ...)`` are the same job: the keywords build a
+:class:`JobOptions` (:meth:`JobOptions.from_keywords`); giving both is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypedDict, Unpack
+
+from onceflow.checkpoint.config import CheckpointConfig, require_int, require_number
+from onceflow.errors import PlanError
+from onceflow.operators.keygroups import DEFAULT_MAX_PARALLELISM
+from onceflow.runtime.restart import RestartStrategy
+
+__all__ = ["JobKeywords", "JobOptions"]
+
+
+class JobKeywords(TypedDict, total=False):
+    """The keyword form of :class:`JobOptions`: ``of.run(flow, parallelism=2, ...)``, one keyword per field."""
+
+    parallelism: int
+    address: str | None
+    checkpoint: CheckpointConfig | None
+    restart: RestartStrategy | None
+    max_parallelism: int
+    batch_bytes: int | None
+    linger_s: float | None
+    credits: int | None
+    chaining: bool
+    actor_options: dict[str, Any] | None
+    resume: bool
+    allow_non_restored_state: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """How to run a dataflow: parallelism, cluster, checkpointing, restarts, channel tuning.
+
+    Attributes:
+        parallelism: the default parallelism of sources, keyed operators and unions.
+        address: ``None`` reuses an initialised Ray or starts an embedded one
+            (or joins ``RAY_ADDRESS`` under ``ray job submit``); ``"auto"`` or
+            ``"ray://..."`` joins a cluster.
+        checkpoint: take checkpoints (exactly-once through failures); ``None``
+            turns them off: a failure then fails the job and commits nothing.
+        restart: how often and how soon to restart after a failure (with
+            checkpointing); ``None`` means ``RestartStrategy.default()``
+            (see :attr:`restart_strategy`).
+        max_parallelism: the number of key groups (the most subtasks a keyed operator can have).
+        batch_bytes: a channel sends once it buffers this many bytes (``None``: 4 MiB).
+        linger_s: a channel sends buffered rows at the latest after this long (``None``: 50 ms).
+        credits: unacknowledged messages per channel (``None``: 2).
+        chaining: fuse forward-connected operators into one actor.
+        actor_options: extra Ray actor options for every subtask (``num_cpus``, ...).
+        resume: start from the newest complete checkpoint of this job in
+            ``checkpoint.storage``, whichever run took it (after the driver
+            itself was lost, or a job failed for good); without one the job
+            starts from the beginning. A fresh run (``False``) never restores
+            another run's state: it starts from the beginning, and its sinks
+            abort every transaction an earlier run left uncommitted.
+        allow_non_restored_state: when resuming, drop (with a warning)
+            checkpointed state that matches no operator of the dataflow instead
+            of refusing to start. State is matched by operator uid: an
+            operator's ``name=``, or an id derived from the steps upstream of
+            it, so give stateful operators names to keep their state across
+            changes to the graph.
+
+    Raises:
+        PlanError: an option is out of range or of the wrong type, or
+            ``resume=True`` without ``checkpoint``.
+
+    Example:
+        >>> options = JobOptions(parallelism=2, checkpoint=CheckpointConfig(interval_s=0.5))
+        >>> options.parallelism, options.restart_strategy == RestartStrategy.default()
+        (2, True)
+        >>> options.replace(parallelism=4).parallelism
+        4
+        >>> JobOptions(parallelism=0)
+        Traceback (most recent call last):
+        ...
+        onceflow.errors.PlanError: parallelism must be >= 1, got 0; pass parallelism=1 or more
+
+    """
+
+    parallelism: int = 1
+    address: str | None = None
+    checkpoint: CheckpointConfig | None = None
+    restart: RestartStrategy | None = None
+    max_parallelism: int = DEFAULT_MAX_PARALLELISM
+    batch_bytes: int | None = None
+    linger_s: float | None = None
+    credits: int | None = None
+    chaining: bool = True
+    actor_options: dict[str, Any] | None = None
+    resume: bool = False
+    allow_non_restored_state: bool = False
+
+    def __post_init__(self) -> None:
+        require_int("parallelism", self.parallelism, 1, hint="pass parallelism=1 or more")
+        require_int(
+            "max_parallelism",
+            self.max_parallelism,
+            1,
+            hint="pass max_parallelism of at least the largest keyed parallelism (default 128)",
+        )
+        if self.address is not None and not isinstance(self.address, str):
+            msg = f"address must be a string or None, got {self.address!r}; pass address='auto' or 'ray://host:port'"
+            raise PlanError(msg)
+        if self.checkpoint is not None and not isinstance(self.checkpoint, CheckpointConfig):
+            msg = (
+                f"checkpoint must be a CheckpointConfig or None, got {self.checkpoint!r}; "
+                "pass checkpoint=of.CheckpointConfig(interval_s=..., storage=...)"
+            )
+            raise PlanError(msg)
+        if self.restart is not None and not isinstance(self.restart, RestartStrategy):
+            msg = (
+                f"restart must be a RestartStrategy or None, got {self.restart!r}; "
+                "pass restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.5)"
+            )
+            raise PlanError(msg)
+        if self.batch_bytes is not None:
+            require_int("batch_bytes", self.batch_bytes, 1, hint="pass batch_bytes=None for the default (4 MiB)")
+        if self.linger_s is not None:
+            require_number("linger_s", self.linger_s, positive=False, hint="pass linger_s=None for the default (50 ms)")
+            if math.isinf(self.linger_s):
+                msg = f"linger_s must be finite, got {self.linger_s}; pass linger_s=None for the default (50 ms)"
+                raise PlanError(msg)
+        if self.credits is not None:
+            require_int("credits", self.credits, 1, hint="pass credits=None for the default (2)")
+        for name in ("chaining", "resume", "allow_non_restored_state"):
+            if not isinstance(getattr(self, name), bool):
+                msg = f"{name} must be True or False, got {getattr(self, name)!r}; pass {name}=True or {name}=False"
+                raise PlanError(msg)
+        if self.actor_options is not None:
+            if not isinstance(self.actor_options, Mapping):
+                msg = (
+                    f"actor_options must be a dict of Ray actor options, got {self.actor_options!r}; "
+                    "pass actor_options={'num_cpus': 1}"
+                )
+                raise PlanError(msg)
+            object.__setattr__(self, "actor_options", dict(self.actor_options))
+        if self.resume and self.checkpoint is None:
+            msg = "resume=True needs checkpoint=CheckpointConfig(...) naming the storage to resume from"
+            raise PlanError(msg)
+
+    @property
+    def restart_strategy(self) -> RestartStrategy:
+        """The restart strategy that applies: :attr:`restart`, or ``RestartStrategy.default()`` when it is ``None``."""
+        return self.restart if self.restart is not None else RestartStrategy.default()
+
+    def replace(self, **changes: Unpack[JobKeywords]) -> JobOptions:
+        """A copy with ``changes`` applied (validated again).
+
+        Raises:
+            PlanError: a changed option is out of range.
+            TypeError: a change names no option.
+
+        """
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_keywords(cls, options: JobOptions | None, keywords: JobKeywords) -> JobOptions:
+        """The options of a ``run``/``submit`` call: ``options``, or the ``keywords``, but not both.
+
+        Args:
+            options: the ``options=`` argument, or ``None``.
+            keywords: the keyword options given (only those the caller passed).
+
+        Raises:
+            PlanError: both ``options`` and keywords were given, or an option is invalid.
+            TypeError: a keyword names no option.
+
+        Example:
+            >>> JobOptions.from_keywords(None, {"parallelism": 3}).parallelism
+            3
+            >>> JobOptions.from_keywords(JobOptions(), {"parallelism": 3})
+            Traceback (most recent call last):
+            ...
+            onceflow.errors.PlanError: pass either options=JobOptions(...) or keyword options (parallelism), ...
+
+        """
+        if options is None:
+            return cls(**keywords)
+        if not isinstance(options, JobOptions):
+            msg = f"options must be a JobOptions, got {options!r}; pass options=of.JobOptions(parallelism=..., ...)"
+            raise PlanError(msg)
+        if keywords:
+            names = ", ".join(sorted(keywords))
+            first = sorted(keywords)[0]
+            msg = (
+                f"pass either options=JobOptions(...) or keyword options ({names}), not both; "
+                f"move them into the JobOptions, e.g. options.replace({first}=...)"
+            )
+            raise PlanError(msg)
+        return options
