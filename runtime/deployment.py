@@ -57,10 +57,13 @@ class CheckpointSetup:
     Attributes:
         coordinator: the ``<job>/coordinator`` actor (owns the cached snapshots).
         storage: the durable storage URI of ``CheckpointConfig.storage``.
+        cache: also put every snapshot table in the object store, owned by the
+            coordinator, so a restore reads it from memory (Ray only).
     """
 
     coordinator: ActorHandle
     storage: str
+    cache: bool = True
 
 
 @dataclass(frozen=True, slots=True)

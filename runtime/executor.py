@@ -40,13 +40,9 @@ from onceflow.runtime.ray_env import NAMESPACE
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
 
-__all__ = ["EXECUTORS", "Executor", "LocalActorDiedError", "LocalExecutor", "RayExecutor", "executor_named"]
+__all__ = ["Executor", "LocalActorDiedError", "LocalExecutor", "RayExecutor", "executor_named"]
 
 log = logging.getLogger("onceflow")
-
-EXECUTORS = ("ray", "local")
-"""The names ``JobOptions.executor`` accepts."""
-
 
 class Executor(Protocol):
     """What the job's driver needs from the place its actors run."""

@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Unpack
 
-import ray
-
 from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.lease import may_take, taken
 from onceflow.checkpoint.state import read_sink_state
@@ -81,13 +79,14 @@ from onceflow.runtime.channel import END_OF_TIME, NO_WATERMARK
 from onceflow.runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
 from onceflow.runtime.dataflow import NodeKind
 from onceflow.runtime.deployment import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskRestore
+from onceflow.runtime.executor import Executor, RayExecutor, executor_named
 from onceflow.runtime.options import JobKeywords, JobOptions
 from onceflow.runtime.output import DownstreamFailedError
 from onceflow.runtime.plan import PhysicalPlan, plan
-from onceflow.runtime.ray_env import NAMESPACE, ensure_ray
+from onceflow.runtime.ray_env import ensure_ray
 from onceflow.runtime.restart import RestartStrategy
 from onceflow.runtime.restore import assign_restored_state, restored_sink_states
-from onceflow.runtime.subtask import Subtask, subtask_class
+from onceflow.runtime.subtask import subtask_class
 from onceflow.runtime.telemetry import RestartCounter
 
 if TYPE_CHECKING:
@@ -106,13 +105,13 @@ _CALL_TIMEOUT_S = 60.0
 """How long the driver waits for one step of deploying, fencing or resolving before calling it a failure."""
 
 
-def _gather(refs: list[Any], timeout_s: float = 10.0) -> list[Any]:
+def _gather(executor: Executor, refs: list[Any], timeout_s: float = 10.0) -> list[Any]:
     """The values of the calls that succeed within ``timeout_s`` (the others are left out)."""
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    ready, _ = executor.wait(refs, num_returns=len(refs), timeout=timeout_s)
     values = []
     for ref in ready:
         with contextlib.suppress(Exception):
-            values.append(ray.get(ref, timeout=0))
+            values.append(executor.get(ref, timeout=0))
     return values
 
 
@@ -206,7 +205,6 @@ class _Wait(Enum):
     FINAL = "final"
 
 
-@ray.remote(num_cpus=0, max_retries=0)
 def _resolve_sink(spec: TransactionalSink[Any], ctx: SinkContext, commit: list[Any], keep: list[Any]) -> None:
     """Commit ``commit`` and abort every other transaction of the sink operator except ``keep``."""
     committer = spec.create_committer(ctx)
@@ -228,8 +226,9 @@ class JobHandle:
     def __init__(self, flow: Dataflow, plan_: PhysicalPlan, options: RuntimeOptions,
                  checkpoint: CheckpointConfig | None, restart: RestartStrategy,
                  actor_options: dict[str, Any], resume: bool = False,
-                 allow_non_restored_state: bool = False) -> None:
+                 allow_non_restored_state: bool = False, executor: Executor | None = None) -> None:
         self.job = flow.name
+        self._executor: Executor = executor or RayExecutor()
         self.run_id = uuid.uuid4().hex[:12]
         self._plan = plan_
         self._options = options
@@ -271,9 +270,7 @@ class JobHandle:
     # -- start --------------------------------------------------------------------------
 
     def _refuse_if_running(self) -> None:
-        prefix = f"{self.job}/"
-        clash = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                       if a["namespace"] == NAMESPACE and a["name"].startswith(prefix))
+        clash = self._executor.running(f"{self.job}/")
         if clash:
             msg = (f"cannot start job {self.job!r}: actors of a job of that name are running "
                    f"({', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}); stop or cancel that job, "
@@ -357,58 +354,16 @@ class JobHandle:
 
     # -- actors -----------------------------------------------------------------------
 
-    def _create(self, remote_cls: Any, name: str, *args: Any, **kwargs: Any) -> ActorHandle:
-        deadline = time.monotonic() + 15
+    def _create(self, cls: type, name: str, *args: Any, **kwargs: Any) -> ActorHandle:
         options = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1000, **self._actor_options}
-        while True:
-            try:
-                return remote_cls.options(name=name, namespace=NAMESPACE, **options).remote(*args, **kwargs)
-            except ValueError as error:
-                # A killed actor's name is released asynchronously after its death.
-                if time.monotonic() > deadline:
-                    msg = f"an actor named {name!r} still exists in namespace {NAMESPACE!r} ({error})"
-                    raise RuntimeError(msg) from error
-                time.sleep(0.05)
+        return self._executor.create(cls, name, options, *args, **kwargs)
 
     def _start_coordinator(self, baseline: int | None) -> ActorHandle:
         assert self._checkpoint is not None
         tasks = [f"{v.name}/{i}" for v in self._plan.vertices for i in range(v.parallelism)]
-        self._coordinator = self._create(ray.remote(CoordinatorActor), f"{self.job}/coordinator", self.job,
+        self._coordinator = self._create(CoordinatorActor, f"{self.job}/coordinator", self.job,
                                          self._checkpoint, tasks, self._options.log_level, self.run_id, baseline)
         return self._coordinator
-
-    @staticmethod
-    def _kill(actors: list[ActorHandle]) -> None:
-        for actor in actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
-
-    @staticmethod
-    def _confirm_dead(actors: list[ActorHandle]) -> None:
-        """Wait until every killed actor is known dead, so nothing of it can act any more.
-
-        This is the fence: a new attempt (or coordinator) never starts beside a
-        zombie of the old one. It waits as long as it takes, warning every 30 s.
-        """
-        pending = list(actors)
-        waited = time.monotonic()
-        while pending:
-            refs: dict[Any, ActorHandle] = {a.__ray_ready__.remote(): a for a in pending}
-            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=1.0)
-            alive = []
-            for ref in ready:
-                try:
-                    ray.get(ref, timeout=0)
-                    alive.append(refs[ref])  # it answered: the kill has not landed yet
-                except Exception:  # noqa: BLE001, S110 - dead, as intended
-                    pass
-            pending = alive + [a for r, a in refs.items() if r not in ready]
-            if alive:
-                JobHandle._kill(alive)
-                time.sleep(0.02)
-            if pending and time.monotonic() - waited > 30:
-                log.warning("%d killed actor(s) not yet confirmed dead; still waiting", len(pending))
-                waited = time.monotonic()
 
     # -- observation --------------------------------------------------------------------
 
@@ -445,13 +400,13 @@ class JobHandle:
         """Live counters summed over subtasks (as :attr:`JobResult.metrics`)."""
         if self._result is not None:
             return self._result.metrics
-        per_actor: list[dict[str, Any]] = ray.get([a.metrics.remote() for a in self._attempt.everyone],
+        per_actor: list[dict[str, Any]] = self._executor.get([a.metrics.remote() for a in self._attempt.everyone],
                                                   timeout=timeout_s)
         metrics = _sum_metrics(per_actor, self._plan)
         metrics["restarts"] = self._supervisor.restarts
         if self._coordinator is not None:
             with contextlib.suppress(Exception):
-                metrics.update(ray.get(self._coordinator.stats.remote(), timeout=timeout_s))
+                metrics.update(self._executor.get(self._coordinator.stats.remote(), timeout=timeout_s))
         return metrics
 
     # -- control ------------------------------------------------------------------------
@@ -542,7 +497,7 @@ class JobHandle:
             if not self._waits:
                 time.sleep(0.02)
                 continue
-            ready, _ = ray.wait(list(self._waits), num_returns=1, timeout=0.05)
+            ready, _ = self._executor.wait(list(self._waits), num_returns=1, timeout=0.05)
             for ref in ready:
                 event = self._on_ready(ref)
                 if event is not None:
@@ -552,7 +507,7 @@ class JobHandle:
         kind, _ = self._waits[ref]
         attempt = self._attempt.number
         try:
-            value = ray.get(ref, timeout=0)
+            value = self._executor.get(ref, timeout=0)
         except Exception:  # noqa: BLE001 - classified by _root_cause
             return self._root_cause()
         del self._waits[ref]
@@ -567,12 +522,12 @@ class JobHandle:
         # Give the other failures of the same moment a little time to surface:
         # the root cause (a bad batch) may report a moment after its echoes.
         refs = dict(self._waits)
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0.3)
+        ready, _ = self._executor.wait(list(refs), num_returns=len(refs), timeout=0.3)
         root: BaseException | None = None
         actor = ""
         for ref in ready:
             try:
-                ray.get(ref, timeout=0)
+                self._executor.get(ref, timeout=0)
             except Exception as error:  # noqa: BLE001 - classified below
                 cause = getattr(error, "cause", None) or error
                 if isinstance(cause, DownstreamFailedError):
@@ -582,10 +537,7 @@ class JobHandle:
         attempt = self._attempt.number
         if root is None:
             return Failed(attempt, "a downstream subtask failed")
-        if isinstance(root, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError):
-            reason = f"actor {actor!r} died"
-        else:
-            reason = str(root)
+        reason = f"actor {actor!r} died" if self._executor.died(root) else str(root)
         self._last_failure = root
         lost = isinstance(root, CheckpointError) and root.reason == LEASE_LOST
         return Failed(attempt, reason, retryable=not isinstance(root, _NOT_RETRYABLE) and not lost,
@@ -611,7 +563,7 @@ class JobHandle:
         if isinstance(action, CommitOutput):
             self._final_counts = self._attempt_counters()
             try:
-                ray.get([a.commit.remote() for a in self._attempt.sinks], timeout=_CALL_TIMEOUT_S)
+                self._executor.get([a.commit.remote() for a in self._attempt.sinks], timeout=_CALL_TIMEOUT_S)
             except Exception as error:  # noqa: BLE001 - a failure like any other
                 self._last_failure = error
                 return Failed(action.attempt, f"committing the output failed: {error}", retryable=False)
@@ -642,8 +594,8 @@ class JobHandle:
                                 for record in decided.get(node.uid, [])]
                 commit = [] if action.end is SinkEnd.FAIL else committables
                 ctx = SinkContext(self.job, node.name, 0, vertex.parallelism, run=self.run_id, attempt=attempt)
-                refs.append(_resolve_sink.remote(node.spec, ctx, commit, committables))
-            ray.get(refs, timeout=_CALL_TIMEOUT_S)
+                refs.append(self._executor.call(_resolve_sink, node.spec, ctx, commit, committables))
+            self._executor.get(refs, timeout=_CALL_TIMEOUT_S)
         except Exception as error:  # noqa: BLE001 - a failure like any other
             self._last_failure = error
             return Failed(attempt, f"resolving the sinks' transactions failed: {error}")
@@ -680,36 +632,35 @@ class JobHandle:
             restore: RestorePoint | None = None
             if self._checkpoint is not None:
                 coordinator = self._coordinator or self._start_coordinator(restore_id)
-                setup = CheckpointSetup(coordinator, self._checkpoint.storage)
+                setup = CheckpointSetup(coordinator, self._checkpoint.storage, cache=self._executor.object_store)
                 if restore_id is not None:
-                    restore = ray.get(coordinator.restore_point.remote(restore_id),  # type: ignore[assignment]
+                    restore = self._executor.get(coordinator.restore_point.remote(restore_id),  # type: ignore[assignment]
                                       timeout=_CALL_TIMEOUT_S)
-            remote_classes: dict[type[Subtask], Any] = {}
             identity = AttemptId(self.run_id, number)
             assigned = {} if restore is None else assign_restored_state(
                 self._plan, restore[1], allow_non_restored_state=self._allow_non_restored_state)
             for vertex in self._plan.vertices:
                 group = []
                 cls = subtask_class(vertex)
-                remote_cls = remote_classes.setdefault(cls, ray.remote(cls))
                 for subtask in range(vertex.parallelism):
                     name = f"{self.job}/{vertex.name}/{subtask}"
                     task_restore = None
                     if restore is not None:
                         task_restore = SubtaskRestore(restore[0], assigned[f"{vertex.name}/{subtask}"])
-                    actor = self._create(remote_cls, name, self._plan, vertex.id, subtask, self._options, setup,
+                    actor = self._create(cls, name, self._plan, vertex.id, subtask, self._options, setup,
                                          task_restore, attempt=identity)
                     group.append(actor)
                     attempt.names[actor] = name
                     attempt.actors[vertex.id] = group
             everyone = attempt.everyone
-            ray.get([a.connect.remote({v.id: attempt.actors[v.id] for v in self._plan.vertices}) for a in everyone],
-                    timeout=_CALL_TIMEOUT_S)
+            downstream = {v.id: attempt.actors[v.id] for v in self._plan.vertices}
+            self._executor.get([a.connect.remote(downstream) for a in everyone], timeout=_CALL_TIMEOUT_S)
             attempt.sources = [a for v in self._plan.vertices if v.is_source for a in attempt.actors[v.id]]
             attempt.sinks = [a for v in self._plan.vertices if v.nodes[-1].kind is NodeKind.SINK
                              for a in attempt.actors[v.id]]
             if self._coordinator is not None:
-                ray.get(self._coordinator.start.remote(number, attempt.sources, everyone), timeout=_CALL_TIMEOUT_S)
+                self._executor.get(self._coordinator.start.remote(number, attempt.sources, everyone),
+                                   timeout=_CALL_TIMEOUT_S)
                 self._waits[self._coordinator.watch.remote(number)] = (_Wait.WATCH, f"{self.job}/coordinator")
             for actor in everyone:
                 self._waits[actor.done.remote()] = (_Wait.DONE, attempt.names[actor])
@@ -738,21 +689,21 @@ class JobHandle:
         attempt = self._attempt
         self._collect_attempt_counts()
         actors = attempt.everyone
-        self._kill(actors)
+        self._executor.kill(actors)
         self._waits = {}
         latest: int | None = None
         if self._checkpoint is not None:
             if self._coordinator is not None:
                 try:
-                    latest = ray.get(self._coordinator.fence.remote(), timeout=_CALL_TIMEOUT_S)  # type: ignore[assignment]
+                    latest = self._executor.get(self._coordinator.fence.remote(), timeout=_CALL_TIMEOUT_S)  # type: ignore[assignment]
                 except Exception:  # noqa: BLE001 - the coordinator is gone or hung: replace it
                     coordinator = self._coordinator
                     self._coordinator = None
-                    self._kill([coordinator])
-                    self._confirm_dead([coordinator])
+                    self._executor.kill([coordinator])
+                    self._executor.confirm_dead([coordinator])
             if self._coordinator is None:
                 latest = self._latest_of_run()
-        self._confirm_dead(actors)
+        self._executor.confirm_dead(actors)
         self._attempt = _Attempt(number)
         log.info("job %s: attempt %d fenced; the newest completed checkpoint is %s", self.job, number, latest)
         return Fenced(number, latest)
@@ -764,7 +715,7 @@ class JobHandle:
 
     def _attempt_counters(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """The counters of the attempt's subtasks that answer within ``timeout_s`` (a dead one's are lost)."""
-        return _gather([a.metrics.remote() for a in self._attempt.everyone], timeout_s)
+        return _gather(self._executor, [a.metrics.remote() for a in self._attempt.everyone], timeout_s)
 
     def _collect_attempt_counts(self) -> None:
         _add_counts(self._earlier, _sum_metrics(self._attempt_counters(timeout_s=2.0), self._plan))
@@ -788,7 +739,7 @@ class JobHandle:
                        duration_s=duration, processing_s=processed, startup_s=self.startup_s,
                        events_per_s=metrics["events_in"] / duration if duration > 0 else 0.0)
         if self._coordinator is not None:
-            for stats in _gather([self._coordinator.stats.remote()]):
+            for stats in _gather(self._executor, [self._coordinator.stats.remote()]):
                 metrics.update(stats)
         return JobResult(self.job, metrics, self._plan.describe())
 
@@ -814,9 +765,9 @@ class JobHandle:
         if self._coordinator is not None:
             actors.append(self._coordinator)
             self._coordinator = None
-        self._kill(actors)
+        self._executor.kill(actors)
         self._waits = {}
-        self._confirm_dead(actors)
+        self._executor.confirm_dead(actors)
         if self._storage is not None:
             with contextlib.suppress(OnceflowError):
                 self._storage.release_lease(self.run_id)
@@ -877,12 +828,13 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
         credits=job.credits or defaults.credits,
         log_level=logging.getLogger("onceflow").getEffectiveLevel(),
     )
-    ensure_ray(job.address)
+    if job.executor == "ray":
+        ensure_ray(job.address)
     for node in flow.nodes:
         if node.kind is NodeKind.SINK:
             node.spec.prepare()
     return JobHandle(flow, physical, runtime_options, job.checkpoint, job.restart_strategy, job.actor_options or {},
-                     job.resume, job.allow_non_restored_state)
+                     job.resume, job.allow_non_restored_state, executor_named(job.executor))
 
 
 def run(flow: Dataflow, *, options: JobOptions | None = None, timeout_s: float | None = None,

@@ -20,7 +20,10 @@ from onceflow.errors import PlanError
 from onceflow.operators.keygroups import DEFAULT_MAX_PARALLELISM
 from onceflow.runtime.restart import RestartStrategy
 
-__all__ = ["JobKeywords", "JobOptions"]
+__all__ = ["EXECUTORS", "JobKeywords", "JobOptions"]
+
+EXECUTORS = ("ray", "local")
+"""Where a job's actors can run: on Ray (the default), or in this process (see :mod:`onceflow.runtime.executor`)."""
 
 
 class JobKeywords(TypedDict, total=False):
@@ -38,6 +41,7 @@ class JobKeywords(TypedDict, total=False):
     actor_options: dict[str, Any] | None
     resume: bool
     allow_non_restored_state: bool
+    executor: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,10 @@ class JobOptions:
             operator's ``name=``, or an id derived from the steps upstream of
             it, so give stateful operators names to keep their state across
             changes to the graph.
+        executor: ``"ray"`` (the default) runs every subtask as a Ray actor;
+            ``"local"`` runs the same subtasks, channels, checkpoints and
+            commits in this process without Ray (for pipeline tests and
+            notebooks: a job starts in milliseconds, on one core).
 
     Raises:
         PlanError: an option is out of range or of the wrong type, or
@@ -102,6 +110,7 @@ class JobOptions:
     actor_options: dict[str, Any] | None = None
     resume: bool = False
     allow_non_restored_state: bool = False
+    executor: str = "ray"
 
     def __post_init__(self) -> None:
         require_int("parallelism", self.parallelism, 1, hint="pass parallelism=1 or more")
@@ -147,6 +156,10 @@ class JobOptions:
                 )
                 raise PlanError(msg)
             object.__setattr__(self, "actor_options", dict(self.actor_options))
+        if self.executor not in EXECUTORS:
+            msg = (f"executor must be one of {', '.join(map(repr, EXECUTORS))}, got {self.executor!r}; pass "
+                   "executor='local' to run in this process without Ray")
+            raise PlanError(msg)
         if self.resume and self.checkpoint is None:
             msg = "resume=True needs checkpoint=CheckpointConfig(...) naming the storage to resume from"
             raise PlanError(msg)

@@ -310,8 +310,9 @@ class Subtask:
             for operator, table in tables.items():
                 handle = await asyncio.to_thread(self._storage.write_state, checkpoint_id, self.task, operator, table)
                 states[operator] = {"path": handle.path, "bytes": handle.bytes, "rows": handle.rows}
-                with contextlib.suppress(Exception):  # the cache is optional; the file is not
-                    cache[operator] = await asyncio.to_thread(ray.put, table, _owner=coordinator)
+                if self._checkpointing.cache:
+                    with contextlib.suppress(Exception):  # the cache is optional; the file is not
+                        cache[operator] = await asyncio.to_thread(ray.put, table, _owner=coordinator)
             metrics = {**metrics, "async_s": time.monotonic() - started,
                        "state_bytes": float(sum(s["bytes"] for s in states.values()))}
             self._checkpoint_metrics.append({"checkpoint_id": checkpoint_id, **metrics})

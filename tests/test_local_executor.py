@@ -1,0 +1,88 @@
+"""The in-process executor: the same subtasks, channels, checkpoints and commits, without Ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+import onceflow as of
+from onceflow.testing.workload import feature_events
+from tests.helpers import assert_feature_reference
+
+
+def feature_flow(name: str, total: int, sink: of.sinks.TestingSink, *, fail_after: int | None = None) -> of.Dataflow:
+    """The feature-window pipeline; with ``fail_after``, a map raises once after that many rows."""
+    seen = [0]
+
+    def flaky(batch: pa.RecordBatch) -> pa.RecordBatch:
+        seen[0] += batch.num_rows
+        if fail_after is not None and seen[0] > fail_after:
+            seen[0] = -(10**12)  # once only: the restarted attempt passes
+            msg = "the network blinked"
+            raise ConnectionError(msg)
+        return batch
+
+    flow = of.Dataflow(name)
+    events = flow.source(of.sources.GeneratorSource(feature_events, total=total, batch_size=5_000),
+                         watermark=of.BoundedOutOfOrderness("event_time"))
+    (events.map_batches(flaky, name="flaky").key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
+     .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(sink))
+    return flow
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_the_feature_window_runs_in_process_and_equals_the_reference(parallelism: int) -> None:
+    sink = of.sinks.TestingSink()
+    result = of.run(feature_flow(f"local-fw-{parallelism}", 100_000, sink), parallelism=parallelism,
+                    executor="local")
+    assert_feature_reference(sink.table(), 100_000)
+    assert result.metrics["events_in"] == 100_000
+    assert result.metrics["events_out"] == sink.table().num_rows
+
+
+def test_with_checkpoints_a_failure_restarts_from_the_newest_checkpoint_and_commits_exactly_once(
+        tmp_path: Path) -> None:
+    sink = of.sinks.TestingSink()
+    flow = feature_flow("local-restart", 200_000, sink, fail_after=120_000)
+    result = of.run(flow, parallelism=2, executor="local",
+                    checkpoint=of.CheckpointConfig(interval_s=0.02, storage=str(tmp_path)),
+                    restart=of.RestartStrategy.fixed_delay(attempts=2, delay_s=0.0))
+    assert result.metrics["restarts"] == 1
+    assert result.metrics["checkpoints_completed"] >= 1
+    assert_feature_reference(sink.table(), 200_000)
+    assert sink.pending_ids() == []  # nothing of the failed attempt is left pre-committed
+
+
+def test_without_checkpoints_a_failure_fails_the_job_naming_the_operator_and_commits_nothing() -> None:
+    sink = of.sinks.TestingSink()
+    with pytest.raises(of.JobFailedError, match="flaky") as info:
+        of.run(feature_flow("local-fail", 50_000, sink, fail_after=20_000), executor="local")
+    assert "the network blinked" in str(info.value)
+    assert sink.rows() == [] and sink.pending_ids() == []
+
+
+def test_an_unknown_executor_is_a_plan_error() -> None:
+    with pytest.raises(of.PlanError, match="executor must be one of 'ray', 'local'"):
+        of.run(of.Dataflow("x"), executor="threads")
+
+
+def test_a_local_job_never_starts_ray(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import ray
+        import onceflow as of
+        flow = of.Dataflow("no-ray")
+        sink = of.sinks.TestingSink()
+        flow.source(of.sources.TestingSource([{{"x": i}} for i in range(10)])).map(lambda r: {{"y": r["x"] * 2}}).sink(sink)
+        of.run(flow, executor="local", checkpoint=of.CheckpointConfig(interval_s=0.01, storage={str(tmp_path)!r}))
+        assert sorted(r["y"] for r in sink.rows()) == [i * 2 for i in range(10)], sink.rows()
+        assert not ray.is_initialized()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
