@@ -75,11 +75,11 @@ from onceflow.checkpoint.supervisor import (
 from onceflow.checkpoint.two_phase_commit import CommittableRecord, SinkContext, TransactionalSink
 from onceflow.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
 from onceflow.runtime import progress
-from onceflow.runtime.channel import END_OF_TIME, NO_WATERMARK
 from onceflow.runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
 from onceflow.runtime.dataflow import NodeKind
 from onceflow.runtime.deployment import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskRestore
 from onceflow.runtime.executor import Executor, RayExecutor, executor_named
+from onceflow.runtime.metrics import JobCounters, SubtaskCounters
 from onceflow.runtime.options import JobKeywords, JobOptions
 from onceflow.runtime.output import DownstreamFailedError
 from onceflow.runtime.plan import PhysicalPlan, plan
@@ -148,40 +148,6 @@ class JobResult:
     plan: str = ""
 
 
-def _sum_metrics(per_actor: list[dict[str, Any]], plan_: PhysicalPlan) -> dict[str, Any]:
-    operators: dict[str, dict[str, Any]] = {}
-    for entry in per_actor:
-        for name, counters in entry["operators"].items():
-            total = operators.setdefault(name, {"subtasks": 0})
-            total["subtasks"] += 1
-            for key, value in counters.items():
-                # Counts add up over subtasks; ratios (a Bloom filter's fill) are
-                # reported for the worst subtask.
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    continue
-                if isinstance(value, float):
-                    total[key] = max(total.get(key, value), value)
-                else:
-                    total[key] = total.get(key, 0) + value
-    source_names = {n.name for v in plan_.vertices for n in v.nodes if n.kind is NodeKind.SOURCE}
-    watermarks = [e["input_watermark"] for e in per_actor if not e["is_source"] and NO_WATERMARK < e["input_watermark"]
-                  < END_OF_TIME]
-    return {
-        "watermark": min(watermarks) if watermarks else None,
-        "events_in": sum(operators[n]["records_out"] for n in source_names if n in operators),
-        "events_out": sum(e["sink_rows"] for e in per_actor),
-        "late_events": sum(c.get("late_events", 0) for c in operators.values()),
-        "backpressure_s": sum(e["backpressure_s"] for e in per_actor),
-        "messages": sum(e["messages_out"] for e in per_actor),
-        "operators": operators,
-    }
-
-
-def _add_counts(total: dict[str, Any], part: dict[str, Any]) -> None:
-    for key in ("events_in", "events_out", "late_events", "backpressure_s", "messages"):
-        total[key] = total.get(key, 0) + part.get(key, 0)
-
-
 @dataclass(slots=True)
 class _Attempt:
     """The live actors of one attempt (the first deployment, or one after a restart)."""
@@ -244,10 +210,10 @@ class JobHandle:
         self._waits: dict[Any, tuple[_Wait, str]] = {}
         self._timer: tuple[float, int] | None = None
         self._events: collections.deque[SupervisorEvent] = collections.deque()
-        self._earlier: dict[str, Any] = {}
+        self._earlier = JobCounters()  # the counts of the attempts before this one
         self._last_failure: BaseException | None = None
         self._last_reason = ""  # the reason of the newest failure the supervisor acted on, for the log
-        self._final_counts: list[dict[str, Any]] = []
+        self._final_counts: list[SubtaskCounters] = []
         self.restored_from: list[int] = []
         self._result: JobResult | None = None
         self._error: BaseException | None = None
@@ -400,9 +366,11 @@ class JobHandle:
         """Live counters summed over subtasks (as :attr:`JobResult.metrics`)."""
         if self._result is not None:
             return self._result.metrics
-        per_actor: list[dict[str, Any]] = self._executor.get([a.metrics.remote() for a in self._attempt.everyone],
-                                                  timeout=timeout_s)
-        metrics = _sum_metrics(per_actor, self._plan)
+        per_subtask: list[SubtaskCounters] = self._executor.get(
+            [a.metrics.remote() for a in self._attempt.everyone], timeout=timeout_s)
+        counters = self._sum(per_subtask)
+        counters.add(self._earlier)
+        metrics = counters.as_dict()
         metrics["restarts"] = self._supervisor.restarts
         if self._coordinator is not None:
             with contextlib.suppress(Exception):
@@ -713,12 +681,16 @@ class JobHandle:
         assert self._storage is not None
         return self._storage.latest_id(run=self.run_id, otherwise=self._supervisor.latest_checkpoint)
 
-    def _attempt_counters(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    def _sum(self, per_subtask: list[SubtaskCounters]) -> JobCounters:
+        return JobCounters.of(per_subtask, {n.name for v in self._plan.vertices for n in v.nodes
+                                            if n.kind is NodeKind.SOURCE})
+
+    def _attempt_counters(self, timeout_s: float = 10.0) -> list[SubtaskCounters]:
         """The counters of the attempt's subtasks that answer within ``timeout_s`` (a dead one's are lost)."""
         return _gather(self._executor, [a.metrics.remote() for a in self._attempt.everyone], timeout_s)
 
     def _collect_attempt_counts(self) -> None:
-        _add_counts(self._earlier, _sum_metrics(self._attempt_counters(timeout_s=2.0), self._plan))
+        self._earlier.add(self._sum(self._attempt_counters(timeout_s=2.0)))
 
     def _finish(self, finish: Finish) -> None:
         if finish.end is JobEnd.FINISHED:
@@ -731,9 +703,10 @@ class JobHandle:
         """The finished job's result; an actor that dies now (the output is committed) only loses its counters."""
         finished = time.monotonic()
         per_actor = self._final_counts or self._attempt_counters()
-        processed = max((e["active_s"] or 0.0 for e in per_actor), default=0.0)
-        metrics = _sum_metrics(per_actor, self._plan)
-        _add_counts(metrics, self._earlier)
+        processed = max((e.active_s or 0.0 for e in per_actor), default=0.0)
+        counters = self._sum(per_actor)
+        counters.add(self._earlier)
+        metrics = counters.as_dict()
         duration = finished - self._started
         metrics.update(checkpoints_completed=0, restarts=self._supervisor.restarts, restored_from=self.restored_from,
                        duration_s=duration, processing_s=processed, startup_s=self.startup_s,

@@ -66,6 +66,7 @@ from onceflow.runtime.deployment import (
 )
 from onceflow.runtime.input_gate import BarrierAligned, EndOfInput, InputGate, Rows, WatermarkAdvanced
 from onceflow.runtime.logs import configure_logging
+from onceflow.runtime.metrics import SubtaskCounters
 from onceflow.runtime.output import DownstreamFailedError, OutputGate
 from onceflow.runtime.sink_committer import SinkCommitter
 from onceflow.runtime.telemetry import SubtaskMetrics
@@ -115,7 +116,6 @@ class Subtask:
         self.task = f"{vertex.name}/{subtask}"
         self._label = f"{plan.job}/{self.task}"
         self._storage = CheckpointStorage(checkpointing.storage, plan.job) if checkpointing else None
-        self._restored_from = restore.checkpoint_id if restore else None
         restored = load_restored(restore, self._storage)
         self._uids = [node.uid for node in vertex.nodes]
         self._sink_stage: int | None = None
@@ -150,8 +150,6 @@ class Subtask:
         self._ended = False
         self._started_at: float | None = None
         self._finished_at: float | None = None
-        self._first_record_at: float | None = None
-        self._checkpoint_metrics: list[dict[str, float]] = []
         self._telemetry = SubtaskMetrics(plan.job, vertex.operators, subtask)
 
     def _restore_input(self, restored: dict[str, list[pa.Table]]) -> None:
@@ -315,7 +313,6 @@ class Subtask:
                         cache[operator] = await asyncio.to_thread(ray.put, table, _owner=coordinator)
             metrics = {**metrics, "async_s": time.monotonic() - started,
                        "state_bytes": float(sum(s["bytes"] for s in states.values()))}
-            self._checkpoint_metrics.append({"checkpoint_id": checkpoint_id, **metrics})
             log.debug("%s: checkpoint %d snapshot: sync %.3f s, async %.3f s, alignment %.3f s, %d bytes",
                       self._label, checkpoint_id, metrics["sync_s"], metrics["async_s"], metrics["alignment_s"],
                       int(metrics["state_bytes"]))
@@ -368,32 +365,22 @@ class Subtask:
     def _input_watermark(self) -> int:
         return END_OF_TIME
 
-    def _duplicates_dropped(self) -> int:
-        return 0
-
-    def metrics(self) -> dict[str, Any]:
-        """Counters of this subtask, per chained operator."""
-        busy = None
+    def metrics(self) -> SubtaskCounters:
+        """What this subtask counted so far."""
+        active = None
         if self._started_at is not None:
-            busy = (self._finished_at or time.monotonic()) - self._started_at
-        return {
-            "actor": self._label,
-            "task": self.task,
-            "vertex": self._vertex.name,
-            "subtask": self._subtask,
-            "is_source": self._vertex.is_source,
-            "sink_rows": self._sink.rows if self._sink is not None else 0,
-            "operators": self._chain.metrics(),
-            "backpressure_s": sum(g.backpressure_s for g in self._all_gates),
-            "messages_out": sum(g.messages for g in self._all_gates),
-            "duplicates_dropped": self._duplicates_dropped(),
-            "input_watermark": self._input_watermark(),
-            "active_s": busy,
-            "ended": self._ended,
-            "restored_from": self._restored_from,
-            "first_record_at": self._first_record_at,
-            "checkpoints": list(self._checkpoint_metrics),
-        }
+            active = (self._finished_at or time.monotonic()) - self._started_at
+        return SubtaskCounters(
+            task=self.task,
+            is_source=self._vertex.is_source,
+            operators=self._chain.metrics(),
+            sink_rows=self._sink.rows if self._sink is not None else 0,
+            backpressure_s=sum(g.backpressure_s for g in self._all_gates),
+            messages_out=sum(g.messages for g in self._all_gates),
+            input_watermark=self._input_watermark(),
+            active_s=active,
+            ended=self._ended,
+        )
 
 
 class SourceSubtask(Subtask):
@@ -447,8 +434,6 @@ class SourceSubtask(Subtask):
                 self._reader.close()
 
     async def _read(self, batch: pa.RecordBatch) -> None:
-        if self._first_record_at is None:
-            self._first_record_at = time.time()
         await self._send(self._chain.on_source_rows(batch))
         if self._watermarks is not None:
             with self._blame(0):
@@ -498,8 +483,6 @@ class OperatorSubtask(Subtask):
         """Process every input event the gate has now."""
         for event in self._input.drain():
             if isinstance(event, Rows):
-                if self._first_record_at is None:
-                    self._first_record_at = time.time()
                 await self._send(self._chain.on_input(event.batch))
             elif isinstance(event, WatermarkAdvanced):
                 await self._advance_watermark(event.watermark)
@@ -546,9 +529,6 @@ class OperatorSubtask(Subtask):
 
     def _input_watermark(self) -> int:
         return self._input.watermark
-
-    def _duplicates_dropped(self) -> int:
-        return self._input.duplicates
 
 
 def subtask_class(vertex: VertexSpec) -> type[Subtask]:
