@@ -36,6 +36,7 @@ import ray
 import ray.exceptions
 
 from onceflow.runtime.ray_env import NAMESPACE
+from onceflow.testing import failpoints
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
@@ -204,7 +205,13 @@ class LocalActor:
     def _context(self) -> contextvars.Context:
         context = contextvars.copy_context()
         context.run(_OWNER.set, self)
+        context.run(failpoints.CRASH.set, self._crash)
         return context
+
+    def _crash(self) -> None:
+        """A crash point fired in this actor's code: the actor dies (not the process), at once."""
+        self._executor.kill([self])
+        raise LocalActorDiedError(self.name)
 
     async def _enter(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """From another thread: run the call as a task of this actor."""

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 import onceflow as of
+from onceflow.testing import failpoints
 from onceflow.testing.workload import feature_events
 from tests.helpers import assert_feature_reference
 
@@ -77,7 +78,8 @@ def test_a_local_job_never_starts_ray(tmp_path: Path) -> None:
         import onceflow as of
         flow = of.Dataflow("no-ray")
         sink = of.sinks.TestingSink()
-        flow.source(of.sources.TestingSource([{{"x": i}} for i in range(10)])).map(lambda r: {{"y": r["x"] * 2}}).sink(sink)
+        items = [{{"x": i}} for i in range(10)]
+        flow.source(of.sources.TestingSource(items)).map(lambda r: {{"y": r["x"] * 2}}).sink(sink)
         of.run(flow, executor="local", checkpoint=of.CheckpointConfig(interval_s=0.01, storage={str(tmp_path)!r}))
         assert sorted(r["y"] for r in sink.rows()) == [i * 2 for i in range(10)], sink.rows()
         assert not ray.is_initialized()
@@ -86,3 +88,23 @@ def test_a_local_job_never_starts_ray(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("point", ["sink.after_write", "sink.after_pre_commit", "sink.before_commit",
+                                   "coordinator.after_manifest"])
+def test_a_crash_at_any_point_kills_only_its_actor_and_the_job_commits_exactly_once(tmp_path: Path,
+                                                                                      point: str) -> None:
+    job = f"local-crash-{point.replace('.', '-')}"
+    sink = of.sinks.TestingSink()
+    failpoints.arm(job, point)
+    try:
+        result = of.run(feature_flow(job, 150_000, sink), parallelism=2, executor="local",
+                        checkpoint=of.CheckpointConfig(interval_s=0.02, storage=str(tmp_path)),
+                        restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.0))
+    finally:
+        fired = not failpoints.armed(job, point)
+        failpoints.disarm(job, point)
+    assert fired, f"the job never reached {point}"
+    assert result.metrics["restarts"] == 1
+    assert_feature_reference(sink.table(), 150_000)
+    assert sink.pending_ids() == []

@@ -23,13 +23,18 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["PAUSE_POINTS", "POINTS", "arm", "arm_pause", "armed", "crash_point", "disarm_all", "pause_point", "paused",
-           "release"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["CRASH", "PAUSE_POINTS", "POINTS", "arm", "arm_pause", "armed", "crash_point", "disarm", "disarm_all",
+           "pause_point", "paused", "release"]
 
 POINTS = (
     "sink.after_write",
@@ -44,6 +49,14 @@ PAUSE_POINTS = ("coordinator.before_manifest",)
 """The pause points: ``coordinator.before_manifest`` holds a fully acknowledged checkpoint's manifest write."""
 
 _DIRECTORY = os.path.join(tempfile.gettempdir(), "onceflow-failpoints")
+
+
+def _exit() -> None:
+    os._exit(70)
+
+
+CRASH: contextvars.ContextVar[Callable[[], None]] = contextvars.ContextVar("onceflow_crash", default=_exit)
+"""What a crash point does when it fires: exit the process (an actor of the in-process executor kills itself)."""
 
 
 def _flag(job: str, name: str, directory: str | None) -> Path:
@@ -76,8 +89,17 @@ def disarm_all(*, directory: str | None = None) -> None:
         flag.unlink(missing_ok=True)
 
 
+def disarm(job: str, name: str, *, directory: str | None = None) -> None:
+    """Remove failpoint ``name`` of ``job`` if it is still armed (it never fired); other jobs' stay armed."""
+    _flag(job, name, directory).unlink(missing_ok=True)
+
+
 def crash_point(job: str, name: str, subtask: int | None = None) -> None:
-    """Crash this process here if ``name`` (or ``name.<subtask>``) is armed for ``job``."""
+    """Crash this process here if ``name`` (or ``name.<subtask>``) is armed for ``job``.
+
+    In an actor of the in-process executor (``executor="local"``), the actor
+    dies instead of the process: its pending calls fail as an actor death.
+    """
     for candidate in (name, f"{name}.{subtask}") if subtask is not None else (name,):
         flag = _flag(job, candidate, None)
         if flag.exists():
@@ -85,7 +107,7 @@ def crash_point(job: str, name: str, subtask: int | None = None) -> None:
                 flag.unlink()
             except FileNotFoundError:
                 continue  # another process took it
-            os._exit(70)
+            CRASH.get()()
 
 
 def arm_pause(job: str, name: str, *, directory: str | None = None) -> None:
