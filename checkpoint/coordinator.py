@@ -30,6 +30,7 @@ from enum import Enum
 from typing import Any
 
 from onceflow.checkpoint.config import CheckpointConfig
+from onceflow.checkpoint.failure_tolerance import CheckpointFailureReason, CheckpointFailureTolerance
 
 __all__ = [
     "AbortCheckpoint",
@@ -56,16 +57,6 @@ class AckResult(Enum):
     DUPLICATE = "duplicate"
     UNKNOWN = "unknown"
     DISCARDED = "discarded"
-
-
-class CheckpointFailureReason(Enum):
-    """Why a checkpoint did not complete."""
-
-    EXPIRED = "expired"
-    DECLINED = "declined"
-    SUBSUMED = "subsumed"
-    TASK_FAILURE = "task failure"
-    PERSIST_FAILED = "manifest not written"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +210,7 @@ class DiscardCheckpoint:
 
 @dataclass(frozen=True, slots=True)
 class FailJob:
-    """Too many checkpoints failed in a row: fail the job."""
+    """Too many checkpoints failed in a row: fail the job (``reason`` says why)."""
 
     reason: str
 
@@ -237,22 +228,36 @@ class CheckpointCoordinator:
         tasks: the subtasks that must acknowledge every checkpoint.
         clock: returns seconds.
         next_id: the id of the next checkpoint (one more than the newest on record).
+
+    Attributes:
+        failures: counts failed checkpoints and decides when the job must
+            fail (which failure reasons count is documented there).
     """
 
-    def __init__(self, config: CheckpointConfig, tasks: Iterable[str], clock: Callable[[], float],
-                 next_id: int = 1) -> None:
+    def __init__(
+        self, config: CheckpointConfig, tasks: Iterable[str], clock: Callable[[], float], next_id: int = 1
+    ) -> None:
         self.config = config
         self.tasks = frozenset(tasks)
         self._clock = clock
         self.next_id = next_id
         self.pending: dict[int, PendingCheckpoint] = {}
         self.store = CompletedCheckpointStore(config.retain)
-        self.consecutive_failures = 0
+        self.failures = CheckpointFailureTolerance(config.tolerable_failures)
         self.paused = False
         self.completed_count = 0
-        self.failed_count = 0
         self._last_trigger: float | None = None
         self._last_completion: float | None = None
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Failed checkpoints since the last completed one (or the last resume)."""
+        return self.failures.consecutive_failures
+
+    @property
+    def failed_count(self) -> int:
+        """Every failed checkpoint so far."""
+        return self.failures.failed_count
 
     # -- triggering -------------------------------------------------------------------
 
@@ -269,7 +274,7 @@ class CheckpointCoordinator:
         actions: list[CheckpointAction] = []
         for pending in list(self.pending.values()):
             if not pending.persisting and now - pending.trigger_time >= self.config.timeout_s:
-                actions += self._abort(pending, CheckpointFailureReason.EXPIRED, counts=True)
+                actions += self._abort(pending, CheckpointFailureReason.EXPIRED)
         if self._due(now):
             actions.append(self._trigger(now))
         return actions
@@ -308,7 +313,7 @@ class CheckpointCoordinator:
         pending = self.pending.get(checkpoint_id)
         if pending is None or task not in self.tasks:
             return []
-        return self._abort(pending, CheckpointFailureReason.DECLINED, counts=True)
+        return self._abort(pending, CheckpointFailureReason.DECLINED)
 
     def on_persisted(self, checkpoint_id: int) -> list[CheckpointAction]:
         """The manifest is durable: the checkpoint is complete."""
@@ -319,11 +324,11 @@ class CheckpointCoordinator:
         completed = pending.completed
         now = self._clock()
         self._last_completion = now
-        self.consecutive_failures = 0
+        self.failures.on_success(checkpoint_id)
         self.completed_count += 1
         actions: list[CheckpointAction] = [NotifyCheckpointComplete(checkpoint_id)]
         for older in sorted(i for i in self.pending if i < checkpoint_id):
-            actions += self._abort(self.pending[older], CheckpointFailureReason.SUBSUMED, counts=False)
+            actions += self._abort(self.pending[older], CheckpointFailureReason.SUBSUMED)
         latest = self.store.latest
         if latest is None or latest.checkpoint_id < checkpoint_id:
             actions += [DiscardCheckpoint(c.checkpoint_id) for c in self.store.add(completed)]
@@ -334,22 +339,19 @@ class CheckpointCoordinator:
         pending = self.pending.get(checkpoint_id)
         if pending is None:
             return []
-        return self._abort(pending, CheckpointFailureReason.PERSIST_FAILED, counts=True)
+        return self._abort(pending, CheckpointFailureReason.PERSIST_FAILED)
 
-    def _abort(self, pending: PendingCheckpoint, reason: CheckpointFailureReason,
-               *, counts: bool) -> list[CheckpointAction]:
+    def _abort(self, pending: PendingCheckpoint, reason: CheckpointFailureReason) -> list[CheckpointAction]:
+        """Abort and discard ``pending``; fail the job when the failure tolerance says so."""
         pending.discard(reason)
         self.pending.pop(pending.checkpoint_id, None)
-        actions: list[CheckpointAction] = [AbortCheckpoint(pending.checkpoint_id, reason),
-                                           DiscardCheckpoint(pending.checkpoint_id)]
-        if counts:
-            self.failed_count += 1
-            self.consecutive_failures += 1
-            if self.consecutive_failures > self.config.tolerable_failures:
-                actions.append(FailJob(
-                    f"checkpoint {pending.checkpoint_id} failed ({reason.value}); "
-                    f"{self.consecutive_failures} consecutive checkpoint failures exceed the "
-                    f"{self.config.tolerable_failures} tolerated (CheckpointConfig.tolerable_failures)"))
+        actions: list[CheckpointAction] = [
+            AbortCheckpoint(pending.checkpoint_id, reason),
+            DiscardCheckpoint(pending.checkpoint_id),
+        ]
+        exceeded = self.failures.on_failure(pending.checkpoint_id, reason)
+        if exceeded is not None:
+            actions.append(FailJob(exceeded.message))
         return actions
 
     # -- job failures -----------------------------------------------------------------
@@ -361,7 +363,7 @@ class CheckpointCoordinator:
         for pending in sorted(self.pending.values(), key=lambda p: p.checkpoint_id):
             if pending.persisting:
                 continue  # its manifest may be on its way; on_persisted decides
-            actions += self._abort(pending, CheckpointFailureReason.TASK_FAILURE, counts=False)
+            actions += self._abort(pending, CheckpointFailureReason.TASK_FAILURE)
         return actions
 
     def resume(self) -> None:
@@ -371,5 +373,5 @@ class CheckpointCoordinator:
         of the attempt before it are not held against it.
         """
         self.paused = False
-        self.consecutive_failures = 0
+        self.failures.reset()
         self._last_trigger = self._clock()

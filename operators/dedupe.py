@@ -7,7 +7,9 @@ every id through and drops the repeats, so a feature pipeline counts each
 event once. The stream is keyed by the id columns, so each subtask owns its
 share of the ids.
 
-Two modes:
+Two modes, each a strategy of :mod:`onceflow.operators.seen_ids` that the
+logic holds (:class:`~onceflow.operators.seen_ids.BloomSeenIds`,
+:class:`~onceflow.operators.seen_ids.ExactSeenIds`):
 
 - ``"bloom"`` (default): vectorised Bloom filters (:mod:`onceflow.operators.bloom`).
   Memory is about ``1.44 * log2(generations / fp_rate)`` bits per remembered
@@ -88,7 +90,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
@@ -97,15 +98,10 @@ import numpy as np
 import pyarrow as pa
 
 from onceflow.errors import DataError, PlanError
-from onceflow.operators.bloom import (
-    BloomFilter,
-    distinct_first_rows,
-    optimal_num_bits,
-    optimal_num_hashes,
-    probe_hashes,
-)
-from onceflow.operators.keygroups import SEED, hash64_columns, in_key_groups, int64_values, murmur3_int64, take_rows
+from onceflow.operators.bloom import distinct_first_rows
+from onceflow.operators.keygroups import take_rows
 from onceflow.operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
+from onceflow.operators.seen_ids import BloomSeenIds, ExactSeenIds, SeenIds
 from onceflow.operators.watermark import event_time_ms
 
 __all__ = ["STATE_FORMAT_VERSION", "Dedupe", "DedupeLogic"]
@@ -115,9 +111,6 @@ STATE_FORMAT_VERSION = 1
 
 _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
-_VALUE = "value"
-_HASH64 = "hash64"
-_MERGE_RATIO = 2
 
 DedupeMode = Literal["bloom", "exact"]
 """``"bloom"`` (bounded memory, rare false positives) or ``"exact"`` (keyed sets)."""
@@ -218,84 +211,28 @@ class Dedupe:
         return DedupeLogic(self, ctx, resume_state)
 
 
-class _KeySet:
-    """Distinct ``uint64`` keys in sorted runs, merged like a log-structured tree."""
-
-    __slots__ = ("_runs",)
-
-    def __init__(self, runs: list[np.ndarray] | None = None) -> None:
-        self._runs: list[np.ndarray] = runs or []
-
-    def __len__(self) -> int:
-        return sum(len(run) for run in self._runs)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(run.nbytes) for run in self._runs)
-
-    def contains(self, keys: np.ndarray) -> np.ndarray:
-        found = np.zeros(len(keys), dtype=bool)
-        rest = np.arange(len(keys))
-        for run in reversed(self._runs):  # newest (smallest) runs first
-            if not len(rest):
-                break
-            probe = keys[rest]
-            at = np.searchsorted(run, probe)
-            at[at == len(run)] = 0
-            hit = run[at] == probe
-            found[rest[hit]] = True
-            rest = rest[np.flatnonzero(~hit)]
-        return found
-
-    def add(self, keys: np.ndarray) -> None:
-        """Add distinct keys that are not in the set yet."""
-        if not len(keys):
-            return
-        self._runs.append(np.sort(keys))
-        runs = self._runs
-        while len(runs) > 1 and len(runs[-2]) <= _MERGE_RATIO * len(runs[-1]):
-            last = runs.pop()
-            runs[-1] = np.sort(np.concatenate((runs[-1], last)))
-
-    def merge(self, other: _KeySet) -> None:
-        self._runs = [np.union1d(self.values(), other.values())]
-
-    def values(self) -> np.ndarray:
-        if len(self._runs) != 1:
-            self._runs = [np.sort(np.concatenate(self._runs)) if self._runs else np.empty(0, dtype=np.uint64)]
-        return self._runs[0]
-
-
-class _BloomGeneration:
-    """One generation's filters: its own (new ids go there) and any inherited read-only ones.
-
-    An inherited filter comes from a snapshot of another key-group range
-    (restored at another parallelism); it keeps the range it covers.
-    """
-
-    __slots__ = ("inherited", "own")
-
-    def __init__(self) -> None:
-        self.own: BloomFilter | None = None
-        self.inherited: list[tuple[BloomFilter, int, int]] = []
-
-    def filters(self) -> list[BloomFilter]:
-        return ([self.own] if self.own is not None else []) + [bloom for bloom, _, _ in self.inherited]
-
-    def contains(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
-        found = np.zeros(len(h1), dtype=bool)
-        rest = np.arange(len(h1))
-        for bloom in self.filters():
-            if not len(rest):
-                break
-            hit = bloom.contains(h1[rest], h2[rest])
-            found[rest[hit]] = True
-            rest = rest[np.flatnonzero(~hit)]
-        return found
+def _seen_ids(config: Dedupe, ctx: OperatorContext) -> SeenIds:
+    """The dedupe-mode strategy for a config."""
+    if config.mode == "exact":
+        return ExactSeenIds(ctx, config.generation_ms)
+    return BloomSeenIds(
+        ctx,
+        config.generation_ms,
+        expected_items=int(config.expected_items),
+        generations=int(config.generations),
+        fp_rate=float(config.fp_rate),
+    )
 
 
 class DedupeLogic(OperatorLogic):
     """The live deduplication of one subtask (built by :class:`Dedupe`).
+
+    The logic decides which generation an id goes into, when generations
+    expire, and keeps the counters; the remembered ids themselves, and all
+    that depends on the mode, belong to a
+    :class:`~onceflow.operators.seen_ids.SeenIds`
+    (:class:`~onceflow.operators.seen_ids.ExactSeenIds` or
+    :class:`~onceflow.operators.seen_ids.BloomSeenIds`).
 
     Example:
         >>> import pyarrow as pa
@@ -326,15 +263,7 @@ class DedupeLogic(OperatorLogic):
         self._time_column = config.time_column
         self._within = int(config.within_ms)
         self._span = config.generation_ms
-        self._bloom = config.mode == "bloom"
-        per_subtask = -(-int(config.expected_items) // max(1, ctx.parallelism))
-        self._capacity = max(1, -(-per_subtask // (int(config.generations) - 1)))
-        self._generation_fp = 1.0 - (1.0 - float(config.fp_rate)) ** (1.0 / int(config.generations))
-        self._num_bits = optimal_num_bits(self._capacity, self._generation_fp)
-        self._num_hashes = optimal_num_hashes(self._num_bits, self._capacity)
-        self._encoding: str | None = None
-        self._filters: dict[int, _BloomGeneration] = {}
-        self._sets: dict[int, _KeySet] = {}
+        self._ids = _seen_ids(config, ctx)
         self._watermark: int | None = None
         self._items_seen = 0
         self._duplicates = 0
@@ -345,7 +274,8 @@ class DedupeLogic(OperatorLogic):
 
     # --- processing ---------------------------------------------------------------------------------
 
-    def _check_columns(self, schema: pa.Schema) -> None:
+    def _check_columns(self, batch: pa.RecordBatch) -> None:
+        schema = batch.schema
         for column in self._columns:
             if schema.get_field_index(column) < 0:
                 msg = (
@@ -354,15 +284,7 @@ class DedupeLogic(OperatorLogic):
                 )
                 raise DataError(msg, operator=self._operator, column=column)
 
-    def _encoding_of(self, schema: pa.Schema) -> str:
-        if len(self._columns) == 1:
-            kind = schema.field(self._columns[0]).type
-            if pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_temporal(kind):
-                return _VALUE
-        return _HASH64
-
-    def _keys_of(self, batch: pa.RecordBatch) -> np.ndarray:
-        """The uint64 key of every row: the id's 64 bits (exact, one integer column) or its 64-bit hash."""
+    def _check_nulls(self, batch: pa.RecordBatch) -> None:
         for column in self._columns:
             nulls = batch.column(column).null_count
             if nulls:
@@ -371,24 +293,6 @@ class DedupeLogic(OperatorLogic):
                     "an event without an id cannot be deduplicated, so fill or filter them first"
                 )
                 raise DataError(msg, operator=self._operator, column=column)
-        if self._bloom:
-            return hash64_columns(batch, self._columns, operator=self._operator)
-        encoding = self._encoding_of(batch.schema)
-        if self._encoding is None:
-            self._encoding = encoding
-        elif encoding != self._encoding:
-            column = self._columns[0]
-            stored = "64-bit values" if self._encoding == _VALUE else "64-bit hashes"
-            msg = (
-                f"operator {self._operator!r}: dedup column {column!r} changed type to "
-                f"{batch.schema.field(column).type}, but its remembered ids are {stored}; "
-                "keep the id column's type stable (cast it before dedupe)"
-            )
-            raise DataError(msg, operator=self._operator, column=column)
-        if encoding == _HASH64:
-            return hash64_columns(batch, self._columns, operator=self._operator)
-        ints = int64_values(batch.column(self._columns[0]))
-        return np.asarray(ints, dtype=np.int64).view(np.uint64)
 
     def _oldest_live(self) -> int | None:
         """The oldest generation the watermark has not expired (``None`` before any watermark)."""
@@ -396,75 +300,24 @@ class DedupeLogic(OperatorLogic):
             return None
         return _clamp((self._watermark + 1 - self._within) // self._span)
 
-    def _lookup(self, keys: np.ndarray, h1: np.ndarray | None, h2: np.ndarray | None) -> np.ndarray:
-        """Whether each (distinct) key is in any live generation, newest generations first."""
-        found = np.zeros(len(keys), dtype=bool)
-        rest = np.arange(len(keys))
-        generations = self._filters if self._bloom else self._sets
-        for generation in sorted(generations, reverse=True):
-            if not len(rest):
-                break
-            if self._bloom:
-                assert h1 is not None and h2 is not None
-                hit = self._filters[generation].contains(h1[rest], h2[rest])
-            else:
-                hit = self._sets[generation].contains(keys[rest])
-            found[rest[hit]] = True
-            rest = rest[np.flatnonzero(~hit)]
-        return found
-
-    def _insert(self, generation: int, keys: np.ndarray, h1: np.ndarray | None, h2: np.ndarray | None) -> None:
-        if self._bloom:
-            assert h1 is not None and h2 is not None
-            entry = self._filters.get(generation)
-            if entry is None:
-                entry = self._filters[generation] = _BloomGeneration()
-            if entry.own is None:
-                entry.own = BloomFilter(self._num_bits, self._num_hashes, capacity=self._capacity)
-            entry.own.add(h1, h2)
-        else:
-            key_set = self._sets.get(generation)
-            if key_set is None:
-                key_set = self._sets[generation] = _KeySet()
-            key_set.add(keys)
-
     def on_batch(self, batch: pa.RecordBatch) -> Emitted:
         """Emit the rows whose id is new; drop the repeats."""
-        self._check_columns(batch.schema)
+        self._check_columns(batch)
         n = batch.num_rows
         if n == 0:
             return []
         times = event_time_ms(batch, self._time_column, operator=self._operator)
-        keys = self._keys_of(batch)
+        self._check_nulls(batch)
+        keys = self._ids.keys_of(batch, self._columns)
         candidates, distinct = distinct_first_rows(keys)  # sorted keys: fast binary searches in exact mode
-        h1, h2 = probe_hashes(distinct) if self._bloom else (None, None)
-        fresh = ~self._lookup(distinct, h1, h2)
-        rows = candidates[fresh]
         generation = times // np.int64(self._span)
         oldest = self._oldest_live()
         if oldest is not None:
             self._beyond_horizon += int(np.count_nonzero(generation < oldest))
-        if len(rows):
-            target = generation[rows]
-            if oldest is not None:
-                np.maximum(target, oldest, out=target)
-            new_keys = keys[rows]
-            new_h1 = h1[fresh] if h1 is not None else None
-            new_h2 = h2[fresh] if h2 is not None else None
-            first, last = int(target.min()), int(target.max())
-            if first == last:
-                self._insert(first, new_keys, new_h1, new_h2)
-            else:
-                order = np.argsort(target, kind="stable")
-                ordered = target[order]
-                bounds = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
-                for part in np.split(order, bounds):
-                    self._insert(
-                        int(target[part[0]]),
-                        new_keys[part],
-                        new_h1[part] if new_h1 is not None else None,
-                        new_h2[part] if new_h2 is not None else None,
-                    )
+        target = generation[candidates]  # a new id goes into its event time's generation, or the oldest live one
+        if oldest is not None:
+            np.maximum(target, oldest, out=target)
+        rows = candidates[self._ids.add_unseen(distinct, target)]
         self._items_seen += n
         self._duplicates += n - len(rows)
         if len(rows) == n:
@@ -479,9 +332,7 @@ class DedupeLogic(OperatorLogic):
             self._watermark = int(watermark)
         oldest = self._oldest_live()
         assert oldest is not None
-        generations: dict[int, Any] = self._filters if self._bloom else self._sets
-        for generation in [g for g in generations if g < oldest]:
-            del generations[generation]
+        self._ids.expire(oldest)
         return []
 
     # --- observation ----------------------------------------------------------------------------------
@@ -489,9 +340,7 @@ class DedupeLogic(OperatorLogic):
     @property
     def state_bytes(self) -> int:
         """The bytes of every live filter or key set."""
-        if self._bloom:
-            return sum(f.nbytes for entry in self._filters.values() for f in entry.filters())
-        return sum(key_set.nbytes for key_set in self._sets.values())
+        return self._ids.state_bytes
 
     def metrics(self) -> dict[str, Any]:
         """Counters and, per live generation (``g0`` the newest), its items, fill ratio and estimated fp rate.
@@ -504,27 +353,14 @@ class DedupeLogic(OperatorLogic):
         plus ``estimated_fp_rate``, the chance that a unique id is dropped
         now (a lookup probes every live filter).
         """
-        metrics: dict[str, Any] = {
+        return {
             "items_seen": self._items_seen,
             "duplicates_dropped": self._duplicates,
             "beyond_horizon": self._beyond_horizon,
-            "generations": len(self._filters if self._bloom else self._sets),
+            "generations": self._ids.generation_count,
+            **self._ids.generation_metrics(),
+            "state_bytes": self._ids.state_bytes,
         }
-        if self._bloom:
-            keep = 1.0
-            for index, generation in enumerate(sorted(self._filters, reverse=True)):
-                filters = self._filters[generation].filters()
-                rates = [f.estimated_fp_rate() for f in filters]
-                metrics[f"items_g{index}"] = sum(f.items for f in filters)
-                metrics[f"fill_ratio_g{index}"] = max(f.fill_ratio() for f in filters)
-                metrics[f"fp_rate_g{index}"] = 1.0 - math.prod(1.0 - r for r in rates)
-                keep *= math.prod(1.0 - r for r in rates)
-            metrics["estimated_fp_rate"] = 1.0 - keep
-        else:
-            for index, generation in enumerate(sorted(self._sets, reverse=True)):
-                metrics[f"items_g{index}"] = len(self._sets[generation])
-        metrics["state_bytes"] = self.state_bytes
-        return metrics
 
     # --- snapshot and restore -------------------------------------------------------------------------
 
@@ -533,7 +369,7 @@ class DedupeLogic(OperatorLogic):
             b"onceflow.state": b"dedupe",
             b"onceflow.version": str(STATE_FORMAT_VERSION).encode(),
             b"onceflow.mode": self._config.mode.encode(),
-            b"onceflow.key_encoding": (self._encoding or "").encode(),
+            b"onceflow.key_encoding": self._ids.key_encoding.encode(),
             b"onceflow.generation_ms": str(self._span).encode(),
             b"onceflow.watermark": b"" if self._watermark is None else str(self._watermark).encode(),
             b"onceflow.items_seen": str(self._items_seen).encode(),
@@ -548,56 +384,7 @@ class DedupeLogic(OperatorLogic):
 
         Pass it to ``Dedupe.build(ctx, resume_state=...)`` to restore.
         """
-        return self._snapshot_bloom() if self._bloom else self._snapshot_exact()
-
-    def _snapshot_bloom(self) -> pa.Table:
-        owned = self._ctx.key_groups
-        rows: dict[str, list[Any]] = {name: [] for name in _BLOOM_SCHEMA.names}
-        for generation in sorted(self._filters):
-            entry = self._filters[generation]
-            parts = [(entry.own, owned.start, owned.stop)] if entry.own is not None else []
-            for bloom, start, stop in parts + entry.inherited:
-                rows["key_group"].append(-1)
-                rows["subtask"].append(self._ctx.subtask)
-                rows["generation"].append(generation)
-                rows["key_group_start"].append(start)
-                rows["key_group_end"].append(stop)
-                rows["num_bits"].append(bloom.num_bits)
-                rows["num_hashes"].append(bloom.num_hashes)
-                rows["items"].append(bloom.items)
-                rows["capacity"].append(bloom.capacity)
-                rows["bits"].append(bloom.to_bytes())
-        schema = _BLOOM_SCHEMA.with_metadata(self._metadata())
-        return pa.Table.from_pydict(rows, schema=schema)
-
-    def _snapshot_exact(self) -> pa.Table:
-        order = sorted(self._sets)
-        parts = [self._sets[generation].values() for generation in order]
-        keys = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
-        generations = np.repeat(np.array(order, dtype=np.int64), [len(part) for part in parts])
-        groups = self._key_groups_of(keys, self._encoding)
-        schema = _EXACT_SCHEMA.with_metadata(self._metadata())
-        return pa.Table.from_arrays(
-            [
-                pa.array(groups, pa.int32()),
-                pa.array(np.full(len(keys), self._ctx.subtask, dtype=np.int32), pa.int32()),
-                pa.array(generations, pa.int64()),
-                pa.array(keys, pa.uint64()),
-            ],
-            schema=schema,
-        )
-
-    def _key_groups_of(self, keys: np.ndarray, encoding: str | None) -> np.ndarray:
-        """The key group of stored keys: from the hash's high half, or by hashing the stored value."""
-        parallelism = np.uint32(self._ctx.max_parallelism)
-        high = murmur3_int64(keys, SEED) if encoding == _VALUE else (keys >> np.uint64(32)).astype(np.uint32)
-        return (high % parallelism).astype(np.int32)
-
-    def _remap(self, generation: int, span: int) -> int:
-        """The generation (of this config's span) that outlives a restored one of ``span``."""
-        if span == self._span:
-            return generation
-        return -(-((generation + 1) * span) // self._span) - 1
+        return self._ids.state().replace_schema_metadata(self._metadata())
 
     def _restore(self, tables: list[pa.Table]) -> None:
         operator = self._operator
@@ -622,83 +409,14 @@ class DedupeLogic(OperatorLogic):
                 self._duplicates += int(metadata.get(b"onceflow.duplicates_dropped", b"0"))
                 self._beyond_horizon += int(metadata.get(b"onceflow.beyond_horizon", b"0"))
             span = int(metadata.get(b"onceflow.generation_ms", str(self._span).encode()))
-            schema = _BLOOM_SCHEMA if self._bloom else _EXACT_SCHEMA
-            for name in schema.names:
+            for name in self._ids.schema.names:
                 if name not in table.column_names:
                     msg = (
                         f"operator {operator!r}: resume_state lacks column {name!r}, so it was not written by "
                         "this dedupe operator; restore from a snapshot of the same operator config"
                     )
                     raise DataError(msg, operator=operator, column=name)
-            if self._bloom:
-                self._restore_bloom(table, span)
-            else:
-                self._restore_exact(table, span, metadata.get(b"onceflow.key_encoding", b"").decode() or None)
+            self._ids.restore(table, span)
         if watermarks:
             self._watermark = max(watermarks)
             self.on_watermark(self._watermark)
-
-    def _restore_exact(self, table: pa.Table, span: int, encoding: str | None) -> None:
-        if encoding is not None:
-            if self._encoding is not None and encoding != self._encoding:
-                msg = (
-                    f"operator {self._operator!r}: resume_state stores ids as {encoding}, another snapshot as "
-                    f"{self._encoding}; restore snapshots of one operator config"
-                )
-                raise DataError(msg, operator=self._operator, column="key")
-            self._encoding = encoding
-        if table.num_rows == 0:
-            return
-        mine = in_key_groups(table.column("key_group").to_numpy(), self._ctx.key_groups)
-        keys = np.asarray(table.column("key").to_numpy(), dtype=np.uint64)[mine]
-        generations = np.asarray(table.column("generation").to_numpy(), dtype=np.int64)[mine]
-        for generation in np.unique(generations).tolist():
-            restored = _KeySet([np.unique(keys[generations == generation])])
-            target = self._remap(int(generation), span)
-            if target in self._sets:
-                self._sets[target].merge(restored)
-            else:
-                self._sets[target] = restored
-
-    def _restore_bloom(self, table: pa.Table, span: int) -> None:
-        owned = self._ctx.key_groups
-        for row in table.to_pylist():
-            start, stop = int(row["key_group_start"]), int(row["key_group_end"])
-            if stop <= owned.start or start >= owned.stop:
-                continue
-            bloom = BloomFilter.from_bytes(
-                row["bits"], int(row["num_bits"]), int(row["num_hashes"]), items=int(row["items"]),
-                capacity=row["capacity"],
-            )
-            target = self._remap(int(row["generation"]), span)
-            entry = self._filters.get(target)
-            if entry is None:
-                entry = self._filters[target] = _BloomGeneration()
-            mine = (
-                (start, stop) == (owned.start, owned.stop)
-                and span == self._span
-                and (bloom.num_bits, bloom.num_hashes) == (self._num_bits, self._num_hashes)
-            )
-            if mine and entry.own is None:
-                entry.own = bloom
-            else:
-                entry.inherited.append((bloom, start, stop))
-
-
-_BLOOM_SCHEMA = pa.schema(
-    [
-        ("key_group", pa.int32()),
-        ("subtask", pa.int32()),
-        ("generation", pa.int64()),
-        ("key_group_start", pa.int32()),
-        ("key_group_end", pa.int32()),
-        ("num_bits", pa.int64()),
-        ("num_hashes", pa.int32()),
-        ("items", pa.int64()),
-        ("capacity", pa.int64()),
-        ("bits", pa.large_binary()),
-    ]
-)
-_EXACT_SCHEMA = pa.schema(
-    [("key_group", pa.int32()), ("subtask", pa.int32()), ("generation", pa.int64()), ("key", pa.uint64())]
-)

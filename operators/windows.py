@@ -57,7 +57,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -71,6 +70,7 @@ from onceflow.operators.agg import Aggregation, reduce_groups
 from onceflow.operators.keygroups import in_key_groups, key_groups_of, require_key_columns, take_rows
 from onceflow.operators.logic import LATE, MAIN, Emitted, OperatorContext, OperatorLogic
 from onceflow.operators.watermark import event_time_ms
+from onceflow.operators.window_kinds import FixedWindows, PartialLayout, SessionWindows, WindowKind
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -87,7 +87,6 @@ STATE_FORMAT_VERSION = 1
 
 _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
-_COMPACT_AT = 8
 _RESERVED = frozenset({"key_group", "window_start", "window_end"})
 _KEY_GROUP = "kg"
 """The internal state column holding each row's key group."""
@@ -337,26 +336,29 @@ def _as_batch(table: pa.Table) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=table.schema)
 
 
-def _key_changes(column: pa.ChunkedArray) -> np.ndarray:
-    """For a sorted column of n values, whether value i + 1 differs from value i."""
-    array = column.combine_chunks()
-    if pa.types.is_integer(array.type) and not array.null_count:
-        values = array.to_numpy()
-        return values[1:] != values[:-1]
-    after, before = array.slice(1), array.slice(0, len(array) - 1)
-    changed = pc.fill_null(pc.not_equal(after, before), False)
-    if array.null_count:
-        changed = pc.or_(changed, pc.xor(after.is_null(), before.is_null()))
-    return changed.to_numpy(zero_copy_only=False)
+def _window_kind(window: Window, layout: PartialLayout) -> WindowKind:
+    """The window-kind strategy for an assigner."""
+    if isinstance(window, Session):
+        return SessionWindows(window.gap_ms, layout)
+    if isinstance(window, Sliding):
+        return FixedWindows(window.size_ms, window.slide_ms, window.offset_ms, layout)
+    return FixedWindows(window.size_ms, window.size_ms, window.offset_ms, layout)
 
 
 class WindowAggregateLogic(OperatorLogic):
     """The live window aggregation of one subtask (built by :class:`WindowAggregate`).
 
     State is kept as *partial accumulators*: every batch is pre-aggregated per
-    (window, key) and the partial tables are kept per window (re-combined
-    into one when a window has more than a few); session windows keep partials
-    per (key, event time) until their session fires.
+    (window, key). What depends on the kind of window (which windows a row
+    counts towards, how partials are kept and merged, which windows fire,
+    what a snapshot holds) is the job of a
+    :class:`~onceflow.operators.window_kinds.WindowKind`:
+    :class:`~onceflow.operators.window_kinds.FixedWindows` keeps the partial
+    tables per window (re-combined into one when a window has more than a
+    few); :class:`~onceflow.operators.window_kinds.SessionWindows` keeps
+    partials per (key, event time) until their session fires. This class
+    keeps the rest: input validation, late rows, output and the snapshot
+    table.
 
     Example:
         >>> import pyarrow as pa
@@ -395,16 +397,6 @@ class WindowAggregateLogic(OperatorLogic):
         self._config = config
         self._ctx = ctx
         self._operator = ctx.operator
-        window = config.window
-        self._session = isinstance(window, Session)
-        if isinstance(window, Session):
-            self._size, self._slide, self._offset = window.gap_ms, window.gap_ms, 0
-        elif isinstance(window, Sliding):
-            self._size, self._slide, self._offset = window.size_ms, window.slide_ms, window.offset_ms
-        else:
-            self._size, self._slide, self._offset = window.size_ms, window.size_ms, window.offset_ms
-        self._windows_per_event = -(-self._size // self._slide)
-        self._delay = self._size - 1 + config.allowed_lateness_ms
         self._keys = list(config.keys)
         self._key_columns = [f"k{i}" for i in range(len(self._keys))]
         self._aggregations = list(config.aggregates.values())
@@ -423,19 +415,16 @@ class WindowAggregateLogic(OperatorLogic):
         # Every state row carries the key group routing computed from its key's rows (_KEY_GROUP).
         key_group = (_KEY_GROUP, _KEY_GROUP, "max")
         self._accumulate = [key_group, *((p.internal, p.source, p.accumulate) for p in flat)]
-        self._combine = [key_group, *((p.internal, p.internal, p.combine) for p in flat)]
+        combine = [key_group, *((p.internal, p.internal, p.combine) for p in flat)]
         self._state_columns = ["window_start", *self._key_columns, _KEY_GROUP, *(p.internal for p in flat)]
         self._snapshot_columns = ["window_start", *self._keys, "key_group", *(p.snapshot for p in flat)]
+        layout = PartialLayout(tuple(self._key_columns), tuple(self._state_columns), tuple(combine))
+        self._kind = _window_kind(config.window, layout)
+        self._delay = self._kind.size_ms - 1 + config.allowed_lateness_ms
 
         self._watermark: int | None = None
         self._late_events = 0
         self._schema: pa.Schema | None = None
-        # tumbling/sliding: window start -> partial tables, each sorted by keys, one row per key
-        self._windows: dict[int, list[pa.Table]] = {}
-        # sessions: partial tables with one row per (key, event time), in any order
-        self._buffer: list[pa.Table] = []
-        self._buffer_min: int | None = None
-        self._open_sessions: int | None = 0
         if resume_state is not None:
             self._restore([resume_state] if isinstance(resume_state, pa.Table) else list(resume_state))
 
@@ -456,9 +445,20 @@ class WindowAggregateLogic(OperatorLogic):
         inputs, times = self._prepare(table)
         if table.num_rows == 0:
             return []
-        if self._session:
-            return self._batch_into_sessions(batch, inputs, times)
-        return self._batch_into_windows(batch, inputs, times)
+        kind = self._kind
+        last_starts = kind.last_starts(times)
+        emitted: Emitted = []
+        limit = None if self._watermark is None else _clamp(self._watermark - self._delay)
+        if limit is not None:
+            emitted, keep = self._split_late(batch, last_starts <= limit)
+            if keep is not None:
+                if not keep.any():
+                    return emitted
+                inputs = inputs.filter(pa.array(keep))
+                times, last_starts = times[keep], last_starts[keep]
+        assigned = kind.assign(inputs, times, last_starts, limit)
+        kind.add(self._conform(reduce_groups(assigned, ["window_start", *self._key_columns], self._accumulate)))
+        return emitted
 
     def on_watermark(self, watermark: int) -> Emitted:
         """Fire every window whose ``end - 1 + allowed_lateness_ms <= watermark``.
@@ -473,16 +473,15 @@ class WindowAggregateLogic(OperatorLogic):
         if self._watermark is not None and watermark <= self._watermark:
             return []
         self._watermark = watermark
-        limit = _clamp(watermark - self._delay)
-        if self._session:
-            if self._buffer_min is None or self._buffer_min > limit:
-                return []
-            return self._fire_sessions(limit)
-        return self._fire_windows(limit)
+        return self._fire(_clamp(watermark - self._delay))
 
     def on_eof(self) -> Emitted:
         """Fire every window left, as if the watermark were +infinity."""
-        return self._fire_sessions(None) if self._session else self._fire_windows(None)
+        return self._fire(None)
+
+    def _fire(self, limit: int | None) -> Emitted:
+        fired = self._kind.fire(limit)
+        return [] if fired is None else [(MAIN, self._output(fired.partials, fired.ends))]
 
     def metrics(self) -> dict[str, int]:
         """Return ``late_events`` and ``open_windows``.
@@ -491,13 +490,7 @@ class WindowAggregateLogic(OperatorLogic):
         tumbling and sliding windows (shared by all keys), and the number of
         open (key, session) pairs for session windows (computed on demand).
         """
-        if self._session:
-            if self._open_sessions is None:
-                self._open_sessions = self._count_sessions()
-            open_windows = self._open_sessions
-        else:
-            open_windows = len(self._windows)
-        return {"late_events": self._late_events, "open_windows": open_windows}
+        return {"late_events": self._late_events, "open_windows": self._kind.open_windows()}
 
     # --- input validation -----------------------------------------------------------------------
 
@@ -602,7 +595,7 @@ class WindowAggregateLogic(OperatorLogic):
             for name in (p.snapshot for p in columns)
         ]
 
-    # --- tumbling and sliding windows ------------------------------------------------------------
+    # --- late rows ------------------------------------------------------------------------------
 
     def _split_late(self, batch: pa.RecordBatch | pa.Table, late: np.ndarray) -> tuple[Emitted, np.ndarray | None]:
         """Count and emit the late rows; return what to emit and the rows to keep (None: all)."""
@@ -613,142 +606,6 @@ class WindowAggregateLogic(OperatorLogic):
         rows = take_rows(batch, np.flatnonzero(late))
         emitted: Emitted = [(LATE, rows if isinstance(rows, pa.RecordBatch) else _as_batch(rows))]
         return emitted, ~late
-
-    def _batch_into_windows(self, batch: pa.RecordBatch, inputs: pa.Table, times: np.ndarray) -> Emitted:
-        size, slide = self._size, self._slide
-        last_start = times - np.mod(times - np.int64(self._offset), np.int64(slide))
-        emitted: Emitted = []
-        limit = None if self._watermark is None else _clamp(self._watermark - self._delay)
-        if limit is not None:
-            emitted, keep = self._split_late(batch, last_start <= limit)
-            if keep is not None:
-                if not keep.any():
-                    return emitted
-                inputs = inputs.filter(pa.array(keep))
-                times, last_start = times[keep], last_start[keep]
-        if self._windows_per_event == 1:
-            starts = last_start
-        else:
-            rows, start_parts = [], []
-            for j in range(self._windows_per_event):
-                start = last_start - np.int64(j * slide)
-                contains = start > times - np.int64(size)
-                if limit is not None:
-                    contains &= start > limit
-                selected = np.flatnonzero(contains)
-                rows.append(selected)
-                start_parts.append(start[selected])
-            inputs = inputs.take(pa.array(np.concatenate(rows)))
-            starts = np.concatenate(start_parts)
-        table = inputs.set_column(0, "window_start", pa.array(starts, type=pa.int64()))
-        piece = self._conform(reduce_groups(table, ["window_start", *self._key_columns], self._accumulate))
-        self._add_pieces(piece)
-        return emitted
-
-    def _add_pieces(self, piece: pa.Table) -> None:
-        """File a partial table sorted by (window_start, keys) under its windows."""
-        starts = piece.column("window_start").to_numpy()
-        bounds = np.flatnonzero(starts[1:] != starts[:-1]) + 1
-        edges = [0, *bounds.tolist(), len(starts)]
-        for begin, end in itertools.pairwise(edges):
-            pieces = self._windows.setdefault(int(starts[begin]), [])
-            pieces.append(piece.slice(begin, end - begin) if len(edges) > 2 else piece)
-            if len(pieces) > _COMPACT_AT:
-                pieces[:] = [self._combine_pieces(pieces)]
-
-    def _combine_pieces(self, pieces: list[pa.Table]) -> pa.Table:
-        merged = reduce_groups(pa.concat_tables(pieces), ["window_start", *self._key_columns], self._combine)
-        return merged.select(self._state_columns)
-
-    def _fire_windows(self, limit: int | None) -> Emitted:
-        fired = sorted(start for start in self._windows if limit is None or start <= limit)
-        if not fired:
-            return []
-        parts = []
-        for start in fired:
-            pieces = self._windows.pop(start)
-            parts.append(pieces[0] if len(pieces) == 1 else self._combine_pieces(pieces))
-        table = pa.concat_tables(parts)
-        ends = pc.add(table.column("window_start"), pa.scalar(self._size, pa.int64()))
-        return [(MAIN, self._output(table, ends))]
-
-    # --- session windows -------------------------------------------------------------------------
-
-    def _batch_into_sessions(self, batch: pa.RecordBatch, inputs: pa.Table, times: np.ndarray) -> Emitted:
-        emitted: Emitted = []
-        if self._watermark is not None:
-            emitted, keep = self._split_late(batch, times <= _clamp(self._watermark - self._delay))
-            if keep is not None:
-                if not keep.any():
-                    return emitted
-                inputs = inputs.filter(pa.array(keep))
-                times = times[keep]
-        piece = self._conform(reduce_groups(inputs, ["window_start", *self._key_columns], self._accumulate))
-        self._buffer.append(piece)
-        earliest = int(times.min())
-        self._buffer_min = earliest if self._buffer_min is None else min(self._buffer_min, earliest)
-        if len(self._buffer) > 4 * _COMPACT_AT:
-            self._buffer = [pa.concat_tables(self._buffer).combine_chunks()]
-        self._open_sessions = None
-        return emitted
-
-    def _sessions(self) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
-        """Merge the buffer into sessions.
-
-        Returns:
-            The buffered partials sorted by (keys, time), one row per (key,
-            time); the first row of each session; each session's number of
-            rows; each session's last event time.
-
-        """
-        merged = reduce_groups(pa.concat_tables(self._buffer), [*self._key_columns, "window_start"], self._combine)
-        merged = merged.select(self._state_columns)
-        times = merged.column("window_start").to_numpy()
-        rows = len(times)
-        new_session = np.empty(rows, dtype=bool)
-        new_session[0] = True
-        np.greater_equal(times[1:] - times[:-1], np.int64(self._size), out=new_session[1:])
-        for key in self._key_columns:
-            new_session[1:] |= _key_changes(merged.column(key))
-        starts = np.flatnonzero(new_session)
-        lengths = np.diff(np.append(starts, rows))
-        last_times = times[starts + lengths - 1]
-        return merged, starts, lengths, last_times
-
-    def _count_sessions(self) -> int:
-        if not self._buffer:
-            return 0
-        merged, starts, _, _ = self._sessions()
-        self._buffer = [merged]
-        return len(starts)
-
-    def _fire_sessions(self, limit: int | None) -> Emitted:
-        if not self._buffer:
-            return []
-        merged, starts, lengths, last_times = self._sessions()
-        fire = np.ones(len(starts), dtype=bool) if limit is None else last_times <= limit
-        fired_sessions = int(np.count_nonzero(fire))
-        if not fired_sessions:
-            self._buffer = [merged]
-            self._open_sessions = len(starts)
-            return []
-        times = merged.column("window_start").to_numpy()
-        if fired_sessions == len(starts):
-            fired = merged
-            self._buffer, self._buffer_min = [], None
-        else:
-            fire_rows = np.repeat(fire, lengths)
-            fired = merged.filter(pa.array(fire_rows))
-            rest = ~fire_rows
-            self._buffer = [merged.filter(pa.array(rest))]
-            self._buffer_min = int(times[rest].min())
-        self._open_sessions = len(starts) - fired_sessions
-        session_start = np.repeat(times[starts[fire]], lengths[fire])
-        session_end = np.repeat(last_times[fire] + np.int64(self._size), lengths[fire])
-        fired = fired.set_column(0, "window_start", pa.array(session_start, type=pa.int64()))
-        fired = fired.append_column("_end", pa.array(session_end, type=pa.int64()))
-        sessions = reduce_groups(fired, ["window_start", *self._key_columns], [*self._combine, ("_end", "_end", "max")])
-        return [(MAIN, self._output(sessions, sessions.column("_end")))]
 
     # --- output, snapshot, restore ---------------------------------------------------------------
 
@@ -793,13 +650,10 @@ class WindowAggregateLogic(OperatorLogic):
                 metadata=metadata,
             )
             return empty.empty_table()
-        if self._session:
-            pieces = list(self._buffer)
-        else:
-            pieces = [piece for start in sorted(self._windows) for piece in self._windows[start]]
+        pieces = self._kind.state()
         state = pa.concat_tables(pieces) if pieces else self._schema.empty_table()
         starts = state.column("window_start")
-        ends = pc.add(starts, pa.scalar(self._size, pa.int64()))
+        ends = pc.add(starts, pa.scalar(self._kind.size_ms, pa.int64()))
         columns = [state.column(_KEY_GROUP), *(state.column(k) for k in self._key_columns), starts, ends]
         columns += [state.column(name) for name in self._state_columns[2 + len(self._key_columns) :]]
         chunked = [c if isinstance(c, pa.ChunkedArray) else pa.chunked_array([c]) for c in columns]
@@ -840,7 +694,7 @@ class WindowAggregateLogic(OperatorLogic):
             if not mine.all():
                 table = table.filter(pa.array(mine))
             spans = pc.subtract(table.column("window_end"), table.column("window_start"))
-            if table.num_rows and not pc.all(pc.equal(spans, self._size)).as_py():
+            if table.num_rows and not pc.all(pc.equal(spans, self._kind.size_ms)).as_py():
                 msg = (
                     f"operator {operator!r}: resume_state has windows of another size (column 'window_end'); "
                     "restore with the window config the snapshot was taken with"
@@ -858,10 +712,4 @@ class WindowAggregateLogic(OperatorLogic):
         self._schema = schema
         if state.num_rows == 0:
             return
-        if self._session:
-            self._buffer = [state]
-            self._buffer_min = int(pc.min(state.column("window_start")).as_py())
-            self._open_sessions = None
-        else:
-            merged = reduce_groups(state, ["window_start", *self._key_columns], self._combine)
-            self._add_pieces(self._conform(merged.select(self._state_columns)))
+        self._kind.restore(state)

@@ -245,7 +245,7 @@ def test_bloom_sizing_splits_expected_items_over_subtasks_and_generations() -> N
     ctx = OperatorContext("dedupe_1", subtask=1, parallelism=4, key_groups=key_group_range(1, 4, 128))
     logic = build("bloom", ctx=ctx, expected_items=120_000, generations=4, fp_rate=0.01)
     passed(logic, batch([1], [0]))
-    [bloom] = logic._filters[0].filters()
+    [bloom] = logic._ids.generations[0].filters()
     assert bloom.capacity == 10_000  # 120,000 / 4 subtasks / 3 generations per within_ms
     per_generation = 1 - 0.99 ** 0.25
     assert bloom.num_bits == math.ceil(-10_000 * math.log(per_generation) / math.log(2) ** 2)
@@ -255,7 +255,7 @@ def test_bloom_sizing_splits_expected_items_over_subtasks_and_generations() -> N
 @pytest.mark.parametrize(("expected_items", "fp_rate"), [(1, 0.999), (10, 0.9), (10**9, 1e-9)])
 def test_the_number_of_probes_is_never_zero(expected_items: int, fp_rate: float) -> None:
     logic = build("bloom", expected_items=expected_items, fp_rate=fp_rate)
-    assert logic._num_hashes >= 1 and logic._num_bits >= 1
+    assert logic._ids.num_hashes >= 1 and logic._ids.num_bits >= 1
 
 
 # --- false positives -------------------------------------------------------------------------------------
@@ -289,10 +289,10 @@ def test_metrics_report_fill_and_fp_rate_per_generation() -> None:
     assert {"fill_ratio_g0", "fp_rate_g0", "items_g0", "fill_ratio_g2", "estimated_fp_rate"} <= set(m)
     assert m["items_g2"] == 1_000 and 980 <= m["items_g0"] <= 1_000  # the odd false positive is not added
     assert 0.4 < m["fill_ratio_g0"] < 0.6
-    assert m["fp_rate_g0"] == pytest.approx(m["fill_ratio_g0"] ** logic._num_hashes)
+    assert m["fp_rate_g0"] == pytest.approx(m["fill_ratio_g0"] ** logic._ids.num_hashes)
     assert m["estimated_fp_rate"] == pytest.approx(1 - math.prod(1 - m[f"fp_rate_g{i}"] for i in range(3)))
     assert m["estimated_fp_rate"] < 0.01
-    assert m["state_bytes"] == 3 * ((logic._num_bits + 63) // 64 * 8)
+    assert m["state_bytes"] == 3 * ((logic._ids.num_bits + 63) // 64 * 8)
 
 
 # --- snapshots -------------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_bloom_state_restored_at_another_parallelism_has_no_false_negatives() ->
             restored = build("bloom", ctx=ctx, within_ms=1_000, expected_items=6_000, resume_state=tables)
             assert restored.on_batch(batch(ids, [0] * len(ids))) == []
             expected_filters = 2 if parallelism == 1 else 1
-            for entry in restored._filters.values():
+            for entry in restored._ids.generations.values():
                 assert entry.own is None and len(entry.inherited) == expected_filters
             passed(restored, batch([10**9], [0]))
             again = restored.snapshot()  # inherited filters survive the next checkpoint too
