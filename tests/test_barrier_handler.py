@@ -178,7 +178,7 @@ def test_last_reports_the_newest_finished_or_abandoned_checkpoint() -> None:
     assert handler.last == 1
 
 
-# -- a simulated operator, driven as runtime/actor.py drives the handler --------------------
+# -- a simulated operator, driving the handler as the input gate (runtime/input_gate.py) does --------------------
 
 
 @dataclass(frozen=True, slots=True)

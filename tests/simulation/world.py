@@ -10,10 +10,10 @@ seen ``n`` times gives the rows ``(k, 1) .. (k, n)``, once each.
 
 The protocol pieces are the real ones: :class:`~onceflow.checkpoint.supervisor.JobSupervisor`
 decides the lifecycle, :class:`~onceflow.checkpoint.coordinator.CheckpointCoordinator`
-the checkpoints and :class:`~onceflow.checkpoint.barrier_handler.AlignedBarrierHandler`
-the alignment. Around them the world models what the Ray side does
+the checkpoints and :class:`~onceflow.runtime.input_gate.InputGate` a subtask's
+channels (order, repeats, barrier alignment, end of input). Around them the world models what the Ray side does
 (``runtime/job.py``'s driver, ``runtime/checkpointing.py``'s coordinator actor,
-``runtime/actor.py``'s subtask actor): actor calls are messages in per-caller
+``runtime/subtask.py``'s subtasks): actor calls are messages in per-caller
 FIFO queues, a call to a dead actor fails, ``ray.kill`` lands some steps after
 it was sent, and blocking driver steps are generators that wait for a
 condition. Nothing moves unless the scheduler says so (:meth:`World.moves`).
@@ -26,7 +26,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from onceflow.checkpoint.barrier_handler import AlignedBarrierHandler, Release, Snapshot
+import pyarrow as pa
+
 from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.coordinator import (
     AbortCheckpoint,
@@ -61,6 +62,8 @@ from onceflow.checkpoint.supervisor import (
     SupervisorEvent,
     TakeFinalCheckpoint,
 )
+from onceflow.runtime.channel import ChannelMessage
+from onceflow.runtime.input_gate import BarrierAligned, EndOfInput, InputGate, Rows
 from onceflow.runtime.restart import RestartStrategy
 from tests.simulation.chooser import Chooser
 from tests.simulation.store import ManifestStorage, ManifestWrite, TransactionalStore
@@ -69,6 +72,8 @@ __all__ = ["Call", "Coordinator", "Driver", "Job", "SimActor", "Subtask", "World
 
 PARALLELISM = 2
 SOURCE, COUNT, SINK = "src", "count", "sink"
+_ROW = {SOURCE: pa.int64(), COUNT: pa.list_(pa.int64(), 2)}
+"""The Arrow type of the rows each sending operator puts on its channels: keys, then ``(key, count)``."""
 DEFERRED = object()
 """A handler's return value meaning: the call completes later (the handler keeps it)."""
 
@@ -128,17 +133,6 @@ class Message:
     call: Call | None
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelMessage:
-    """A data-plane message: rows, a barrier or the end of input, with the channel's sequence number."""
-
-    channel: int
-    seq: int
-    rows: tuple[Any, ...] = ()
-    barrier: int = 0
-    eof: bool = False
-
-
 class SimActor:
     """A simulated Ray actor: alive until it crashes or a kill lands; its handlers run one message at a time."""
 
@@ -170,7 +164,10 @@ class SimActor:
 
 
 class Subtask(SimActor):
-    """One subtask actor: a source, a counting subtask or a sink subtask (as ``runtime/actor.py``)."""
+    """One subtask actor: a source, a counting subtask or a sink subtask (as ``runtime/subtask.py``).
+
+    Its channels go through the real input gate.
+    """
 
     def __init__(self, world: World, operator: str, index: int, attempt: int, run: str,
                  coordinator: Coordinator, restore: dict[str, Any] | None) -> None:
@@ -181,10 +178,7 @@ class Subtask(SimActor):
         self.coordinator = coordinator
         self.task = self.name
         self.inputs = 0 if operator == SOURCE else (len(world.job.events) if operator == COUNT else 1)
-        self.handler = AlignedBarrierHandler(self.inputs, world.now) if self.inputs else None
-        self.held: list[collections.deque[ChannelMessage]] = [collections.deque() for _ in range(self.inputs)]
-        self.applied = [-1] * self.inputs
-        self.eof = [False] * self.inputs
+        self.gate = InputGate(self.inputs, clock=world.now) if self.inputs else None
         self.outputs: list[Subtask] = []
         self.sent: list[int] = []
         self.connected = False
@@ -216,11 +210,14 @@ class Subtask(SimActor):
 
     # -- data plane -------------------------------------------------------------------------
 
-    def _send(self, output: int, **fields: Any) -> None:
+    def _send(self, output: int, rows: tuple[Any, ...] = (), *, barrier: int = 0, eof: bool = False) -> None:
         target = self.outputs[output]
         channel = self.index if self.kind == SOURCE else 0
+        batch = pa.record_batch({"row": pa.array(rows, _ROW[self.kind])}) if rows else None
+        message = ChannelMessage(channel, self.sent[output], batch, barrier=(barrier, 0.0) if barrier else None,
+                                 eof=eof)
         self.sent[output] += 1
-        self.world.send(self, target, "push", ChannelMessage(channel, self.sent[output], **fields))
+        self.world.send(self, target, "push", message)
 
     def source_step(self) -> None:
         """Read the next batch (one or two keys) and route it by key, or end the input."""
@@ -234,7 +231,7 @@ class Subtask(SimActor):
         for output in range(len(self.outputs)):
             rows = tuple(k for k in batch if k % PARALLELISM == output)
             if rows:
-                self._send(output, rows=rows)
+                self._send(output, rows)
 
     def _end_of_input(self) -> None:
         for output in range(len(self.outputs)):
@@ -243,52 +240,36 @@ class Subtask(SimActor):
         self.running = False
 
     def on_push(self, message: ChannelMessage) -> bool:
-        if message.seq <= self.applied[message.channel] or any(m.seq == message.seq for m in
-                                                                 self.held[message.channel]):
-            return True  # a duplicate
-        self.held[message.channel].append(message)
+        assert self.gate is not None
+        self.gate.receive(message)
         self._drain()
         return True
 
     def _drain(self) -> None:
-        assert self.handler is not None
-        progress = True
-        while progress:
-            progress = False
-            for channel, held in enumerate(self.held):
-                while held and not self.handler.is_blocked(channel):
-                    message = held.popleft()
-                    if message.seq != self.applied[channel] + 1 and self.applied[channel] >= 0:
-                        self.world.violation(f"{self.name}: channel {channel} applied {message.seq} after "
-                                             f"{self.applied[channel]}")
-                    self.applied[channel] = message.seq
-                    self._apply(message)
-                    progress = True
-
-    def _apply(self, message: ChannelMessage) -> None:
-        assert self.handler is not None
-        if message.rows:
-            if self.kind == COUNT:
-                out = []
-                for key in message.rows:
-                    self.counts[key] = self.counts.get(key, 0) + 1
-                    out.append((key, self.counts[key]))
-                self._send(0, rows=tuple(out))
-            else:
-                if self.open_txn is None:
-                    self.txn_seq += 1
-                    self.open_txn = f"{self.name}:{self.run}:a{self.attempt}:t{self.txn_seq}"
-                self.world.store.write(self.open_txn, list(message.rows))
-        if message.barrier:
-            for action in self.handler.on_barrier(message.channel, message.barrier):
-                if isinstance(action, Snapshot):
-                    self._snapshot(action.checkpoint_id)
-        if message.eof:
-            self.eof[message.channel] = True
-            if all(self.eof):
+        """Process what the real input gate hands out: rows, aligned barriers, the end of input."""
+        assert self.gate is not None
+        for event in self.gate.drain():
+            if isinstance(event, Rows):
+                self._apply(event.batch.column("row").to_pylist())
+            elif isinstance(event, BarrierAligned):
+                self._snapshot(event.checkpoint_id)
+            elif isinstance(event, EndOfInput):
                 if self.kind == COUNT:
                     self._send(0, eof=True)
                 self.ended = True
+
+    def _apply(self, rows: list[Any]) -> None:
+        if self.kind == COUNT:
+            out = []
+            for key in rows:
+                self.counts[key] = self.counts.get(key, 0) + 1
+                out.append((key, self.counts[key]))
+            self._send(0, tuple(out))
+        else:
+            if self.open_txn is None:
+                self.txn_seq += 1
+                self.open_txn = f"{self.name}:{self.run}:a{self.attempt}:t{self.txn_seq}"
+            self.world.store.write(self.open_txn, [tuple(row) for row in rows])
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -327,9 +308,7 @@ class Subtask(SimActor):
                 self.world.store.commit(txn)
 
     def on_abort_checkpoint(self, checkpoint_id: int) -> None:
-        if self.handler is None:
-            return
-        if any(isinstance(a, Release) for a in self.handler.on_checkpoint_aborted(checkpoint_id)):
+        if self.gate is not None and self.gate.abort_checkpoint(checkpoint_id):
             self._drain()
 
 
