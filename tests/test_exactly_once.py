@@ -263,7 +263,7 @@ class _SlowCommitSink(of.sinks.TestingSink):
             time.sleep(0.3)
             commit(committables)
             with log.open("a") as file:
-                file.write(f"{started} {time.monotonic()} {' '.join(c['id'] for c in committables)}\n")
+                file.write(f"{started} {time.monotonic()} {' '.join(c.id for c in committables)}\n")
 
         committer.commit = slow_commit
         return committer

@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import uuid
@@ -64,6 +63,14 @@ from onceflow.checkpoint.two_phase_commit import (
     unsupported_version,
 )
 from onceflow.errors import DataError, PlanError, SinkCommitError
+from onceflow.operators.fs import (
+    absolute_path,
+    delete_file,
+    exists,
+    fsync_directory,
+    fsync_file,
+    resolve_filesystem,
+)
 from onceflow.operators.sinks.naming import escape_field, split_fields
 
 __all__ = ["ParquetCommittable", "ParquetSink", "ParquetSinkCommitter", "ParquetSinkWriter"]
@@ -178,8 +185,7 @@ class ParquetSink(TransactionalSink[ParquetCommittable]):
                 "pass None to roll by size only"
             )
             raise PlanError(msg)
-        text = os.fspath(path)
-        self.path = text if "://" in text else os.path.abspath(os.path.expanduser(text))
+        self.path = absolute_path(path)
         self.rolling_bytes = rolling_bytes
         self.rolling_interval_s = rolling_interval_s
         self.compression = compression
@@ -187,7 +193,7 @@ class ParquetSink(TransactionalSink[ParquetCommittable]):
 
     def prepare(self) -> None:
         """Create the output directory."""
-        fs, path = _resolve(self.path)
+        fs, path = resolve_filesystem(self.path)
         fs.create_dir(path, recursive=True)
 
     def create_writer(self, ctx: SinkContext) -> ParquetSinkWriter:
@@ -200,7 +206,7 @@ class ParquetSink(TransactionalSink[ParquetCommittable]):
             A writer with a fresh unique file-name stem.
 
         """
-        fs, path = _resolve(self.path)
+        fs, path = resolve_filesystem(self.path)
         fs.create_dir(path, recursive=True)
         return ParquetSinkWriter(self, fs, path, ctx)
 
@@ -214,7 +220,7 @@ class ParquetSink(TransactionalSink[ParquetCommittable]):
             The committer.
 
         """
-        fs, path = _resolve(self.path)
+        fs, path = resolve_filesystem(self.path)
         return ParquetSinkCommitter(fs, ctx, path)
 
     def read_committable(self, record: CommittableRecord, *, operator: str = "") -> ParquetCommittable:
@@ -301,9 +307,9 @@ class ParquetSinkWriter(SinkWriter[ParquetCommittable]):
                 self._writer.close()
             finally:
                 self._writer = None
-                _delete(self._fs, self._path(f".{self._name}.inprogress"))
+                delete_file(self._fs, self._path(f".{self._name}.inprogress"))
         for committable in self._pending:
-            _delete(self._fs, committable.pending)
+            delete_file(self._fs, committable.pending)
         self._pending = []
 
     def _path(self, name: str) -> str:
@@ -328,9 +334,9 @@ class ParquetSinkWriter(SinkWriter[ParquetCommittable]):
         self._writer = None
         in_progress = self._path(f".{self._name}.inprogress")
         pending = self._path(f"_{self._name}.pending")
-        _fsync(self._fs, in_progress)
+        fsync_file(self._fs, in_progress)
         self._fs.move(in_progress, pending)
-        _fsync_directory(self._fs, self._directory)
+        fsync_directory(self._fs, self._directory)
         self._pending.append(ParquetCommittable(pending, self._path(f"part-{self._name}")))
 
     def _interval_due(self) -> bool:
@@ -388,13 +394,13 @@ class ParquetSinkCommitter(Committer[ParquetCommittable]):
         directories = set()
         for committable in committables:
             pending, final = committable.pending, committable.final
-            if _exists(self._fs, pending):
+            if exists(self._fs, pending):
                 self._fs.move(pending, final)
                 directories.add(final.rsplit("/", 1)[0])
-            elif not _exists(self._fs, final):
+            elif not exists(self._fs, final):
                 lost.append(pending)
         for directory in directories:
-            _fsync_directory(self._fs, directory)
+            fsync_directory(self._fs, directory)
         if lost:
             msg = (
                 f"parquet sink {self._ctx.operator}: cannot commit {len(lost)} file(s), neither the "
@@ -406,7 +412,7 @@ class ParquetSinkCommitter(Committer[ParquetCommittable]):
     def abort(self, committables: list[ParquetCommittable]) -> None:
         """Delete the pending files of ``committables`` (committed ones stay)."""
         for committable in committables:
-            _delete(self._fs, committable.pending)
+            delete_file(self._fs, committable.pending)
 
     def abort_lingering(self, keep: list[ParquetCommittable]) -> None:
         """Delete every in-progress and pending file of this job's sink operator that ``keep`` does not name.
@@ -419,7 +425,7 @@ class ParquetSinkCommitter(Committer[ParquetCommittable]):
         kept = {c.pending.rsplit("/", 1)[-1] for c in keep}
         for path in self.lingering():
             if path.rsplit("/", 1)[-1] not in kept:
-                _delete(self._fs, path)
+                delete_file(self._fs, path)
 
     def lingering(self) -> list[str]:
         """Return the paths of this job's sink operator's in-progress and pending files, sorted."""
@@ -434,38 +440,3 @@ class ParquetSinkCommitter(Committer[ParquetCommittable]):
             if fields is not None and fields[0] == job and fields[1] == operator:
                 found.append(info.path)
         return sorted(found)
-
-
-def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def _delete(fs: pafs.FileSystem, path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        fs.delete_file(path)
-
-
-def _fsync(fs: pafs.FileSystem, path: str) -> None:
-    """Flush a closed local file to disk (other filesystems are durable on close)."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_directory(fs: pafs.FileSystem, directory: str) -> None:
-    """Make renames in a local directory durable."""
-    if isinstance(fs, pafs.LocalFileSystem) and hasattr(os, "O_DIRECTORY"):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

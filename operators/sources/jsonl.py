@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 
 from onceflow.errors import DataError, PlanError
+from onceflow.operators.fs import absolute_path, list_data_files, resolve_filesystem
 from onceflow.operators.sources.base import (
     Source,
     SourceContext,
@@ -52,7 +53,6 @@ from onceflow.operators.sources.base import (
     cursors_offset,
     resume_cursors,
 )
-from onceflow.operators.sources.parquet import absolute_path, list_data_files, resolve_filesystem
 
 __all__ = ["JsonLinesSource", "JsonLinesSourceReader"]
 

@@ -42,6 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from onceflow.errors import DataError, PlanError
+from onceflow.operators.fs import absolute_path, list_data_files, resolve_filesystem
 from onceflow.operators.sources.base import (
     Source,
     SourceContext,
@@ -51,68 +52,7 @@ from onceflow.operators.sources.base import (
     resume_cursors,
 )
 
-__all__ = ["ParquetSource", "ParquetSourceReader", "absolute_path", "list_data_files", "resolve_filesystem"]
-
-
-def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """Return the filesystem and the path in it for a plain path or a URI.
-
-    Args:
-        path: a local path (made absolute) or a ``pyarrow.fs`` URI
-            (``file:///data``, ``s3://bucket/key``).
-
-    Returns:
-        ``(filesystem, path inside it)``.
-
-    """
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-
-
-def absolute_path(path: str | os.PathLike[str]) -> str:
-    """Return ``path`` as a string, made absolute unless it is a URI."""
-    text = os.fspath(path)
-    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
-
-
-def list_data_files(fs: pafs.FileSystem, path: str, suffixes: Sequence[str], *, operator: str, kind: str) -> list[str]:
-    """Return the data files at ``path``: the file itself, or a directory's files.
-
-    A directory is searched recursively for names ending in one of
-    ``suffixes``; names and directories starting with ``_`` or ``.`` are
-    skipped. The result is sorted.
-
-    Args:
-        fs: the filesystem.
-        path: a file or directory in ``fs``.
-        suffixes: the file name endings to keep (``".parquet"``).
-        operator: the source operator's name, for errors.
-        kind: the source kind (``"parquet"``), for errors.
-
-    Returns:
-        The sorted file paths.
-
-    Raises:
-        PlanError: ``path`` does not exist.
-
-    """
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        msg = f"{kind} source {operator}: path '{path}' does not exist; pass an existing file or directory"
-        raise PlanError(msg)
-    if info.type != pafs.FileType.Directory:
-        return [path]
-    base = path.rstrip("/")
-    files = []
-    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-        if entry.type != pafs.FileType.File or not entry.path.endswith(tuple(suffixes)):
-            continue
-        relative = entry.path[len(base) :].lstrip("/")
-        if any(part.startswith(("_", ".")) for part in relative.split("/")):
-            continue
-        files.append(entry.path)
-    return sorted(files)
+__all__ = ["ParquetSource", "ParquetSourceReader"]
 
 
 class ParquetSource(Source):
