@@ -72,7 +72,7 @@ from onceflow.checkpoint.supervisor import (
     SupervisorEvent,
     TakeFinalCheckpoint,
 )
-from onceflow.checkpoint.two_phase_commit import CommittableRecord, SinkContext, TransactionalSink
+from onceflow.checkpoint.two_phase_commit import CommittableRecord, SinkContext
 from onceflow.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
 from onceflow.runtime import progress
 from onceflow.runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
@@ -86,6 +86,7 @@ from onceflow.runtime.plan import PhysicalPlan, plan
 from onceflow.runtime.ray_env import ensure_ray
 from onceflow.runtime.restart import RestartStrategy
 from onceflow.runtime.restore import assign_restored_state, restored_sink_states
+from onceflow.runtime.sink_committer import resolve_sink_operator
 from onceflow.runtime.subtask import subtask_class
 from onceflow.runtime.telemetry import RestartCounter
 
@@ -169,14 +170,6 @@ class _Wait(Enum):
     DONE = "done"
     WATCH = "watch"
     FINAL = "final"
-
-
-def _resolve_sink(spec: TransactionalSink[Any], ctx: SinkContext, commit: list[Any], keep: list[Any]) -> None:
-    """Commit ``commit`` and abort every other transaction of the sink operator except ``keep``."""
-    committer = spec.create_committer(ctx)
-    if commit:
-        committer.commit(commit)
-    committer.abort_lingering(keep)
 
 
 class JobHandle:
@@ -562,7 +555,7 @@ class JobHandle:
                                 for record in decided.get(node.uid, [])]
                 commit = [] if action.end is SinkEnd.FAIL else committables
                 ctx = SinkContext(self.job, node.name, 0, vertex.parallelism, run=self.run_id, attempt=attempt)
-                refs.append(self._executor.call(_resolve_sink, node.spec, ctx, commit, committables))
+                refs.append(self._executor.call(resolve_sink_operator, node.spec, ctx, commit, committables))
             self._executor.get(refs, timeout=_CALL_TIMEOUT_S)
         except Exception as error:  # noqa: BLE001 - a failure like any other
             self._last_failure = error

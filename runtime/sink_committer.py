@@ -19,8 +19,9 @@ pre-committed through the sink's
   (:meth:`SinkCommitter.end_of_input`) and the job commits
   (:meth:`SinkCommitter.commit_final`) after every subtask ended, or aborts
   (:meth:`SinkCommitter.abort`);
-- **recovery** is not done here: the job resolves a restored checkpoint's
-  transactions for the whole sink operator before a new attempt deploys.
+- **recovery** is one call for the whole sink operator, before a new
+  attempt deploys (:func:`resolve_sink_operator`): commit what the restored
+  checkpoint recorded, abort every other transaction of the operator.
 
 Writes, commits and the abort run in worker threads (a write or a commit may
 block on its external system): one lock keeps the writer from being aborted
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from onceflow.checkpoint.state import sink_state
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
     from onceflow.checkpoint.two_phase_commit import Committable, Committer, SinkContext, TransactionalSink
 
-__all__ = ["SinkCommitter"]
+__all__ = ["SinkCommitter", "resolve_sink_operator"]
 
 log = logging.getLogger("onceflow")
 
@@ -148,3 +149,17 @@ class SinkCommitter:
 
     def _committer(self) -> Committer:
         return self._sink.create_committer(self._ctx)
+
+
+def resolve_sink_operator(sink: TransactionalSink[Any], ctx: SinkContext, commit: list[Any], keep: list[Any]) -> None:
+    """Recovery of one sink operator: commit ``commit``, then abort every other transaction except ``keep``.
+
+    Runs once per sink operator (every subtask, run and attempt of it) with
+    no writer of it alive: after the failed attempt was fenced, before the
+    next one deploys. ``keep`` holds what the restored checkpoint recorded
+    (``commit`` too, unless the job ends failed); both steps are idempotent.
+    """
+    committer = sink.create_committer(ctx)
+    if commit:
+        committer.commit(commit)
+    committer.abort_lingering(keep)
