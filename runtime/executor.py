@@ -242,7 +242,7 @@ class LocalExecutor:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.loop.set_task_factory(self._task_factory)  # type: ignore[arg-type]  # 3.11 passes context= too
-        self._actors: dict[str, LocalActor] = {}
+        self._actors: dict[str, LocalActor | None] = {}  # None: being built
         self._names = threading.Lock()
         """Guards ``_actors`` between the drivers of the jobs that share this executor."""
         self._threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="onceflow-local-task")
@@ -272,14 +272,15 @@ class LocalExecutor:
             if name in self._actors:
                 msg = f"a local actor named {name!r} already exists"
                 raise RuntimeError(msg)
-            actor = LocalActor(self, name, None)
-            self._actors[name] = actor
+            self._actors[name] = None  # the name is taken while the instance is built
         try:
-            actor._instance = cls(*args, **kwargs)
+            actor = LocalActor(self, name, cls(*args, **kwargs))
         except BaseException:
             with self._names:
-                self._actors.pop(name, None)
+                del self._actors[name]
             raise
+        with self._names:
+            self._actors[name] = actor
         return actor
 
     def running(self, prefix: str) -> list[str]:
