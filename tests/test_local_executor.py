@@ -13,7 +13,7 @@ import pytest
 import onceflow as of
 from onceflow.testing import failpoints
 from onceflow.testing.workload import feature_events
-from tests.helpers import assert_feature_reference
+from tests.helpers import assert_feature_reference, wait_until
 
 
 def feature_flow(name: str, total: int, sink: of.sinks.TestingSink, *, fail_after: int | None = None) -> of.Dataflow:
@@ -107,4 +107,24 @@ def test_a_crash_at_any_point_kills_only_its_actor_and_the_job_commits_exactly_o
     assert fired, f"the job never reached {point}"
     assert result.metrics["restarts"] == 1
     assert_feature_reference(sink.table(), 150_000)
+    assert sink.pending_ids() == []
+
+
+def test_an_unbounded_local_job_is_watched_and_stopped_through_its_handle(tmp_path: Path) -> None:
+    sink = of.sinks.TestingSink()
+    flow = of.Dataflow("local-unbounded")
+    events = flow.source(of.sources.GeneratorSource(feature_events, total=None, batch_size=1_000,
+                                                    max_events_per_s=50_000),
+                         watermark=of.BoundedOutOfOrderness("event_time"))
+    events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000)).aggregate(count=of.agg.count()).sink(sink)
+    handle = of.submit(flow, parallelism=2, executor="local",
+                       checkpoint=of.CheckpointConfig(interval_s=0.05, storage=str(tmp_path)))
+    try:
+        wait_until(lambda: handle.metrics()["events_in"] >= 5_000, timeout_s=60, what="events to flow")
+        assert handle.status() is of.JobStatus.RUNNING
+        result = handle.stop(timeout_s=60)
+    finally:
+        handle.cancel()
+    assert result.metrics["events_in"] >= 5_000
+    assert sum(r["count"] for r in sink.rows()) == result.metrics["events_in"]
     assert sink.pending_ids() == []
