@@ -238,6 +238,7 @@ class LocalExecutor:
     object_store = False
     _shared: ClassVar[LocalExecutor | None] = None
     _shared_lock = threading.Lock()
+    """Guards ``_shared``: the first local job of the process makes the executor, once."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()

@@ -139,7 +139,9 @@ class Subtask:
                                     wired={(spec.stage, spec.port) for spec in vertex.outputs},
                                     sink=self._sink_stage, subtask=subtask)
         self._lock = asyncio.Lock()
+        """The processing lock: operator state (chain, input gate, reader) and the output gates (module docstring)."""
         self._commit_lock = asyncio.Lock()
+        """Serialises the sink's commits, which run without the processing lock."""
         self._restore_input(restored)
         self._gates: dict[tuple[int, int], list[OutputGate]] = {}
         self._all_gates: list[OutputGate] = []
