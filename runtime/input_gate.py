@@ -48,10 +48,16 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from onceflow.checkpoint.barrier_handler import AbortAlignment, AlignedBarrierHandler, Release, Snapshot
+from onceflow.checkpoint.barrier_handler import (
+    AbortAlignment,
+    AlignedBarrierHandler,
+    CollectingBarriers,
+    Release,
+    Snapshot,
+)
 from onceflow.runtime.channel import END_OF_TIME, ChannelMessage, ChannelReceiver, InputWatermarks
 
 if TYPE_CHECKING:
@@ -59,7 +65,8 @@ if TYPE_CHECKING:
 
     import pyarrow as pa
 
-__all__ = ["BarrierAligned", "EndOfInput", "InputEvent", "InputGate", "Rows", "WatermarkAdvanced"]
+__all__ = ["BarrierAligned", "ChannelStateRecorded", "EndOfInput", "InputEvent", "InputGate", "Rows",
+           "UnalignedSnapshot", "WatermarkAdvanced"]
 
 log = logging.getLogger("onceflow")
 
@@ -98,7 +105,61 @@ class EndOfInput:
     """Every input channel ended."""
 
 
-InputEvent = Rows | WatermarkAdvanced | BarrierAligned | EndOfInput
+@dataclass(frozen=True, slots=True)
+class UnalignedSnapshot:
+    """Snapshot checkpoint ``checkpoint_id`` now, without waiting for the other channels' barriers.
+
+    The messages that were in flight at this instant (sent before their
+    channel's barrier, not yet processed) are still processed as usual, and
+    recorded: :class:`ChannelStateRecorded` hands them over once every channel
+    passed its barrier.
+
+    Attributes:
+        checkpoint_id: the checkpoint.
+        triggered_at: when the coordinator triggered it (wall clock).
+        waited_s: how long the barrier waited here before the snapshot (or, after an
+            aligned checkpoint timed out, how long the alignment ran).
+        timed_out: the checkpoint started aligned and switched after ``aligned_timeout_s``.
+    """
+
+    checkpoint_id: int
+    triggered_at: float
+    waited_s: float
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStateRecorded:
+    """Every channel passed barrier ``checkpoint_id``: the in-flight messages of its unaligned snapshot.
+
+    Attributes:
+        checkpoint_id: the checkpoint.
+        messages: the messages (rows and watermarks, no barriers, no end of
+            input) in the order they were processed; replayed in that order on
+            restore (:meth:`InputGate.replay`).
+    """
+
+    checkpoint_id: int
+    messages: tuple[ChannelMessage, ...]
+
+
+InputEvent = Rows | WatermarkAdvanced | BarrierAligned | EndOfInput | UnalignedSnapshot | ChannelStateRecorded
+
+
+@dataclass(slots=True)
+class _Recording:
+    """An unaligned checkpoint whose in-flight messages are being recorded."""
+
+    checkpoint_id: int
+    triggered_at: float
+    started_at: float
+    pending: set[int]
+    """Channels that have not passed the checkpoint's barrier yet."""
+    last_seq: dict[int, int] = field(default_factory=dict)
+    """Per channel, the last message before its barrier (a barrier that overtook them); else until an in-band one."""
+    messages: list[ChannelMessage] = field(default_factory=list)
+    snapshot_taken: bool = False
+    timed_out: bool = False
 
 
 class InputGate:
@@ -110,14 +171,23 @@ class InputGate:
             :func:`~onceflow.runtime.channel.input_channel_names`).
         operator: the subtask, for error and log messages.
         clock: seconds, for the alignment time (monotonic).
+        aligned_timeout_s: with aligned barriers, a checkpoint whose alignment
+            runs longer than this switches to unaligned (``None``: never).
 
     """
 
-    __slots__ = ("_barriers", "_current", "_eof", "_held", "_receivers", "_seq", "operator", "watermarks")
+    __slots__ = ("_aligned_timeout_s", "_barriers", "_clock", "_current", "_eof", "_held", "_last_unaligned",
+                 "_receivers", "_recording", "_replay", "_seq", "_triggered", "operator", "watermarks")
 
     def __init__(self, channels: int, names: Sequence[str] | None = None, *, operator: str = "",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, aligned_timeout_s: float | None = None) -> None:
         self.operator = operator
+        self._clock = clock
+        self._aligned_timeout_s = aligned_timeout_s
+        self._recording: _Recording | None = None  # None: no unaligned checkpoint in progress
+        self._last_unaligned = 0
+        self._triggered: dict[int, float] = {}  # checkpoint id -> trigger time, of in-band barriers seen aligning
+        self._replay: collections.deque[ChannelMessage] = collections.deque()
         self.watermarks = InputWatermarks(channels, names, operator=operator)
         self._receivers = [ChannelReceiver() for _ in range(channels)]
         self._held: list[collections.deque[ChannelMessage]] = [collections.deque() for _ in range(channels)]
@@ -132,9 +202,45 @@ class InputGate:
         """Take a delivered message: it waits until the messages before it on its channel arrived."""
         self._held[message.channel].extend(self._receivers[message.channel].accept(message))
 
+    def receive_barrier(self, channel: int, checkpoint_id: int, triggered_at: float, last_seq: int) -> None:
+        """An unaligned barrier: it overtook ``channel``'s messages after ``last_seq`` (-1: none were sent).
+
+        The first one of a checkpoint makes the snapshot due at the next
+        message boundary; the messages of every channel up to its barrier are
+        recorded as they are processed.
+        """
+        recording = self._recording
+        if checkpoint_id <= self._last_unaligned and (recording is None or recording.checkpoint_id != checkpoint_id):
+            return  # stale, repeated, or a checkpoint already given up
+        if recording is None or checkpoint_id > recording.checkpoint_id:
+            recording = self._start_recording(checkpoint_id, triggered_at, timed_out=False,
+                                              pending=set(range(len(self._held))))
+        recording.last_seq[channel] = last_seq
+        if self._seq[channel] >= last_seq:
+            recording.pending.discard(channel)  # everything it sent before the barrier was processed already
+
+    def _start_recording(self, checkpoint_id: int, triggered_at: float, *, timed_out: bool,
+                         pending: set[int]) -> _Recording:
+        if self._recording is not None:
+            log.debug("%s: unaligned checkpoint %d subsumed by %d", self.operator, self._recording.checkpoint_id,
+                      checkpoint_id)
+        self._recording = _Recording(checkpoint_id, triggered_at, self._clock(), pending, timed_out=timed_out)
+        self._last_unaligned = checkpoint_id
+        return self._recording
+
     def abort_checkpoint(self, checkpoint_id: int) -> bool:
-        """The coordinator gave up on ``checkpoint_id``: stop aligning it; ``True`` if channels were released."""
+        """The coordinator gave up on ``checkpoint_id``: stop aligning or recording it.
+
+        Returns:
+            ``True`` if channels held back by alignment were released.
+        """
+        if self._recording is not None and self._recording.checkpoint_id == checkpoint_id:
+            self._recording = None
         return any(isinstance(a, Release) for a in self._barriers.on_checkpoint_aborted(checkpoint_id))
+
+    def replay(self, messages: Sequence[ChannelMessage]) -> None:
+        """Restore the in-flight messages of an unaligned snapshot: they come out before any new input, in order."""
+        self._replay.extend(messages)
 
     # -- events out -----------------------------------------------------------------
 
@@ -146,11 +252,64 @@ class InputGate:
                 if event is not None:
                     return event
                 self._current = None
+            if self._replay:
+                self._current = self._events(self._replay.popleft())
+                continue
+            checkpoint = self._checkpoint_event()
+            if checkpoint is not None:
+                return checkpoint
             message = self._next_message()
             if message is None:
                 return None
             self._seq[message.channel] = message.seq
+            self._record(message)
             self._current = self._events(message)
+
+    def _checkpoint_event(self) -> InputEvent | None:
+        """At a message boundary: an unaligned snapshot that is due, or a recording that is complete."""
+        self._time_out_alignment()
+        recording = self._recording
+        if recording is None:
+            return None
+        if not recording.snapshot_taken:
+            recording.snapshot_taken = True
+            return UnalignedSnapshot(recording.checkpoint_id, recording.triggered_at,
+                                     self._clock() - recording.started_at, recording.timed_out)
+        if not recording.pending:
+            self._recording = None
+            return ChannelStateRecorded(recording.checkpoint_id, tuple(recording.messages))
+        return None
+
+    def _time_out_alignment(self) -> None:
+        """Switch an aligned checkpoint whose alignment ran past ``aligned_timeout_s`` to unaligned."""
+        state = self._barriers.state
+        if self._aligned_timeout_s is None or not isinstance(state, CollectingBarriers):
+            return
+        waited = self._clock() - state.started_at
+        if waited < self._aligned_timeout_s:
+            return
+        checkpoint_id = state.checkpoint_id
+        self._barriers.on_checkpoint_aborted(checkpoint_id)  # releases the blocked channels
+        pending = set(range(len(self._held))) - set(state.received)
+        recording = self._start_recording(checkpoint_id, self._triggered.pop(checkpoint_id, 0.0), timed_out=True,
+                                          pending=pending)
+        recording.started_at = state.started_at
+
+    def _record(self, message: ChannelMessage) -> None:
+        """Keep a message that travelled before its channel's barrier of the checkpoint being recorded."""
+        recording = self._recording
+        channel = message.channel
+        if recording is None or channel not in recording.pending:
+            return
+        last = recording.last_seq.get(channel)
+        barrier = message.barrier[0] if message.barrier is not None else None
+        if last is not None and message.seq > last:
+            recording.pending.discard(channel)  # (a repeat of the barrier's boundary; cannot happen in order)
+            return
+        if message.batch is not None or message.watermarks:
+            recording.messages.append(replace(message, barrier=None, eof=False))
+        if (last is not None and message.seq >= last) or (barrier is not None and barrier >= recording.checkpoint_id):
+            recording.pending.discard(channel)
 
     def drain(self) -> Iterator[InputEvent]:
         """Every event available now, taken one at a time (the caller processes each before the next is made)."""
@@ -179,6 +338,9 @@ class InputGate:
             yield Rows(batch.slice(done) if done else batch)
         if message.barrier is not None:
             checkpoint_id, triggered_at = message.barrier
+            if self._aligned_timeout_s is not None:
+                self._triggered = {c: t for c, t in self._triggered.items() if c >= checkpoint_id}
+                self._triggered.setdefault(checkpoint_id, triggered_at)
             for action in self._barriers.on_barrier(channel, checkpoint_id):
                 if isinstance(action, Snapshot):
                     yield BarrierAligned(action.checkpoint_id, triggered_at, action.alignment_s)

@@ -7,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onceflow.runtime.channel import ChannelMessage
-from onceflow.runtime.input_gate import BarrierAligned, EndOfInput, InputEvent, InputGate, Rows, WatermarkAdvanced
+from onceflow.runtime.input_gate import (
+    BarrierAligned,
+    ChannelStateRecorded,
+    EndOfInput,
+    InputEvent,
+    InputGate,
+    Rows,
+    UnalignedSnapshot,
+    WatermarkAdvanced,
+)
 
 
 def _rows(*values: int) -> pa.RecordBatch:
@@ -113,3 +122,172 @@ def test_any_delivery_order_with_repeats_gives_the_same_events(data: st.DataObje
     assert ends == 1
     assert gate.applied(0) == gate.applied(1) == 2
 
+
+
+# -- unaligned checkpoints ------------------------------------------------------------------
+
+
+def test_an_unaligned_barrier_overtakes_the_queued_messages_which_are_processed_and_recorded() -> None:
+    clock = iter([1.0, 1.5, 2.0])
+    gate = InputGate(2, clock=lambda: next(clock))
+    gate.receive(ChannelMessage(0, 0, _rows(1)))
+    gate.receive(ChannelMessage(0, 1, _rows(2), watermarks=((1, 7),)))
+    gate.receive(ChannelMessage(1, 0, _rows(10)))
+    gate.receive_barrier(0, 5, 0.0, last_seq=1)  # channel 0 sent 0 and 1 before its barrier
+    events = list(gate.drain())
+    assert events[0] == UnalignedSnapshot(5, 0.0, 0.5)  # before any queued message
+    assert _describe(events[1:]) == [[1], [2], [10]]  # then they are processed as usual
+    gate.receive_barrier(1, 5, 0.0, last_seq=1)  # channel 1's barrier follows message 1, not yet here
+    assert list(gate.drain()) == []
+    gate.receive(ChannelMessage(1, 1, _rows(11)))
+    gate.receive(ChannelMessage(1, 2, _rows(12)))  # after channel 1's barrier: not recorded
+    events = list(gate.drain())
+    assert _describe(events[:1]) == [[11]]
+    recorded = next(e for e in events if isinstance(e, ChannelStateRecorded))
+    assert recorded.checkpoint_id == 5
+    assert [(m.channel, m.batch.column("x").to_pylist(), m.watermarks) for m in recorded.messages] == [
+        (0, [1], ()), (0, [2], ((1, 7),)), (1, [10], ()), (1, [11], ())]
+    assert _describe(events[events.index(recorded) + 1:]) == [[12]]
+
+
+def test_a_channel_that_sent_nothing_before_its_barrier_records_nothing() -> None:
+    gate = InputGate(1)
+    gate.receive_barrier(0, 1, 0.0, last_seq=-1)
+    events = list(gate.drain())
+    assert isinstance(events[0], UnalignedSnapshot)
+    assert events[1] == ChannelStateRecorded(1, ())
+
+
+def test_a_newer_unaligned_checkpoint_subsumes_one_still_recording_and_stale_barriers_are_ignored() -> None:
+    gate = InputGate(2)
+    gate.receive_barrier(0, 1, 0.0, last_seq=-1)
+    assert isinstance(next(gate.drain()), UnalignedSnapshot)
+    gate.receive_barrier(0, 2, 0.0, last_seq=-1)
+    gate.receive_barrier(1, 1, 0.0, last_seq=-1)  # checkpoint 1 was subsumed
+    gate.receive_barrier(1, 2, 0.0, last_seq=-1)
+    events = list(gate.drain())
+    assert [type(e).__name__ for e in events] == ["UnalignedSnapshot", "ChannelStateRecorded"]
+    assert events[1].checkpoint_id == 2
+
+
+def test_an_aborted_unaligned_checkpoint_records_no_more() -> None:
+    gate = InputGate(2)
+    gate.receive_barrier(0, 3, 0.0, last_seq=-1)
+    list(gate.drain())
+    gate.abort_checkpoint(3)
+    gate.receive(ChannelMessage(1, 0, _rows(1)))
+    gate.receive_barrier(1, 3, 0.0, last_seq=0)
+    assert _describe(list(gate.drain())) == [[1]]
+
+
+def test_an_alignment_past_the_timeout_switches_the_checkpoint_to_unaligned() -> None:
+    now = [0.0]
+    gate = InputGate(2, clock=lambda: now[0], aligned_timeout_s=1.0)
+    gate.receive(ChannelMessage(0, 0, _rows(1), barrier=(4, 9.0)))
+    gate.receive(ChannelMessage(0, 1, _rows(2)))  # after channel 0's barrier: held back while aligned
+    gate.receive(ChannelMessage(1, 0, _rows(10)))
+    assert _describe(list(gate.drain())) == [[1], [10]]
+    now[0] = 1.5
+    gate.receive(ChannelMessage(1, 1, _rows(11)))
+    events = list(gate.drain())
+    assert events[0] == UnalignedSnapshot(4, 9.0, 1.5, timed_out=True)
+    assert _describe(events[1:]) == [[2], [11]]  # released; channel 1's [11] is in flight before its barrier
+    gate.receive(ChannelMessage(1, 2, _rows(12), barrier=(4, 9.0)))
+    gate.receive(ChannelMessage(1, 3, _rows(13)))
+    events = list(gate.drain())
+    recorded = next(e for e in events if isinstance(e, ChannelStateRecorded))
+    assert [m.batch.column("x").to_pylist() for m in recorded.messages] == [[11], [12]]
+    assert _describe([e for e in events if not isinstance(e, ChannelStateRecorded)]) == [[12], [13]]
+
+
+def test_replayed_messages_come_out_before_any_new_input_and_move_the_watermarks() -> None:
+    gate = InputGate(2)
+    gate.receive(ChannelMessage(0, 0, _rows(100), watermarks=((1, 50),)))
+    gate.replay([ChannelMessage(1, 7, _rows(1), watermarks=((1, 20),)), ChannelMessage(0, 3, _rows(2))])
+    assert _describe(list(gate.drain())) == [[1], [2], [100], ("wm", 20)]
+    assert gate.applied(0) == 0 and gate.applied(1) == -1  # replay does not count as channel messages
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_an_unaligned_snapshot_cuts_every_channel_at_its_barrier_whatever_the_timing(data: st.DataObject) -> None:
+    """Messages before a channel's barrier are processed before the snapshot or recorded, never both; later ones never."""
+    channels = data.draw(st.integers(1, 3))
+    sent = [data.draw(st.integers(0, 5)) for _ in range(channels)]
+    cut = [data.draw(st.integers(-1, n - 1)) for n in sent]  # the last message before each barrier
+    # Each caller's calls arrive in the order it made them (as Ray's and the simulation's do): a channel's
+    # messages up to the cut, its barrier, then its later messages; channels interleave in any way.
+    per_channel = [[("message", c, s) for s in range(cut[c] + 1)] + [("barrier", c, cut[c])]
+                   + [("message", c, s) for s in range(cut[c] + 1, sent[c])] for c in range(channels)]
+    turns = data.draw(st.permutations([c for c in range(channels) for _ in per_channel[c]]))
+    order = [per_channel[c].pop(0) for c in turns]
+    gate = InputGate(channels)
+    before: list[tuple[int, int]] = []
+    recorded: list[tuple[int, int]] = []
+    snapshot = False
+    for kind, channel, value in order:
+        if kind == "message":
+            gate.receive(ChannelMessage(channel, value, _rows(channel * 100 + value)))
+        else:
+            gate.receive_barrier(channel, 1, 0.0, last_seq=value)
+        for event in gate.drain():
+            if isinstance(event, UnalignedSnapshot):
+                snapshot = True
+            elif isinstance(event, ChannelStateRecorded):
+                recorded = [(m.channel, m.batch.column("x")[0].as_py() % 100) for m in event.messages]
+            elif isinstance(event, Rows) and not snapshot:
+                value_ = event.batch.column("x")[0].as_py()
+                before.append((value_ // 100, value_ % 100))
+    assert snapshot
+    for c in range(channels):
+        pre_barrier = {(c, s) for s in range(cut[c] + 1)}
+        mine_before = {m for m in before if m[0] == c}
+        mine_recorded = [m for m in recorded if m[0] == c]
+        assert mine_before | set(mine_recorded) == pre_barrier
+        assert not mine_before & set(mine_recorded)
+        assert mine_recorded == sorted(mine_recorded)  # in channel order
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_an_aligned_checkpoint_that_times_out_cuts_every_channel_at_its_barrier(data: st.DataObject) -> None:
+    """Aligned or switched to unaligned at any moment, the snapshot sees each channel's prefix and records the rest."""
+    channels = data.draw(st.integers(2, 3))
+    sent = [data.draw(st.integers(1, 5)) for _ in range(channels)]
+    cut = [data.draw(st.integers(0, n - 1)) for n in sent]  # the message that carries the barrier
+    per_channel = [[(c, s) for s in range(sent[c])] for c in range(channels)]
+    turns = data.draw(st.permutations([c for c in range(channels) for _ in per_channel[c]]))
+    order = [per_channel[c].pop(0) for c in turns]
+    timeout_at = data.draw(st.integers(0, len(order)))  # the delivery after which the clock passes the timeout
+    now = [0.0]
+    gate = InputGate(channels, clock=lambda: now[0], aligned_timeout_s=1.0)
+    before: list[tuple[int, int]] = []
+    recorded: list[tuple[int, int]] = []
+    snapshot = aligned = False
+    for step, (channel, seq) in enumerate(order):
+        if step == timeout_at:
+            now[0] = 5.0
+        barrier = (1, 0.0) if seq == cut[channel] else None
+        gate.receive(ChannelMessage(channel, seq, _rows(channel * 100 + seq), barrier=barrier))
+        for event in gate.drain():
+            if isinstance(event, UnalignedSnapshot | BarrierAligned):
+                snapshot, aligned = True, isinstance(event, BarrierAligned)
+            elif isinstance(event, ChannelStateRecorded):
+                recorded = [(m.channel, m.batch.column("x")[0].as_py() % 100) for m in event.messages]
+            elif isinstance(event, Rows) and not snapshot:
+                value = event.batch.column("x")[0].as_py()
+                before.append((value // 100, value % 100))
+    now[0] = 10.0
+    for event in gate.drain():
+        if isinstance(event, ChannelStateRecorded):
+            recorded = [(m.channel, m.batch.column("x")[0].as_py() % 100) for m in event.messages]
+    assert snapshot
+    if aligned:
+        assert recorded == []
+    for c in range(channels):
+        pre_barrier = {(c, s) for s in range(cut[c] + 1)}
+        mine_before = {m for m in before if m[0] == c}
+        mine_recorded = [m for m in recorded if m[0] == c]
+        assert mine_before | set(mine_recorded) == pre_barrier
+        assert not mine_before & set(mine_recorded)
+        assert mine_recorded == sorted(mine_recorded)
