@@ -99,7 +99,8 @@ def draw_job(chooser: Chooser) -> Job:
     attempts = (3, 2, 1, 0)[chooser.choose(4)]
     restart = (RestartStrategy.fixed_delay(attempts=attempts, delay_s=(0.2, 0.0)[chooser.choose(2)]) if attempts
                else RestartStrategy.no_restart())
-    return Job(config=config, restart=restart)
+    mode = ("aligned", "unaligned", "timeout")[chooser.choose(3)]
+    return Job(config=config, restart=restart, mode=mode)
 
 
 def step(world: World, policy: Policy, number: int, crashes: collections.Counter[str]) -> bool:
@@ -173,6 +174,9 @@ def step(world: World, policy: Policy, number: int, crashes: collections.Counter
         world.log(f"tick: {world.clock:.1f} s")
     for coordinator in world.coordinators():
         coordinator.tick()
+    for actor in world.driver.actors:
+        if isinstance(actor, Subtask) and actor.alive and actor.connected:
+            actor.on_tick()
     return True
 
 

@@ -63,7 +63,14 @@ from onceflow.checkpoint.supervisor import (
     TakeFinalCheckpoint,
 )
 from onceflow.runtime.channel import ChannelMessage
-from onceflow.runtime.input_gate import BarrierAligned, EndOfInput, InputGate, Rows
+from onceflow.runtime.input_gate import (
+    BarrierAligned,
+    ChannelStateRecorded,
+    EndOfInput,
+    InputGate,
+    Rows,
+    UnalignedSnapshot,
+)
 from onceflow.runtime.restart import RestartStrategy
 from tests.simulation.chooser import Chooser
 from tests.simulation.store import ManifestStorage, ManifestWrite, TransactionalStore
@@ -74,6 +81,10 @@ PARALLELISM = 2
 SOURCE, COUNT, SINK = "src", "count", "sink"
 _ROW = {SOURCE: pa.int64(), COUNT: pa.list_(pa.int64(), 2)}
 """The Arrow type of the rows each sending operator puts on its channels: keys, then ``(key, count)``."""
+ALIGNED_TIMEOUT_S = 0.1
+"""The alignment timeout of the ``"timeout"`` mode, in simulated seconds (a tick is 0.1 or 0.3 s)."""
+CHANNEL_STATE = "@channel"
+"""The snapshot entry of an unaligned snapshot's in-flight messages: ``[(channel, rows), ...]``."""
 DEFERRED = object()
 """A handler's return value meaning: the call completes later (the handler keeps it)."""
 
@@ -88,6 +99,9 @@ class Job:
         restart: the restart strategy given to the real supervisor.
         fence_waits_for_manifests: the coordinator's ``fence()`` waits for manifest writes in
             flight (``False`` models the race of a completion landing after recovery chose).
+        mode: ``"aligned"`` barriers; ``"unaligned"`` ones, which overtake the messages queued
+            before them (their channel state is recorded and replayed on restore); or
+            ``"timeout"``: aligned, switching to unaligned after :data:`ALIGNED_TIMEOUT_S`.
     """
 
     events: tuple[tuple[int, ...], ...] = ((0, 1, 2, 0), (1, 2, 1, 3))
@@ -95,6 +109,7 @@ class Job:
                                                                               retain=2))
     restart: RestartStrategy = field(default_factory=lambda: RestartStrategy.fixed_delay(attempts=3, delay_s=0.2))
     fence_waits_for_manifests: bool = True
+    mode: str = "aligned"
 
     def expected(self, offsets: tuple[int, ...] | None = None) -> collections.Counter[tuple[int, int]]:
         """The committed rows of a run that read each source up to ``offsets`` (all of it by default)."""
@@ -178,7 +193,12 @@ class Subtask(SimActor):
         self.coordinator = coordinator
         self.task = self.name
         self.inputs = 0 if operator == SOURCE else (len(world.job.events) if operator == COUNT else 1)
-        self.gate = InputGate(self.inputs, clock=world.now) if self.inputs else None
+        timeout = ALIGNED_TIMEOUT_S if world.job.mode == "timeout" else None
+        self.gate = InputGate(self.inputs, clock=world.now, aligned_timeout_s=timeout) if self.inputs else None
+        self.pending_ack: tuple[int, dict[str, Any]] | None = None  # an unaligned snapshot awaiting its channel state
+        if self.gate is not None and restore and restore.get(CHANNEL_STATE):
+            self.gate.replay([ChannelMessage(channel, 0, pa.record_batch({"row": pa.array(rows, _ROW[sender])}))
+                              for channel, sender, rows in restore[CHANNEL_STATE]])
         self.outputs: list[Subtask] = []
         self.sent: list[int] = []
         self.connected = False
@@ -209,6 +229,14 @@ class Subtask(SimActor):
         self.stop_requested = True
 
     # -- data plane -------------------------------------------------------------------------
+
+    def _send_barrier(self, output: int, checkpoint_id: int) -> None:
+        """In-band behind the rows sent before it, or (unaligned) as a call of its own that overtakes them."""
+        if self.world.job.mode != "unaligned":
+            self._send(output, barrier=checkpoint_id)
+            return
+        channel = self.index if self.kind == SOURCE else 0
+        self.world.send(self, self.outputs[output], "barrier", channel, checkpoint_id, self.sent[output] - 1)
 
     def _send(self, output: int, rows: tuple[Any, ...] = (), *, barrier: int = 0, eof: bool = False) -> None:
         target = self.outputs[output]
@@ -245,14 +273,36 @@ class Subtask(SimActor):
         self._drain()
         return True
 
+    def on_barrier(self, channel: int, checkpoint_id: int, last_seq: int) -> None:
+        """An unaligned barrier, after ``last_seq`` on ``channel``."""
+        assert self.gate is not None
+        self.gate.receive_barrier(channel, checkpoint_id, 0.0, last_seq)
+        self._drain()
+
+    def on_tick(self) -> None:
+        """The subtask's timer: an alignment may have run past its timeout."""
+        if self.gate is not None:
+            self._drain()
+
     def _drain(self) -> None:
-        """Process what the real input gate hands out: rows, aligned barriers, the end of input."""
+        """Process what the real input gate hands out: rows, barriers, channel state, the end of input."""
         assert self.gate is not None
         for event in self.gate.drain():
             if isinstance(event, Rows):
                 self._apply(event.batch.column("row").to_pylist())
             elif isinstance(event, BarrierAligned):
                 self._snapshot(event.checkpoint_id)
+            elif isinstance(event, UnalignedSnapshot):
+                self.pending_ack = (event.checkpoint_id, self._snapshot(event.checkpoint_id, acknowledge=False))
+            elif isinstance(event, ChannelStateRecorded):
+                if self.pending_ack is not None and self.pending_ack[0] == event.checkpoint_id:
+                    sender = SOURCE if self.kind == COUNT else COUNT
+                    recorded = [(m.channel, sender, tuple(tuple(r) if isinstance(r, list) else r
+                                                          for r in m.batch.column("row").to_pylist()))
+                                for m in event.messages if m.batch is not None]
+                    states = {**self.pending_ack[1], CHANNEL_STATE: {"state": recorded}}
+                    self.pending_ack = None
+                    self._acknowledge(event.checkpoint_id, states)
             elif isinstance(event, EndOfInput):
                 if self.kind == COUNT:
                     self._send(0, eof=True)
@@ -277,7 +327,7 @@ class Subtask(SimActor):
         if checkpoint_id > self.last_barrier:
             self._snapshot(checkpoint_id)
 
-    def _snapshot(self, checkpoint_id: int) -> None:
+    def _snapshot(self, checkpoint_id: int, *, acknowledge: bool = True) -> dict[str, Any]:
         """The synchronous part (state, pre-commit, barrier downstream); the acknowledgement travels later."""
         self.last_barrier = checkpoint_id
         state: Any
@@ -292,8 +342,14 @@ class Subtask(SimActor):
                 self.open_txn = None
             state = {c_id: list(txns) for c_id, txns in self.uncommitted.items()}
         for output in range(len(self.outputs)):
-            self._send(output, barrier=checkpoint_id)
-        ack = TaskAck(self.task, {self.kind: {"state": state}}, attempt=self.attempt)
+            self._send_barrier(output, checkpoint_id)
+        states = {self.kind: {"state": state}}
+        if acknowledge:
+            self._acknowledge(checkpoint_id, states)
+        return states
+
+    def _acknowledge(self, checkpoint_id: int, states: dict[str, Any]) -> None:
+        ack = TaskAck(self.task, states, attempt=self.attempt)
         self.world.send(self, self.coordinator, "acknowledge", checkpoint_id, ack)
 
     def on_notify(self, checkpoint_id: int) -> None:
@@ -308,6 +364,8 @@ class Subtask(SimActor):
                 self.world.store.commit(txn)
 
     def on_abort_checkpoint(self, checkpoint_id: int) -> None:
+        if self.pending_ack is not None and self.pending_ack[0] == checkpoint_id:
+            self.pending_ack = None
         if self.gate is not None and self.gate.abort_checkpoint(checkpoint_id):
             self._drain()
 
