@@ -77,7 +77,17 @@ class CheckpointConfig:
         storage: where snapshots and manifests go: a local directory (relative
             paths are taken from the driver's working directory) or any
             ``pyarrow.fs`` URI such as ``file:///data/chk`` or ``s3://bucket/prefix``.
-        mode: barrier handling; only ``"aligned"`` is implemented.
+        mode: ``"aligned"``: a subtask with several inputs holds back the
+            inputs whose barrier arrived until every input's has, so a
+            snapshot holds exactly the rows before the barriers; under
+            backpressure a barrier waits behind every queued batch.
+            ``"unaligned"``: a barrier overtakes the batches queued before it;
+            the subtask snapshots at once and records the batches it overtook
+            (input channel state, stored with the snapshot and replayed on
+            restore), so checkpoints stay fast under backpressure.
+        aligned_timeout_s: with ``mode="aligned"``, a subtask whose alignment
+            runs longer than this switches that checkpoint to unaligned
+            (``None``: never).
         timeout_s: a checkpoint not complete after this many seconds expires.
         min_pause_s: the least time between the end of one checkpoint and the
             trigger of the next, so slow checkpoints cannot starve processing.
@@ -92,22 +102,25 @@ class CheckpointConfig:
             more checkpoints (see :mod:`onceflow.checkpoint.lease`).
 
     Raises:
-        PlanError: an option is out of range or ``mode`` is not ``"aligned"``.
+        PlanError: an option is out of range or ``mode`` is neither ``"aligned"`` nor ``"unaligned"``.
 
     Example:
         >>> config = CheckpointConfig(interval_s=0.5, storage="/tmp/chk", retain=2)
         >>> config.mode, config.retain
         ('aligned', 2)
-        >>> CheckpointConfig(mode="unaligned")
+        >>> CheckpointConfig(mode="unaligned").mode
+        'unaligned'
+        >>> CheckpointConfig(mode="async")
         Traceback (most recent call last):
         ...
-        onceflow.errors.PlanError: unaligned mode is not implemented yet; use mode='aligned'
+        onceflow.errors.PlanError: unknown checkpoint mode 'async'; use mode='aligned' or mode='unaligned'
 
     """
 
     interval_s: float = 1.0
     storage: str = "checkpoints"
     mode: str = "aligned"
+    aligned_timeout_s: float | None = None
     timeout_s: float = 60.0
     min_pause_s: float = 0.0
     max_concurrent: int = 1
@@ -134,9 +147,12 @@ class CheckpointConfig:
             msg = (f"checkpoint storage must be a non-empty directory path or pyarrow.fs uri, got {self.storage!r}; "
                    "pass storage='checkpoints' or storage='s3://bucket/prefix'")
             raise PlanError(msg)
-        if self.mode != "aligned":
-            msg = ("unaligned mode is not implemented yet; use mode='aligned'"
-                   if self.mode == "unaligned"
-                   else f"unknown checkpoint mode {self.mode!r} (unaligned mode is not implemented yet); "
-                        "use mode='aligned'")
+        if self.mode not in ("aligned", "unaligned"):
+            msg = f"unknown checkpoint mode {self.mode!r}; use mode='aligned' or mode='unaligned'"
             raise PlanError(msg)
+        if self.aligned_timeout_s is not None:
+            require_number("checkpoint aligned_timeout_s", self.aligned_timeout_s, positive=False,
+                           hint="pass aligned_timeout_s=None to always align, or a few hundred milliseconds")
+            if self.mode != "aligned":
+                msg = "aligned_timeout_s applies to mode='aligned' only; unaligned checkpoints never align"
+                raise PlanError(msg)

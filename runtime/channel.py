@@ -37,12 +37,15 @@ if TYPE_CHECKING:
     from onceflow.runtime.plan import PhysicalPlan
 
 __all__ = [
+    "CHANNEL_STATE",
     "INPUT_WATERMARKS",
     "ChannelMessage",
     "ChannelReceiver",
     "ChannelSender",
     "InputWatermarks",
+    "channel_state_table",
     "input_channel_names",
+    "read_channel_state",
 ]
 
 NO_WATERMARK = -(2**63)
@@ -50,6 +53,16 @@ END_OF_TIME = 2**63 - 1
 
 INPUT_WATERMARKS = "@input_watermarks"
 """The runtime entry of a subtask's snapshot that holds its input channels' watermarks."""
+
+CHANNEL_STATE = "@channel_state"
+"""The runtime entry of an unaligned snapshot that holds the messages in flight (see :func:`channel_state_table`)."""
+
+_CHANNEL_STATE_SCHEMA = pa.schema(
+    [("channel", pa.int32()),
+     ("watermarks", pa.list_(pa.struct([("rows", pa.int64()), ("watermark", pa.int64())]))),
+     ("batch", pa.binary())],
+    metadata={"onceflow.state": "channel_state", "onceflow.version": "1"},
+)
 
 _INPUT_WATERMARKS_SCHEMA = pa.schema(
     [("channel", pa.int32()), ("name", pa.string()), ("watermark", pa.int64()), ("ended", pa.bool_())],
@@ -317,3 +330,57 @@ def input_channel_names(plan: PhysicalPlan, vertex: int, subtask: int) -> list[s
                 for index in range(upstream.parallelism):
                     names[spec.channel_base + index] = f"{sender}/{index}"
     return names
+
+
+def channel_state_table(messages: Sequence[ChannelMessage], *, subtask: int = 0, parallelism: int = 1) -> pa.Table:
+    """The channel state of an unaligned snapshot as Arrow: one row per message, in processing order.
+
+    Each row holds the message's channel, its watermark marks and its rows (an
+    Arrow IPC stream, so channels of different schemas fit in one table). The
+    schema's metadata names the subtask that recorded it (``subtask`` of
+    ``parallelism``), so a restore at another parallelism can re-route the rows.
+
+    Example:
+        >>> table = channel_state_table([ChannelMessage(1, 4, pa.record_batch({"x": [7]}), ((1, 30),))])
+        >>> [(m.channel, m.batch.to_pylist(), m.watermarks) for m in read_channel_state(table)]
+        [(1, [{'x': 7}], ((1, 30),))]
+
+    """
+    blobs: list[bytes | None] = []
+    for message in messages:
+        if message.batch is None:
+            blobs.append(None)
+            continue
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, message.batch.schema) as writer:
+            writer.write_batch(message.batch)
+        blobs.append(sink.getvalue().to_pybytes())
+    owner = {b"onceflow.subtask": str(subtask).encode(), b"onceflow.parallelism": str(parallelism).encode()}
+    return pa.table(
+        [pa.array([m.channel for m in messages], pa.int32()),
+         pa.array([[{"rows": r, "watermark": w} for r, w in m.watermarks] for m in messages],
+                  _CHANNEL_STATE_SCHEMA.field("watermarks").type),
+         pa.array(blobs, pa.binary())],
+        schema=_CHANNEL_STATE_SCHEMA.with_metadata({**(_CHANNEL_STATE_SCHEMA.metadata or {}), **owner}),
+    )
+
+
+def read_channel_state(table: pa.Table, *, operator: str = "") -> list[ChannelMessage]:
+    """The messages of :func:`channel_state_table` (sequence numbers are meaningless: replay does not use them).
+
+    Raises:
+        DataError: the table is not channel state.
+    """
+    metadata = table.schema.metadata or {}
+    if metadata.get(b"onceflow.state") != b"channel_state":
+        msg = (f"subtask {operator!r}: the {CHANNEL_STATE!r} entry of the restored checkpoint is not channel "
+               "state; restore from a checkpoint that onceflow wrote for this job")
+        raise DataError(msg, operator=operator)
+    messages = []
+    for seq, row in enumerate(table.to_pylist()):
+        batch = None
+        if row["batch"] is not None:
+            batch = pa.ipc.open_stream(row["batch"]).read_next_batch()
+        marks = tuple((int(m["rows"]), int(m["watermark"])) for m in row["watermarks"] or [])
+        messages.append(ChannelMessage(int(row["channel"]), seq, batch, marks))
+    return messages

@@ -85,6 +85,8 @@ def _summary(checkpoint: CompletedCheckpoint, persisted_at: float) -> dict[str, 
         "sync_s": most("sync_s"),
         "async_s": most("async_s"),
         "start_delay_s": most("start_delay_s"),
+        "unaligned": any(m.get("unaligned", 0.0) for m in tasks.values()),
+        "channel_state_bytes": int(sum(m.get("channel_state_bytes", 0.0) for m in tasks.values())),
         "tasks": tasks,
     }
 

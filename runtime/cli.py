@@ -86,13 +86,15 @@ def list_checkpoints(storage: str) -> None:
         store = CheckpointStorage(storage, job)
         history = {h["checkpoint_id"]: h for h in store.history()}
         table = Table(title=f"job {job}: retained {store.completed_ids()}, {len(history)} completed in all")
-        for column in ("checkpoint", "retained", "duration", "alignment", "sync", "async", "state"):
+        for column in ("checkpoint", "retained", "barriers", "duration", "alignment", "sync", "async", "state",
+                       "channel state"):
             table.add_column(column, justify="right")
         retained = set(store.completed_ids())
         for checkpoint_id, h in sorted(history.items())[-20:]:
             table.add_row(str(checkpoint_id), "yes" if checkpoint_id in retained else "",
+                          "unaligned" if h.get("unaligned") else "aligned",
                           f"{h['duration_s']:.3f} s", f"{h['alignment_s']:.3f} s", f"{h['sync_s']:.3f} s",
-                          f"{h['async_s']:.3f} s", _size(h["state_bytes"]))
+                          f"{h['async_s']:.3f} s", _size(h["state_bytes"]), _size(h.get("channel_state_bytes", 0)))
         _console().print(table)
 
 
@@ -108,12 +110,14 @@ def show_checkpoint(storage: str, job: str, checkpoint_id: int | None) -> None:
         msg = f"no complete checkpoint {checkpoint_id or ''} of job {job!r} in {storage}"
         raise click.ClickException(msg)
     table = Table(title=f"job {job}, checkpoint {manifest['checkpoint_id']}: {_size(manifest['state_bytes'])}")
-    for column in ("subtask", "operator", "rows", "bytes", "sync", "async", "alignment", "start delay"):
-        table.add_column(column, justify="right" if column not in ("subtask", "operator") else "left")
+    for column in ("subtask", "operator", "rows", "bytes", "barrier", "sync", "async", "barrier wait",
+                   "start delay"):
+        table.add_column(column, justify="right" if column not in ("subtask", "operator", "barrier") else "left")
     for task, entry in sorted(manifest["tasks"].items()):
         m: dict[str, Any] = entry.get("metrics", {})
         for operator, state in sorted(entry["states"].items()):
             table.add_row(task, operator, f"{state['rows']:,}", _size(state["bytes"]),
+                          "unaligned" if m.get("unaligned") else "aligned",
                           f"{m.get('sync_s', 0):.3f} s", f"{m.get('async_s', 0):.3f} s",
                           f"{m.get('alignment_s', 0):.3f} s", f"{m.get('start_delay_s', 0):.3f} s")
     _console().print(table)

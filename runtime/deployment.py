@@ -12,19 +12,25 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 
 from onceflow.checkpoint.state import read_source_state
+from onceflow.errors import PlanError
+from onceflow.operators.keygroups import hash_columns, in_key_groups, key_group_range
 from onceflow.operators.sources.base import RescaledOffsets
+from onceflow.runtime.channel import ChannelMessage, read_channel_state
+from onceflow.runtime.plan import Routing
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
     from onceflow.checkpoint.storage import CheckpointStorage
+    from onceflow.runtime.plan import PhysicalPlan, VertexSpec
 
 __all__ = ["AttemptId", "CheckpointSetup", "RestoredState", "RuntimeOptions", "SubtaskRestore", "load_restored",
-           "restored_position"]
+           "replayed_channel_state", "restored_position"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +65,15 @@ class CheckpointSetup:
         storage: the durable storage URI of ``CheckpointConfig.storage``.
         cache: also put every snapshot table in the object store, owned by the
             coordinator, so a restore reads it from memory (Ray only).
+        unaligned: barriers overtake the messages in flight (``CheckpointConfig.mode="unaligned"``).
+        aligned_timeout_s: an aligned checkpoint whose alignment runs longer switches to unaligned.
     """
 
     coordinator: ActorHandle
     storage: str
     cache: bool = True
+    unaligned: bool = False
+    aligned_timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,3 +151,52 @@ def restored_position(tables: list[pa.Table], subtask: int, parallelism: int) ->
     times = [t for _, t in positions]
     lowest = None if any(t is None for t in times) else min(t for t in times if t is not None)
     return RescaledOffsets(tuple(o for o, _ in positions)), lowest
+
+
+def replayed_channel_state(tables: list[pa.Table], plan: PhysicalPlan, vertex: VertexSpec,
+                           subtask: int) -> list[ChannelMessage]:
+    """The in-flight messages ``subtask`` of ``vertex`` replays, from the channel state of the old subtasks.
+
+    At the parallelism the checkpoint was taken at, a subtask replays its own
+    messages as they were recorded. After a rescale every old subtask's
+    messages reach every new one, and each keeps its share: by key group when
+    every input of the vertex is hash-partitioned (rows go where the new
+    routing sends their keys), else old subtask *i*'s messages go to new
+    subtask ``i % parallelism``. Watermark marks are dropped then: the input
+    watermarks restart at their conservative restored value anyway.
+
+    Raises:
+        PlanError: the vertex mixes hash-partitioned and other inputs, so the
+            in-flight rows of a rescaled checkpoint cannot be routed.
+    """
+    own = [t for t in tables if _channel_state_owner(t) == (subtask, vertex.parallelism)]
+    if len(own) == len(tables) == 1:
+        return read_channel_state(tables[0], operator=f"{vertex.name}/{subtask}")
+    edges = [spec for upstream in plan.vertices for spec in upstream.outputs if spec.target == vertex.id]
+    keys = {spec.keys for spec in edges if spec.routing is Routing.HASH}
+    if keys and (len(keys) > 1 or any(spec.routing is not Routing.HASH for spec in edges)):
+        msg = (f"vertex {vertex.name!r}: cannot rescale a checkpoint with in-flight rows (unaligned channel state) "
+               "into a vertex whose inputs are partitioned in different ways; restore it at its old parallelism, "
+               "or take an aligned checkpoint first")
+        raise PlanError(msg)
+    owned = key_group_range(subtask, vertex.parallelism, plan.max_parallelism)
+    replayed: list[ChannelMessage] = []
+    for table in tables:
+        old_subtask, _ = _channel_state_owner(table)
+        if not keys and old_subtask % vertex.parallelism != subtask:
+            continue
+        for message in read_channel_state(table, operator=f"{vertex.name}/{subtask}"):
+            batch = message.batch
+            if batch is not None and keys:
+                (columns,) = keys
+                assert columns is not None
+                groups = hash_columns(batch, columns) % np.uint32(plan.max_parallelism)
+                batch = batch.filter(pa.array(in_key_groups(groups, owned)))
+            if batch is not None and batch.num_rows:
+                replayed.append(ChannelMessage(0, len(replayed), batch))
+    return replayed
+
+
+def _channel_state_owner(table: pa.Table) -> tuple[int, int]:
+    metadata = table.schema.metadata or {}
+    return int(metadata.get(b"onceflow.subtask", b"-1")), int(metadata.get(b"onceflow.parallelism", b"0"))

@@ -196,6 +196,11 @@ class InputGate:
         self._barriers = AlignedBarrierHandler(channels, clock)
         self._current: Iterator[InputEvent] | None = None  # the events of the message being handed out
 
+    @property
+    def aligned_timeout_s(self) -> float | None:
+        """The alignment time after which an aligned checkpoint switches to unaligned (``None``: never)."""
+        return self._aligned_timeout_s
+
     # -- messages in ----------------------------------------------------------------
 
     def receive(self, message: ChannelMessage) -> None:

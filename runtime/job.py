@@ -593,7 +593,9 @@ class JobHandle:
             restore: RestorePoint | None = None
             if self._checkpoint is not None:
                 coordinator = self._coordinator or self._start_coordinator(restore_id)
-                setup = CheckpointSetup(coordinator, self._checkpoint.storage, cache=self._executor.object_store)
+                setup = CheckpointSetup(coordinator, self._checkpoint.storage, cache=self._executor.object_store,
+                                        unaligned=self._checkpoint.mode == "unaligned",
+                                        aligned_timeout_s=self._checkpoint.aligned_timeout_s)
                 if restore_id is not None:
                     restore = self._executor.get(coordinator.restore_point.remote(restore_id),  # type: ignore[assignment]
                                       timeout=_CALL_TIMEOUT_S)

@@ -98,6 +98,23 @@ class OutputChannel:
             while not self._sender.has_credit():
                 await self._acknowledge_oldest()
             self.backpressure_s += time.monotonic() - started
+        self._send(eof=eof, barrier=barrier)
+
+    def unaligned_barrier(self, checkpoint_id: int, timestamp: float) -> None:
+        """Send barrier ``checkpoint_id`` ahead of the messages the receiver has not processed yet.
+
+        The buffered rows go first as a message of their own, credit or not
+        (one message over the credits, once per checkpoint): they were produced
+        before the snapshot, so they belong before the barrier. The barrier
+        itself is a call of its own that takes no credit and names the last
+        message before it; the receiver records the messages up to that one as
+        channel state instead of waiting for them.
+        """
+        if self.pending:
+            self._send()
+        self._handle.receive_barrier.remote(self._channel, checkpoint_id, timestamp, self._sender.next_seq - 1)
+
+    def _send(self, *, eof: bool = False, barrier: tuple[int, float] | None = None) -> None:
         batch = None
         if self._buffer:
             batch = self._buffer[0] if len(self._buffer) == 1 else pa.concat_batches(self._buffer)
@@ -193,10 +210,17 @@ class OutputGate:
             if channel.pending and now - channel.buffered_since >= linger_s:
                 await channel.flush()
 
-    async def barrier(self, checkpoint_id: int, timestamp: float) -> None:
-        """Send the buffered rows followed by barrier ``checkpoint_id`` on every channel."""
+    async def barrier(self, checkpoint_id: int, timestamp: float, *, unaligned: bool = False) -> None:
+        """Send the buffered rows followed by barrier ``checkpoint_id`` on every channel.
+
+        With ``unaligned``, the barrier overtakes what the receivers have not
+        processed yet (:meth:`OutputChannel.unaligned_barrier`) and nothing waits for credits.
+        """
         for channel in self.channels:
-            await channel.flush(barrier=(checkpoint_id, timestamp))
+            if unaligned:
+                channel.unaligned_barrier(checkpoint_id, timestamp)
+            else:
+                await channel.flush(barrier=(checkpoint_id, timestamp))
 
     async def close(self) -> None:
         """Flush everything with end-of-input, then wait for every acknowledgement."""

@@ -54,7 +54,14 @@ from onceflow.operators.keygroups import key_group_range
 from onceflow.operators.logic import OperatorContext, OperatorLogic
 from onceflow.operators.sources.base import Idle, SourceContext, SourceReader
 from onceflow.runtime.chain import INTO_SINK, OperatorChain, Output, operator_failure
-from onceflow.runtime.channel import END_OF_TIME, INPUT_WATERMARKS, ChannelMessage, input_channel_names
+from onceflow.runtime.channel import (
+    CHANNEL_STATE,
+    END_OF_TIME,
+    INPUT_WATERMARKS,
+    ChannelMessage,
+    channel_state_table,
+    input_channel_names,
+)
 from onceflow.runtime.dataflow import NodeKind
 from onceflow.runtime.deployment import (
     AttemptId,
@@ -62,9 +69,18 @@ from onceflow.runtime.deployment import (
     RuntimeOptions,
     SubtaskRestore,
     load_restored,
+    replayed_channel_state,
     restored_position,
 )
-from onceflow.runtime.input_gate import BarrierAligned, EndOfInput, InputGate, Rows, WatermarkAdvanced
+from onceflow.runtime.input_gate import (
+    BarrierAligned,
+    ChannelStateRecorded,
+    EndOfInput,
+    InputGate,
+    Rows,
+    UnalignedSnapshot,
+    WatermarkAdvanced,
+)
 from onceflow.runtime.logs import configure_logging
 from onceflow.runtime.metrics import SubtaskCounters
 from onceflow.runtime.output import DownstreamFailedError, OutputGate
@@ -162,6 +178,9 @@ class Subtask:
         """The input side's snapshot tables (a reader's position, the input channels' watermarks)."""
         raise NotImplementedError
 
+    async def _tick(self) -> None:
+        """Under the lock, from the linger timer (an operator subtask's alignment may time out)."""
+
     def _sink_context(self) -> SinkContext:
         return SinkContext(self._plan.job, self._vertex.nodes[-1].name, self._subtask, self._vertex.parallelism,
                            run=self._attempt.run, attempt=self._attempt.number)
@@ -199,6 +218,7 @@ class Subtask:
                                         sum(g.backpressure_s for g in self._all_gates))
             async with self._lock:
                 try:
+                    await self._tick()
                     for gate in self._all_gates:
                         await gate.flush_lingering(self._options.linger_s)
                 except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
@@ -215,7 +235,7 @@ class Subtask:
             self._failure = error
         else:
             self._failure = operator_failure(error, operator or self._vertex.name, self._subtask)
-        if not isinstance(error, DownstreamFailedError):
+        if not isinstance(error, DownstreamFailedError | ray.exceptions.RayActorError):
             log.error("%s failed: %s", self._label, self._failure)
         self._finished.set()
         self._failed.set()
@@ -281,8 +301,14 @@ class Subtask:
 
     # -- checkpoints ----------------------------------------------------------------
 
-    async def _snapshot(self, checkpoint_id: int, triggered_at: float, alignment_s: float) -> None:
-        """The synchronous part, under the lock: state tables, pre-commit, barrier downstream."""
+    async def _snapshot(self, checkpoint_id: int, triggered_at: float, alignment_s: float, *,
+                        unaligned: bool = False) -> None:
+        """The synchronous part, under the lock: state tables, pre-commit, barrier downstream.
+
+        An unaligned snapshot sends its barriers ahead of the messages
+        downstream has not processed; a subtask with inputs persists it only
+        once its channel state is recorded (:meth:`OperatorSubtask._channel_state_recorded`).
+        """
         started = time.monotonic()
         tables = self._input_state()
         tables.update(self._chain.snapshot(self._uids))
@@ -291,13 +317,20 @@ class Subtask:
                 tables[self._uids[self._sink_stage]] = self._sink.pre_commit(checkpoint_id)
             crash_point(self._plan.job, "sink.after_pre_commit", self._subtask)
         for gate in self._all_gates:
-            await gate.barrier(checkpoint_id, triggered_at)
+            await gate.barrier(checkpoint_id, triggered_at, unaligned=unaligned)
         metrics = {
             "sync_s": time.monotonic() - started,
             "alignment_s": alignment_s,
             "start_delay_s": max(time.time() - triggered_at - alignment_s, 0.0),
+            "unaligned": float(unaligned),
         }
+        if unaligned and self._awaits_channel_state(checkpoint_id, tables, metrics):
+            return
         self._spawn(self._persist(checkpoint_id, tables, metrics))
+
+    def _awaits_channel_state(self, checkpoint_id: int, tables: dict[str, pa.Table], metrics: dict[str, float]) -> bool:
+        """Keep an unaligned snapshot until its channel state is recorded; ``False``: it has none to wait for."""
+        return False
 
     async def _persist(self, checkpoint_id: int, tables: dict[str, pa.Table], metrics: dict[str, float]) -> None:
         """The asynchronous part: cache in the object store, write durably, acknowledge."""
@@ -453,7 +486,8 @@ class SourceSubtask(Subtask):
             if self._failure is None and checkpoint_id > self._last_barrier:
                 self._last_barrier = checkpoint_id
                 try:
-                    await self._snapshot(checkpoint_id, triggered_at, 0.0)
+                    unaligned = self._checkpointing is not None and self._checkpointing.unaligned
+                    await self._snapshot(checkpoint_id, triggered_at, 0.0, unaligned=unaligned)
                 except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
                     self._fail(error, self._vertex.nodes[0].name)
 
@@ -465,12 +499,31 @@ class OperatorSubtask(Subtask):
 
     def _restore_input(self, restored: dict[str, list[pa.Table]]) -> None:
         vertex = self._vertex
+        timeout = self._checkpointing.aligned_timeout_s if self._checkpointing is not None else None
         self._input = InputGate(vertex.input_channels, input_channel_names(self._plan, vertex.id, self._subtask),
-                                operator=self.task)
+                                operator=self.task, aligned_timeout_s=timeout)
         if restored.get(INPUT_WATERMARKS):
             self._input.watermarks.restore(restored[INPUT_WATERMARKS])
+        if restored.get(CHANNEL_STATE):
+            self._input.replay(replayed_channel_state(restored[CHANNEL_STATE], self._plan, vertex, self._subtask))
         self._processed = asyncio.Condition(self._lock)
         """Notified (under the processing lock) when messages were processed or the subtask failed."""
+        self._unaligned: tuple[int, dict[str, pa.Table], dict[str, float]] | None = None
+        """An unaligned snapshot taken, waiting for its channel state (at most one: a newer one subsumes it)."""
+
+    def _awaits_channel_state(self, checkpoint_id: int, tables: dict[str, pa.Table], metrics: dict[str, float]) -> bool:
+        self._unaligned = (checkpoint_id, tables, metrics)
+        return True
+
+    def _channel_state_recorded(self, event: ChannelStateRecorded) -> None:
+        """The in-flight messages of the unaligned snapshot are all recorded: persist it with them."""
+        if self._unaligned is None or self._unaligned[0] != event.checkpoint_id:
+            return
+        checkpoint_id, tables, metrics = self._unaligned
+        self._unaligned = None
+        table = channel_state_table(event.messages, subtask=self._subtask, parallelism=self._vertex.parallelism)
+        tables[CHANNEL_STATE] = table
+        self._spawn(self._persist(checkpoint_id, tables, {**metrics, "channel_state_bytes": float(table.nbytes)}))
 
     def _input_state(self) -> dict[str, pa.Table]:
         return {INPUT_WATERMARKS: self._input.watermarks.snapshot()}
@@ -490,6 +543,10 @@ class OperatorSubtask(Subtask):
                 await self._advance_watermark(event.watermark)
             elif isinstance(event, BarrierAligned):
                 await self._snapshot(event.checkpoint_id, event.triggered_at, event.alignment_s)
+            elif isinstance(event, UnalignedSnapshot):
+                await self._snapshot(event.checkpoint_id, event.triggered_at, event.waited_s, unaligned=True)
+            elif isinstance(event, ChannelStateRecorded):
+                self._channel_state_recorded(event)
             elif isinstance(event, EndOfInput):
                 await self._end_of_input()
 
@@ -519,9 +576,35 @@ class OperatorSubtask(Subtask):
                 lambda: self._failure is not None or self._input.applied(channel) >= message.seq)
         return self._failure is None
 
-    async def abort_checkpoint(self, checkpoint_id: int) -> None:
-        """The coordinator gave up on ``checkpoint_id``: stop aligning it."""
+    async def receive_barrier(self, channel: int, checkpoint_id: int, triggered_at: float, last_seq: int) -> None:
+        """An unaligned barrier: it overtakes the messages of ``channel`` after ``last_seq`` that wait here.
+
+        It reaches the input gate at once, without waiting for the processing
+        lock behind the pushes of those messages; whoever holds the lock takes
+        the snapshot at its next message boundary.
+        """
+        if self._failure is not None:
+            return
+        self._input.receive_barrier(channel, checkpoint_id, triggered_at, last_seq)
         async with self._processed:
+            try:
+                await self._drain()
+            except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+                self._fail(error)
+            finally:
+                self._processed.notify_all()
+
+    async def _tick(self) -> None:
+        """Under the lock, from the linger timer: an alignment may have run past its timeout."""
+        if self._input.aligned_timeout_s is not None:
+            await self._drain()
+            self._processed.notify_all()
+
+    async def abort_checkpoint(self, checkpoint_id: int) -> None:
+        """The coordinator gave up on ``checkpoint_id``: stop aligning or recording it."""
+        async with self._processed:
+            if self._unaligned is not None and self._unaligned[0] == checkpoint_id:
+                self._unaligned = None
             if self._input.abort_checkpoint(checkpoint_id):
                 try:
                     await self._drain()

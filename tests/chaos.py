@@ -414,6 +414,7 @@ class ChaosRecord:
         failpoint: the crash point armed, if any.
         failpoint_fired: whether it fired, and the phase the job was in when it was seen gone.
         resume: whether the job resumed an earlier (killed) driver's checkpoints.
+        mode: the checkpoint mode (see :data:`MODES`).
         kills: every kill, in order.
         restarts: the job's restarts.
         restored_from: the checkpoints restored.
@@ -433,6 +434,7 @@ class ChaosRecord:
     failpoint: str | None = None
     failpoint_fired: str | None = None
     resume: bool = False
+    mode: str = "aligned"
     kills: list[Kill] = field(default_factory=list)
     restarts: int = 0
     restored_from: list[int] = field(default_factory=list)
@@ -461,7 +463,8 @@ class ChaosRecord:
     def describe(self) -> str:
         """The replayable story of the schedule: seed, moves, every kill with its phase, and the findings."""
         lines = [f"chaos schedule: shape={self.shape} job={self.job} seed={self.seed} "
-                 f"aims={[a.value for a in self.aims]} failpoint={self.failpoint} resume={self.resume}",
+                 f"aims={[a.value for a in self.aims]} failpoint={self.failpoint} resume={self.resume} "
+                 f"mode={self.mode}",
                  f"  restarts={self.restarts} restored_from={self.restored_from} duration={self.duration_s:.1f}s "
                  f"failpoint_fired={self.failpoint_fired}"]
         lines += [f"  kill {k}" for k in self.kills] or ["  no kill"]
@@ -634,8 +637,20 @@ class _ChaosThread(threading.Thread):
             self.record.chaos_errors.append(f"{type(error).__name__}: {error}")
 
 
+MODES = ("aligned", "unaligned", "timeout")
+"""Checkpoint modes of a schedule: aligned, unaligned, or aligned switching to unaligned once it waits at all."""
+
+
+def checkpoint_config(mode: str, storage: str) -> of.CheckpointConfig:
+    """The checkpoint settings of a schedule in ``mode`` (one of :data:`MODES`)."""
+    if mode == "timeout":
+        return of.CheckpointConfig(interval_s=0.3, storage=storage, aligned_timeout_s=0.0)
+    return of.CheckpointConfig(interval_s=0.3, storage=storage, mode=mode)
+
+
 def run_schedule(shape: JobShape, workspace: Workspace, *, seed: int, aims: Sequence[Aim],
-                 failpoint: str | None = None, resume: bool = False, job: str | None = None) -> ChaosRecord:
+                 failpoint: str | None = None, resume: bool = False, job: str | None = None,
+                 mode: str = "aligned") -> ChaosRecord:
     """Run one job of ``shape`` through the moves ``aims`` (kills seeded by ``seed``) and verify it.
 
     Args:
@@ -646,12 +661,13 @@ def run_schedule(shape: JobShape, workspace: Workspace, *, seed: int, aims: Sequ
         failpoint: a crash point of :data:`FAILPOINTS` to arm for the job (one-shot).
         resume: resume the newest checkpoint in the workspace (after a killed driver).
         job: the job name; ``chaos-<shape>-<seed>`` by default.
+        mode: the checkpoint mode, one of :data:`MODES`.
 
     Returns:
         The record; ``record.problems`` is empty when the output is exact and nothing was left behind.
     """
     job = job or f"chaos-{shape.name}-{seed}"
-    record = ChaosRecord(shape.name, job, seed, list(aims), failpoint, resume=resume)
+    record = ChaosRecord(shape.name, job, seed, list(aims), failpoint, resume=resume, mode=mode)
     rng = random.Random(seed)
     budget = len(aims) * 2 + 4
     if failpoint is not None:
@@ -662,7 +678,7 @@ def run_schedule(shape: JobShape, workspace: Workspace, *, seed: int, aims: Sequ
     handle = None
     try:
         handle = of.submit(shape.build(job, workspace), parallelism=shape.parallelism, resume=resume,
-                           checkpoint=of.CheckpointConfig(interval_s=0.3, storage=workspace.storage),
+                           checkpoint=checkpoint_config(mode, workspace.storage),
                            restart=of.RestartStrategy.fixed_delay(attempts=budget, delay_s=0.1))
         chaos.handle = handle
         chaos.handle_ready.set()

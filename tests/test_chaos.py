@@ -24,6 +24,7 @@ import pytest
 from onceflow.checkpoint.storage import CheckpointStorage
 from tests.chaos import (
     FAILPOINTS,
+    MODES,
     SHAPES,
     Aim,
     ChaosRecord,
@@ -121,6 +122,27 @@ def test_a_chaos_schedule_commits_exactly_the_reference(tmp_path: Path, request:
     _check(record, figures)
 
 
+UNALIGNED_SCHEDULES = [
+    # (shape, seed, aims, failpoint, mode): unaligned checkpoints, and aligned ones that time out.
+    ("window-parquet", 11, [Aim.RUNNING], "sink.after_pre_commit", "unaligned"),
+    ("keyed-postgres", 12, [Aim.RECOVERY], None, "unaligned"),
+    ("union-postgres", 13, [Aim.RUNNING], "coordinator.after_manifest", "timeout"),
+]
+
+
+@pytest.mark.parametrize(("shape", "seed", "aims", "failpoint", "mode"), UNALIGNED_SCHEDULES,
+                         ids=[f"{s}-{seed}-{mode}" for s, seed, _, _, mode in UNALIGNED_SCHEDULES])
+def test_an_unaligned_chaos_schedule_commits_exactly_the_reference(
+        tmp_path: Path, request: pytest.FixtureRequest, figures: Figures, shape: str, seed: int, aims: list[Aim],
+        failpoint: str | None, mode: str) -> None:
+    workspace = _workspace(tmp_path, shape, request)
+    record = run_schedule(SHAPES[shape], workspace, seed=seed, aims=aims, failpoint=failpoint, mode=mode)
+    _check(record, figures)
+    history = CheckpointStorage(workspace.storage, record.job).history()
+    assert any(h.get("unaligned") for h in history), f"no checkpoint was unaligned: {history}"
+    print("channel state bytes per checkpoint:", [h.get("channel_state_bytes") for h in history])
+
+
 def killed_driver_then_resume(tmp_path: Path, request: pytest.FixtureRequest, shape: str, seed: int,
                               aims: list[Aim]) -> ChaosRecord:
     """Run ``shape`` in a driver subprocess, SIGKILL it after some checkpoints, resume here under chaos."""
@@ -168,7 +190,7 @@ def test_random_chaos_schedules(tmp_path: Path, request: pytest.FixtureRequest, 
         points = [*FAILPOINTS, "sink.mid_commit"] if SHAPES[shape].postgres else list(FAILPOINTS)
         failpoint = rng.choice(points) if rng.random() < 0.4 else None
         record = run_schedule(SHAPES[shape], _workspace(tmp_path, shape, request), seed=seed, aims=aims,
-                              failpoint=failpoint)
+                              failpoint=failpoint, mode=MODES[number % len(MODES)])
     _check(record, figures)
 
 

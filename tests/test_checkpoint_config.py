@@ -25,10 +25,18 @@ def test_config_is_frozen_and_picklable() -> None:
     assert pickle.loads(pickle.dumps(config)) == config
 
 
-@pytest.mark.parametrize("mode", ["unaligned", "Aligned", "exactly-once", ""])
-def test_only_aligned_mode(mode: str) -> None:
-    with pytest.raises(PlanError, match="unaligned mode is not implemented yet.*use mode='aligned'$"):
+@pytest.mark.parametrize("mode", ["Aligned", "exactly-once", ""])
+def test_a_mode_is_aligned_or_unaligned(mode: str) -> None:
+    with pytest.raises(PlanError, match="unknown checkpoint mode .*use mode='aligned' or mode='unaligned'$"):
         CheckpointConfig(mode=mode)
+
+
+def test_the_alignment_timeout_is_seconds_and_only_for_aligned_checkpoints() -> None:
+    assert CheckpointConfig(aligned_timeout_s=0.2).aligned_timeout_s == 0.2
+    with pytest.raises(PlanError, match="aligned_timeout_s must be >= 0"):
+        CheckpointConfig(aligned_timeout_s=-1)
+    with pytest.raises(PlanError, match="aligned_timeout_s applies to mode='aligned' only"):
+        CheckpointConfig(mode="unaligned", aligned_timeout_s=0.2)
 
 
 @pytest.mark.parametrize(("options", "words"), [

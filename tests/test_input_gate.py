@@ -211,7 +211,7 @@ def test_replayed_messages_come_out_before_any_new_input_and_move_the_watermarks
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_an_unaligned_snapshot_cuts_every_channel_at_its_barrier_whatever_the_timing(data: st.DataObject) -> None:
-    """Messages before a channel's barrier are processed before the snapshot or recorded, never both; later ones never."""
+    """Messages before a barrier are processed before the snapshot or recorded, never both; later ones never."""
     channels = data.draw(st.integers(1, 3))
     sent = [data.draw(st.integers(0, 5)) for _ in range(channels)]
     cut = [data.draw(st.integers(-1, n - 1)) for n in sent]  # the last message before each barrier
