@@ -204,15 +204,27 @@ class InputGate:
     # -- messages in ----------------------------------------------------------------
 
     def receive(self, message: ChannelMessage) -> None:
-        """Take a delivered message: it waits until the messages before it on its channel arrived."""
-        self._held[message.channel].extend(self._receivers[message.channel].accept(message))
+        """Take a delivered message: it waits until the messages before it on its channel arrived.
+
+        While an unaligned snapshot is recording, a message that travelled
+        before its channel's barrier is recorded as it arrives (it is still
+        processed in its turn): the channel state is complete as soon as the
+        last such message is here, however long processing takes.
+        """
+        ready = self._receivers[message.channel].accept(message)
+        recording = self._recording
+        if recording is not None and recording.snapshot_taken:
+            for arrived in ready:
+                self._record(recording, arrived)
+            self._settle(recording, message.channel)
+        self._held[message.channel].extend(ready)
 
     def receive_barrier(self, channel: int, checkpoint_id: int, triggered_at: float, last_seq: int) -> None:
         """An unaligned barrier: it overtook ``channel``'s messages after ``last_seq`` (-1: none were sent).
 
         The first one of a checkpoint makes the snapshot due at the next
-        message boundary; the messages of every channel up to its barrier are
-        recorded as they are processed.
+        message boundary; the messages of every channel up to its barrier that
+        are not processed by then are recorded (see :meth:`receive`).
         """
         recording = self._recording
         if checkpoint_id <= self._last_unaligned and (recording is None or recording.checkpoint_id != checkpoint_id):
@@ -221,8 +233,8 @@ class InputGate:
             recording = self._start_recording(checkpoint_id, triggered_at, timed_out=False,
                                               pending=set(range(len(self._held))))
         recording.last_seq[channel] = last_seq
-        if self._seq[channel] >= last_seq:
-            recording.pending.discard(channel)  # everything it sent before the barrier was processed already
+        if recording.snapshot_taken:
+            self._settle(recording, channel)
 
     def _start_recording(self, checkpoint_id: int, triggered_at: float, *, timed_out: bool,
                          pending: set[int]) -> _Recording:
@@ -267,7 +279,6 @@ class InputGate:
             if message is None:
                 return None
             self._seq[message.channel] = message.seq
-            self._record(message)
             self._current = self._events(message)
 
     def _checkpoint_event(self) -> InputEvent | None:
@@ -278,6 +289,10 @@ class InputGate:
             return None
         if not recording.snapshot_taken:
             recording.snapshot_taken = True
+            for channel in sorted(recording.pending):  # what arrived before the snapshot and waits here
+                for held in list(self._held[channel]):
+                    self._record(recording, held)
+                self._settle(recording, channel)
             return UnalignedSnapshot(recording.checkpoint_id, recording.triggered_at,
                                      self._clock() - recording.started_at, recording.timed_out)
         if not recording.pending:
@@ -300,20 +315,23 @@ class InputGate:
                                           pending=pending)
         recording.started_at = state.started_at
 
-    def _record(self, message: ChannelMessage) -> None:
+    def _record(self, recording: _Recording, message: ChannelMessage) -> None:
         """Keep a message that travelled before its channel's barrier of the checkpoint being recorded."""
-        recording = self._recording
         channel = message.channel
-        if recording is None or channel not in recording.pending:
+        if channel not in recording.pending:
             return
         last = recording.last_seq.get(channel)
-        barrier = message.barrier[0] if message.barrier is not None else None
         if last is not None and message.seq > last:
-            recording.pending.discard(channel)  # (a repeat of the barrier's boundary; cannot happen in order)
             return
         if message.batch is not None or message.watermarks:
             recording.messages.append(replace(message, barrier=None, eof=False))
-        if (last is not None and message.seq >= last) or (barrier is not None and barrier >= recording.checkpoint_id):
+        if message.barrier is not None and message.barrier[0] >= recording.checkpoint_id:
+            recording.pending.discard(channel)  # its in-band barrier (an aligned checkpoint that timed out)
+
+    def _settle(self, recording: _Recording, channel: int) -> None:
+        """A channel whose every message before the barrier arrived (and was recorded) has passed it."""
+        last = recording.last_seq.get(channel)
+        if last is not None and self._receivers[channel].expected - 1 >= last:
             recording.pending.discard(channel)
 
     def drain(self) -> Iterator[InputEvent]:

@@ -561,11 +561,17 @@ class OperatorSubtask(Subtask):
         if self._started_at is None:
             self._started_at = time.monotonic()
         channel = message.channel
+        try:
+            # At once, not behind the pushes waiting for the lock: an unaligned snapshot's channel
+            # state is complete as soon as the messages before its barriers are here.
+            self._input.receive(message)
+        except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+            self._fail(error)
+            return False
         async with self._processed:
             if self._failure is not None:
                 return False
             try:
-                self._input.receive(message)
                 await self._drain()
             except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
                 self._fail(error)
