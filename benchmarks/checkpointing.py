@@ -100,9 +100,9 @@ def recovery(keys: int, repeats: int, name: str) -> dict[str, Any]:
                         m = ray.get(ray.get_actor(actor_name, namespace="onceflow").metrics.remote(), timeout=1)
                     except Exception:  # not restarted yet
                         return None
-                    if m["restored_from"] is None or m["first_record_at"] is None:
+                    if m.restored_from is None or m.first_record_at is None:
                         return None
-                    firsts.append(m["first_record_at"])
+                    firsts.append(m.first_record_at)
                 return max(firsts)
 
             times.append(wait_until(restored) - killed_at)

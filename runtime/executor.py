@@ -232,6 +232,12 @@ class LocalActor:
         return result
 
 
+def _quiet_if_killed(task: asyncio.Task[Any]) -> None:
+    """A task of a killed actor ended with its death: nobody needs to hear of it (as of a killed process)."""
+    if not task.cancelled() and isinstance(task.exception(), LocalActorDiedError):
+        return  # task.exception() marked it as retrieved
+
+
 class LocalExecutor:
     """Actors as objects on one asyncio event loop in a background thread of this process (see the module)."""
 
@@ -266,6 +272,7 @@ class LocalExecutor:
         if owner is not None:
             owner.tasks.add(task)
             task.add_done_callback(owner.tasks.discard)
+            task.add_done_callback(_quiet_if_killed)
         return task
 
     def create(self, cls: type, name: str, options: dict[str, Any], *args: Any, **kwargs: Any) -> LocalActor:

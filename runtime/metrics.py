@@ -46,6 +46,9 @@ class SubtaskCounters:
         active_s: seconds from its start to its end of input (so far, while
             it runs); ``None`` before it started.
         ended: whether it processed its end of input.
+        restored_from: the checkpoint it restored, if any.
+        first_record_at: when (wall clock) it first processed rows, ``None`` before
+            (the recovery benchmark measures a restore up to it).
     """
 
     task: str
@@ -57,6 +60,8 @@ class SubtaskCounters:
     input_watermark: int = END_OF_TIME
     active_s: float | None = None
     ended: bool = False
+    restored_from: int | None = None
+    first_record_at: float | None = None
 
 
 @dataclass(slots=True)

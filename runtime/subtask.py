@@ -132,6 +132,7 @@ class Subtask:
         self.task = f"{vertex.name}/{subtask}"
         self._label = f"{plan.job}/{self.task}"
         self._storage = CheckpointStorage(checkpointing.storage, plan.job) if checkpointing else None
+        self._restored_from = restore.checkpoint_id if restore else None
         restored = load_restored(restore, self._storage)
         self._uids = [node.uid for node in vertex.nodes]
         self._sink_stage: int | None = None
@@ -168,6 +169,7 @@ class Subtask:
         self._ended = False
         self._started_at: float | None = None
         self._finished_at: float | None = None
+        self._first_record_at: float | None = None
         self._telemetry = SubtaskMetrics(plan.job, vertex.operators, subtask)
 
     def _restore_input(self, restored: dict[str, list[pa.Table]]) -> None:
@@ -415,6 +417,8 @@ class Subtask:
             input_watermark=self._input_watermark(),
             active_s=active,
             ended=self._ended,
+            restored_from=self._restored_from,
+            first_record_at=self._first_record_at,
         )
 
 
@@ -469,6 +473,8 @@ class SourceSubtask(Subtask):
                 self._reader.close()
 
     async def _read(self, batch: pa.RecordBatch) -> None:
+        if self._first_record_at is None:
+            self._first_record_at = time.time()
         await self._send(self._chain.on_source_rows(batch))
         if self._watermarks is not None:
             with self._blame(0):
@@ -538,6 +544,8 @@ class OperatorSubtask(Subtask):
         """Process every input event the gate has now."""
         for event in self._input.drain():
             if isinstance(event, Rows):
+                if self._first_record_at is None:
+                    self._first_record_at = time.time()
                 await self._send(self._chain.on_input(event.batch))
             elif isinstance(event, WatermarkAdvanced):
                 await self._advance_watermark(event.watermark)

@@ -90,16 +90,20 @@ def test_a_local_job_never_starts_ray(tmp_path: Path) -> None:
     assert done.stdout.strip() == "ok"
 
 
+MODES = {"aligned": {}, "unaligned": {"mode": "unaligned"}, "timeout": {"aligned_timeout_s": 0.0}}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("point", ["sink.after_write", "sink.after_pre_commit", "sink.before_commit",
                                    "coordinator.after_manifest"])
 def test_a_crash_at_any_point_kills_only_its_actor_and_the_job_commits_exactly_once(tmp_path: Path,
-                                                                                      point: str) -> None:
-    job = f"local-crash-{point.replace('.', '-')}"
+                                                                                      point: str, mode: str) -> None:
+    job = f"local-crash-{mode}-{point.replace('.', '-')}"
     sink = of.sinks.TestingSink()
     failpoints.arm(job, point)
     try:
         result = of.run(feature_flow(job, 150_000, sink), parallelism=2, executor="local",
-                        checkpoint=of.CheckpointConfig(interval_s=0.02, storage=str(tmp_path)),
+                        checkpoint=of.CheckpointConfig(interval_s=0.02, storage=str(tmp_path), **MODES[mode]),
                         restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.0))
     finally:
         fired = not failpoints.armed(job, point)

@@ -203,6 +203,8 @@ def test_a_restored_source_sends_its_watermark_before_its_first_row(tmp_path: Pa
         await actor.run()
 
     asyncio.run(run())
+    counters = actor.metrics()
+    assert counters.restored_from == 1 and counters.first_record_at is not None  # what the recovery benchmark reads
     marks = [mark for message in downstream.messages for mark in message.watermarks]
     rows = [r["t"] for message in downstream.messages if message.batch is not None for r in message.batch.to_pylist()]
     assert rows == [50]
