@@ -173,15 +173,20 @@ class InputGate:
         clock: seconds, for the alignment time (monotonic).
         aligned_timeout_s: with aligned barriers, a checkpoint whose alignment
             runs longer than this switches to unaligned (``None``: never).
+        chunk_bytes: hand large messages out in pieces of about this size, so an
+            unaligned snapshot is taken between pieces (``None``: whole messages).
 
     """
 
-    __slots__ = ("_aligned_timeout_s", "_barriers", "_clock", "_current", "_eof", "_held", "_last_unaligned",
+    __slots__ = ("_aligned_timeout_s", "_barriers", "_chunk_bytes", "_clock", "_current", "_eof", "_held",
+                 "_last_unaligned",
                  "_receivers", "_recording", "_replay", "_seq", "_triggered", "operator", "watermarks")
 
     def __init__(self, channels: int, names: Sequence[str] | None = None, *, operator: str = "",
-                 clock: Callable[[], float] = time.monotonic, aligned_timeout_s: float | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, aligned_timeout_s: float | None = None,
+                 chunk_bytes: int | None = None) -> None:
         self.operator = operator
+        self._chunk_bytes = chunk_bytes
         self._clock = clock
         self._aligned_timeout_s = aligned_timeout_s
         self._recording: _Recording | None = None  # None: no unaligned checkpoint in progress
@@ -211,13 +216,35 @@ class InputGate:
         processed in its turn): the channel state is complete as soon as the
         last such message is here, however long processing takes.
         """
-        ready = self._receivers[message.channel].accept(message)
+        ready = [chunk for m in self._receivers[message.channel].accept(message) for chunk in self._split(m)]
         recording = self._recording
         if recording is not None and recording.snapshot_taken:
             for arrived in ready:
                 self._record(recording, arrived)
             self._settle(recording, message.channel)
         self._held[message.channel].extend(ready)
+
+    def _split(self, message: ChannelMessage) -> list[ChannelMessage]:
+        """With ``chunk_bytes``, cut a large message into pieces (its barrier and end on the last).
+
+        A snapshot is taken between pieces, so an unaligned barrier waits for
+        at most one piece's processing, not a whole message's (up to
+        ``batch_bytes``); each piece keeps the watermark marks that fall in its rows.
+        """
+        batch = message.batch
+        if self._chunk_bytes is None or batch is None or batch.nbytes <= self._chunk_bytes or batch.num_rows < 2:
+            return [message]
+        rows = max(1, batch.num_rows * self._chunk_bytes // batch.nbytes)
+        starts = list(range(0, batch.num_rows, rows))
+        pieces = []
+        for number, start in enumerate(starts):
+            end = min(start + rows, batch.num_rows)
+            last = number == len(starts) - 1
+            marks = tuple((r - start, w) for r, w in message.watermarks
+                          if (start < r <= end) or (r == 0 and start == 0) or (last and r > end))
+            pieces.append(ChannelMessage(message.channel, message.seq, batch.slice(start, end - start), marks,
+                                         message.barrier if last else None, message.eof and last))
+        return pieces
 
     def receive_barrier(self, channel: int, checkpoint_id: int, triggered_at: float, last_seq: int) -> None:
         """An unaligned barrier: it overtook ``channel``'s messages after ``last_seq`` (-1: none were sent).

@@ -126,6 +126,15 @@ class OutputChannel:
         self._in_flight.append(self._handle.push.remote(message))
         self.messages += 1
 
+    async def wait_for_credit(self) -> None:
+        """Return once another message may be sent (waiting for acknowledgements counts as backpressure)."""
+        if self._sender.has_credit():
+            return
+        started = time.monotonic()
+        while not self._sender.has_credit():
+            await self._acknowledge_oldest()
+        self.backpressure_s += time.monotonic() - started
+
     async def drain(self) -> None:
         """Wait until the receiver acknowledged every message sent."""
         while self._in_flight:
@@ -197,6 +206,11 @@ class OutputGate:
             channel.append(part)
             if channel.buffered_bytes >= self._batch_bytes:
                 await channel.flush()
+
+    async def wait_for_credit(self) -> None:
+        """Return once every channel may send another message."""
+        for channel in self.channels:
+            await channel.wait_for_credit()
 
     def set_watermark(self, watermark: int) -> None:
         """Attach ``watermark`` to the next message of every channel (never ahead of data)."""

@@ -100,6 +100,10 @@ __all__ = ["OperatorSubtask", "SourceSubtask", "Subtask", "subtask_class"]
 
 log = logging.getLogger("onceflow")
 
+_UNALIGNED_CHUNK_BYTES = 64 << 10
+"""With checkpoints that may be unaligned, input is processed in pieces of about this size: a snapshot waits
+for at most one piece (Flink's network buffers are 32 KiB)."""
+
 _ABORT_WAIT_S = 5.0
 """How long an abort waits for a sink write in progress (the job waits 10 s for every abort)."""
 
@@ -453,6 +457,10 @@ class SourceSubtask(Subtask):
                 async with self._lock:
                     await self._advance_watermark(restored)
             while not self._stop_requested:
+                # Wait for credit before taking the lock, not inside a send under it: a backpressured
+                # source stays free to take its snapshot when the coordinator triggers one.
+                for gate in self._all_gates:
+                    await gate.wait_for_credit()
                 async with self._lock:
                     if self._failure is not None:
                         break
@@ -505,9 +513,12 @@ class OperatorSubtask(Subtask):
 
     def _restore_input(self, restored: dict[str, list[pa.Table]]) -> None:
         vertex = self._vertex
-        timeout = self._checkpointing.aligned_timeout_s if self._checkpointing is not None else None
+        setup = self._checkpointing
+        timeout = setup.aligned_timeout_s if setup is not None else None
+        may_unalign = setup is not None and (setup.unaligned or timeout is not None)
         self._input = InputGate(vertex.input_channels, input_channel_names(self._plan, vertex.id, self._subtask),
-                                operator=self.task, aligned_timeout_s=timeout)
+                                operator=self.task, aligned_timeout_s=timeout,
+                                chunk_bytes=_UNALIGNED_CHUNK_BYTES if may_unalign else None)
         if restored.get(INPUT_WATERMARKS):
             self._input.watermarks.restore(restored[INPUT_WATERMARKS])
         if restored.get(CHANNEL_STATE):

@@ -290,3 +290,31 @@ def test_an_aligned_checkpoint_that_times_out_cuts_every_channel_at_its_barrier(
         assert mine_before | set(mine_recorded) == pre_barrier
         assert not mine_before & set(mine_recorded)
         assert mine_recorded == sorted(mine_recorded)
+
+
+def test_pieces_of_a_large_message_give_the_same_events_as_the_whole_message() -> None:
+    message = ChannelMessage(0, 0, pa.record_batch({"x": list(range(10))}), watermarks=((0, 1), (3, 5), (10, 9)),
+                             barrier=(1, 0.0))
+    whole, pieces = InputGate(1), InputGate(1, chunk_bytes=16)
+    whole.receive(message)
+    pieces.receive(message)
+
+    def flat(events: list[InputEvent]) -> list[object]:
+        return [x for e in _describe(events) for x in (e if isinstance(e, list) else [e])]
+
+    assert flat(list(pieces.drain())) == flat(list(whole.drain()))
+
+
+def test_an_unaligned_snapshot_lands_between_pieces_and_records_the_rest_of_the_message() -> None:
+    gate = InputGate(1, chunk_bytes=16)
+    gate.receive(ChannelMessage(0, 0, pa.record_batch({"x": list(range(8))})))
+    first = gate.poll()
+    assert isinstance(first, Rows) and first.batch.num_rows < 8
+    gate.receive_barrier(0, 1, 0.0, last_seq=0)
+    events = list(gate.drain())
+    assert isinstance(events[0], UnalignedSnapshot)
+    recorded = next(e for e in events if isinstance(e, ChannelStateRecorded))
+    rest = [x for m in recorded.messages for x in m.batch.column("x").to_pylist()]
+    assert first.batch.column("x").to_pylist() + rest == list(range(8))
+    processed = [x for e in events if isinstance(e, Rows) for x in e.batch.column("x").to_pylist()]
+    assert processed == rest
