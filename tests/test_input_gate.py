@@ -207,6 +207,17 @@ def test_replayed_messages_come_out_before_any_new_input_and_move_the_watermarks
     assert gate.applied(0) == 0 and gate.applied(1) == -1  # replay does not count as channel messages
 
 
+def _assert_cut_at_barriers(cut: list[int], before: list[tuple[int, int]], recorded: list[tuple[int, int]]) -> None:
+    """Channel ``c``'s messages up to ``cut[c]`` were processed before the snapshot or recorded (in order), not both."""
+    for c, last in enumerate(cut):
+        pre_barrier = {(c, s) for s in range(last + 1)}
+        mine_before = {m for m in before if m[0] == c}
+        mine_recorded = [m for m in recorded if m[0] == c]
+        assert mine_before | set(mine_recorded) == pre_barrier
+        assert not mine_before & set(mine_recorded)
+        assert mine_recorded == sorted(mine_recorded)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_an_unaligned_snapshot_cuts_every_channel_at_its_barrier_whatever_the_timing(data: st.DataObject) -> None:
@@ -238,13 +249,7 @@ def test_an_unaligned_snapshot_cuts_every_channel_at_its_barrier_whatever_the_ti
                 value_ = event.batch.column("x")[0].as_py()
                 before.append((value_ // 100, value_ % 100))
     assert snapshot
-    for c in range(channels):
-        pre_barrier = {(c, s) for s in range(cut[c] + 1)}
-        mine_before = {m for m in before if m[0] == c}
-        mine_recorded = [m for m in recorded if m[0] == c]
-        assert mine_before | set(mine_recorded) == pre_barrier
-        assert not mine_before & set(mine_recorded)
-        assert mine_recorded == sorted(mine_recorded)  # in channel order
+    _assert_cut_at_barriers(cut, before, recorded)
 
 
 @settings(max_examples=300, deadline=None)
@@ -283,13 +288,7 @@ def test_an_aligned_checkpoint_that_times_out_cuts_every_channel_at_its_barrier(
     assert snapshot
     if aligned:
         assert recorded == []
-    for c in range(channels):
-        pre_barrier = {(c, s) for s in range(cut[c] + 1)}
-        mine_before = {m for m in before if m[0] == c}
-        mine_recorded = [m for m in recorded if m[0] == c]
-        assert mine_before | set(mine_recorded) == pre_barrier
-        assert not mine_before & set(mine_recorded)
-        assert mine_recorded == sorted(mine_recorded)
+    _assert_cut_at_barriers(cut, before, recorded)
 
 
 def test_pieces_of_a_large_message_give_the_same_events_as_the_whole_message() -> None:
