@@ -279,10 +279,12 @@ def test_cancel_while_a_manifest_is_written_commits_what_completed_and_leaves_no
     job, out, storage = "cancel-ends", tmp_path / "out", str(tmp_path / "chk")
     point = "coordinator.before_manifest"
     failpoints.disarm_all()
-    failpoints.arm_pause(job, point)
     try:
         handle = of.submit(feature_flow(job, None, of.sinks.ParquetSink(str(out)), rate=50_000), parallelism=2,
                            checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage))
+        # Hold a checkpoint taken after windows fired, so the one cancel() settles has rows to commit.
+        wait_until(lambda: out.exists() and parquet_rows(out).num_rows > 0, timeout_s=60, what="committed rows")
+        failpoints.arm_pause(job, point)
         wait_until(lambda: failpoints.paused(job, point), timeout_s=60, what="a held manifest write")
         cancelled = threading.Event()
         thread, errors = _release_when(job, point, lambda: cancelled.is_set() or str(
