@@ -257,8 +257,16 @@ class InputGate:
         if checkpoint_id <= self._last_unaligned and (recording is None or recording.checkpoint_id != checkpoint_id):
             return  # stale, repeated, or a checkpoint already given up
         if recording is None or checkpoint_id > recording.checkpoint_id:
+            if checkpoint_id <= self._barriers.last:
+                return  # aligned already, or given up
+            # Mixed barriers (an upstream subtask whose alignment timed out sends unaligned ones): never align
+            # this checkpoint, and release what its in-band barriers hold back; those channels passed it.
+            state = self._barriers.state
+            passed = state.received if isinstance(state, CollectingBarriers) and state.checkpoint_id == checkpoint_id \
+                else frozenset()
+            self._barriers.on_checkpoint_aborted(checkpoint_id)
             recording = self._start_recording(checkpoint_id, triggered_at, timed_out=False,
-                                              pending=set(range(len(self._held))))
+                                              pending=set(range(len(self._held))) - set(passed))
         recording.last_seq[channel] = last_seq
         if recording.snapshot_taken:
             self._settle(recording, channel)

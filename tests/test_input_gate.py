@@ -317,3 +317,22 @@ def test_an_unaligned_snapshot_lands_between_pieces_and_records_the_rest_of_the_
     assert first.batch.column("x").to_pylist() + rest == list(range(8))
     processed = [x for e in events if isinstance(e, Rows) for x in e.batch.column("x").to_pylist()]
     assert processed == rest
+
+
+def test_an_unaligned_barrier_after_in_band_ones_of_the_same_checkpoint_stops_the_alignment() -> None:
+    """An upstream subtask whose alignment timed out sends unaligned barriers; the others still send in-band."""
+    gate = InputGate(3)
+    gate.receive(ChannelMessage(0, 0, _rows(1), barrier=(2, 0.0)))
+    gate.receive(ChannelMessage(0, 1, _rows(2)))  # after channel 0's barrier: held back while aligning
+    assert _describe(list(gate.drain())) == [[1]]
+    gate.receive(ChannelMessage(1, 0, _rows(10)))
+    gate.receive_barrier(1, 2, 0.0, last_seq=0)
+    events = list(gate.drain())
+    assert isinstance(events[0], UnalignedSnapshot)
+    assert _describe(events[1:]) == [[2], [10]]  # channel 0 is released: it passed barrier 2 in-band
+    gate.receive(ChannelMessage(2, 0, _rows(20), barrier=(2, 0.0)))  # in-band, after the snapshot: recorded
+    gate.receive(ChannelMessage(2, 1, _rows(21)))
+    events = list(gate.drain())
+    recorded = next(e for e in events if isinstance(e, ChannelStateRecorded))
+    assert [(m.channel, m.batch.column("x").to_pylist()) for m in recorded.messages] == [(1, [10]), (2, [20])]
+    assert _describe([e for e in events if isinstance(e, Rows)]) == [[20], [21]]  # nothing held back any more

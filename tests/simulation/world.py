@@ -230,9 +230,9 @@ class Subtask(SimActor):
 
     # -- data plane -------------------------------------------------------------------------
 
-    def _send_barrier(self, output: int, checkpoint_id: int) -> None:
+    def _send_barrier(self, output: int, checkpoint_id: int, *, unaligned: bool) -> None:
         """In-band behind the rows sent before it, or (unaligned) as a call of its own that overtakes them."""
-        if self.world.job.mode != "unaligned":
+        if not unaligned:
             self._send(output, barrier=checkpoint_id)
             return
         channel = self.index if self.kind == SOURCE else 0
@@ -293,7 +293,9 @@ class Subtask(SimActor):
             elif isinstance(event, BarrierAligned):
                 self._snapshot(event.checkpoint_id)
             elif isinstance(event, UnalignedSnapshot):
-                self.pending_ack = (event.checkpoint_id, self._snapshot(event.checkpoint_id, acknowledge=False))
+                # Unaligned from here on: a subtask whose alignment timed out sends unaligned barriers too.
+                self.pending_ack = (event.checkpoint_id, self._snapshot(event.checkpoint_id, acknowledge=False,
+                                                                        unaligned=True))
             elif isinstance(event, ChannelStateRecorded):
                 if self.pending_ack is not None and self.pending_ack[0] == event.checkpoint_id:
                     sender = SOURCE if self.kind == COUNT else COUNT
@@ -327,7 +329,8 @@ class Subtask(SimActor):
         if checkpoint_id > self.last_barrier:
             self._snapshot(checkpoint_id)
 
-    def _snapshot(self, checkpoint_id: int, *, acknowledge: bool = True) -> dict[str, Any]:
+    def _snapshot(self, checkpoint_id: int, *, acknowledge: bool = True,
+                  unaligned: bool | None = None) -> dict[str, Any]:
         """The synchronous part (state, pre-commit, barrier downstream); the acknowledgement travels later."""
         self.last_barrier = checkpoint_id
         state: Any
@@ -342,7 +345,8 @@ class Subtask(SimActor):
                 self.open_txn = None
             state = {c_id: list(txns) for c_id, txns in self.uncommitted.items()}
         for output in range(len(self.outputs)):
-            self._send_barrier(output, checkpoint_id)
+            self._send_barrier(output, checkpoint_id,
+                               unaligned=self.world.job.mode == "unaligned" if unaligned is None else unaligned)
         states = {self.kind: {"state": state}}
         if acknowledge:
             self._acknowledge(checkpoint_id, states)
