@@ -15,7 +15,7 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-TOTAL = 60_000
+TOTAL = 150_000
 
 
 def running_count(state: int | None, row: dict) -> tuple[int, dict]:
@@ -25,9 +25,9 @@ def running_count(state: int | None, row: dict) -> tuple[int, dict]:
     return seen, {"user_id": row["user_id"], "seen": seen}
 
 
-def counting_flow(name: str, sink: of.sinks.TestingSink) -> of.Dataflow:
+def counting_flow(name: str, sink: of.sinks.TestingSink, *, total: int | None = TOTAL) -> of.Dataflow:
     flow = of.Dataflow(name)
-    events = flow.source(of.sources.GeneratorSource(feature_events, total=TOTAL, batch_size=2_000,
+    events = flow.source(of.sources.GeneratorSource(feature_events, total=total, batch_size=2_000,
                                                     max_events_per_s=20_000), name="events")
     events.key_by("user_id").process(running_count, name="count").sink(sink, name="out")
     return flow
@@ -52,10 +52,11 @@ def test_a_resume_from_an_unaligned_checkpoint_replays_its_in_flight_batches_exa
         return bool(history) and history[-1]["channel_state_bytes"] > 0
 
     # The counting operator is slower than the sources: batches queue in front of it, and every
-    # unaligned checkpoint records some. Cancel the first run once one such checkpoint is complete.
-    handle = of.submit(counting_flow(job, sink), parallelism=before, checkpoint=config)
+    # unaligned checkpoint records some. The first run reads without end (it cannot finish first, with a
+    # final checkpoint that holds nothing in flight); cancel it once such a checkpoint is complete.
+    handle = of.submit(counting_flow(job, sink, total=None), parallelism=before, checkpoint=config)
     try:
-        wait_until(newest_holds_channel_state, timeout_s=60, what="an unaligned checkpoint with channel state")
+        wait_until(newest_holds_channel_state, timeout_s=120, what="an unaligned checkpoint with channel state")
     finally:
         handle.cancel()
     newest = store.completed_ids()[-1]
