@@ -195,6 +195,14 @@ class LocalActor:
     def __repr__(self) -> str:
         return f"LocalActor({self.name!r})"
 
+    def quiet_if_killed(self, task: asyncio.Task[Any]) -> None:
+        """A task of this actor ended after its kill: nobody needs to hear how (as of a killed process's work).
+
+        A live actor's task that fails unheard is still reported by asyncio.
+        """
+        if self.dead and not task.cancelled():
+            task.exception()  # marks it as retrieved
+
     def submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         loop = self._executor.loop
         with contextlib.suppress(RuntimeError):
@@ -232,12 +240,6 @@ class LocalActor:
         return result
 
 
-def _quiet_if_killed(task: asyncio.Task[Any]) -> None:
-    """A task of a killed actor ended with its death: nobody needs to hear of it (as of a killed process)."""
-    if not task.cancelled() and isinstance(task.exception(), LocalActorDiedError):
-        return  # task.exception() marked it as retrieved
-
-
 class LocalExecutor:
     """Actors as objects on one asyncio event loop in a background thread of this process (see the module)."""
 
@@ -272,7 +274,7 @@ class LocalExecutor:
         if owner is not None:
             owner.tasks.add(task)
             task.add_done_callback(owner.tasks.discard)
-            task.add_done_callback(_quiet_if_killed)
+            task.add_done_callback(owner.quiet_if_killed)
         return task
 
     def create(self, cls: type, name: str, options: dict[str, Any], *args: Any, **kwargs: Any) -> LocalActor:

@@ -179,8 +179,8 @@ class InputGate:
     """
 
     __slots__ = ("_aligned_timeout_s", "_barriers", "_chunk_bytes", "_clock", "_current", "_eof", "_held",
-                 "_last_unaligned",
-                 "_receivers", "_recording", "_replay", "_seq", "_triggered", "operator", "watermarks")
+                 "_last_unaligned", "_receivers", "_recording", "_replay", "_seq", "_triggered", "operator",
+                 "watermarks")
 
     def __init__(self, channels: int, names: Sequence[str] | None = None, *, operator: str = "",
                  clock: Callable[[], float] = time.monotonic, aligned_timeout_s: float | None = None,
@@ -240,8 +240,7 @@ class InputGate:
         for number, start in enumerate(starts):
             end = min(start + rows, batch.num_rows)
             last = number == len(starts) - 1
-            marks = tuple((r - start, w) for r, w in message.watermarks
-                          if (start < r <= end) or (r == 0 and start == 0) or (last and r > end))
+            marks = tuple((r - start, w) for r, w in message.watermarks if start < r <= end or r == start == 0)
             pieces.append(ChannelMessage(message.channel, message.seq, batch.slice(start, end - start), marks,
                                          message.barrier if last else None, message.eof and last))
         return pieces

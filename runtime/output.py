@@ -93,11 +93,7 @@ class OutputChannel:
         """Send the buffered rows and watermarks, then ``barrier`` and ``eof``, as one message."""
         if not self.pending and not eof and barrier is None:
             return
-        if not self._sender.has_credit():
-            started = time.monotonic()
-            while not self._sender.has_credit():
-                await self._acknowledge_oldest()
-            self.backpressure_s += time.monotonic() - started
+        await self.wait_for_credit()
         self._send(eof=eof, barrier=barrier)
 
     def unaligned_barrier(self, checkpoint_id: int, timestamp: float) -> None:

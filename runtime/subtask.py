@@ -307,13 +307,19 @@ class Subtask:
 
     # -- checkpoints ----------------------------------------------------------------
 
+    async def _checkpoint(self, checkpoint_id: int, triggered_at: float, alignment_s: float, *,
+                          unaligned: bool = False) -> None:
+        """Take a snapshot (:meth:`_snapshot`) and persist it in the background."""
+        tables, metrics = await self._snapshot(checkpoint_id, triggered_at, alignment_s, unaligned=unaligned)
+        self._spawn(self._persist(checkpoint_id, tables, metrics))
+
     async def _snapshot(self, checkpoint_id: int, triggered_at: float, alignment_s: float, *,
-                        unaligned: bool = False) -> None:
+                        unaligned: bool = False) -> tuple[dict[str, pa.Table], dict[str, float]]:
         """The synchronous part, under the lock: state tables, pre-commit, barrier downstream.
 
         An unaligned snapshot sends its barriers ahead of the messages
-        downstream has not processed; a subtask with inputs persists it only
-        once its channel state is recorded (:meth:`OperatorSubtask._channel_state_recorded`).
+        downstream has not processed. Returns the state tables and the
+        snapshot's timings, for :meth:`_persist`.
         """
         started = time.monotonic()
         tables = self._input_state()
@@ -330,13 +336,7 @@ class Subtask:
             "start_delay_s": max(time.time() - triggered_at - alignment_s, 0.0),
             "unaligned": float(unaligned),
         }
-        if unaligned and self._awaits_channel_state(checkpoint_id, tables, metrics):
-            return
-        self._spawn(self._persist(checkpoint_id, tables, metrics))
-
-    def _awaits_channel_state(self, checkpoint_id: int, tables: dict[str, pa.Table], metrics: dict[str, float]) -> bool:
-        """Keep an unaligned snapshot until its channel state is recorded; ``False``: it has none to wait for."""
-        return False
+        return tables, metrics
 
     async def _persist(self, checkpoint_id: int, tables: dict[str, pa.Table], metrics: dict[str, float]) -> None:
         """The asynchronous part: cache in the object store, write durably, acknowledge."""
@@ -501,7 +501,7 @@ class SourceSubtask(Subtask):
                 self._last_barrier = checkpoint_id
                 try:
                     unaligned = self._checkpointing is not None and self._checkpointing.unaligned
-                    await self._snapshot(checkpoint_id, triggered_at, 0.0, unaligned=unaligned)
+                    await self._checkpoint(checkpoint_id, triggered_at, 0.0, unaligned=unaligned)
                 except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
                     self._fail(error, self._vertex.nodes[0].name)
 
@@ -527,10 +527,6 @@ class OperatorSubtask(Subtask):
         """Notified (under the processing lock) when messages were processed or the subtask failed."""
         self._unaligned: tuple[int, dict[str, pa.Table], dict[str, float]] | None = None
         """An unaligned snapshot taken, waiting for its channel state (at most one: a newer one subsumes it)."""
-
-    def _awaits_channel_state(self, checkpoint_id: int, tables: dict[str, pa.Table], metrics: dict[str, float]) -> bool:
-        self._unaligned = (checkpoint_id, tables, metrics)
-        return True
 
     def _channel_state_recorded(self, event: ChannelStateRecorded) -> None:
         """The in-flight messages of the unaligned snapshot are all recorded: persist it with them."""
@@ -561,9 +557,12 @@ class OperatorSubtask(Subtask):
             elif isinstance(event, WatermarkAdvanced):
                 await self._advance_watermark(event.watermark)
             elif isinstance(event, BarrierAligned):
-                await self._snapshot(event.checkpoint_id, event.triggered_at, event.alignment_s)
+                await self._checkpoint(event.checkpoint_id, event.triggered_at, event.alignment_s)
             elif isinstance(event, UnalignedSnapshot):
-                await self._snapshot(event.checkpoint_id, event.triggered_at, event.waited_s, unaligned=True)
+                # Persisted once its channel state is recorded (_channel_state_recorded).
+                tables, metrics = await self._snapshot(event.checkpoint_id, event.triggered_at, event.waited_s,
+                                                       unaligned=True)
+                self._unaligned = (event.checkpoint_id, tables, metrics)
             elif isinstance(event, ChannelStateRecorded):
                 self._channel_state_recorded(event)
             elif isinstance(event, EndOfInput):
@@ -588,15 +587,8 @@ class OperatorSubtask(Subtask):
             self._fail(error)
             return False
         async with self._processed:
-            if self._failure is not None:
+            if self._failure is not None or not await self._process():
                 return False
-            try:
-                await self._drain()
-            except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
-                self._fail(error)
-                return False
-            finally:
-                self._processed.notify_all()
             await self._processed.wait_for(
                 lambda: self._failure is not None or self._input.applied(channel) >= message.seq)
         return self._failure is None
@@ -612,18 +604,23 @@ class OperatorSubtask(Subtask):
             return
         self._input.receive_barrier(channel, checkpoint_id, triggered_at, last_seq)
         async with self._processed:
-            try:
-                await self._drain()
-            except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
-                self._fail(error)
-            finally:
-                self._processed.notify_all()
+            await self._process()
+
+    async def _process(self) -> bool:
+        """Under the lock: process what the gate has now and wake the pushes waiting; ``False`` if it failed."""
+        try:
+            await self._drain()
+        except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+            self._fail(error)
+            return False
+        finally:
+            self._processed.notify_all()
+        return True
 
     async def _tick(self) -> None:
         """Under the lock, from the linger timer: an alignment may have run past its timeout."""
         if self._input.aligned_timeout_s is not None:
-            await self._drain()
-            self._processed.notify_all()
+            await self._process()
 
     async def abort_checkpoint(self, checkpoint_id: int) -> None:
         """The coordinator gave up on ``checkpoint_id``: stop aligning or recording it."""
@@ -631,11 +628,7 @@ class OperatorSubtask(Subtask):
             if self._unaligned is not None and self._unaligned[0] == checkpoint_id:
                 self._unaligned = None
             if self._input.abort_checkpoint(checkpoint_id):
-                try:
-                    await self._drain()
-                except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
-                    self._fail(error)
-                self._processed.notify_all()
+                await self._process()
 
     def _input_watermark(self) -> int:
         return self._input.watermark
