@@ -24,7 +24,7 @@ import pyarrow as pa
 from onceflow.errors import DataError, OperatorError
 from onceflow.operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
 
-__all__ = ["Filter", "FlatMap", "Map", "MapBatches"]
+__all__ = ["Filter", "FlatMap", "LoopHead", "Map", "MapBatches"]
 
 Row = dict[str, Any]
 
@@ -202,3 +202,35 @@ class MapBatches:
     def build(self, ctx: OperatorContext) -> OperatorLogic:
         """Return the live logic."""
         return _MapBatchesLogic(self.fn, ctx.operator, self.schema)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopHead:
+    """The head of a loop (``stream.iterate()``): passes on its input's rows and the rows fed back.
+
+    Every batch must have the columns of the first one, so what comes round
+    fits what the loop's body expects.
+    """
+
+    def build(self, ctx: OperatorContext) -> OperatorLogic:
+        """Return the live logic."""
+        return _LoopHeadLogic(ctx.operator)
+
+
+class _LoopHeadLogic(OperatorLogic):
+    __slots__ = ("_operator", "_schema")
+
+    def __init__(self, operator: str) -> None:
+        self._operator = operator
+        self._schema: pa.Schema | None = None
+
+    def on_batch(self, batch: pa.RecordBatch) -> Emitted:
+        if self._schema is None:
+            self._schema = batch.schema
+        elif not batch.schema.equals(self._schema):
+            msg = (f"loop {self._operator!r}: a batch with columns {batch.schema.names} "
+                   f"({', '.join(str(t) for t in batch.schema.types)}) met the loop's columns "
+                   f"{self._schema.names} ({', '.join(str(t) for t in self._schema.types)}); the stream given "
+                   "to close_with() must keep the columns and types of the loop's input")
+            raise DataError(msg, operator=self._operator)
+        return [(MAIN, batch)]

@@ -47,7 +47,7 @@ from onceflow.operators.dedupe import Dedupe, DedupeMode
 from onceflow.operators.keyed import KeyedProcess, KeyedReduce, ProcessFn, ReduceFn
 from onceflow.operators.logic import LATE, MAIN
 from onceflow.operators.sources.base import Source
-from onceflow.operators.stateless import Filter, FlatMap, Map, MapBatches, Row
+from onceflow.operators.stateless import Filter, FlatMap, LoopHead, Map, MapBatches, Row
 from onceflow.operators.watermark import BoundedOutOfOrderness
 from onceflow.operators.windows import WindowAggregate
 
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from onceflow.operators.agg import Aggregation
     from onceflow.operators.windows import Session, Sliding, Tumbling
 
-__all__ = ["Dataflow", "Edge", "KeyedStream", "Node", "NodeKind", "Stream", "WindowedStream"]
+__all__ = ["Dataflow", "Edge", "IterativeStream", "KeyedStream", "Node", "NodeKind", "Stream", "WindowedStream"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _UID_SEPARATOR = "~"
@@ -82,6 +82,8 @@ class Edge:
         keys: hash-partition by these columns (``key_by``); ``None`` routes
             forward when the parallelism matches and round-robin otherwise.
         key_by: the ``key_by`` step's name, for error messages.
+        feedback: the edge closes a loop (:meth:`IterativeStream.close_with`): it
+            goes back to the loop's head, against the flow of the graph.
 
     """
 
@@ -89,6 +91,7 @@ class Edge:
     port: int = MAIN
     keys: tuple[str, ...] | None = None
     key_by: str | None = None
+    feedback: bool = False
 
 
 @dataclass(slots=True)
@@ -305,6 +308,41 @@ class Stream:
                               parallelism=parallelism)
         return Stream(self.flow, node, MAIN, self.time_column)
 
+    def iterate(self, *, name: str | None = None, parallelism: int | None = None) -> IterativeStream:
+        """Open a loop: the stream returned carries this stream's rows and those fed back by ``close_with``.
+
+        Build the loop's body on the returned stream, then call
+        :meth:`IterativeStream.close_with` with the stream that goes round
+        again; what else is built on the body leaves the loop. Operators in the
+        body may be keyed and stateful (``key_by(...).process``/``reduce``);
+        event-time operators (windows, dedupe) may not, because a loop holds
+        event time back: no watermark crosses it until the loop has ended, so
+        a row that comes round again is never late behind one.
+
+        Checkpoints of a job with a loop follow Chandy-Lamport: the head
+        snapshots on the barrier of its input, then records the rows that come
+        round until the barrier does, and a restore replays them (the
+        checkpoint's channel state). A bounded job with a loop ends when every
+        input of the loop has ended and the loop is empty (see ``DESIGN.md``).
+
+        Example:
+            >>> from onceflow.testing.source import TestingSource
+            >>> from onceflow.testing.sink import TestingSink
+            >>> flow = Dataflow("retry")
+            >>> loop = flow.source(TestingSource([{"id": 1, "left": 2}])).iterate(name="loop")
+            >>> step = loop.map(lambda r: {"id": r["id"], "left": r["left"] - 1})
+            >>> loop.close_with(step.filter(lambda r: r["left"] > 0))
+            >>> step.filter(lambda r: r["left"] <= 0).sink(TestingSink())
+
+        Args:
+            name: the loop head's name; ``iterate_<n>`` by default.
+            parallelism: the loop head's subtasks; the job's parallelism by default.
+
+        """
+        node = self.flow._add(NodeKind.TRANSFORM, "iterate", LoopHead(), [self._edge()], name=name,
+                              parallelism=parallelism)
+        return IterativeStream(self.flow, node, MAIN, self.time_column)
+
     def sink(self, sink: TransactionalSink, *, name: str | None = None, parallelism: int | None = None) -> None:
         """Write the stream to ``sink`` (committed in two phases).
 
@@ -318,6 +356,45 @@ class Stream:
 
 def _identity(batch: pa.RecordBatch) -> pa.RecordBatch:
     return batch
+
+
+class IterativeStream(Stream):
+    """The head of a loop (:meth:`Stream.iterate`): close it with :meth:`close_with`."""
+
+    def close_with(self, feedback: Stream) -> None:
+        """Feed ``feedback`` back to this loop's head; it must be built on this stream.
+
+        Its rows must have the columns of the loop's input. The feedback edge
+        goes forward when the parallelisms match and round-robin otherwise;
+        key the body (``key_by``) where rows of a key must meet.
+
+        Raises:
+            PlanError: the loop is closed already, or ``feedback`` is not built on this loop.
+        """
+        if feedback.flow is not self.flow:
+            msg = f"{self.node.name}: close_with() takes a stream of the same dataflow"
+            raise PlanError(msg)
+        if any(edge.feedback for edge in self.node.inputs):
+            msg = f"loop {self.node.name!r} is closed already; call close_with() once per iterate()"
+            raise PlanError(msg)
+        if not _reaches(self.flow, feedback.node.id, self.node.id):
+            msg = (f"close_with({feedback.node.name!r}): the feedback stream must be built on loop "
+                   f"{self.node.name!r} (iterate() returned the stream to build the loop's body on)")
+            raise PlanError(msg)
+        self.node.inputs.append(Edge(feedback.node.id, feedback.port, feedback=True))
+
+
+def _reaches(flow: Dataflow, node: int, ancestor: int) -> bool:
+    """Whether ``node`` is built on ``ancestor`` (following input edges, not feedback ones)."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current == ancestor:
+            return True
+        if current not in seen:
+            seen.add(current)
+            todo += [edge.node for edge in flow.nodes[current].inputs if not edge.feedback]
+    return False
 
 
 class KeyedStream:

@@ -14,6 +14,16 @@ to its :class:`InputGate` (:meth:`InputGate.receive`) and then takes events from
   when their minimum moves (:class:`~onceflow.runtime.channel.InputWatermarks`);
 - reports :class:`EndOfInput` once every channel ended.
 
+A loop head's gate (``feedback``: its last channels come round the loop)
+aligns barriers over its other channels only, since a barrier can come round
+only after the head forwarded it, and takes the snapshot as Chandy-Lamport
+does: once the barrier arrived on every other channel, it records what comes
+round on the feedback channels until the barrier does (the snapshot's channel
+state, :class:`ChannelStateRecorded`). Feedback channels are never held back,
+and go first, so the loop drains before new input enters it. A loop head
+holds event time back: no watermark crosses it (:class:`WatermarkAdvanced` is
+never reported), so a row that comes round again is never late behind one.
+
 Credits: a sender gets its credit back once the receiver *processed* a
 message; :meth:`InputGate.applied` says up to which sequence number a
 channel's messages were handed out as events, so a channel held back by
@@ -61,7 +71,7 @@ from onceflow.checkpoint.barrier_handler import (
 from onceflow.runtime.channel import END_OF_TIME, ChannelMessage, ChannelReceiver, InputWatermarks
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     import pyarrow as pa
 
@@ -93,11 +103,14 @@ class BarrierAligned:
         checkpoint_id: the checkpoint.
         triggered_at: when the coordinator triggered it (wall clock).
         alignment_s: how long the first channel's barrier waited for the last one's.
+        channel_state: a loop head's snapshot: what comes round the loop until the
+            barrier does is recorded, and handed over as :class:`ChannelStateRecorded`.
     """
 
     checkpoint_id: int
     triggered_at: float
     alignment_s: float
+    channel_state: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,17 +188,24 @@ class InputGate:
             runs longer than this switches to unaligned (``None``: never).
         chunk_bytes: hand large messages out in pieces of about this size, so an
             unaligned snapshot is taken between pieces (``None``: whole messages).
+        feedback: how many of the channels, the last ones, come round a loop
+            (a loop head; see the module docstring).
 
     """
 
     __slots__ = ("_aligned_timeout_s", "_barriers", "_chunk_bytes", "_clock", "_current", "_eof", "_held",
-                 "_last_unaligned", "_receivers", "_recording", "_replay", "_seq", "_triggered", "operator",
-                 "watermarks")
+                 "_last_unaligned", "_order", "_receivers", "_recording", "_replay", "_seq", "_triggered",
+                 "forward", "operator", "watermarks")
 
     def __init__(self, channels: int, names: Sequence[str] | None = None, *, operator: str = "",
                  clock: Callable[[], float] = time.monotonic, aligned_timeout_s: float | None = None,
-                 chunk_bytes: int | None = None) -> None:
+                 chunk_bytes: int | None = None, feedback: int = 0) -> None:
+        if feedback and not 0 < feedback < channels:
+            msg = f"{operator or 'input gate'}: {feedback} feedback channels of {channels}; a loop needs an input"
+            raise ValueError(msg)
         self.operator = operator
+        self.forward = channels - feedback
+        """The channels that do not come round a loop (the first ones)."""
         self._chunk_bytes = chunk_bytes
         self._clock = clock
         self._aligned_timeout_s = aligned_timeout_s
@@ -193,12 +213,14 @@ class InputGate:
         self._last_unaligned = 0
         self._triggered: dict[int, float] = {}  # checkpoint id -> trigger time, of in-band barriers seen aligning
         self._replay: collections.deque[ChannelMessage] = collections.deque()
-        self.watermarks = InputWatermarks(channels, names, operator=operator)
+        self.watermarks = InputWatermarks(self.forward, list(names)[: self.forward] if names is not None else None,
+                                          operator=operator)
         self._receivers = [ChannelReceiver() for _ in range(channels)]
         self._held: list[collections.deque[ChannelMessage]] = [collections.deque() for _ in range(channels)]
+        self._order = [*range(self.forward, channels), *range(self.forward)]  # feedback first: drain the loop
         self._seq = [-1] * channels
         self._eof = [False] * channels
-        self._barriers = AlignedBarrierHandler(channels, clock)
+        self._barriers = AlignedBarrierHandler(self.forward, clock)
         self._current: Iterator[InputEvent] | None = None  # the events of the message being handed out
 
     @property
@@ -374,13 +396,20 @@ class InputGate:
             yield event
 
     def _next_message(self) -> ChannelMessage | None:
-        for channel, held in enumerate(self._held):
+        for channel in self._order:
+            held = self._held[channel]
             if held and not self._barriers.is_blocked(channel):
                 return held.popleft()
         return None
 
     def _events(self, message: ChannelMessage) -> Iterator[InputEvent]:
         channel, batch = message.channel, message.batch
+        if channel >= self.forward:  # round a loop: no watermarks, and barriers end the recording (_record)
+            if batch is not None and batch.num_rows:
+                yield Rows(batch)
+            if message.eof:
+                yield from self._channel_ended(channel)
+            return
         if batch is not None and batch.num_rows:
             self.watermarks.on_rows(channel)
         done = 0
@@ -389,7 +418,7 @@ class InputGate:
                 yield Rows(batch.slice(done, rows - done))
                 done = rows
             advanced = self.watermarks.update(channel, watermark)
-            if advanced is not None:
+            if advanced is not None and not self.loop_head:
                 yield WatermarkAdvanced(advanced)
         if batch is not None and batch.num_rows > done:
             yield Rows(batch.slice(done) if done else batch)
@@ -400,19 +429,49 @@ class InputGate:
                 self._triggered.setdefault(checkpoint_id, triggered_at)
             for action in self._barriers.on_barrier(channel, checkpoint_id):
                 if isinstance(action, Snapshot):
-                    yield BarrierAligned(action.checkpoint_id, triggered_at, action.alignment_s)
+                    yield self._aligned(action, triggered_at)
                 elif isinstance(action, AbortAlignment):
                     log.debug("%s: alignment of checkpoint %d abandoned", self.operator, action.checkpoint_id)
                 # Block and Release take effect in _next_message, which asks is_blocked before every message.
         if message.eof:
-            self._eof[channel] = True
             advanced = self.watermarks.update(channel, END_OF_TIME)
-            if advanced is not None and advanced < END_OF_TIME:
+            if advanced is not None and advanced < END_OF_TIME and not self.loop_head:
                 yield WatermarkAdvanced(advanced)
-            if all(self._eof):
-                yield EndOfInput()
+            yield from self._channel_ended(channel)
+
+    def _aligned(self, snapshot: Snapshot, triggered_at: float) -> BarrierAligned:
+        """Barrier aligned: a loop head starts recording what comes round until the barrier does (Chandy-Lamport)."""
+        if not self.loop_head:
+            return BarrierAligned(snapshot.checkpoint_id, triggered_at, snapshot.alignment_s)
+        feedback = range(self.forward, len(self._held))
+        recording = self._start_recording(snapshot.checkpoint_id, triggered_at, timed_out=False, pending=set(feedback))
+        recording.snapshot_taken = True  # the caller snapshots on this event, before the next one is made
+        for channel in feedback:  # arrived before the snapshot, not processed: channel state
+            for held in self._held[channel]:
+                self._record(recording, held)
+        return BarrierAligned(snapshot.checkpoint_id, triggered_at, snapshot.alignment_s, channel_state=True)
+
+    def _channel_ended(self, channel: int) -> Iterator[InputEvent]:
+        self._eof[channel] = True
+        if all(self._eof):
+            yield EndOfInput()
 
     # -- observation ----------------------------------------------------------------
+
+    @property
+    def loop_head(self) -> bool:
+        """Whether some channels come round a loop (the gate of a loop head)."""
+        return self.forward < len(self._held)
+
+    def ended(self, channels: Iterable[int]) -> bool:
+        """Whether every one of ``channels`` delivered its end (and it was handed out)."""
+        return all(self._eof[channel] for channel in channels)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits here to be handed out: no message held, early or being replayed."""
+        return (self._current is None and not self._replay and not any(self._held)
+                and not any(r.waiting for r in self._receivers))
 
     def applied(self, channel: int) -> int:
         """The sequence number of ``channel``'s newest message handed out as events (-1: none yet).

@@ -79,6 +79,7 @@ from onceflow.runtime.checkpointing import LEASE_LOST, CoordinatorActor, Restore
 from onceflow.runtime.dataflow import NodeKind
 from onceflow.runtime.deployment import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskRestore
 from onceflow.runtime.executor import Executor, RayExecutor, executor_named
+from onceflow.runtime.loops import LoopTermination
 from onceflow.runtime.metrics import JobCounters, SubtaskCounters
 from onceflow.runtime.options import JobKeywords, JobOptions
 from onceflow.runtime.output import DownstreamFailedError
@@ -164,6 +165,49 @@ class _Attempt:
         return [a for group in self.actors.values() for a in group]
 
 
+class _LoopWatch:
+    """Asks the subtasks of one loop for their status, round after round; ends the loop once it is empty.
+
+    The decision is :class:`~onceflow.runtime.loops.LoopTermination`'s; this
+    only carries the calls. A round that fails (a subtask died) counts for
+    nothing: the failure reaches the supervisor through the subtask's watch.
+    """
+
+    _PERIOD_S = 0.02
+
+    def __init__(self, executor: Executor, subtasks: list[ActorHandle], heads: list[ActorHandle]) -> None:
+        self._executor = executor
+        self._subtasks = subtasks
+        self._heads = heads
+        self._termination = LoopTermination()
+        self._round: list[Any] = []
+        self._next_at = 0.0
+        self.closed = False
+
+    def poll(self) -> None:
+        """Start a round, or finish the one in flight (without waiting)."""
+        if self.closed:
+            return
+        if not self._round:
+            if time.monotonic() >= self._next_at:
+                self._round = [actor.loop_status.remote() for actor in self._subtasks]
+            return
+        ready, _ = self._executor.wait(self._round, num_returns=len(self._round), timeout=0)
+        if len(ready) < len(self._round):
+            return
+        refs, self._round = self._round, []
+        self._next_at = time.monotonic() + self._PERIOD_S
+        try:
+            statuses = [self._executor.get(ref, timeout=0) for ref in refs]
+        except Exception:  # noqa: BLE001 - the subtask's watch reports the failure
+            self._termination.reset()
+            return
+        if self._termination.observe(statuses):
+            self.closed = True
+            for head in self._heads:
+                head.end_loop.remote()
+
+
 class _Wait(Enum):
     """What a Ray reference the driver waits on stands for."""
 
@@ -201,6 +245,7 @@ class JobHandle:
         self._coordinator: ActorHandle | None = None
         self._attempt = _Attempt(0)
         self._waits: dict[Any, tuple[_Wait, str]] = {}
+        self._loops: list[_LoopWatch] = []
         self._timer: tuple[float, int] | None = None
         self._events: collections.deque[SupervisorEvent] = collections.deque()
         self._earlier = JobCounters()  # the counts of the attempts before this one
@@ -458,7 +503,10 @@ class JobHandle:
             if not self._waits:
                 time.sleep(0.02)
                 continue
-            ready, _ = self._executor.wait(list(self._waits), num_returns=1, timeout=0.05)
+            if self._supervisor.phase is JobPhase.RUNNING:
+                for loop in self._loops:
+                    loop.poll()
+            ready, _ = self._executor.wait(list(self._waits), num_returns=1, timeout=0.02 if self._loops else 0.05)
             for ref in ready:
                 event = self._on_ready(ref)
                 if event is not None:
@@ -628,6 +676,7 @@ class JobHandle:
             for actor in everyone:
                 self._waits[actor.done.remote()] = (_Wait.DONE, attempt.names[actor])
                 self._waits[actor.watch.remote()] = (_Wait.WATCH, attempt.names[actor])
+            self._loops = self._loop_watches(attempt)
             for source in attempt.sources:
                 source.run.remote()
         except Exception as error:  # noqa: BLE001 - a failure while deploying is one failure like any other
@@ -647,6 +696,15 @@ class JobHandle:
         self._deployed.set()
         return Deployed(number)
 
+    def _loop_watches(self, attempt: _Attempt) -> list[_LoopWatch]:
+        loops = sorted({v.loop for v in self._plan.vertices if v.loop is not None})
+        watches = []
+        for loop in loops:
+            on_loop = [v for v in self._plan.vertices if v.loop == loop]
+            watches.append(_LoopWatch(self._executor, [a for v in on_loop for a in attempt.actors[v.id]],
+                                      [a for v in on_loop if v.feedback_channels for a in attempt.actors[v.id]]))
+        return watches
+
     def _fence(self, number: int) -> SupervisorEvent:
         """Kill the attempt's actors, confirm their death, settle the coordinator; report the restore point."""
         attempt = self._attempt
@@ -654,6 +712,7 @@ class JobHandle:
         actors = attempt.everyone
         self._executor.kill(actors)
         self._waits = {}
+        self._loops = []
         latest: int | None = None
         if self._checkpoint is not None:
             if self._coordinator is not None:
@@ -735,6 +794,7 @@ class JobHandle:
             self._coordinator = None
         self._executor.kill(actors)
         self._waits = {}
+        self._loops = []
         self._executor.confirm_dead(actors)
         if self._storage is not None:
             with contextlib.suppress(OnceflowError):

@@ -247,3 +247,8 @@ class OutputGate:
     def messages(self) -> int:
         """Messages sent."""
         return sum(c.messages for c in self.channels)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a channel buffers rows or a watermark not sent yet."""
+        return any(c.pending for c in self.channels)

@@ -6,6 +6,11 @@ port) and that input feeds nothing else. A ``map -> filter -> map`` after a
 source then costs no extra hop. Every other edge becomes channels: *forward*
 (subtask ``i`` to subtask ``i``), *hash* (by key group) or *rebalance*
 (round-robin batches), and every channel has its own index at the receiver.
+
+Loops: a loop head's feedback edge (``close_with``) becomes its last input
+channels (:attr:`VertexSpec.feedback_channels`), and every vertex on a cycle
+gets the index of its loop (:attr:`VertexSpec.loop`): the vertices of one
+strongly connected component share it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from onceflow.errors import PlanError
+from onceflow.operators.dedupe import Dedupe
 from onceflow.operators.keygroups import DEFAULT_MAX_PARALLELISM
+from onceflow.operators.stateless import LoopHead
+from onceflow.operators.windows import WindowAggregate
 from onceflow.runtime.dataflow import Dataflow, Node, NodeKind
 
 __all__ = ["OutputSpec", "PhysicalPlan", "Routing", "VertexSpec", "plan"]
@@ -63,6 +71,9 @@ class VertexSpec:
         parallelism: the number of subtasks.
         input_channels: channels into each subtask.
         outputs: outgoing edges.
+        feedback_channels: of the input channels, how many (the last ones)
+            come from a loop's feedback edge (a loop head; 0 otherwise).
+        loop: the loop the vertex is on (vertices on one cycle share it), or ``None``.
 
     """
 
@@ -72,6 +83,8 @@ class VertexSpec:
     parallelism: int
     input_channels: int = 0
     outputs: list[OutputSpec] = field(default_factory=list)
+    feedback_channels: int = 0
+    loop: int | None = None
 
     @property
     def is_source(self) -> bool:
@@ -92,11 +105,25 @@ class PhysicalPlan:
     vertices: list[VertexSpec]
     max_parallelism: int
 
+    def loop_input_channels(self, vertex_id: int) -> list[int]:
+        """The input channels of ``vertex_id``'s subtasks whose senders are on the same loop."""
+        vertex = self.vertices[vertex_id]
+        channels: list[int] = []
+        for upstream in self.vertices:
+            if vertex.loop is None or upstream.loop != vertex.loop:
+                continue
+            for spec in upstream.outputs:
+                if spec.target == vertex_id:
+                    count = 1 if spec.routing is Routing.FORWARD else upstream.parallelism
+                    channels += range(spec.channel_base, spec.channel_base + count)
+        return sorted(channels)
+
     def describe(self) -> str:
         """A readable one-line-per-vertex description of the plan."""
         lines = []
         for v in self.vertices:
             outs = ", ".join(f"{self.vertices[o.target].name}({o.routing.value})" for o in v.outputs)
+            outs += f" [loop {v.loop}]" if v.loop is not None else ""
             lines.append(f"{v.name} x{v.parallelism}: {' -> '.join(v.operators)}" + (f" => {outs}" if outs else ""))
         return "\n".join(lines)
 
@@ -135,7 +162,8 @@ def plan(flow: Dataflow, parallelism: int = 1, *, max_parallelism: int = DEFAULT
         chaining: fuse forward-connected operators into one actor.
 
     Raises:
-        PlanError: the graph has no sink, or a parallelism is out of range.
+        PlanError: the graph has no sink, a parallelism is out of range, or a
+            loop is not closed or holds an event-time operator.
 
     """
     if parallelism < 1:
@@ -144,6 +172,7 @@ def plan(flow: Dataflow, parallelism: int = 1, *, max_parallelism: int = DEFAULT
     if not any(n.kind is NodeKind.SINK for n in flow.nodes):
         msg = f"dataflow {flow.name!r} has no sink, so it would compute nothing visible; add stream.sink(...)"
         raise PlanError(msg)
+    _check_loops(flow)
     resolved: dict[int, int] = {}
     for node in flow.nodes:
         resolved[node.id] = _parallelism(node, flow, resolved, parallelism, max_parallelism)
@@ -180,5 +209,85 @@ def plan(flow: Dataflow, parallelism: int = 1, *, max_parallelism: int = DEFAULT
                 upstream_stage = upstream.operators.index(flow.nodes[edge.node].name)
                 upstream.outputs.append(OutputSpec(upstream_stage, edge.port, vertex.id, routing, edge.keys,
                                                    edge.key_by, vertex.input_channels))
-                vertex.input_channels += 1 if routing is Routing.FORWARD else upstream.parallelism
+                channels = 1 if routing is Routing.FORWARD else upstream.parallelism
+                vertex.input_channels += channels
+                if edge.feedback:  # the feedback edge is the head's last input (close_with appends it)
+                    vertex.feedback_channels += channels
+    for number, component in enumerate(_cycles(vertices)):
+        for vertex_id in component:
+            vertices[vertex_id].loop = number
     return PhysicalPlan(flow.name, vertices, max_parallelism)
+
+
+def _check_loops(flow: Dataflow) -> None:
+    """Every loop is closed, and no event-time operator sits in one (a loop holds event time back)."""
+    for head in flow.nodes:
+        if not isinstance(head.spec, LoopHead):
+            continue
+        feedback = [edge for edge in head.inputs if edge.feedback]
+        if not feedback:
+            msg = (f"loop {head.name!r} is never closed: call close_with(feedback) on the stream iterate() "
+                   "returned, with the stream that goes round again")
+            raise PlanError(msg)
+        for node in _body(flow, head.id, feedback[0].node):
+            if isinstance(node.spec, WindowAggregate | Dedupe):
+                msg = (f"operator {node.name!r} is inside loop {head.name!r}: windows and dedupe need event "
+                       "time, which a loop holds back until it ends; move it after the loop (or before it)")
+                raise PlanError(msg)
+
+
+def _body(flow: Dataflow, head: int, tail: int) -> list[Node]:
+    """The nodes on a path from ``head`` to ``tail`` (both included)."""
+    consumers: dict[int, list[int]] = {}
+    for node in flow.nodes:
+        for edge in node.inputs:
+            if not edge.feedback:
+                consumers.setdefault(edge.node, []).append(node.id)
+
+    def closure(start: int, step: dict[int, list[int]]) -> set[int]:
+        seen, todo = set(), [start]
+        while todo:
+            current = todo.pop()
+            if current not in seen:
+                seen.add(current)
+                todo += step.get(current, [])
+        return seen
+
+    producers = {n.id: [e.node for e in n.inputs if not e.feedback] for n in flow.nodes}
+    inside = closure(head, consumers) & closure(tail, producers)
+    return [flow.nodes[i] for i in sorted(inside)]
+
+
+def _cycles(vertices: list[VertexSpec]) -> list[list[int]]:
+    """The vertices of every cycle, one list per strongly connected component (Tarjan's algorithm)."""
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    stack: list[int] = []
+    on_stack: set[int] = set()
+    found: list[list[int]] = []
+
+    def visit(v: int) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for out in vertices[v].outputs:
+            if out.target not in index:
+                visit(out.target)
+                low[v] = min(low[v], low[out.target])
+            elif out.target in on_stack:
+                low[v] = min(low[v], index[out.target])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or any(o.target == v for o in vertices[v].outputs):
+                found.append(sorted(component))
+
+    for vertex in vertices:
+        if vertex.id not in index:
+            visit(vertex.id)
+    return sorted(found)

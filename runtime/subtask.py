@@ -82,6 +82,7 @@ from onceflow.runtime.input_gate import (
     WatermarkAdvanced,
 )
 from onceflow.runtime.logs import configure_logging
+from onceflow.runtime.loops import LoopStatus
 from onceflow.runtime.metrics import SubtaskCounters
 from onceflow.runtime.output import DownstreamFailedError, OutputGate
 from onceflow.runtime.sink_committer import SinkCommitter
@@ -281,6 +282,11 @@ class Subtask:
             gate.set_watermark(watermark)
 
     async def _end_of_input(self) -> None:
+        await self._end_output()
+        self._mark_ended()
+
+    async def _end_output(self) -> None:
+        """Flush the operators, end every output channel, and (without checkpoints) pre-commit the sink."""
         await self._send(self._chain.on_eof())
         for gate in self._all_gates:
             gate.set_watermark(END_OF_TIME)
@@ -289,6 +295,8 @@ class Subtask:
             # Without checkpoints the job commits once, after every subtask ended.
             with self._blame(self._sink_stage):
                 self._sink.end_of_input()
+
+    def _mark_ended(self) -> None:
         self._ended = True
         self._finished_at = time.monotonic()
         self._finished.set()
@@ -518,22 +526,28 @@ class OperatorSubtask(Subtask):
         may_unalign = setup is not None and (setup.unaligned or timeout is not None)
         self._input = InputGate(vertex.input_channels, input_channel_names(self._plan, vertex.id, self._subtask),
                                 operator=self.task, aligned_timeout_s=timeout,
-                                chunk_bytes=_UNALIGNED_CHUNK_BYTES if may_unalign else None)
+                                chunk_bytes=_UNALIGNED_CHUNK_BYTES if may_unalign else None,
+                                feedback=vertex.feedback_channels)
+        self._loop_inputs = self._plan.loop_input_channels(vertex.id)
+        """The input channels from subtasks of this vertex's loop (none off a loop)."""
+        self._loop_closed = False
+        """A loop head ended its output (:meth:`end_loop`); what comes round now is only the end."""
         if restored.get(INPUT_WATERMARKS):
             self._input.watermarks.restore(restored[INPUT_WATERMARKS])
         if restored.get(CHANNEL_STATE):
             self._input.replay(replayed_channel_state(restored[CHANNEL_STATE], self._plan, vertex, self._subtask))
         self._processed = asyncio.Condition(self._lock)
         """Notified (under the processing lock) when messages were processed or the subtask failed."""
-        self._unaligned: tuple[int, dict[str, pa.Table], dict[str, float]] | None = None
-        """An unaligned snapshot taken, waiting for its channel state (at most one: a newer one subsumes it)."""
+        self._recording: tuple[int, dict[str, pa.Table], dict[str, float]] | None = None
+        """A snapshot taken, waiting for its channel state (unaligned, or a loop head's; at most one: a newer
+        one subsumes it)."""
 
     def _channel_state_recorded(self, event: ChannelStateRecorded) -> None:
-        """The in-flight messages of the unaligned snapshot are all recorded: persist it with them."""
-        if self._unaligned is None or self._unaligned[0] != event.checkpoint_id:
+        """The in-flight messages of the snapshot are all recorded: persist it with them."""
+        if self._recording is None or self._recording[0] != event.checkpoint_id:
             return
-        checkpoint_id, tables, metrics = self._unaligned
-        self._unaligned = None
+        checkpoint_id, tables, metrics = self._recording
+        self._recording = None
         table = channel_state_table(event.messages, subtask=self._subtask, parallelism=self._vertex.parallelism)
         tables[CHANNEL_STATE] = table
         self._spawn(self._persist(checkpoint_id, tables, {**metrics, "channel_state_bytes": float(table.nbytes)}))
@@ -551,22 +565,31 @@ class OperatorSubtask(Subtask):
         """Process every input event the gate has now."""
         for event in self._input.drain():
             if isinstance(event, Rows):
+                if self._loop_closed:
+                    msg = (f"{self._label}: rows came round the loop after it ended; the loop's end was "
+                           "decided wrongly (report this as a bug)")
+                    raise RuntimeError(msg)
                 if self._first_record_at is None:
                     self._first_record_at = time.time()
                 await self._send(self._chain.on_input(event.batch))
             elif isinstance(event, WatermarkAdvanced):
                 await self._advance_watermark(event.watermark)
-            elif isinstance(event, BarrierAligned):
+            elif isinstance(event, BarrierAligned) and not event.channel_state:
                 await self._checkpoint(event.checkpoint_id, event.triggered_at, event.alignment_s)
-            elif isinstance(event, UnalignedSnapshot):
+            elif isinstance(event, BarrierAligned | UnalignedSnapshot):
                 # Persisted once its channel state is recorded (_channel_state_recorded).
-                tables, metrics = await self._snapshot(event.checkpoint_id, event.triggered_at, event.waited_s,
-                                                       unaligned=True)
-                self._unaligned = (event.checkpoint_id, tables, metrics)
+                unaligned = isinstance(event, UnalignedSnapshot)
+                waited = event.waited_s if isinstance(event, UnalignedSnapshot) else event.alignment_s
+                tables, metrics = await self._snapshot(event.checkpoint_id, event.triggered_at, waited,
+                                                       unaligned=unaligned)
+                self._recording = (event.checkpoint_id, tables, metrics)
             elif isinstance(event, ChannelStateRecorded):
                 self._channel_state_recorded(event)
             elif isinstance(event, EndOfInput):
-                await self._end_of_input()
+                if self._loop_closed:  # the head's own end came round: its output ended already
+                    self._mark_ended()
+                else:
+                    await self._end_of_input()
 
     async def push(self, message: ChannelMessage) -> bool:
         """Process one channel message in sequence order; ``False`` if this subtask failed.
@@ -586,6 +609,11 @@ class OperatorSubtask(Subtask):
         except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
             self._fail(error)
             return False
+        if channel >= self._input.forward:
+            # Round a loop: the credit goes back on arrival. Waiting for processing would close a cycle of
+            # waits (this subtask waits for credit downstream while the loop waits for this one).
+            self._spawn(self._process_later())
+            return True
         async with self._processed:
             if self._failure is not None or not await self._process():
                 return False
@@ -617,6 +645,41 @@ class OperatorSubtask(Subtask):
             self._processed.notify_all()
         return True
 
+    async def _process_later(self) -> None:
+        async with self._processed:
+            if self._failure is None:
+                await self._process()
+
+    async def loop_status(self) -> LoopStatus:
+        """The counts of this subtask for deciding that its loop is empty (:mod:`~onceflow.runtime.loops`).
+
+        Read under the processing lock, so never halfway through a message.
+        """
+        loop = self._vertex.loop
+        async with self._lock:
+            into_loop = [g for g in self._all_gates if self._plan.vertices[g.spec.target].loop == loop]
+            outside = [c for c in range(self._vertex.input_channels) if c not in set(self._loop_inputs)]
+            return LoopStatus(
+                self.task,
+                sent=sum(g.messages for g in into_loop),
+                processed=sum(self._input.applied(c) + 1 for c in self._loop_inputs),
+                idle=self._input.idle and not any(g.pending for g in into_loop),
+                inputs_ended=self._input.ended(outside),
+            )
+
+    async def end_loop(self) -> None:
+        """A loop head: the loop is empty and its inputs ended, so end the output (it comes round as the end)."""
+        async with self._processed:
+            if self._loop_closed or self._failure is not None:
+                return
+            self._loop_closed = True
+            try:
+                await self._end_output()
+            except BaseException as error:  # noqa: BLE001 - recorded, reported by done()
+                self._fail(error)
+                return
+            await self._process()
+
     async def _tick(self) -> None:
         """Under the lock, from the linger timer: an alignment may have run past its timeout."""
         if self._input.aligned_timeout_s is not None:
@@ -625,8 +688,8 @@ class OperatorSubtask(Subtask):
     async def abort_checkpoint(self, checkpoint_id: int) -> None:
         """The coordinator gave up on ``checkpoint_id``: stop aligning or recording it."""
         async with self._processed:
-            if self._unaligned is not None and self._unaligned[0] == checkpoint_id:
-                self._unaligned = None
+            if self._recording is not None and self._recording[0] == checkpoint_id:
+                self._recording = None
             if self._input.abort_checkpoint(checkpoint_id):
                 await self._process()
 
