@@ -193,9 +193,26 @@ class InputGate:
 
     """
 
-    __slots__ = ("_aligned_timeout_s", "_barriers", "_chunk_bytes", "_clock", "_current", "_eof", "_held",
-                 "_last_unaligned", "_order", "_receivers", "_recording", "_replay", "_seq", "_triggered",
-                 "forward", "operator", "watermarks")
+    __slots__ = (
+        "_aligned_timeout_s",
+        "_barriers",
+        "_chunk_bytes",
+        "_clock",
+        "_current",
+        "_data",
+        "_eof",
+        "_held",
+        "_last_unaligned",
+        "_order",
+        "_receivers",
+        "_recording",
+        "_replay",
+        "_seq",
+        "_triggered",
+        "forward",
+        "operator",
+        "watermarks",
+    )
 
     def __init__(self, channels: int, names: Sequence[str] | None = None, *, operator: str = "",
                  clock: Callable[[], float] = time.monotonic, aligned_timeout_s: float | None = None,
@@ -219,6 +236,7 @@ class InputGate:
         self._held: list[collections.deque[ChannelMessage]] = [collections.deque() for _ in range(channels)]
         self._order = [*range(self.forward, channels), *range(self.forward)]  # feedback first: drain the loop
         self._seq = [-1] * channels
+        self._data = [0] * channels  # per channel: messages handed out with rows, watermarks or the end
         self._eof = [False] * channels
         self._barriers = AlignedBarrierHandler(self.forward, clock)
         self._current: Iterator[InputEvent] | None = None  # the events of the message being handed out
@@ -334,6 +352,8 @@ class InputGate:
             message = self._next_message()
             if message is None:
                 return None
+            if message.seq != self._seq[message.channel]:  # not a later piece of a split message
+                self._data[message.channel] += message.batch is not None or bool(message.watermarks) or message.eof
             self._seq[message.channel] = message.seq
             self._current = self._events(message)
 
@@ -462,6 +482,10 @@ class InputGate:
     def loop_head(self) -> bool:
         """Whether some channels come round a loop (the gate of a loop head)."""
         return self.forward < len(self._held)
+
+    def data_applied(self, channels: Iterable[int]) -> int:
+        """How many messages with rows, watermarks or the end ``channels`` handed out (barriers alone not counted)."""
+        return sum(self._data[channel] for channel in channels)
 
     def ended(self, channels: Iterable[int]) -> bool:
         """Whether every one of ``channels`` delivered its end (and it was handed out)."""

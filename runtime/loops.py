@@ -46,8 +46,10 @@ class LoopStatus:
 
     Attributes:
         task: the subtask (``<operator>/<index>``).
-        sent: messages it sent on channels to subtasks of the loop (this attempt).
-        processed: messages from subtasks of the loop it processed (this attempt).
+        sent: messages it sent on channels to subtasks of the loop (this attempt)
+            with rows, watermarks or the end; a barrier alone carries nothing that
+            could come round, and counting them would let checkpoints keep a loop going.
+        processed: such messages from subtasks of the loop it processed (this attempt).
         idle: nothing waits in its input gate (held, early, or replayed
             channel state) and nothing is buffered on its channels into the loop.
         inputs_ended: every input channel from outside the loop delivered its end.

@@ -55,6 +55,8 @@ class OutputChannel:
         self._watermark = NO_WATERMARK
         self.backpressure_s = 0.0
         self.messages = 0
+        self.data_messages = 0
+        """Messages with rows, watermarks or the end (not a barrier alone)."""
 
     def append(self, batch: pa.RecordBatch) -> None:
         if not self.pending:
@@ -121,6 +123,7 @@ class OutputChannel:
         self._marks = []
         self._in_flight.append(self._handle.push.remote(message))
         self.messages += 1
+        self.data_messages += batch is not None or bool(message.watermarks) or eof
 
     async def wait_for_credit(self) -> None:
         """Return once another message may be sent (waiting for acknowledgements counts as backpressure)."""
@@ -247,6 +250,11 @@ class OutputGate:
     def messages(self) -> int:
         """Messages sent."""
         return sum(c.messages for c in self.channels)
+
+    @property
+    def data_messages(self) -> int:
+        """Messages sent with rows, watermarks or the end (barriers alone do not count)."""
+        return sum(c.data_messages for c in self.channels)
 
     @property
     def pending(self) -> bool:

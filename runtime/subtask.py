@@ -661,8 +661,9 @@ class OperatorSubtask(Subtask):
             outside = [c for c in range(self._vertex.input_channels) if c not in set(self._loop_inputs)]
             return LoopStatus(
                 self.task,
-                sent=sum(g.messages for g in into_loop),
-                processed=sum(self._input.applied(c) + 1 for c in self._loop_inputs),
+                # Barriers alone do not count: they carry no rows, and checkpoints would keep the loop going.
+                sent=sum(g.data_messages for g in into_loop),
+                processed=self._input.data_applied(self._loop_inputs),
                 idle=self._input.idle and not any(g.pending for g in into_loop),
                 inputs_ended=self._input.ended(outside),
             )
