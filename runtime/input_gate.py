@@ -15,12 +15,15 @@ to its :class:`InputGate` (:meth:`InputGate.receive`) and then takes events from
 - reports :class:`EndOfInput` once every channel ended.
 
 A loop head's gate (``feedback``: its last channels come round the loop)
-aligns barriers over its other channels only, since a barrier can come round
-only after the head forwarded it, and takes the snapshot as Chandy-Lamport
-does: once the barrier arrived on every other channel, it records what comes
-round on the feedback channels until the barrier does (the snapshot's channel
-state, :class:`ChannelStateRecorded`). Feedback channels are never held back,
-and go first, so the loop drains before new input enters it. A loop head
+aligns barriers over its other channels only, since its own barrier can come
+round only after the head forwarded it, and takes the snapshot as
+Chandy-Lamport does: once the barrier arrived on every other channel, it
+records what comes round on the feedback channels until the barrier does (the
+snapshot's channel state, :class:`ChannelStateRecorded`). With several
+subtasks, another subtask's barrier may come round first: that is
+Chandy-Lamport's first marker, and the head snapshots at once, recording its
+other channels as an unaligned snapshot does. Feedback channels are never held
+back, and go first, so the loop drains before new input enters it. A loop head
 holds event time back: no watermark crosses it (:class:`WatermarkAdvanced` is
 never reported), so a row that comes round again is never late behind one.
 
@@ -298,17 +301,41 @@ class InputGate:
         if recording is None or checkpoint_id > recording.checkpoint_id:
             if checkpoint_id <= self._barriers.last:
                 return  # aligned already, or given up
-            # Mixed barriers (an upstream subtask whose alignment timed out sends unaligned ones): never align
-            # this checkpoint, and release what its in-band barriers hold back; those channels passed it.
-            state = self._barriers.state
-            passed = state.received if isinstance(state, CollectingBarriers) and state.checkpoint_id == checkpoint_id \
-                else frozenset()
-            self._barriers.on_checkpoint_aborted(checkpoint_id)
-            recording = self._start_recording(checkpoint_id, triggered_at, timed_out=False,
-                                              pending=set(range(len(self._held))) - set(passed))
+            # Mixed barriers (an upstream subtask whose alignment timed out sends unaligned ones).
+            recording = self._unalign(checkpoint_id, triggered_at)
         recording.last_seq[channel] = last_seq
         if recording.snapshot_taken:
             self._settle(recording, channel)
+
+    def _unalign(self, checkpoint_id: int, triggered_at: float, passed: frozenset[int] = frozenset()) -> _Recording:
+        """Never align ``checkpoint_id``: snapshot at the next message boundary and record the channels.
+
+        What its in-band barriers hold back is released: those channels (and
+        ``passed``) delivered the barrier already, so nothing of theirs is recorded.
+        """
+        state = self._barriers.state
+        aligned = state.received if isinstance(state, CollectingBarriers) and state.checkpoint_id == checkpoint_id \
+            else frozenset()
+        self._barriers.on_checkpoint_aborted(checkpoint_id)
+        return self._start_recording(checkpoint_id, triggered_at, timed_out=False,
+                                     pending=set(range(len(self._held))) - aligned - passed)
+
+    def _barrier_came_round(self, channel: int, checkpoint_id: int, triggered_at: float) -> None:
+        """An in-band barrier on a feedback channel.
+
+        Usually this head's own, back round the loop: it ends the recording
+        (:meth:`_record` saw it arrive). One that comes round before this head
+        snapshotted the checkpoint (another subtask of the head sent it round)
+        is Chandy-Lamport's first marker: snapshot at once, before anything
+        that followed it on this channel, and record the other channels until
+        they deliver the barrier.
+        """
+        recording = self._recording
+        if recording is not None and recording.checkpoint_id >= checkpoint_id:
+            return
+        if checkpoint_id <= max(self._barriers.last, self._last_unaligned):
+            return  # snapshotted already, or given up
+        self._unalign(checkpoint_id, triggered_at, passed=frozenset({channel}))
 
     def _start_recording(self, checkpoint_id: int, triggered_at: float, *, timed_out: bool,
                          pending: set[int]) -> _Recording:
@@ -424,9 +451,11 @@ class InputGate:
 
     def _events(self, message: ChannelMessage) -> Iterator[InputEvent]:
         channel, batch = message.channel, message.batch
-        if channel >= self.forward:  # round a loop: no watermarks, and barriers end the recording (_record)
+        if channel >= self.forward:  # round a loop: no watermarks; a barrier ends a recording or starts one
             if batch is not None and batch.num_rows:
                 yield Rows(batch)
+            if message.barrier is not None:
+                self._barrier_came_round(channel, *message.barrier)
             if message.eof:
                 yield from self._channel_ended(channel)
             return

@@ -167,6 +167,8 @@ class Subtask:
         self._restore_input(restored)
         self._gates: dict[tuple[int, int], list[OutputGate]] = {}
         self._all_gates: list[OutputGate] = []
+        self._connected = asyncio.Event()
+        """Set once the output gates exist: input is processed only then (its output would have nowhere to go)."""
         self._finished = asyncio.Event()
         self._failed = asyncio.Event()
         self._failure: BaseException | None = None
@@ -204,6 +206,7 @@ class Subtask:
             )
             self._gates.setdefault((spec.stage, spec.port), []).append(gate)
             self._all_gates.append(gate)
+        self._connected.set()
         self._spawn(self._linger_loop())
         return self._label
 
@@ -614,6 +617,8 @@ class OperatorSubtask(Subtask):
             # waits (this subtask waits for credit downstream while the loop waits for this one).
             self._spawn(self._process_later())
             return True
+        # A subtask wired before this one (a restored one replaying its channel state) may send at once.
+        await self._connected.wait()
         async with self._processed:
             if self._failure is not None or not await self._process():
                 return False
@@ -631,6 +636,7 @@ class OperatorSubtask(Subtask):
         if self._failure is not None:
             return
         self._input.receive_barrier(channel, checkpoint_id, triggered_at, last_seq)
+        await self._connected.wait()
         async with self._processed:
             await self._process()
 
@@ -645,7 +651,15 @@ class OperatorSubtask(Subtask):
             self._processed.notify_all()
         return True
 
+    async def connect(self, downstream: dict[int, list[ActorHandle]]) -> str:
+        """Wire the output gates (:meth:`Subtask.connect`); a restored subtask replays its channel state now."""
+        label = await super().connect(downstream)
+        if not self._input.idle:
+            self._spawn(self._process_later())
+        return label
+
     async def _process_later(self) -> None:
+        await self._connected.wait()
         async with self._processed:
             if self._failure is None:
                 await self._process()

@@ -54,7 +54,7 @@ from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.checkpoint.supervisor import JobPhase
 from onceflow.runtime.ray_env import NAMESPACE
 from onceflow.testing import failpoints
-from onceflow.testing.workload import feature_events
+from onceflow.testing.workload import feature_events, retry_reference
 
 __all__ = [
     "FAILPOINTS",
@@ -296,6 +296,16 @@ def _dedupe_flow(job: str, workspace: Workspace) -> of.Dataflow:
     return flow
 
 
+LOOP_TOTAL = 20_000
+LOOP_COLUMNS = ("user_id", "window_start", "window_end", "events", "attempts")
+
+
+def _loop_flow(job: str, workspace: Workspace) -> of.Dataflow:
+    from examples.retry_loop import build
+
+    return build(job, str(workspace.out), LOOP_TOTAL, batch_size=500, max_events_per_s=5_000)
+
+
 def _union_flow(job: str, workspace: Workspace) -> of.Dataflow:
     assert workspace.dsn is not None
     flow = of.Dataflow(job)
@@ -322,6 +332,10 @@ def _reference(shape: str, output: str) -> pa.Table:
         return pa.table({"id": np.arange(DEDUPE_ROWS // 3, dtype=np.int64)})
     if shape == "union-postgres":
         return _window_reference([union_left_events(0, UNION_LEFT_TOTAL), union_right_events(0, UNION_RIGHT_TOTAL)])
+    if shape == "loop-parquet":
+        from examples.retry_loop import WINDOW_MS as LOOP_WINDOW_MS
+
+        return retry_reference(LOOP_TOTAL, window_ms=LOOP_WINDOW_MS)
     msg = f"unknown chaos shape {shape!r}"
     raise ValueError(msg)
 
@@ -340,9 +354,12 @@ SHAPES: dict[str, JobShape] = {
     "union-postgres": JobShape("union-postgres", _union_flow, (
         SinkOutput("windows", _read_postgres("windows", WINDOW_COLUMNS),
                    functools.partial(_reference, "union-postgres", "")),), postgres=True),
+    "loop-parquet": JobShape("loop-parquet", _loop_flow, (
+        SinkOutput("parquet", _read_parquet(LOOP_COLUMNS), functools.partial(_reference, "loop-parquet", "")),)),
 }
 """The job shapes: keyed windows to Parquet; process/reduce state to PostgreSQL (append and upsert);
-exact dedupe over resent events to Parquet; a union of sources at parallelism 1 and 2 into windows to PostgreSQL."""
+exact dedupe over resent events to Parquet; a union of sources at parallelism 1 and 2 into windows to PostgreSQL;
+the retry loop (``examples/retry_loop.py``: keyed state in a loop, windows after it) to Parquet."""
 
 
 def build_flow(shape: str, job: str, workspace: Workspace) -> of.Dataflow:

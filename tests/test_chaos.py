@@ -3,7 +3,7 @@
 The normal suite runs a fixed set of seeded schedules that together aim at
 every phase (start-up, just after start-up, running, two kills at once,
 fencing, resolving, recovery, the final checkpoint), arm each crash point once,
-cover the four job shapes and include a driver killed with SIGKILL and resumed
+cover the five job shapes (the retry loop among them) and include a driver killed with SIGKILL and resumed
 with ``resume=True``. ``ONCEFLOW_SLOW=1`` adds 200 random schedules and prints
 their figures at the end. A failing schedule prints its story (seed, moves,
 every kill with the phase it landed in); ``run_schedule`` with the same
@@ -128,6 +128,26 @@ UNALIGNED_SCHEDULES = [
     ("keyed-postgres", 12, [Aim.RECOVERY], None, "unaligned"),
     ("union-postgres", 13, [Aim.RUNNING], "coordinator.after_manifest", "timeout"),
 ]
+
+LOOP_SCHEDULES = [
+    # (seed, aims, failpoint, mode): the retry loop, whose head records what comes round as channel state.
+    (21, [Aim.RUNNING], None, "aligned"),
+    (22, [Aim.RUNNING, Aim.RECOVERY], "sink.after_pre_commit", "unaligned"),
+    (23, [Aim.TWO_AT_ONCE], None, "timeout"),
+]
+
+
+@pytest.mark.parametrize(("seed", "aims", "failpoint", "mode"), LOOP_SCHEDULES,
+                         ids=[f"loop-{seed}-{mode}" for seed, _, _, mode in LOOP_SCHEDULES])
+def test_a_chaos_schedule_on_a_loop_commits_exactly_the_reference(
+        tmp_path: Path, request: pytest.FixtureRequest, figures: Figures, seed: int, aims: list[Aim],
+        failpoint: str | None, mode: str) -> None:
+    workspace = _workspace(tmp_path, "loop-parquet", request)
+    record = run_schedule(SHAPES["loop-parquet"], workspace, seed=seed, aims=aims, failpoint=failpoint, mode=mode)
+    _check(record, figures)
+    history = CheckpointStorage(workspace.storage, record.job).history()
+    assert history, "no checkpoint completed"
+    print("channel state bytes per checkpoint:", [h.get("channel_state_bytes") for h in history])
 
 
 @pytest.mark.parametrize(("shape", "seed", "aims", "failpoint", "mode"), UNALIGNED_SCHEDULES,
