@@ -27,16 +27,18 @@ from tests.simulation.world import LOOP_EVENTS, SOURCE, Job, SimActor, Subtask, 
 __all__ = ["Outcome", "Policy", "draw_job", "drive", "run_schedule", "step"]
 
 MAX_STEPS = 4000
+MODES = ("aligned", "unaligned", "timeout")
 SITUATIONS = ("any", "RUNNING", "DEPLOYING", "RESOLVING", "FENCING", "WAITING", "FINISHING", "ENDING",
               "FINISHED", "manifest in flight", "notify in flight", "final checkpoint")
 LOOP_SITUATIONS = ("loop recording", "termination round")
 """The moments of a loop job: a loop head records what comes round; the driver's loop round is in flight."""
 
 
-def _loop_recording(world: World) -> bool:
-    """A loop head took its snapshot and waits for what comes round until its barrier does."""
+def _loop_recording(world: World, *, aligned: bool = False) -> bool:
+    """A loop head took its snapshot and waits for what comes round until its barrier does (``aligned``: the
+    snapshot of an aligned barrier, not an unaligned one's)."""
     return any(isinstance(a, Subtask) and a.loop and a.alive and a.pending_ack is not None
-               for a in world.driver.actors)
+               and (a.recording_aligned or not aligned) for a in world.driver.actors)
 
 
 def _termination_round(world: World) -> bool:
@@ -108,15 +110,18 @@ class Outcome:
     choices: list[int] = field(default_factory=list)
 
 
-def draw_job(chooser: Chooser, *, loop: bool = False) -> Job:
-    """The job of a schedule: checkpoint and restart settings drawn from ``chooser`` (``loop``: the cyclic job)."""
+def draw_job(chooser: Chooser, *, loop: bool = False, modes: tuple[str, ...] = MODES) -> Job:
+    """The job of a schedule: checkpoint and restart settings drawn from ``chooser`` (``loop``: the cyclic job).
+
+    ``modes``: the barrier modes to draw from (all three by default).
+    """
     config = CheckpointConfig(interval_s=0.3, timeout_s=(2.0, 0.5)[chooser.choose(2)],
                               max_concurrent=1 + chooser.choose(2), retain=2,
                               tolerable_failures=(1, 0)[chooser.choose(2)])
     attempts = (3, 2, 1, 0)[chooser.choose(4)]
     restart = (RestartStrategy.fixed_delay(attempts=attempts, delay_s=(0.2, 0.0)[chooser.choose(2)]) if attempts
                else RestartStrategy.no_restart())
-    mode = ("aligned", "unaligned", "timeout")[chooser.choose(3)]
+    mode = modes[chooser.choose(3) % len(modes)]
     if loop:
         return Job(events=LOOP_EVENTS, config=config, restart=restart, mode=mode, loop=True)
     return Job(config=config, restart=restart, mode=mode)
@@ -215,6 +220,8 @@ def crash(world: World, victim: SimActor, crashes: collections.Counter[str]) -> 
         crashes["cancel requested"] += 1
     if _loop_recording(world):
         crashes["loop recording"] += 1
+    if _loop_recording(world, aligned=True):
+        crashes["loop recording (aligned)"] += 1
     if _termination_round(world):
         crashes["termination round"] += 1
     world.log(f"CRASH {victim} ({driver.supervisor.phase.name})")
@@ -234,7 +241,7 @@ def drive(world: World, policy: Policy, until: Callable[[World], bool] | None = 
 
 
 def run_schedule(seed: int | None = None, choices: list[int] | None = None, *, trace: bool = False,
-                 job: Job | None = None, loop: bool = False) -> Outcome:
+                 job: Job | None = None, loop: bool = False, modes: tuple[str, ...] = MODES) -> Outcome:
     """Run one whole schedule (and its resume) and check every invariant.
 
     Args:
@@ -243,9 +250,10 @@ def run_schedule(seed: int | None = None, choices: list[int] | None = None, *, t
         trace: keep a readable trace in ``outcome.world.trace``.
         job: the job (drawn from the choices when ``None``).
         loop: draw the loop job (when ``job`` is ``None``); its crashes also land at its own moments.
+        modes: the barrier modes the job is drawn with.
     """
     chooser = Chooser(seed, choices)
-    job = job or draw_job(chooser, loop=loop)
+    job = job or draw_job(chooser, loop=loop, modes=modes)
     situations = SITUATIONS + LOOP_SITUATIONS if job.loop else SITUATIONS
     chaos_steps = chooser.choose(300)
     crash_plan = sorted((chooser.choose(chaos_steps + 1), situations[chooser.choose(len(situations))])

@@ -257,6 +257,7 @@ class Subtask(SimActor):
         self.gate = InputGate(self.inputs, clock=world.now, aligned_timeout_s=timeout,
                               feedback=feedback) if self.inputs else None
         self.pending_ack: tuple[int, dict[str, Any]] | None = None  # a snapshot awaiting its channel state
+        self.recording_aligned = False  # that snapshot is a loop head's aligned one (BarrierAligned.channel_state)
         if self.gate is not None and restore and restore.get(CHANNEL_STATE):
             self.gate.replay([ChannelMessage(channel, 0, pa.record_batch({"row": pa.array(rows, _ROW[sender])}))
                               for channel, sender, rows in restore[CHANNEL_STATE]])
@@ -269,6 +270,7 @@ class Subtask(SimActor):
         self.sent: list[int] = []
         self.loop_closed = False  # end_loop came: the output ended; only the end may come round now
         self.acked: list[int] = []
+        self.early_barriers: list[int] = []  # checkpoints whose barrier came round before this head aligned
         self.connected = False
         self.running = False
         self.stop_requested = False
@@ -344,6 +346,10 @@ class Subtask(SimActor):
         assert self.gate is not None
         self.gate.receive(message)
         if message.channel in self.loop_inputs:
+            if message.barrier is not None and message.barrier[0] > self.last_barrier:
+                # The barrier came round before this head aligned its input for it (it snapshots later).
+                self.world.stats["loop barrier before the head aligned"] += 1
+                self.early_barriers.append(message.barrier[0])
             # Round a loop: the call returns (gives the credit back) on arrival; processing is spawned.
             self.world.send(self, self, "process")
             return True
@@ -378,6 +384,7 @@ class Subtask(SimActor):
                 # A loop head: snapshot and forward the barrier now; acknowledge once what comes round until
                 # the barrier does is recorded (ChannelStateRecorded).
                 self.pending_ack = (event.checkpoint_id, self._snapshot(event.checkpoint_id, acknowledge=False))
+                self.recording_aligned = True
                 self.world.log(f"  {self} records what comes round the loop for checkpoint {event.checkpoint_id}")
             elif isinstance(event, BarrierAligned):
                 self._snapshot(event.checkpoint_id)
@@ -385,6 +392,7 @@ class Subtask(SimActor):
                 # Unaligned from here on: a subtask whose alignment timed out sends unaligned barriers too.
                 self.pending_ack = (event.checkpoint_id, self._snapshot(event.checkpoint_id, acknowledge=False,
                                                                         unaligned=True))
+                self.recording_aligned = False
             elif isinstance(event, ChannelStateRecorded):
                 if self.pending_ack is not None and self.pending_ack[0] == event.checkpoint_id:
                     sender = SOURCE if self.kind == COUNT else COUNT
