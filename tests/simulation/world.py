@@ -103,8 +103,12 @@ _ROW = {SOURCE: pa.int64(), COUNT: pa.list_(pa.int64(), 2), FEEDBACK: pa.int64()
 """The Arrow type of the rows each sending operator puts on its channels: keys, then ``(key, count)``."""
 BASE = 100
 """A value ``v`` of a loop job is the key ``v % BASE`` with ``v // BASE`` rounds left."""
-LOOP_EVENTS = tuple(tuple(k + BASE * (k % 3) for k in keys) for keys in ((0, 1, 2, 5), (1, 2, 4, 3)))
-"""What the sources of a loop job read: keys with ``key % 3`` rounds to go."""
+LOOP_EVENTS = tuple(tuple(k + BASE * (k % 4) for k in keys) for keys in ((0, 1, 2, 7), (1, 2, 4, 3)))
+"""What the sources of a loop job read: keys with ``key % 4`` rounds to go.
+
+Up to three rounds, so that a message that came round the loop can fan out into messages to both
+subtasks (two values whose next keys differ in parity): without that, even a detector that trusts a
+single quiet round would never be caught ending the loop early."""
 ALIGNED_TIMEOUT_S = 0.1
 """The alignment timeout of the ``"timeout"`` mode, in simulated seconds (a tick is 0.1 or 0.3 s)."""
 CHANNEL_STATE = "@channel"
@@ -313,6 +317,12 @@ class Subtask(SimActor):
                         self.sent[output] - 1)
 
     def _send(self, output: int, rows: tuple[Any, ...] = (), *, barrier: int = 0, eof: bool = False) -> None:
+        if not self.connected:
+            # runtime/subtask.py's _send hands outputs to the output gates of their port: none before connect().
+            self.world.stats["sent before connected"] += 1
+            lost = rows or ("barrier" if barrier else "end")
+            self.world.log(f"  LOST: {self} is not connected yet; its output {lost} goes nowhere")
+            return
         target = self.outputs[output]
         channel = self.channels[output]
         row_type = _ROW[FEEDBACK if self.loop and output else self.kind]
@@ -367,8 +377,9 @@ class Subtask(SimActor):
         self._drain()
 
     def on_tick(self) -> None:
-        """The subtask's timer: an alignment may have run past its timeout."""
-        if self.gate is not None:
+        """The subtask's timer: an alignment may have run past its timeout (``OperatorSubtask._tick`` processes
+        only then: with an alignment timeout)."""
+        if self.gate is not None and self.gate.aligned_timeout_s is not None:
             self._drain()
 
     def _drain(self) -> None:
@@ -700,14 +711,17 @@ Step = Generator[Callable[[], bool], None, SupervisorEvent | None]
 class LoopWatch:
     """``runtime/job.py``'s ``_LoopWatch``: rounds of ``loop_status`` calls into the real :class:`LoopTermination`.
 
-    A new round starts only after the previous one completed, and at most one per instant of the
-    simulated clock (the runtime's rounds are 20 ms apart; a tick is 100 ms or more). A round in which a
-    call failed counts for nothing and resets the detector.
+    A new round starts only after the previous one completed. While a source still reads, at most one
+    starts per instant of the simulated clock (a tick is 100 ms or more; the loop cannot be found empty
+    then anyway); once every source ended, rounds follow each other at once (the runtime's are 20 ms
+    apart, a short time next to a message's way round the loop), so rounds overlap the loop's last
+    messages in every order. A round in which a call failed counts for nothing and resets the detector.
     """
 
-    def __init__(self, world: World, subtasks: list[Subtask]) -> None:
+    def __init__(self, world: World, subtasks: list[Subtask], sources: list[Subtask]) -> None:
         self.world = world
         self.subtasks = subtasks
+        self.sources = sources
         self.termination = LoopTermination()
         self.round: list[Call] = []
         self.started_at: float | None = None
@@ -720,7 +734,8 @@ class LoopWatch:
             return False
         if self.round:
             return all(c.done for c in self.round)
-        return self.started_at is None or self.world.clock > self.started_at
+        return (self.started_at is None or self.world.clock > self.started_at
+                or all(s.ended for s in self.sources))
 
     def in_flight(self) -> bool:
         return bool(self.round) and not all(c.done for c in self.round)
@@ -858,10 +873,9 @@ class Driver:
             attempt = self.timer[1]
             self.timer = None
             return RestartDue(attempt)
-        if self._loop_due():
+        if self._loop_due():  # and then, in the same step, look at the waits (as the runtime's loop does)
             assert self.loop is not None
             self.loop.poll()
-            return None
         for wait in list(self.waits):
             ready, value, error = self._wait_state(wait)
             if not ready:
@@ -994,7 +1008,7 @@ class Driver:
         self.waits.append(Wait("watch", coordinator, attempt=number))
         for actor in self.actors:
             self.waits += [Wait("done", actor), Wait("watch", actor)]
-        self.loop = LoopWatch(world, by_kind[COUNT]) if looping else None
+        self.loop = LoopWatch(world, by_kind[COUNT], by_kind[SOURCE]) if looping else None
         for source in by_kind[SOURCE]:
             world.send(None, source, "run")
         return Deployed(number)
