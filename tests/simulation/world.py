@@ -104,11 +104,11 @@ _ROW = {SOURCE: pa.int64(), COUNT: pa.list_(pa.int64(), 2), FEEDBACK: pa.int64()
 BASE = 100
 """A value ``v`` of a loop job is the key ``v % BASE`` with ``v // BASE`` rounds left."""
 LOOP_EVENTS = tuple(tuple(k + BASE * (k % 4) for k in keys) for keys in ((0, 1, 2, 7), (1, 2, 4, 3)))
-"""What the sources of a loop job read: keys with ``key % 4`` rounds to go.
+"""What the sources of a loop job read: keys with ``key % 4`` rounds to go (up to three).
 
-Up to three rounds, so that a message that came round the loop can fan out into messages to both
-subtasks (two values whose next keys differ in parity): without that, even a detector that trusts a
-single quiet round would never be caught ending the loop early."""
+A limit: no message that came round the loop fans out into messages to both subtasks (a message from
+one subtask to the other never holds two values whose next keys differ in parity), and fooling a
+detector that trusts a single quiet round needs that; the sweep does not catch such a detector."""
 ALIGNED_TIMEOUT_S = 0.1
 """The alignment timeout of the ``"timeout"`` mode, in simulated seconds (a tick is 0.1 or 0.3 s)."""
 CHANNEL_STATE = "@channel"
