@@ -6,7 +6,7 @@ import collections
 
 from onceflow.checkpoint.supervisor import JobEnd
 from tests.simulation.store import TxnState
-from tests.simulation.world import CHANNEL_STATE, COUNT, SINK, SOURCE, Driver, World
+from tests.simulation.world import CHANNEL_STATE, COUNT, SINK, SOURCE, Driver, World, passes
 
 __all__ = ["channel_state_output", "check_run", "decided_transactions", "source_offsets"]
 
@@ -36,23 +36,29 @@ def channel_state_output(world: World, checkpoint_id: int | None) -> collections
 
     An unaligned checkpoint decides its sinks' transactions *and* the messages
     that were in flight: the keys queued at a counting subtask (counted on from
-    its restored counts) and the rows queued at a sink.
+    its restored counts) and the rows queued at a sink. A loop head's channel
+    state (what was coming round the loop) counts every pass still to come of
+    its values, on whichever counting subtask each pass lands (the keys of the
+    two subtasks differ, so their counts merge).
     """
     rows: collections.Counter[tuple[int, int]] = collections.Counter()
     if checkpoint_id is None:
         return rows
     manifest = world.storage.manifest(checkpoint_id)
     assert manifest is not None, f"checkpoint {checkpoint_id} has no manifest"
+    counts: dict[int, int] = {}
+    values: list[int] = []
     for task, states in manifest["tasks"].items():
         recorded = states.get(CHANNEL_STATE, {}).get("state", [])
         if task.startswith(f"{COUNT}/"):
-            counts = dict(states[COUNT]["state"])
-            for _, _, keys in recorded:
-                for key in keys:
-                    counts[key] = counts.get(key, 0) + 1
-                    rows[(key, counts[key])] += 1
+            counts.update(states[COUNT]["state"])
+            values += [value for _, _, batch in recorded for value in batch]
         elif task.startswith(f"{SINK}/"):
             rows.update(tuple(row) for _, _, batch in recorded for row in batch)
+    for value in values:
+        for key in passes(value):
+            counts[key] = counts.get(key, 0) + 1
+            rows[(key, counts[key])] += 1
     return rows
 
 

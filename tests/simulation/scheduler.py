@@ -22,13 +22,28 @@ from onceflow.checkpoint.supervisor import JobEnd
 from onceflow.runtime.restart import RestartStrategy
 from tests.simulation.chooser import Chooser
 from tests.simulation.invariants import check_run
-from tests.simulation.world import SOURCE, Job, SimActor, Subtask, World
+from tests.simulation.world import LOOP_EVENTS, SOURCE, Job, SimActor, Subtask, World
 
 __all__ = ["Outcome", "Policy", "draw_job", "drive", "run_schedule", "step"]
 
 MAX_STEPS = 4000
+MODES = ("aligned", "unaligned", "timeout")
 SITUATIONS = ("any", "RUNNING", "DEPLOYING", "RESOLVING", "FENCING", "WAITING", "FINISHING", "ENDING",
               "FINISHED", "manifest in flight", "notify in flight", "final checkpoint")
+LOOP_SITUATIONS = ("loop recording", "termination round")
+"""The moments of a loop job: a loop head records what comes round; the driver's loop round is in flight."""
+
+
+def _loop_recording(world: World, *, aligned: bool = False) -> bool:
+    """A loop head took its snapshot and waits for what comes round until its barrier does (``aligned``: the
+    snapshot of an aligned barrier, not an unaligned one's)."""
+    return any(isinstance(a, Subtask) and a.loop and a.alive and a.pending_ack is not None
+               and (a.recording_aligned or not aligned) for a in world.driver.actors)
+
+
+def _termination_round(world: World) -> bool:
+    loop = world.driver.loop
+    return loop is not None and loop.in_flight()
 
 
 def _holds(world: World, situation: str) -> bool:
@@ -41,6 +56,10 @@ def _holds(world: World, situation: str) -> bool:
         return any(q[0].method == "notify" for q in world.queues.values())
     if situation == "final checkpoint":
         return any(w.kind == "final" for w in driver.waits)
+    if situation == "loop recording":
+        return _loop_recording(world)
+    if situation == "termination round":
+        return _termination_round(world)
     return driver.supervisor.phase.name == situation
 
 
@@ -91,15 +110,20 @@ class Outcome:
     choices: list[int] = field(default_factory=list)
 
 
-def draw_job(chooser: Chooser) -> Job:
-    """The job of a schedule: checkpoint and restart settings drawn from ``chooser``."""
+def draw_job(chooser: Chooser, *, loop: bool = False, modes: tuple[str, ...] = MODES) -> Job:
+    """The job of a schedule: checkpoint and restart settings drawn from ``chooser`` (``loop``: the cyclic job).
+
+    ``modes``: the barrier modes to draw from (all three by default).
+    """
     config = CheckpointConfig(interval_s=0.3, timeout_s=(2.0, 0.5)[chooser.choose(2)],
                               max_concurrent=1 + chooser.choose(2), retain=2,
                               tolerable_failures=(1, 0)[chooser.choose(2)])
     attempts = (3, 2, 1, 0)[chooser.choose(4)]
     restart = (RestartStrategy.fixed_delay(attempts=attempts, delay_s=(0.2, 0.0)[chooser.choose(2)]) if attempts
                else RestartStrategy.no_restart())
-    mode = ("aligned", "unaligned", "timeout")[chooser.choose(3)]
+    mode = modes[chooser.choose(3) % len(modes)]
+    if loop:
+        return Job(events=LOOP_EVENTS, config=config, restart=restart, mode=mode, loop=True)
     return Job(config=config, restart=restart, mode=mode)
 
 
@@ -194,6 +218,12 @@ def crash(world: World, victim: SimActor, crashes: collections.Counter[str]) -> 
         crashes["stop requested"] += 1
     if any(type(r).__name__ == "CancelRequested" for r in driver.requests):
         crashes["cancel requested"] += 1
+    if _loop_recording(world):
+        crashes["loop recording"] += 1
+    if _loop_recording(world, aligned=True):
+        crashes["loop recording (aligned)"] += 1
+    if _termination_round(world):
+        crashes["termination round"] += 1
     world.log(f"CRASH {victim} ({driver.supervisor.phase.name})")
     victim.die()
 
@@ -211,7 +241,7 @@ def drive(world: World, policy: Policy, until: Callable[[World], bool] | None = 
 
 
 def run_schedule(seed: int | None = None, choices: list[int] | None = None, *, trace: bool = False,
-                 job: Job | None = None) -> Outcome:
+                 job: Job | None = None, loop: bool = False, modes: tuple[str, ...] = MODES) -> Outcome:
     """Run one whole schedule (and its resume) and check every invariant.
 
     Args:
@@ -219,11 +249,14 @@ def run_schedule(seed: int | None = None, choices: list[int] | None = None, *, t
         choices: or replay this choice list.
         trace: keep a readable trace in ``outcome.world.trace``.
         job: the job (drawn from the choices when ``None``).
+        loop: draw the loop job (when ``job`` is ``None``); its crashes also land at its own moments.
+        modes: the barrier modes the job is drawn with.
     """
     chooser = Chooser(seed, choices)
-    job = job or draw_job(chooser)
+    job = job or draw_job(chooser, loop=loop, modes=modes)
+    situations = SITUATIONS + LOOP_SITUATIONS if job.loop else SITUATIONS
     chaos_steps = chooser.choose(300)
-    crash_plan = sorted((chooser.choose(chaos_steps + 1), SITUATIONS[chooser.choose(len(SITUATIONS))])
+    crash_plan = sorted((chooser.choose(chaos_steps + 1), situations[chooser.choose(len(situations))])
                         for _ in range(chooser.choose(4)))
     policy = Policy(crashes=crash_plan, chaos_steps=chaos_steps,
                     stop_at=chooser.choose(chaos_steps + 1) if chooser.chance(5) else None,

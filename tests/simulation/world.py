@@ -17,6 +17,22 @@ channels (order, repeats, barrier alignment, end of input). Around them the worl
 FIFO queues, a call to a dead actor fails, ``ray.kill`` lands some steps after
 it was sent, and blocking driver steps are generators that wait for a
 condition. Nothing moves unless the scheduler says so (:meth:`World.moves`).
+
+A loop job (``Job(loop=True)``) closes a cycle: the counting operator is the
+loop head and its body. A source value ``v`` is the key ``v % BASE`` with
+``v // BASE`` rounds left; a counting subtask counts a pass of the key, sends
+``(key, count)`` to its sink and, while rounds are left, sends the value with
+one round fewer (and the key moved on by the round's parity, see
+:func:`passes`) round the loop to ``count[key % 2]``: itself or the other
+subtask. Its gate is the real :class:`InputGate` with the two feedback
+channels last (``feedback=2``); a push on one of them is received at once and
+processed in a later step (``runtime/subtask.py`` spawns the processing), so
+messages come round between a head's snapshot and the barrier that follows
+them (the snapshot's channel state). The driver asks the counting subtasks for
+their :class:`~onceflow.runtime.loops.LoopStatus` round after round, as
+``runtime/job.py``'s ``_LoopWatch`` does, and feeds the real
+:class:`~onceflow.runtime.loops.LoopTermination`; once it says the loop is
+empty, it tells the heads to end their output.
 """
 
 from __future__ import annotations
@@ -71,22 +87,55 @@ from onceflow.runtime.input_gate import (
     Rows,
     UnalignedSnapshot,
 )
+from onceflow.runtime.loops import LoopStatus, LoopTermination
 from onceflow.runtime.restart import RestartStrategy
 from tests.simulation.chooser import Chooser
 from tests.simulation.store import ManifestStorage, ManifestWrite, TransactionalStore
 
-__all__ = ["Call", "Coordinator", "Driver", "Job", "SimActor", "Subtask", "World"]
+__all__ = ["BASE", "LOOP_EVENTS", "Call", "Coordinator", "Driver", "Job", "LoopWatch", "SimActor", "Subtask", "World",
+           "passes"]
 
 PARALLELISM = 2
 SOURCE, COUNT, SINK = "src", "count", "sink"
-_ROW = {SOURCE: pa.int64(), COUNT: pa.list_(pa.int64(), 2)}
+FEEDBACK = "loop"
+"""The rows a counting subtask sends round the loop: values, as a source's."""
+_ROW = {SOURCE: pa.int64(), COUNT: pa.list_(pa.int64(), 2), FEEDBACK: pa.int64()}
 """The Arrow type of the rows each sending operator puts on its channels: keys, then ``(key, count)``."""
+BASE = 100
+"""A value ``v`` of a loop job is the key ``v % BASE`` with ``v // BASE`` rounds left."""
+LOOP_EVENTS = tuple(tuple(k + BASE * (k % 4) for k in keys) for keys in ((0, 1, 2, 7), (1, 2, 4, 3)))
+"""What the sources of a loop job read: keys with ``key % 4`` rounds to go (up to three).
+
+A limit: no message that came round the loop fans out into messages to both subtasks (a message from
+one subtask to the other never holds two values whose next keys differ in parity), and fooling a
+detector that trusts a single quiet round needs that; the sweep does not catch such a detector."""
 ALIGNED_TIMEOUT_S = 0.1
 """The alignment timeout of the ``"timeout"`` mode, in simulated seconds (a tick is 0.1 or 0.3 s)."""
 CHANNEL_STATE = "@channel"
 """The snapshot entry of an unaligned snapshot's in-flight messages: ``[(channel, rows), ...]``."""
 DEFERRED = object()
 """A handler's return value meaning: the call completes later (the handler keeps it)."""
+
+
+def route(value: int) -> int:
+    """The counting subtask of a value's key (the hash exchange, and the loop's feedback edge)."""
+    return value % BASE % PARALLELISM
+
+
+def next_round(value: int) -> int | None:
+    """What a pass of ``value`` sends round the loop: one round fewer, the key moved on by its parity."""
+    key, rounds = value % BASE, value // BASE
+    return key + rounds % 2 + BASE * (rounds - 1) if rounds else None
+
+
+def passes(value: int) -> list[int]:
+    """The keys counted, in order, for a value from the time it enters the counting operator."""
+    keys = []
+    current: int | None = value
+    while current is not None:
+        keys.append(current % BASE)
+        current = next_round(current)
+    return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +151,9 @@ class Job:
         mode: ``"aligned"`` barriers; ``"unaligned"`` ones, which overtake the messages queued
             before them (their channel state is recorded and replayed on restore); or
             ``"timeout"``: aligned, switching to unaligned after :data:`ALIGNED_TIMEOUT_S`.
+        loop: the counting operator closes a loop (see the module docstring); ``events`` are values.
+        feedback: a loop head's gate declares its feedback channels (``False`` builds it with
+            ``feedback=0``: it aligns barriers over them too, and deadlocks).
     """
 
     events: tuple[tuple[int, ...], ...] = ((0, 1, 2, 0), (1, 2, 1, 3))
@@ -110,12 +162,18 @@ class Job:
     restart: RestartStrategy = field(default_factory=lambda: RestartStrategy.fixed_delay(attempts=3, delay_s=0.2))
     fence_waits_for_manifests: bool = True
     mode: str = "aligned"
+    loop: bool = False
+    feedback: bool = True
 
     def expected(self, offsets: tuple[int, ...] | None = None) -> collections.Counter[tuple[int, int]]:
-        """The committed rows of a run that read each source up to ``offsets`` (all of it by default)."""
+        """The committed rows of a run that read each source up to ``offsets`` (all of it by default).
+
+        Every pass of a key (a value read, or one that came round the loop) counts it once.
+        """
         seen: collections.Counter[int] = collections.Counter()
-        for source, keys in enumerate(self.events):
-            seen.update(keys[: len(keys) if offsets is None else offsets[source]])
+        for source, values in enumerate(self.events):
+            for value in values[: len(values) if offsets is None else offsets[source]]:
+                seen.update(passes(value))
         return collections.Counter((key, count) for key, n in seen.items() for count in range(1, n + 1))
 
 
@@ -192,15 +250,31 @@ class Subtask(SimActor):
         self.run = run
         self.coordinator = coordinator
         self.task = self.name
-        self.inputs = 0 if operator == SOURCE else (len(world.job.events) if operator == COUNT else 1)
-        timeout = ALIGNED_TIMEOUT_S if world.job.mode == "timeout" else None
-        self.gate = InputGate(self.inputs, clock=world.now, aligned_timeout_s=timeout) if self.inputs else None
-        self.pending_ack: tuple[int, dict[str, Any]] | None = None  # an unaligned snapshot awaiting its channel state
+        job = world.job
+        sources = len(job.events)
+        self.loop = job.loop and operator == COUNT  # a loop head (and its body)
+        self.loop_inputs = range(sources, sources + PARALLELISM) if self.loop else range(0)
+        """The input channels that come round the loop, from count/0 and count/1."""
+        self.inputs = 0 if operator == SOURCE else (sources + len(self.loop_inputs) if operator == COUNT else 1)
+        timeout = ALIGNED_TIMEOUT_S if job.mode == "timeout" else None
+        feedback = len(self.loop_inputs) if job.feedback else 0
+        self.gate = InputGate(self.inputs, clock=world.now, aligned_timeout_s=timeout,
+                              feedback=feedback) if self.inputs else None
+        self.pending_ack: tuple[int, dict[str, Any]] | None = None  # a snapshot awaiting its channel state
+        self.recording_aligned = False  # that snapshot is a loop head's aligned one (BarrierAligned.channel_state)
         if self.gate is not None and restore and restore.get(CHANNEL_STATE):
             self.gate.replay([ChannelMessage(channel, 0, pa.record_batch({"row": pa.array(rows, _ROW[sender])}))
                               for channel, sender, rows in restore[CHANNEL_STATE]])
+            looped = sum(len(rows) for channel, _, rows in restore[CHANNEL_STATE] if channel in self.loop_inputs)
+            if looped:
+                world.stats["loop channel state replayed"] += 1
+                world.log(f"  {self.name} replays {looped} rows that were coming round the loop")
         self.outputs: list[Subtask] = []
+        self.channels: list[int] = []  # per output, the channel it is at the receiver
         self.sent: list[int] = []
+        self.loop_closed = False  # end_loop came: the output ended; only the end may come round now
+        self.acked: list[int] = []
+        self.early_barriers: list[int] = []  # checkpoints whose barrier came round before this head aligned
         self.connected = False
         self.running = False
         self.stop_requested = False
@@ -217,7 +291,11 @@ class Subtask(SimActor):
     # -- wiring and control ---------------------------------------------------------------
 
     def on_connect(self, downstream: list[Subtask]) -> str:
+        """Outputs: the next operator's subtasks (a loop head: its sink, then count/0 and count/1)."""
         self.outputs = downstream
+        sources = len(self.world.job.events)
+        self.channels = [self.index if self.kind == SOURCE else (0 if output == 0 else sources + self.index)
+                         for output in range(len(downstream))]
         self.sent = [0] * len(downstream)
         self.connected = True
         return self.name
@@ -235,13 +313,20 @@ class Subtask(SimActor):
         if not unaligned:
             self._send(output, barrier=checkpoint_id)
             return
-        channel = self.index if self.kind == SOURCE else 0
-        self.world.send(self, self.outputs[output], "barrier", channel, checkpoint_id, self.sent[output] - 1)
+        self.world.send(self, self.outputs[output], "barrier", self.channels[output], checkpoint_id,
+                        self.sent[output] - 1)
 
     def _send(self, output: int, rows: tuple[Any, ...] = (), *, barrier: int = 0, eof: bool = False) -> None:
+        if not self.connected:
+            # runtime/subtask.py's _send hands outputs to the output gates of their port: none before connect().
+            self.world.stats["sent before connected"] += 1
+            lost = rows or ("barrier" if barrier else "end")
+            self.world.log(f"  LOST: {self} is not connected yet; its output {lost} goes nowhere")
+            return
         target = self.outputs[output]
-        channel = self.index if self.kind == SOURCE else 0
-        batch = pa.record_batch({"row": pa.array(rows, _ROW[self.kind])}) if rows else None
+        channel = self.channels[output]
+        row_type = _ROW[FEEDBACK if self.loop and output else self.kind]
+        batch = pa.record_batch({"row": pa.array(rows, row_type)}) if rows else None
         message = ChannelMessage(channel, self.sent[output], batch, barrier=(barrier, 0.0) if barrier else None,
                                  eof=eof)
         self.sent[output] += 1
@@ -257,7 +342,7 @@ class Subtask(SimActor):
         batch = keys[self.offset: self.offset + n]
         self.offset += len(batch)
         for output in range(len(self.outputs)):
-            rows = tuple(k for k in batch if k % PARALLELISM == output)
+            rows = tuple(v for v in batch if route(v) == output)
             if rows:
                 self._send(output, rows)
 
@@ -270,8 +355,20 @@ class Subtask(SimActor):
     def on_push(self, message: ChannelMessage) -> bool:
         assert self.gate is not None
         self.gate.receive(message)
+        if message.channel in self.loop_inputs:
+            if message.barrier is not None and message.barrier[0] > self.last_barrier:
+                # The barrier came round before this head aligned its input for it (it snapshots later).
+                self.world.stats["loop barrier before the head aligned"] += 1
+                self.early_barriers.append(message.barrier[0])
+            # Round a loop: the call returns (gives the credit back) on arrival; processing is spawned.
+            self.world.send(self, self, "process")
+            return True
         self._drain()
         return True
+
+    def on_process(self) -> None:
+        """The processing a push round the loop spawned: it waits for the lock, then drains the gate."""
+        self._drain()
 
     def on_barrier(self, channel: int, checkpoint_id: int, last_seq: int) -> None:
         """An unaligned barrier, after ``last_seq`` on ``channel``."""
@@ -280,8 +377,9 @@ class Subtask(SimActor):
         self._drain()
 
     def on_tick(self) -> None:
-        """The subtask's timer: an alignment may have run past its timeout."""
-        if self.gate is not None:
+        """The subtask's timer: an alignment may have run past its timeout (``OperatorSubtask._tick`` processes
+        only then: with an alignment timeout)."""
+        if self.gate is not None and self.gate.aligned_timeout_s is not None:
             self._drain()
 
     def _drain(self) -> None:
@@ -289,34 +387,56 @@ class Subtask(SimActor):
         assert self.gate is not None
         for event in self.gate.drain():
             if isinstance(event, Rows):
+                if self.loop_closed:
+                    self.world.violation(f"{self}: rows came round the loop after it ended (end_loop): "
+                                         f"{event.batch.column('row').to_pylist()}")
                 self._apply(event.batch.column("row").to_pylist())
+            elif isinstance(event, BarrierAligned) and event.channel_state:
+                # A loop head: snapshot and forward the barrier now; acknowledge once what comes round until
+                # the barrier does is recorded (ChannelStateRecorded).
+                self.pending_ack = (event.checkpoint_id, self._snapshot(event.checkpoint_id, acknowledge=False))
+                self.recording_aligned = True
+                self.world.log(f"  {self} records what comes round the loop for checkpoint {event.checkpoint_id}")
             elif isinstance(event, BarrierAligned):
                 self._snapshot(event.checkpoint_id)
             elif isinstance(event, UnalignedSnapshot):
                 # Unaligned from here on: a subtask whose alignment timed out sends unaligned barriers too.
                 self.pending_ack = (event.checkpoint_id, self._snapshot(event.checkpoint_id, acknowledge=False,
                                                                         unaligned=True))
+                self.recording_aligned = False
             elif isinstance(event, ChannelStateRecorded):
                 if self.pending_ack is not None and self.pending_ack[0] == event.checkpoint_id:
                     sender = SOURCE if self.kind == COUNT else COUNT
-                    recorded = [(m.channel, sender, tuple(tuple(r) if isinstance(r, list) else r
-                                                          for r in m.batch.column("row").to_pylist()))
+                    recorded = [(m.channel, FEEDBACK if m.channel in self.loop_inputs else sender,
+                                 tuple(tuple(r) if isinstance(r, list) else r
+                                       for r in m.batch.column("row").to_pylist()))
                                 for m in event.messages if m.batch is not None]
+                    if any(channel in self.loop_inputs for channel, _, _ in recorded):
+                        self.world.stats["loop channel state recorded"] += 1
                     states = {**self.pending_ack[1], CHANNEL_STATE: {"state": recorded}}
                     self.pending_ack = None
                     self._acknowledge(event.checkpoint_id, states)
             elif isinstance(event, EndOfInput):
-                if self.kind == COUNT:
-                    self._send(0, eof=True)
+                if self.kind == COUNT and not self.loop_closed:
+                    for output in range(len(self.outputs)):
+                        self._send(output, eof=True)
                 self.ended = True
 
     def _apply(self, rows: list[Any]) -> None:
         if self.kind == COUNT:
             out = []
-            for key in rows:
+            looping: list[list[int]] = [[] for _ in range(PARALLELISM)]
+            for value in rows:
+                key = value % BASE
                 self.counts[key] = self.counts.get(key, 0) + 1
                 out.append((key, self.counts[key]))
+                again = next_round(value) if self.loop else None
+                if again is not None:
+                    looping[route(again)].append(again)
             self._send(0, tuple(out))
+            for target, values in enumerate(looping):
+                if values:
+                    self._send(1 + target, tuple(values))
         else:
             if self.open_txn is None:
                 self.txn_seq += 1
@@ -353,6 +473,7 @@ class Subtask(SimActor):
         return states
 
     def _acknowledge(self, checkpoint_id: int, states: dict[str, Any]) -> None:
+        self.acked.append(checkpoint_id)
         ack = TaskAck(self.task, states, attempt=self.attempt)
         self.world.send(self, self.coordinator, "acknowledge", checkpoint_id, ack)
 
@@ -366,6 +487,25 @@ class Subtask(SimActor):
                 if self.attempt in self.world.fenced:
                     self.world.violation(f"{self}: commit of {txn} by fenced attempt {self.attempt}")
                 self.world.store.commit(txn)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def on_loop_status(self) -> LoopStatus:
+        """``runtime/subtask.py``'s ``loop_status``, under the processing lock (a handler runs whole)."""
+        assert self.gate is not None
+        return LoopStatus(self.task, sent=sum(self.sent[1:]),
+                          processed=sum(self.gate.applied(c) + 1 for c in self.loop_inputs),
+                          idle=self.gate.idle,  # nothing buffered on the way out: the sim sends at once
+                          inputs_ended=self.gate.ended(range(self.gate.forward)))
+
+    def on_end_loop(self) -> None:
+        """The loop is empty and its inputs ended: end the output; the end comes round as the head's end."""
+        if self.loop_closed:
+            return
+        self.loop_closed = True
+        for output in range(len(self.outputs)):
+            self._send(output, eof=True)
+        self._drain()
 
     def on_abort_checkpoint(self, checkpoint_id: int) -> None:
         if self.pending_ack is not None and self.pending_ack[0] == checkpoint_id:
@@ -568,6 +708,62 @@ Step = Generator[Callable[[], bool], None, SupervisorEvent | None]
 """A driver step that blocks: it yields conditions to wait for and returns the event it produced."""
 
 
+class LoopWatch:
+    """``runtime/job.py``'s ``_LoopWatch``: rounds of ``loop_status`` calls into the real :class:`LoopTermination`.
+
+    A new round starts only after the previous one completed. While a source still reads, at most one
+    starts per instant of the simulated clock (a tick is 100 ms or more; the loop cannot be found empty
+    then anyway); once every source ended, rounds follow each other at once (the runtime's are 20 ms
+    apart, a short time next to a message's way round the loop), so rounds overlap the loop's last
+    messages in every order. A round in which a call failed counts for nothing and resets the detector.
+    """
+
+    def __init__(self, world: World, subtasks: list[Subtask], sources: list[Subtask]) -> None:
+        self.world = world
+        self.subtasks = subtasks
+        self.sources = sources
+        self.termination = LoopTermination()
+        self.round: list[Call] = []
+        self.started_at: float | None = None
+        self.rounds = 0
+        self.closed = False
+
+    def due(self) -> bool:
+        """Whether a poll would do something: finish the round in flight, or start the next one."""
+        if self.closed:
+            return False
+        if self.round:
+            return all(c.done for c in self.round)
+        return (self.started_at is None or self.world.clock > self.started_at
+                or all(s.ended for s in self.sources))
+
+    def in_flight(self) -> bool:
+        return bool(self.round) and not all(c.done for c in self.round)
+
+    def poll(self) -> None:
+        world = self.world
+        if not self.round:
+            self.started_at = world.clock
+            self.round = [world.send(None, s, "loop_status", call=True) for s in self.subtasks]
+            return
+        calls, self.round = self.round, []
+        self.rounds += 1
+        if any(c.error is not None or c.value is None for c in calls):  # a failed (or broken) subtask
+            world.log(f"driver: loop round {self.rounds} failed: {[c.error for c in calls]}")
+            self.termination.reset()
+            return
+        statuses = [c.value for c in calls]
+        ended = self.termination.observe(statuses)
+        if world.trace is not None:
+            world.log(f"driver: loop round {self.rounds}: "
+                      f"{[(s.task, s.sent, s.processed, s.idle, s.inputs_ended) for s in statuses]} -> {ended}")
+        if ended:
+            self.closed = True
+            world.stats["loops ended"] += 1
+            for subtask in self.subtasks:  # every counting subtask is a loop head
+                world.send(None, subtask, "end_loop")
+
+
 class Driver:
     """The job driver (``runtime/job.py``'s ``JobHandle``): feeds the real supervisor, carries out its actions.
 
@@ -590,6 +786,7 @@ class Driver:
         self.requests: collections.deque[SupervisorEvent] = collections.deque()
         self.actions: collections.deque[SupervisorAction] = collections.deque()
         self.task: Step | None = None
+        self.loop: LoopWatch | None = None
         self.condition: Callable[[], bool] = lambda: True
         self.finish: Finish | None = None
         self.done = False
@@ -617,6 +814,8 @@ class Driver:
         if self.actions or self.events or self.requests:
             return True
         if self.timer is not None and self.world.clock >= self.timer[0]:
+            return True
+        if self._loop_due():
             return True
         for wait in self.waits:
             actor = wait.actor
@@ -674,6 +873,9 @@ class Driver:
             attempt = self.timer[1]
             self.timer = None
             return RestartDue(attempt)
+        if self._loop_due():  # and then, in the same step, look at the waits (as the runtime's loop does)
+            assert self.loop is not None
+            self.loop.poll()
         for wait in list(self.waits):
             ready, value, error = self._wait_state(wait)
             if not ready:
@@ -687,6 +889,11 @@ class Driver:
                 return InputEnded(self.number)
             return None
         return None
+
+    def _loop_due(self) -> bool:
+        """The loop watch polls while the job runs (``JobHandle._next_event``)."""
+        return (self.loop is not None and bool(self.waits) and self.supervisor.phase.name == "RUNNING"
+                and self.loop.due())
 
     def _wait_state(self, wait: Wait) -> tuple[bool, Any, str | None]:
         actor = wait.actor
@@ -783,9 +990,12 @@ class Driver:
             yield lambda: True  # creating the next actor is a step of its own
         by_kind = {kind: [a for a in self.actors if a.kind == kind] for kind in (SOURCE, COUNT, SINK)}
         downstream = {SOURCE: by_kind[COUNT], COUNT: by_kind[SINK], SINK: []}
+        looping = world.job.loop
         calls = []
         for actor in self.actors:
             targets = downstream[actor.kind] if actor.kind != COUNT else [by_kind[SINK][actor.index]]
+            if actor.kind == COUNT and looping:
+                targets = [*targets, *by_kind[COUNT]]  # the feedback edge, routed by key
             calls.append(world.send(None, actor, "connect", targets, call=True))
         yield lambda: all(c.done for c in calls)
         errors = [c.error for c in calls if c.error]
@@ -798,6 +1008,7 @@ class Driver:
         self.waits.append(Wait("watch", coordinator, attempt=number))
         for actor in self.actors:
             self.waits += [Wait("done", actor), Wait("watch", actor)]
+        self.loop = LoopWatch(world, by_kind[COUNT], by_kind[SOURCE]) if looping else None
         for source in by_kind[SOURCE]:
             world.send(None, source, "run")
         return Deployed(number)
@@ -808,6 +1019,7 @@ class Driver:
         for actor in actors:
             world.kill(actor)
         self.waits = []
+        self.loop = None
         latest: int | None = None
         if self.coordinator is not None:
             call = world.send(None, self.coordinator, "fence", call=True)
@@ -839,6 +1051,7 @@ class Driver:
         for actor in actors:
             self.world.kill(actor)
         self.waits = []
+        self.loop = None
         yield lambda: not any(a.alive for a in actors)
         self.done = True
         return None
@@ -874,6 +1087,7 @@ class World:
         self.doomed: list[SimActor] = []
         self.violations: list[str] = []
         self.ignored_acks = 0
+        self.stats: collections.Counter[str] = collections.Counter()
         self.runs = 0
         self.driver = self.new_run(resume=False)
 
