@@ -10,9 +10,11 @@ and the loop body; the driver ends the loop with the real
 alone and prints its trace; ``ONCEFLOW_SIM_LOOP_SCHEDULES=<count>`` changes how many schedules the sweep runs
 and ``ONCEFLOW_SIM_LOOP_MODES=aligned,unaligned,timeout`` its barrier modes.
 
-Aligned barriers (``aligned``, and ``timeout`` before it switches) are left out of the sweep for now: the
-runtime loses a barrier that comes round the loop before the head aligned its input for it (see
-:func:`test_a_barrier_that_comes_round_before_the_head_aligned_is_kept`), so such a checkpoint never completes.
+The sweep found two runtime bugs, now fixed: a barrier that came round the loop before the other head
+subtask aligned its input for it was dropped, so that checkpoint never completed (see
+:func:`test_a_barrier_that_comes_round_before_the_head_aligned_is_kept`); and a restored subtask replaying its
+channel state could push to a peer not wired yet, whose output went nowhere (schedule 2377 in ``timeout``
+mode, :func:`test_a_push_before_the_receiver_is_wired_waits_for_it`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tests.simulation.scheduler import Outcome, Policy, drive, run_schedule
 from tests.simulation.world import COUNT, LOOP_EVENTS, SOURCE, Job, Subtask, World
 
 SCHEDULES = int(os.environ.get("ONCEFLOW_SIM_LOOP_SCHEDULES", "2000"))
-MODES = tuple(os.environ.get("ONCEFLOW_SIM_LOOP_MODES", "unaligned").split(","))
+MODES = tuple(os.environ.get("ONCEFLOW_SIM_LOOP_MODES", "aligned,unaligned,timeout").split(","))
 LOOP_CRASHES = {"loop recording", "termination round"}
 
 PATIENT = Job(events=LOOP_EVENTS, loop=True, config=CheckpointConfig(interval_s=0.2, timeout_s=1000.0, retain=2),
@@ -100,8 +102,6 @@ def test_loop_schedules_keep_exactly_once() -> None:
             assert crashes["loop recording (aligned)"], "no crash while a head recorded after an aligned barrier"
 
 
-@pytest.mark.xfail(strict=True, reason="runtime bug: a barrier that comes round before the loop head aligned is "
-                                       "lost, so the head's checkpoint never completes")
 def test_loop_schedules_with_aligned_barriers() -> None:
     """The sweep with aligned barriers (and aligned ones that time out): strict, so a fix shows up here."""
     for seed in range(300):
@@ -155,9 +155,7 @@ def test_aligned_barriers_deadlock_when_the_feedback_channels_are_not_declared()
     """A head that aligns over its feedback channels too waits for barriers that only it can send round.
 
     Its input from the sources stays blocked behind the first barrier, so no checkpoint completes and the job
-    never ends; the same schedule with the feedback channels declared completes checkpoints. (It does not
-    finish either, for now: a later checkpoint meets the runtime bug of
-    :func:`test_a_barrier_that_comes_round_before_the_head_aligned_is_kept` and, never timing out, stalls.)
+    never ends; the same schedule with the feedback channels declared completes checkpoints.
     """
     seed, budget = 1, 3000
     declared = _checkpoint_progress(PATIENT, seed, budget)
@@ -174,14 +172,12 @@ def test_aligned_barriers_deadlock_when_the_feedback_channels_are_not_declared()
     assert undeclared.driver.supervisor.phase.name == "RUNNING"
 
 
-@pytest.mark.xfail(strict=True, reason="runtime bug: InputGate hands out (and drops) a barrier on a feedback "
-                                       "channel that arrives before the head aligned its forward channels; the "
-                                       "recording then waits for it on that channel for ever")
 def test_a_barrier_that_comes_round_before_the_head_aligned_is_kept() -> None:
     """count/0 aligns first and sends the barrier round to count/1, which is still waiting for a source's.
 
-    count/1's recording must count that channel as passed (and hold what follows the barrier on it until its
-    own snapshot, or those rows would be in its state and replayed by count/0 as well); it must acknowledge.
+    That barrier is Chandy-Lamport's first marker for count/1: it snapshots at once (before what follows the
+    barrier on that channel, or those rows would be in its state and replayed by count/0 as well), records its
+    other channels, and acknowledges.
     """
     world = World(PATIENT, Chooser(0), trace=True)
     drive(world, TICKING, until=lambda w: any(h.early_barriers for h in _heads(w)))
@@ -190,3 +186,14 @@ def test_a_barrier_that_comes_round_before_the_head_aligned_is_kept() -> None:
     drive(world, TICKING, until=lambda w: checkpoint_id in w.storage.completed_ids(), max_steps=3000)
     assert checkpoint_id in head.acked, _trace(world)
     assert checkpoint_id in world.storage.completed_ids()
+
+
+def test_a_push_before_the_receiver_is_wired_waits_for_it() -> None:
+    """Schedule 2377 (timeout mode): a restored head replays its channel state before its peer is wired.
+
+    Its rows reach the peer, whose output gates do not exist yet; processing them then would send the
+    output nowhere (rows (3, 1) and (3, 2) were lost). The push waits for the peer's connect() instead.
+    """
+    outcome = run_schedule(2377, loop=True, modes=("timeout",), trace=True)
+    assert not outcome.problems, "\n".join((outcome.world.trace or [])[-150:])
+    assert outcome.world.stats["sent before connected"] == 0

@@ -276,6 +276,7 @@ class Subtask(SimActor):
         self.acked: list[int] = []
         self.early_barriers: list[int] = []  # checkpoints whose barrier came round before this head aligned
         self.connected = False
+        self.waiting_pushes: list[Call] = []  # pushes that arrived before connect(); they return after it
         self.running = False
         self.stop_requested = False
         self.ended = False
@@ -298,6 +299,12 @@ class Subtask(SimActor):
                          for output in range(len(downstream))]
         self.sent = [0] * len(downstream)
         self.connected = True
+        # runtime/subtask.py processes input only once connected; a restored one then replays at once.
+        if self.gate is not None and not self.gate.idle:
+            self._drain()
+        for call in self.waiting_pushes:
+            call.resolve(True)
+        self.waiting_pushes.clear()
         return self.name
 
     def on_run(self) -> None:
@@ -352,9 +359,15 @@ class Subtask(SimActor):
         self.ended = True
         self.running = False
 
-    def on_push(self, message: ChannelMessage) -> bool:
+    def on_push(self, message: ChannelMessage) -> Any:
         assert self.gate is not None
         self.gate.receive(message)
+        if not self.connected and message.channel not in self.loop_inputs:
+            # A peer wired (and replaying) first: the call waits for connect() before processing.
+            if self.current is not None:
+                self.deferred.append(self.current)
+                self.waiting_pushes.append(self.current)
+            return DEFERRED
         if message.channel in self.loop_inputs:
             if message.barrier is not None and message.barrier[0] > self.last_barrier:
                 # The barrier came round before this head aligned its input for it (it snapshots later).
@@ -367,19 +380,21 @@ class Subtask(SimActor):
         return True
 
     def on_process(self) -> None:
-        """The processing a push round the loop spawned: it waits for the lock, then drains the gate."""
-        self._drain()
+        """The processing a push round the loop spawned: it waits for the lock (and connect()), then drains."""
+        if self.connected:
+            self._drain()
 
     def on_barrier(self, channel: int, checkpoint_id: int, last_seq: int) -> None:
         """An unaligned barrier, after ``last_seq`` on ``channel``."""
         assert self.gate is not None
         self.gate.receive_barrier(channel, checkpoint_id, 0.0, last_seq)
-        self._drain()
+        if self.connected:
+            self._drain()
 
     def on_tick(self) -> None:
         """The subtask's timer: an alignment may have run past its timeout (``OperatorSubtask._tick`` processes
         only then: with an alignment timeout)."""
-        if self.gate is not None and self.gate.aligned_timeout_s is not None:
+        if self.gate is not None and self.gate.aligned_timeout_s is not None and self.connected:
             self._drain()
 
     def _drain(self) -> None:
