@@ -25,16 +25,21 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
-
-import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import feature_flow, pyplot, save_figure, start_ray, write_json
+from benchmarks.common import (
+    feature_flow,
+    kill_and_time_recovery,
+    pyplot,
+    save_figure,
+    start_ray,
+    wait_until,
+    write_json,
+)
 from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.runtime.checkpointing import percentile
 
@@ -55,16 +60,6 @@ def throughput(events: int, interval: float | None, name: str) -> dict[str, Any]
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(storage, ignore_errors=True)
-
-
-def wait_until(condition: Any, timeout_s: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise TimeoutError
 
 
 def recovery(keys: int, repeats: int, name: str) -> dict[str, Any]:
@@ -89,23 +84,7 @@ def recovery(keys: int, repeats: int, name: str) -> dict[str, Any]:
             wait_until(lambda m=manifest: (chk.latest_manifest() or {}).get("checkpoint_id", 0)
                        > m["checkpoint_id"])  # a fresh one, after any earlier restore
             state_bytes.append(chk.latest_manifest()["state_bytes"])  # type: ignore[index]
-            names = handle.actor_names
-            killed_at = time.time()
-            ray.kill(ray.get_actor(f"{name}/window_2/0", namespace="onceflow"), no_restart=True)
-
-            def restored(names: list[str] = names) -> float | None:
-                firsts = []
-                for actor_name in names:
-                    try:
-                        m = ray.get(ray.get_actor(actor_name, namespace="onceflow").metrics.remote(), timeout=1)
-                    except Exception:  # not restarted yet
-                        return None
-                    if m.restored_from is None or m.first_record_at is None:
-                        return None
-                    firsts.append(m.first_record_at)
-                return max(firsts)
-
-            times.append(wait_until(restored) - killed_at)
+            times.append(kill_and_time_recovery(handle, f"{name}/window_2/0")["recovery_s"])
             print(f"  {keys:>9,} keys: recovered in {times[-1]:.2f} s")
     finally:
         handle.cancel()

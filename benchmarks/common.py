@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: Ray start-up, peak memory sampling, result files."""
+"""Shared benchmark helpers: Ray start-up, peak memory, result files, timing recovery after a killed actor."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import ray
@@ -78,6 +79,74 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps({"machine": machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                 **payload}, indent=2))
     return path
+
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T | None], timeout_s: float = 120.0, poll_s: float = 0.02,
+               what: str = "the condition") -> T:
+    """Poll ``condition`` every ``poll_s`` seconds until it returns something truthy; return that.
+
+    Raises:
+        TimeoutError: ``timeout_s`` passed first.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            msg = f"{what} did not hold within {timeout_s:g} s"
+            raise TimeoutError(msg)
+        time.sleep(poll_s)
+
+
+def restored_and_running(names: list[str]) -> tuple[float, int] | None:
+    """``(last first_record_at, restored checkpoint)`` once every named subtask actor restored and processed rows.
+
+    ``None`` while one of them does not answer yet (not restarted), has not
+    restored a checkpoint (an actor of the failed attempt) or has processed no
+    record since it started.
+    """
+    firsts, restored = [], set()
+    for actor_name in names:
+        try:
+            m = ray.get(ray.get_actor(actor_name, namespace="onceflow").metrics.remote(), timeout=1)
+        except Exception:  # killed, fenced or not created yet
+            return None
+        if m.restored_from is None or m.first_record_at is None:
+            return None
+        firsts.append(m.first_record_at)
+        restored.add(m.restored_from)
+    if len(restored) != 1:
+        return None  # actors of two attempts (cannot happen once the job fenced the old one)
+    return max(firsts), restored.pop()
+
+
+def kill_and_time_recovery(handle: of.JobHandle, victim: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Kill the subtask actor named ``victim`` and time the job's recovery.
+
+    The clock starts just before ``ray.kill(..., no_restart=True)`` and stops at
+    the latest ``first_record_at`` over every subtask actor of the next attempt,
+    once each reports ``restored_from`` (so: failure detected, old attempt fenced,
+    new actors deployed and restored, and every one of them processing rows
+    again). Both are wall-clock times on this machine.
+
+    Returns:
+        ``killed_at``, ``recovered_at`` (epoch seconds), ``recovery_s`` and
+        ``restored_from`` (the checkpoint id every new actor restored).
+    """
+    names = handle.actor_names
+    attempt = handle.attempt
+    actor = ray.get_actor(victim, namespace="onceflow")
+    killed_at = time.time()
+    ray.kill(actor, no_restart=True)
+    recovered_at, restored_from = wait_until(
+        lambda: restored_and_running(names) if handle.attempt > attempt else None, timeout_s,
+        what=f"recovery after killing {victim}")
+    return {"killed_at": killed_at, "recovered_at": recovered_at, "recovery_s": recovered_at - killed_at,
+            "restored_from": restored_from}
 
 
 def feature_flow(name: str, sink: of.sinks.TransactionalSink, *, events: int | None, batch_size: int = 100_000,

@@ -8,13 +8,24 @@
    committing). Reported per mode: checkpoint end-to-end duration p50/p99,
    channel-state bytes per checkpoint, events/s, and each checkpoint's
    duration over time.
-2. *Overhead.* The unthrottled feature-window job (N = 10 M, parallelism 2,
+2. *Recovery under backpressure.* The same job again per mode; once
+   ``--kill-after`` checkpoints completed, the actor of the count subtask 0 is
+   killed with ``ray.kill``. Recovery time runs from just before the kill to
+   the latest ``first_record_at`` over every actor of the restarted attempt,
+   each of them restored from a checkpoint (``restored_from``). Reported with
+   it: the restored checkpoint (id, age at the kill, channel-state and state
+   bytes, from its manifest) and the events the sources read twice (their
+   reads over every attempt minus their final positions). The job is then
+   stopped (drained) and its committed output checked against the
+   failure-free expectation: for each user, the counts 1..n exactly once,
+   where n counts the user's events up to the sources' final positions.
+3. *Overhead.* The unthrottled feature-window job (N = 10 M, parallelism 2,
    Parquet sink) with checkpointing off, aligned every second and unaligned
    every second, alternating, ``--repeats`` times: the ratio of medians.
 
 Writes ``benchmarks/results/unaligned.json`` and ``unaligned.png``.
 
-    python benchmarks/unaligned.py [--seconds 20] [--repeats 3] [--quick]
+    python benchmarks/unaligned.py [--seconds 20] [--repeats 3] [--kill-after 3] [--quick]
 """
 
 from __future__ import annotations
@@ -28,12 +39,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import feature_flow, pyplot, save_figure, start_ray, write_json
+from benchmarks.common import (
+    feature_flow,
+    kill_and_time_recovery,
+    pyplot,
+    save_figure,
+    start_ray,
+    wait_until,
+    write_json,
+)
+from onceflow.checkpoint.state import read_source_state
 from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.runtime.checkpointing import percentile
 from onceflow.testing.sink import TestingSinkWriter
@@ -46,6 +67,10 @@ MODES = {
 }
 SOURCE_RATE = 20_000
 """Events/s per source subtask (two of them)."""
+BATCH_SIZE = 2_000
+"""Rows per source batch (the unit of replay)."""
+USERS = 100_000
+"""Distinct ``user_id`` values of the feature events."""
 
 
 class ThrottledSink(of.sinks.TestingSink):
@@ -73,15 +98,21 @@ def running_count(state: int | None, row: dict[str, Any]) -> tuple[int, dict[str
     return seen, {"user_id": row["user_id"], "seen": seen}
 
 
+def backpressured_flow(name: str) -> tuple[of.Dataflow, ThrottledSink]:
+    """The running count per user, from two rate-limited sources into a sink at a tenth of their rate."""
+    flow = of.Dataflow(name)
+    events = flow.source(of.sources.GeneratorSource(feature_events, total=None, batch_size=BATCH_SIZE,
+                                                    max_events_per_s=SOURCE_RATE), name="events")
+    # The sink (two subtasks) takes a tenth of what the two sources send.
+    sink = ThrottledSink(rows_per_s=SOURCE_RATE / 10)
+    events.key_by("user_id").process(running_count, name="count").sink(sink, name="out")
+    return flow, sink
+
+
 def backpressured(mode: str, seconds: float, name: str) -> dict[str, Any]:
     storage = tempfile.mkdtemp(prefix="of-bench-chk-")
     try:
-        flow = of.Dataflow(name)
-        events = flow.source(of.sources.GeneratorSource(feature_events, total=None, batch_size=2_000,
-                                                        max_events_per_s=SOURCE_RATE), name="events")
-        # The sink (two subtasks) takes a tenth of what the two sources send.
-        sink = ThrottledSink(rows_per_s=SOURCE_RATE / 10)
-        events.key_by("user_id").process(running_count, name="count").sink(sink, name="out")
+        flow, _ = backpressured_flow(name)
         checkpoint = of.CheckpointConfig(interval_s=1.0, storage=storage, timeout_s=120.0, **MODES[mode])
         handle = of.submit(flow, parallelism=2, checkpoint=checkpoint)
         time.sleep(seconds)
@@ -101,6 +132,95 @@ def backpressured(mode: str, seconds: float, name: str) -> dict[str, Any]:
         shutil.rmtree(storage, ignore_errors=True)
 
 
+def recovery(mode: str, checkpoints: int, name: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Kill the count subtask 0 once ``checkpoints`` checkpoints completed under backpressure; time the recovery.
+
+    Then stop the job (draining it) and check its committed output against the
+    failure-free expectation: the running counts 1..n of every user, once each,
+    where n counts the user's events among those the sources read (their
+    positions in the final checkpoint).
+    """
+    storage = tempfile.mkdtemp(prefix="of-bench-chk-")
+    try:
+        flow, sink = backpressured_flow(name)
+        checkpoint = of.CheckpointConfig(interval_s=1.0, storage=storage, timeout_s=120.0, **MODES[mode])
+        handle = of.submit(flow, parallelism=2, checkpoint=checkpoint,
+                           restart=of.RestartStrategy.fixed_delay(attempts=1, delay_s=0.0))
+        chk = CheckpointStorage(storage, name)
+        try:
+            wait_until(lambda: len(chk.history()) >= checkpoints, timeout_s,
+                       what=f"{checkpoints} completed checkpoints")
+            victim = next(n for n in handle.actor_names if n.split("/")[1].startswith("count"))
+            read_before = handle.metrics()["events_in"]
+            timing = kill_and_time_recovery(handle, victim, timeout_s)
+            # Read the restored checkpoint now: newer ones make the storage delete it (retain=3).
+            restored = chk.manifest(timing["restored_from"])
+            result = handle.stop(timeout_s=600)
+        except BaseException:
+            handle.cancel()
+            raise
+        if restored is None:
+            msg = f"checkpoint {timing['restored_from']} was gone before its manifest was read"
+            raise RuntimeError(msg)
+        final = chk.latest_manifest()
+        assert final is not None
+        restored_events = sum(len(r) for r in source_position(chk, restored)) * BATCH_SIZE
+        final_batches = source_position(chk, final)
+        check = verify_running_counts(sink.table(), final_batches)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    if not check["exact"]:
+        raise SystemExit(f"{mode}: committed output after the restart is not exact: {check}")
+    tasks = restored["tasks"].values()
+    return {
+        "mode": mode, "killed": victim, "checkpoints_before_kill": checkpoints,
+        "recovery_s": timing["recovery_s"],
+        "restored_checkpoint_id": timing["restored_from"],
+        "restored_checkpoint_age_s": timing["killed_at"] - restored["trigger_time"],
+        "restored_unaligned": any(t["metrics"].get("unaligned") for t in tasks),
+        "restored_channel_state_bytes": int(sum(t["metrics"].get("channel_state_bytes", 0) for t in tasks)),
+        "restored_state_bytes": restored["state_bytes"],
+        "events_read_before_kill": read_before,
+        "events_at_restored_checkpoint": restored_events,
+        "events_after_checkpoint_at_kill": read_before - restored_events,
+        # Every event read past its final position was read twice: once by the failed attempt, after the
+        # restored checkpoint (until the kill, and on until the attempt was fenced), and again by the next one.
+        "events_replayed": result.metrics["events_in"] - sum(len(r) for r in final_batches) * BATCH_SIZE,
+        "restarts": result.metrics["restarts"],
+        "output": check,
+    }
+
+
+def source_position(chk: CheckpointStorage, manifest: dict[str, Any]) -> list[range]:
+    """The batch indices the source subtasks had read when ``manifest``'s checkpoint was taken."""
+    read = []
+    for entry in manifest["tasks"].values():
+        for handle in entry["states"].values():
+            table = chk.read_state(handle["path"])
+            if (table.schema.metadata or {}).get(b"onceflow.state") != b"source":
+                continue  # not a source's position
+            offset, _ = read_source_state(table)
+            read.extend(range(start, end, stride) for stride, start, end, _ in offset["cursors"])
+    return read
+
+
+def verify_running_counts(table: pa.Table, batches: list[range]) -> dict[str, Any]:
+    """Compare the committed ``(user_id, seen)`` rows with counts 1..n per user, n from the events of ``batches``."""
+    expected = np.zeros(USERS, np.int64)
+    for batch in (b for r in batches for b in r):
+        users = feature_events(batch * BATCH_SIZE, BATCH_SIZE).column("user_id").to_numpy()
+        expected += np.bincount(users, minlength=USERS)
+    user = table.column("user_id").to_numpy() if table.num_rows else np.zeros(0, np.int64)
+    seen = table.column("seen").to_numpy() if table.num_rows else np.zeros(0, np.int64)
+    pairs = np.unique(user * (1 << 32) + seen)
+    valid = (pairs % (1 << 32) >= 1) & (pairs % (1 << 32) <= expected[pairs // (1 << 32)])
+    rows, expected_rows = len(user), int(expected.sum())
+    duplicates, unexpected = rows - len(pairs), int((~valid).sum())
+    missing = expected_rows - int(valid.sum())
+    return {"rows": rows, "expected_rows": expected_rows, "duplicates": duplicates, "missing": missing,
+            "unexpected": unexpected, "exact": duplicates == missing == unexpected == 0}
+
+
 def unthrottled(mode: str | None, events: int, name: str) -> float:
     out = Path(tempfile.mkdtemp(prefix="of-bench-out-"))
     storage = Path(tempfile.mkdtemp(prefix="of-bench-chk-"))
@@ -117,6 +237,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kill-after", type=int, default=3,
+                        help="completed checkpoints before the recovery run kills a count subtask")
     parser.add_argument("--quick", action="store_true", help="short runs, one repeat (a smoke test)")
     args = parser.parse_args()
     seconds = 6.0 if args.quick else args.seconds
@@ -131,6 +253,14 @@ def main() -> None:
               f"{p['checkpoints']} checkpoints ({p['unaligned_share']:.0%} unaligned), "
               f"channel state {p['channel_state_bytes_mean'] / 2**10:,.0f} KiB mean, "
               f"{p['events_per_s']:,.0f} events/s")
+    recoveries = []
+    for number, mode in enumerate(MODES):
+        recoveries.append(recovery(mode, args.kill_after, f"bench-unaligned-recovery-{number}"))
+        r = recoveries[-1]
+        print(f"{mode:>24}: recovered in {r['recovery_s']:.2f} s from checkpoint {r['restored_checkpoint_id']} "
+              f"({r['restored_checkpoint_age_s']:.2f} s old, channel state "
+              f"{r['restored_channel_state_bytes'] / 2**10:,.0f} KiB, {r['events_replayed']:,} events replayed); "
+              f"output exact ({r['output']['rows']:,} rows)")
     rates: dict[str, list[float]] = {"off": [], "aligned": [], "unaligned": []}
     for repeat in range(repeats):
         for label, mode in (("off", None), ("aligned", "aligned"), ("unaligned", "unaligned")):
@@ -146,16 +276,21 @@ def main() -> None:
         "backpressure": {"workload": "per-event running count per user into a sink throttled to 1/10 of the "
                                      f"source rate ({2 * SOURCE_RATE} events/s offered), parallelism 2, "
                                      "checkpoint every 1 s", "seconds": seconds, "results": pressure},
+        "recovery": {"workload": "the backpressure job; once --kill-after checkpoints completed, the count subtask "
+                                 "actor 0 is killed (ray.kill); recovery_s runs from the kill to the last first "
+                                 "record processed by the restored actors; then stop() drains and the committed "
+                                 "output is checked against counts 1..n per user",
+                     "kill_after_checkpoints": args.kill_after, "results": recoveries},
         "overhead": {"workload": f"feature-window, N={events}, parallelism 2, ParquetSink, checkpoint every 1 s",
                      "repeats": repeats, "results": overhead},
     })
-    plot(pressure, overhead)
+    plot(pressure, recoveries, overhead)
     print(f"wrote {path}")
 
 
-def plot(pressure: list[dict[str, Any]], overhead: dict[str, Any]) -> None:
+def plot(pressure: list[dict[str, Any]], recoveries: list[dict[str, Any]], overhead: dict[str, Any]) -> None:
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4))
     for p in pressure:
         left.plot(p["triggered_at_s"], p["durations_s"], marker="o", markersize=3,
                   label=f"{p['mode']} (p99 {p['duration_p99_s']:.2f} s)")
@@ -164,6 +299,13 @@ def plot(pressure: list[dict[str, Any]], overhead: dict[str, Any]) -> None:
     left.set_ylabel("checkpoint duration (s, log)")
     left.set_title("backpressure: sink at 1/10 of the source rate")
     left.legend(fontsize=8)
+    bars = middle.bar([r["mode"] for r in recoveries], [r["recovery_s"] for r in recoveries], color="#55a868")
+    middle.bar_label(bars, [f"chk {r['restored_checkpoint_id']}, "
+                            f"{r['restored_channel_state_bytes'] / 2**10:,.0f} KiB in flight"
+                            for r in recoveries], fontsize=8)
+    middle.set_ylabel("seconds, kill to first record after restore")
+    middle.set_title("recovery under backpressure (count subtask killed)")
+    middle.tick_params(axis="x", labelsize=8)
     labels = list(overhead)
     right.bar(labels, [overhead[k]["events_per_s_median"] / 1e6 for k in labels], color="#4c72b0")
     right.set_ylabel("million events/s (median)")
