@@ -23,8 +23,6 @@ import collections
 import os
 import time
 
-import pytest
-
 from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.supervisor import JobEnd
 from onceflow.runtime.restart import RestartStrategy
