@@ -17,6 +17,26 @@ T = TypeVar("T")
 """What the polled condition returns."""
 
 
+def fails_once_after(rows: int | None, then: Callable[[pa.RecordBatch], pa.RecordBatch] = lambda b: b,
+                     ) -> Callable[[pa.RecordBatch], pa.RecordBatch]:
+    """A ``map_batches`` function that raises ``ConnectionError`` once, after ``rows`` rows (never with ``None``).
+
+    The count lives in the function, so only an executor that runs it in this
+    process (the local one) sees it: the restarted attempt passes.
+    """
+    seen = [0]
+
+    def flaky(batch: pa.RecordBatch) -> pa.RecordBatch:
+        seen[0] += batch.num_rows
+        if rows is not None and seen[0] > rows:
+            seen[0] = -(10**12)  # once only
+            msg = "the network blinked"
+            raise ConnectionError(msg)
+        return then(batch)
+
+    return flaky
+
+
 def wait_until(condition: Callable[[], T], timeout_s: float = 120.0, what: str = "condition") -> T:
     """Poll ``condition`` every 50 ms until it returns something truthy; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

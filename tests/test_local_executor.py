@@ -7,27 +7,17 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 import onceflow as of
 from onceflow.testing import failpoints
 from onceflow.testing.workload import feature_events
-from tests.helpers import assert_feature_reference, wait_until
+from tests.helpers import assert_feature_reference, fails_once_after, wait_until
 
 
 def feature_flow(name: str, total: int, sink: of.sinks.TestingSink, *, fail_after: int | None = None) -> of.Dataflow:
     """The feature-window pipeline; with ``fail_after``, a map raises once after that many rows."""
-    seen = [0]
-
-    def flaky(batch: pa.RecordBatch) -> pa.RecordBatch:
-        seen[0] += batch.num_rows
-        if fail_after is not None and seen[0] > fail_after:
-            seen[0] = -(10**12)  # once only: the restarted attempt passes
-            msg = "the network blinked"
-            raise ConnectionError(msg)
-        return batch
-
+    flaky = fails_once_after(fail_after)
     flow = of.Dataflow(name)
     events = flow.source(of.sources.GeneratorSource(feature_events, total=total, batch_size=5_000),
                          watermark=of.BoundedOutOfOrderness("event_time"))

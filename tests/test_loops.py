@@ -19,6 +19,7 @@ from onceflow.runtime.input_gate import BarrierAligned, ChannelStateRecorded, In
 from onceflow.runtime.loops import LoopStatus, LoopTermination
 from onceflow.runtime.plan import plan
 from onceflow.testing.workload import attempt, retry_events, retry_reference
+from tests.helpers import fails_once_after
 
 
 def _sorted(table: pa.Table) -> pa.Table:
@@ -28,16 +29,7 @@ def _sorted(table: pa.Table) -> pa.Table:
 def _retry_flow(name: str, events: int, sink: of.sinks.TestingSink, *, fail_after: int | None = None,
                 max_events_per_s: float | None = None) -> of.Dataflow:
     """The retry loop into a testing sink; with ``fail_after``, the feedback path raises once after that many rows."""
-    seen = [0]
-
-    def flaky(batch: pa.RecordBatch) -> pa.RecordBatch:
-        seen[0] += batch.num_rows
-        if fail_after is not None and seen[0] > fail_after:
-            seen[0] = -(10**12)  # once only: the restarted attempt passes
-            msg = "the retry queue blinked"
-            raise ConnectionError(msg)
-        return failed(batch)
-
+    flaky = fails_once_after(fail_after, then=failed)
     flow = of.Dataflow(name)
     source = of.sources.GeneratorSource(retry_events, total=events, batch_size=500, max_events_per_s=max_events_per_s)
     loop = flow.source(source, watermark=of.BoundedOutOfOrderness("event_time"), name="events").iterate(name="retry")
