@@ -856,6 +856,12 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
         credits=job.credits or defaults.credits,
         log_level=logging.getLogger("onceflow").getEffectiveLevel(),
     )
+    if job.checkpoint is not None and job.checkpoint.max_concurrent > 1 and any(
+            v.loop is not None for v in physical.vertices):
+        msg = (f"dataflow {flow.name!r} has a loop, whose head records one checkpoint at a time (what comes round "
+               f"until the barrier does); pass CheckpointConfig(max_concurrent=1), not "
+               f"{job.checkpoint.max_concurrent}")
+        raise PlanError(msg)
     if job.executor == "ray":
         ensure_ray(job.address)
     for node in flow.nodes:

@@ -122,6 +122,13 @@ def test_a_window_inside_a_loop_is_refused_with_the_reason() -> None:
         plan(flow, 1)
 
 
+def test_a_loop_takes_one_checkpoint_at_a_time(tmp_path: Path) -> None:
+    flow = _retry_flow("loop-concurrent", 10, of.sinks.TestingSink())
+    with pytest.raises(PlanError, match="max_concurrent=1"):
+        of.run(flow, executor="local", checkpoint=of.CheckpointConfig(interval_s=1, storage=str(tmp_path),
+                                                                      max_concurrent=2))
+
+
 def test_rows_that_come_round_with_other_columns_name_the_loop() -> None:
     flow = of.Dataflow("bad-feedback")
     loop = flow.source(of.sources.GeneratorSource(retry_events, total=100), name="events").iterate(name="retry")
