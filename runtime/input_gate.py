@@ -78,7 +78,7 @@ if TYPE_CHECKING:
 
     import pyarrow as pa
 
-__all__ = ["BarrierAligned", "ChannelStateRecorded", "EndOfInput", "InputEvent", "InputGate", "Rows",
+__all__ = ["BarrierAligned", "ChannelStateRecorded", "EndOfInput", "InputEvent", "InputGate", "PieceSize", "Rows",
            "UnalignedSnapshot", "WatermarkAdvanced"]
 
 log = logging.getLogger("onceflow")
@@ -178,6 +178,54 @@ class _Recording:
     timed_out: bool = False
 
 
+class PieceSize:
+    """The size of the pieces a gate hands large messages out in, so that one takes about ``target_s`` to process.
+
+    An unaligned snapshot is taken between pieces, so the time a piece takes
+    is what an unaligned barrier waits at a subtask. No fixed size suits every
+    operator: 64 KiB of rows keeps a sink throttled to 2,000 rows/s busy for
+    a second, and a vectorised map for a fraction of a millisecond, where
+    small pieces only cost overhead. The size follows the measured rate
+    (bytes over seconds, both decayed sums, so a long piece weighs by its
+    time) times ``target_s``, between ``low`` and ``high``.
+
+    Example:
+        >>> size = PieceSize(target_s=0.01)
+        >>> size.observe(64 << 10, 1.0)  # 64 KiB took a second: pieces of the floor, 4 KiB
+        4096
+        >>> size = PieceSize(target_s=0.01)
+        >>> size.observe(1 << 20, 0.001)  # 1 MiB per millisecond: as large as allowed
+        8388608
+
+    Args:
+        target_s: how long one piece should take.
+        initial: the size before anything was measured.
+        low: the smallest size (per-piece overhead bounds the rate below it).
+        high: the largest size.
+    """
+
+    __slots__ = ("_bytes", "_seconds", "bytes", "high", "low", "target_s")
+
+    _DECAY = 0.8
+
+    def __init__(self, target_s: float = 0.01, *, initial: int = 64 << 10, low: int = 4 << 10,
+                 high: int = 8 << 20) -> None:
+        self.target_s = target_s
+        self.low = low
+        self.high = high
+        self.bytes = initial
+        self._bytes = 0.0
+        self._seconds = 0.0
+
+    def observe(self, nbytes: int, seconds: float) -> int:
+        """Record that ``nbytes`` took ``seconds`` to process; return the new size."""
+        self._bytes = self._DECAY * self._bytes + nbytes
+        self._seconds = self._DECAY * self._seconds + max(seconds, 0.0)
+        if self._seconds > 0:
+            self.bytes = int(min(max(self._bytes / self._seconds * self.target_s, self.low), self.high))
+        return self.bytes
+
+
 class InputGate:
     """Turns the messages of a subtask's input channels into input events (see the module docstring).
 
@@ -199,7 +247,6 @@ class InputGate:
     __slots__ = (
         "_aligned_timeout_s",
         "_barriers",
-        "_chunk_bytes",
         "_clock",
         "_current",
         "_data",
@@ -212,6 +259,7 @@ class InputGate:
         "_replay",
         "_seq",
         "_triggered",
+        "chunk_bytes",
         "forward",
         "operator",
         "watermarks",
@@ -226,7 +274,8 @@ class InputGate:
         self.operator = operator
         self.forward = channels - feedback
         """The channels that do not come round a loop (the first ones)."""
-        self._chunk_bytes = chunk_bytes
+        self.chunk_bytes = chunk_bytes
+        """The size of the pieces large messages are handed out in (``None``: whole); it may change."""
         self._clock = clock
         self._aligned_timeout_s = aligned_timeout_s
         self._recording: _Recording | None = None  # None: no unaligned checkpoint in progress
@@ -275,9 +324,9 @@ class InputGate:
         ``batch_bytes``); each piece keeps the watermark marks that fall in its rows.
         """
         batch = message.batch
-        if self._chunk_bytes is None or batch is None or batch.nbytes <= self._chunk_bytes or batch.num_rows < 2:
+        if self.chunk_bytes is None or batch is None or batch.nbytes <= self.chunk_bytes or batch.num_rows < 2:
             return [message]
-        rows = max(1, batch.num_rows * self._chunk_bytes // batch.nbytes)
+        rows = max(1, batch.num_rows * self.chunk_bytes // batch.nbytes)
         starts = list(range(0, batch.num_rows, rows))
         pieces = []
         for number, start in enumerate(starts):

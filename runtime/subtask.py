@@ -77,6 +77,7 @@ from onceflow.runtime.input_gate import (
     ChannelStateRecorded,
     EndOfInput,
     InputGate,
+    PieceSize,
     Rows,
     UnalignedSnapshot,
     WatermarkAdvanced,
@@ -101,9 +102,9 @@ __all__ = ["OperatorSubtask", "SourceSubtask", "Subtask", "subtask_class"]
 
 log = logging.getLogger("onceflow")
 
-_UNALIGNED_CHUNK_BYTES = 64 << 10
-"""With checkpoints that may be unaligned, input is processed in pieces of about this size: a snapshot waits
-for at most one piece (Flink's network buffers are 32 KiB)."""
+_PIECE_S = 0.01
+"""With checkpoints that may be unaligned, input is processed in pieces that take about this long (their size
+follows the measured rate, :class:`~onceflow.runtime.input_gate.PieceSize`): a snapshot waits for one piece."""
 
 _ABORT_WAIT_S = 5.0
 """How long an abort waits for a sink write in progress (the job waits 10 s for every abort)."""
@@ -527,9 +528,10 @@ class OperatorSubtask(Subtask):
         setup = self._checkpointing
         timeout = setup.aligned_timeout_s if setup is not None else None
         may_unalign = setup is not None and (setup.unaligned or timeout is not None)
+        self._piece_size = PieceSize(_PIECE_S) if may_unalign else None
         self._input = InputGate(vertex.input_channels, input_channel_names(self._plan, vertex.id, self._subtask),
                                 operator=self.task, aligned_timeout_s=timeout,
-                                chunk_bytes=_UNALIGNED_CHUNK_BYTES if may_unalign else None,
+                                chunk_bytes=self._piece_size.bytes if self._piece_size is not None else None,
                                 feedback=vertex.feedback_channels)
         self._loop_inputs = self._plan.loop_input_channels(vertex.id)
         """The input channels from subtasks of this vertex's loop (none off a loop)."""
@@ -574,7 +576,11 @@ class OperatorSubtask(Subtask):
                     raise RuntimeError(msg)
                 if self._first_record_at is None:
                     self._first_record_at = time.time()
+                started = time.perf_counter()
                 await self._send(self._chain.on_input(event.batch))
+                if self._piece_size is not None:
+                    self._input.chunk_bytes = self._piece_size.observe(event.batch.nbytes,
+                                                                       time.perf_counter() - started)
             elif isinstance(event, WatermarkAdvanced):
                 await self._advance_watermark(event.watermark)
             elif isinstance(event, BarrierAligned) and not event.channel_state:

@@ -13,6 +13,7 @@ from onceflow.runtime.input_gate import (
     EndOfInput,
     InputEvent,
     InputGate,
+    PieceSize,
     Rows,
     UnalignedSnapshot,
     WatermarkAdvanced,
@@ -336,3 +337,25 @@ def test_an_unaligned_barrier_after_in_band_ones_of_the_same_checkpoint_stops_th
     recorded = next(e for e in events if isinstance(e, ChannelStateRecorded))
     assert [(m.channel, m.batch.column("x").to_pylist()) for m in recorded.messages] == [(1, [10]), (2, [20])]
     assert _describe([e for e in events if isinstance(e, Rows)]) == [[20], [21]]  # nothing held back any more
+
+
+def test_piece_size_follows_the_rate_so_a_piece_takes_about_the_target_time() -> None:
+    size = PieceSize(target_s=0.01, initial=64 << 10, low=1 << 10, high=1 << 20)
+    for _ in range(20):  # a slow operator: 100 KB/s, so 1 KB per 10 ms
+        size.observe(10_000, 0.1)
+    assert size.bytes == 1 << 10  # the floor: 1 KB a piece would be below it
+    for _ in range(40):  # it speeds up to 10 MB/s: pieces of about 100 KB
+        size.observe(100_000, 0.01)
+    assert 90_000 <= size.bytes <= 110_000
+    size.observe(1 << 30, 0.001)
+    assert size.bytes == 1 << 20  # never above high
+
+
+def test_a_gate_cuts_what_arrives_after_its_piece_size_changed() -> None:
+    gate = InputGate(1, chunk_bytes=1 << 20)
+    batch = pa.record_batch({"x": list(range(1_000))})
+    gate.receive(ChannelMessage(0, 0, batch))
+    assert [e.batch.num_rows for e in gate.drain() if isinstance(e, Rows)] == [1_000]
+    gate.chunk_bytes = batch.nbytes // 10
+    gate.receive(ChannelMessage(0, 1, batch))
+    assert [e.batch.num_rows for e in gate.drain() if isinstance(e, Rows)] == [100] * 10
