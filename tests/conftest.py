@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import ray
 
+from tests.kafka_server import KafkaServer
 from tests.postgres_server import PostgresServer
 
 
@@ -33,6 +34,16 @@ def ray_session() -> Iterator[None]:
 def postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL server on loopback with two-phase commit enabled, for the whole session."""
     server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[KafkaServer]:
+    """A Kafka-protocol broker on loopback (noida-db), for the whole session."""
+    server = KafkaServer().start()
     try:
         yield server
     finally:
