@@ -15,7 +15,12 @@ A :class:`SourceSubtask` runs its reader's loop (``run``) and injects barriers
 when the coordinator triggers a checkpoint; an :class:`OperatorSubtask` is driven
 by the messages its upstream subtasks ``push``. A ``push`` returns (and so gives
 its sender the credit back) only once its message was processed: a channel held
-back by barrier alignment holds its sender back, as in Flink.
+back by barrier alignment holds its sender back, as in Flink. Two exceptions:
+a push on a loop's feedback channel returns on arrival (waiting would close a
+cycle of credit waits), and nothing is processed before ``connect`` wired the
+output gates (a restored subtask wired earlier may already replay its channel
+state towards this one). A loop head ends its output when the job's driver
+finds the loop empty (``loop_status``, ``end_loop``; :mod:`~onceflow.runtime.loops`).
 
 Snapshots have a synchronous part (under the processing lock: every operator
 returns an immutable Arrow table, the sink pre-commits, the barrier goes
