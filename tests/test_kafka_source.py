@@ -167,6 +167,37 @@ def test_a_message_that_does_not_decode_fails_naming_topic_partition_and_offset(
         read_batches(reader)
 
 
+def test_a_value_spanning_lines_decodes_like_the_others(kafka: KafkaServer) -> None:
+    topic = new_topic(kafka, 1)
+    produce(kafka, topic, [*rows(0, 2), b'{\n  "id": 2,\n  "name": "n2"\n}', *rows(3, 4)], 1)
+    reader = KafkaSource(kafka.bootstrap_servers, topic, SCHEMA, stop_at="end").build(SourceContext("s"))
+    assert pa.Table.from_batches(read_batches(reader)).to_pylist() == [{"id": i, "name": f"n{i}"} for i in range(4)]
+
+
+def test_messages_after_the_end_stay_unread_in_the_offset(kafka: KafkaServer) -> None:
+    """With ``stop_at="end"``, what arrives after the reader started is left for a later run."""
+    topic = new_topic(kafka, 1)
+    produce(kafka, topic, rows(0, 10), 1)
+    bounded = KafkaSource(kafka.bootstrap_servers, topic, SCHEMA, stop_at="end", batch_size=4)
+    reader = bounded.build(SourceContext("s"))
+    first = read_batches(reader, limit=1)
+    produce(kafka, topic, rows(10, 20), 1)
+    seen = ids(first) + ids(read_batches(reader))
+    assert seen == list(range(10)) and reader.offset() == {"partitions": [[0, 10]]}
+    later = KafkaSource(kafka.bootstrap_servers, topic, SCHEMA, batch_size=100).build(SourceContext("s"),
+                                                                                       reader.offset())
+    following: list[int] = []
+
+    def ten_more() -> bool:
+        item = later.read()
+        following.extend(ids([item]) if isinstance(item, pa.RecordBatch) else [])
+        return len(following) >= 10
+
+    wait_until(ten_more, timeout_s=30, what="the later messages")
+    assert following == list(range(10, 20))
+    later.close()
+
+
 def test_a_missing_topic_or_broker_is_a_clear_error_in_bounded_time(kafka: KafkaServer) -> None:
     missing = KafkaSource(kafka.bootstrap_servers, "no-such-topic", SCHEMA, metadata_timeout_s=5)
     with pytest.raises(PlanError, match="topic 'no-such-topic' does not exist.*create it first"):

@@ -265,7 +265,8 @@ class KafkaSourceReader(SourceReader):
                            f"{partition} failed ({error.str()})")
                     raise OperatorError(msg, operator=self._ctx.operator, subtask=self._ctx.subtask)
                 # The end of what is readable now: past control records and aborted transactions too.
-                self._positions[partition] = max(self._positions[partition], at)
+                end = self._ends[partition] if self._ends is not None else at
+                self._positions[partition] = max(self._positions[partition], min(at, end))
                 continue
             if self._ends is not None and at >= self._ends[partition]:
                 # After the end taken at start: not returned, so a resume reads it again.
@@ -341,28 +342,39 @@ class _JsonDecoder:
     def __call__(self, messages: list[Message]) -> pa.RecordBatch:
         values = [v for m in messages if (v := m.value())]
         if len(values) == len(messages) and not any(b"\n" in v for v in values):
-            try:
-                table = pajson.read_json(pa.py_buffer(b"\n".join(values)), parse_options=self._parse,
-                                         read_options=pajson.ReadOptions(block_size=1 << 30))
-            except pa.ArrowException:
-                pass
-            else:
-                if table.num_rows == len(messages):
-                    return table.select(self._schema.names).combine_chunks().to_batches()[0]
+            batch = self._read_lines(values, len(messages))
+            if batch is not None:
+                return batch
         return self._one_by_one(messages)
 
+    def _read_lines(self, lines: list[bytes], rows: int) -> pa.RecordBatch | None:
+        """Parse JSON lines with Arrow; ``None`` when they do not give ``rows`` rows of the schema."""
+        try:
+            table = pajson.read_json(pa.py_buffer(b"\n".join(lines)), parse_options=self._parse,
+                                     read_options=pajson.ReadOptions(block_size=1 << 30))
+        except pa.ArrowException:
+            return None
+        if table.num_rows != rows:
+            return None
+        return table.select(self._schema.names).combine_chunks().to_batches()[0]
+
     def _one_by_one(self, messages: list[Message]) -> pa.RecordBatch:
-        rows = []
+        """Decode each value on its own (one line each), so a failure names its message."""
+        lines = []
         for message in messages:
             try:
                 row = json.loads(message.value() or b"")
                 if not isinstance(row, dict):
                     raise TypeError(f"a JSON {type(row).__name__}, not an object")  # noqa: EM102
-                pa.RecordBatch.from_pylist([row], schema=self._schema)
-            except (ValueError, TypeError, pa.ArrowException) as error:
+            except (ValueError, TypeError) as error:
                 raise self._error(message, error) from error
-            rows.append(row)
-        return pa.RecordBatch.from_pylist(rows, schema=self._schema)
+            line = json.dumps(row).encode()
+            if self._read_lines([line], 1) is None:
+                raise self._error(message, ValueError(f"no row of {self._schema} in {line[:200]!r}"))
+            lines.append(line)
+        batch = self._read_lines(lines, len(lines))
+        assert batch is not None  # every line decodes on its own
+        return batch
 
     def _error(self, message: Message, error: Exception) -> DataError:
         msg = (f"kafka source {self._operator}: the message at topic {self._topic!r} partition {message.partition()} "
