@@ -49,13 +49,13 @@ _FIXED_CONFIG = {"enable.auto.commit": False, "enable.auto.offset.store": False,
 """Consumer settings the source relies on: progress lives in checkpoints only; partition ends are reported."""
 
 
-def _kafka() -> Any:
+def _kafka(topic: str) -> Any:
     """Import confluent_kafka, or say how to install it."""
     try:
         import confluent_kafka
     except ImportError as error:
-        msg = "KafkaSource needs confluent-kafka, which is not installed; pip install 'onceflow[kafka]'"
-        raise ImportError(msg) from error
+        msg = f"kafka source {topic!r}: confluent-kafka is not installed; pip install 'onceflow[kafka]'"
+        raise PlanError(msg) from error
     return confluent_kafka
 
 
@@ -152,11 +152,12 @@ class KafkaSource(Source):
         """Return the topic's number of partitions (a subtask without one would idle).
 
         Raises:
-            PlanError: the broker does not answer, or the topic does not exist or has no partitions.
+            PlanError: confluent-kafka is missing, the broker does not answer, or the topic does not exist or has
+                no partitions.
         """
-        consumer = _kafka().Consumer(self.consumer_config())
+        consumer = _kafka(self.topic).Consumer(self.consumer_config())
         try:
-            return len(self._partitions(consumer, "source", PlanError))
+            return len(self._partitions(consumer, "", PlanError))
         finally:
             consumer.close()
 
@@ -178,7 +179,7 @@ class KafkaSource(Source):
 
         """
         known = _resume_positions(ctx, resume_offset, self.topic)
-        kafka = _kafka()
+        kafka = _kafka(self.topic)
         consumer = kafka.Consumer(self.consumer_config())
         try:
             every = self._partitions(consumer, ctx.operator, OperatorError)
@@ -198,24 +199,25 @@ class KafkaSource(Source):
 
     def _partitions(self, consumer: Consumer, operator: str, error: type[PlanError | OperatorError]) -> list[int]:
         """Return the topic's partition ids, raising ``error`` when it cannot be read."""
-        kafka = _kafka()
+        kafka = _kafka(self.topic)
         try:
             metadata = consumer.list_topics(self.topic, timeout=self.metadata_timeout_s)
         except kafka.KafkaException as failure:
-            msg = (f"kafka source {operator}: no metadata for topic {self.topic!r} from {self.bootstrap_servers} "
-                   f"within {self.metadata_timeout_s} s ({failure.args[0].str()}); check that the broker is up")
+            msg = (f"kafka source{_named(operator)}: no metadata for topic {self.topic!r} from "
+                   f"{self.bootstrap_servers} within {self.metadata_timeout_s} s ({failure.args[0].str()}); "
+                   "check that the broker is up")
             raise error(msg) from failure
         found = metadata.topics.get(self.topic)
         if found is None or found.error is not None or not found.partitions:
             why = "has no partitions" if found is not None and found.error is None else "does not exist"
-            msg = (f"kafka source {operator}: topic {self.topic!r} {why} on {self.bootstrap_servers}; "
+            msg = (f"kafka source{_named(operator)}: topic {self.topic!r} {why} on {self.bootstrap_servers}; "
                    "create it first")
             raise error(msg)
         return sorted(found.partitions)
 
     def _watermarks(self, consumer: Consumer, partition: int, operator: str) -> tuple[int, int]:
         """Return a partition's earliest offset and end offset (the last stable one under read_committed)."""
-        kafka = _kafka()
+        kafka = _kafka(self.topic)
         try:
             low, high = consumer.get_watermark_offsets(kafka.TopicPartition(self.topic, partition),
                                                        timeout=self.metadata_timeout_s, cached=False)
@@ -245,7 +247,7 @@ class KafkaSourceReader(SourceReader):
         self._consumer: Consumer | None = consumer
         self._positions = dict(positions)
         self._ends = ends
-        self._eof_code = _kafka().KafkaError._PARTITION_EOF
+        self._eof_code = _kafka(source.topic).KafkaError._PARTITION_EOF
         if source.format == "json":
             assert source.schema is not None
             self._decode = _JsonDecoder(source.schema, source.topic, ctx.operator)
@@ -292,6 +294,11 @@ class KafkaSourceReader(SourceReader):
         if self._ends is None:
             return not self._positions
         return all(self._positions[p] >= end for p, end in self._ends.items())
+
+
+def _named(operator: str) -> str:
+    """`` <operator>`` for messages, nothing before the operator has a name (at plan time)."""
+    return f" {operator}" if operator else ""
 
 
 def _resume_positions(ctx: SourceContext, resume_offset: Any, topic: str) -> dict[int, int]:
