@@ -3,6 +3,7 @@
 from onceflow.operators.sources.base import Idle, Source, SourceContext, SourceReader
 from onceflow.operators.sources.generator import GeneratorSource
 from onceflow.operators.sources.jsonl import JsonLinesSource
+from onceflow.operators.sources.kafka import KafkaSource
 from onceflow.operators.sources.parquet import ParquetSource
 from onceflow.testing.source import TestingSource
 
@@ -10,6 +11,7 @@ __all__ = [
     "GeneratorSource",
     "Idle",
     "JsonLinesSource",
+    "KafkaSource",
     "ParquetSource",
     "Source",
     "SourceContext",

@@ -30,6 +30,12 @@ def noida_db() -> Path:
         return found
     which = shutil.which("noida-db")
     if which is None:
+        with contextlib.suppress(ImportError):
+            import noida_db as package  # the wheel ships the binary beside its module
+
+            bundled = Path(package.__file__).parent / "noida-db"
+            if bundled.exists():
+                return bundled
         msg = "noida-db was not found; install the test extra (pip install -e '.[test]')"
         raise RuntimeError(msg)
     return Path(which)

@@ -1,0 +1,389 @@
+"""A replayable source reading a Kafka topic, split by partition.
+
+The topic's partitions are the splits: with parallelism *p*, subtask *i*
+reads partitions ``i, i + p, i + 2p, ...``. A reader's offset is the next
+offset to read of each of its partitions, ``{"partitions": [[partition,
+next_offset], ...]}``, and the checkpoint holds it: it is the only record of
+progress. Readers are placed with ``assign()`` at those offsets; they never
+join a consumer group's rebalancing and never commit group offsets. When a
+job resumes at another parallelism the old readers' maps are merged and
+every new reader takes its partitions from it (a partition no old reader
+knew starts at its earliest offset).
+
+Messages are read with ``isolation.level=read_committed`` by default, so
+records of aborted transactions are never seen, and records of open ones
+only once they commit. ``stop_at="end"`` makes the job bounded: at start each
+reader takes its partitions' end offsets (with ``read_committed`` the *last
+stable offset*: the first offset of the oldest transaction still open, so
+a transaction open at start and everything after it is not read) and ends
+once it reached all of them.
+
+``confluent-kafka`` is an optional dependency (``pip install 'onceflow[kafka]'``),
+imported only where the source talks to a broker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+import pyarrow.json as pajson
+
+from onceflow.errors import DataError, OperatorError, PlanError
+from onceflow.operators.sources.base import Idle, RescaledOffsets, Source, SourceContext, SourceReader
+
+if TYPE_CHECKING:
+    from confluent_kafka import Consumer, Message
+
+__all__ = ["KAFKA_RAW_SCHEMA", "KafkaSource", "KafkaSourceReader"]
+
+KAFKA_RAW_SCHEMA = pa.schema([
+    ("key", pa.binary()), ("value", pa.binary()), ("partition", pa.int32()),
+    ("offset", pa.int64()), ("timestamp", pa.int64()),
+])
+"""The columns of ``format="raw"``: the message key and value, where it was, and its timestamp in ms."""
+
+_FIXED_CONFIG = {"enable.auto.commit": False, "enable.auto.offset.store": False, "enable.partition.eof": True}
+"""Consumer settings the source relies on: progress lives in checkpoints only; partition ends are reported."""
+
+
+def _kafka(topic: str) -> Any:
+    """Import confluent_kafka, or say how to install it."""
+    try:
+        import confluent_kafka
+    except ImportError as error:
+        msg = f"kafka source {topic!r}: confluent-kafka is not installed; pip install 'onceflow[kafka]'"
+        raise PlanError(msg) from error
+    return confluent_kafka
+
+
+class KafkaSource(Source):
+    """Reads a Kafka topic, split across subtasks by partition, offsets kept in checkpoints.
+
+    Args:
+        bootstrap_servers: the brokers, ``host:port[,host:port...]``.
+        topic: the topic to read.
+        schema: the columns of ``format="json"`` (each message value is one
+            JSON object; fields not in the schema are ignored, missing ones are
+            null). Ignored (may be ``None``) for ``format="raw"``.
+        format: ``"json"`` or ``"raw"`` (columns ``key``, ``value``,
+            ``partition``, ``offset``, ``timestamp``: :data:`KAFKA_RAW_SCHEMA`).
+        stop_at: ``None`` to read without end, ``"end"`` to end at the end
+            offsets each reader sees when it starts.
+        batch_size: the most messages per batch.
+        poll_timeout_s: how long one read waits for messages before it
+            returns :class:`~onceflow.operators.sources.base.Idle` (the read
+            blocks the subtask, so keep it short).
+        idle_s: how long the runtime waits before reading again after an empty read.
+        isolation_level: ``"read_committed"`` (skip aborted transactions) or
+            ``"read_uncommitted"``.
+        metadata_timeout_s: how long a metadata or offset lookup may take
+            before the source gives up (an unreachable broker fails then).
+        group_id: the ``group.id`` librdkafka requires; no offsets are ever
+            committed under it. Default ``onceflow-<topic>``.
+        config: more librdkafka consumer settings (security, fetch sizes);
+            they cannot turn on auto commit or turn off partition EOF events.
+
+    Raises:
+        PlanError: an option is out of range.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> source = KafkaSource("localhost:9092", "clicks", pa.schema([("user", pa.int64())]), stop_at="end")
+        >>> source.topic, source.format, source.stop_at
+        ('clicks', 'json', 'end')
+
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        schema: pa.Schema | None = None,
+        format: Literal["json", "raw"] = "json",
+        stop_at: Literal["end"] | None = None,
+        *,
+        batch_size: int = 10_000,
+        poll_timeout_s: float = 0.02,
+        idle_s: float = 0.05,
+        isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed",
+        metadata_timeout_s: float = 10.0,
+        group_id: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if format not in ("json", "raw"):
+            msg = f"kafka source {topic!r}: format must be 'json' or 'raw', got {format!r}"
+            raise PlanError(msg)
+        if format == "json" and not isinstance(schema, pa.Schema):
+            msg = f"kafka source {topic!r}: format='json' needs schema=pa.schema([...]) for the message values"
+            raise PlanError(msg)
+        if stop_at not in (None, "end"):
+            msg = f"kafka source {topic!r}: stop_at must be None or 'end', got {stop_at!r}"
+            raise PlanError(msg)
+        if isolation_level not in ("read_committed", "read_uncommitted"):
+            msg = f"kafka source {topic!r}: isolation_level must be 'read_committed' or 'read_uncommitted'"
+            raise PlanError(msg)
+        if batch_size <= 0 or poll_timeout_s < 0 or idle_s < 0 or metadata_timeout_s <= 0:
+            msg = (f"kafka source {topic!r}: batch_size and metadata_timeout_s must be > 0, poll_timeout_s and "
+                   f"idle_s >= 0; got {batch_size}, {metadata_timeout_s}, {poll_timeout_s}, {idle_s}")
+            raise PlanError(msg)
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.schema = schema if format == "json" else KAFKA_RAW_SCHEMA
+        self.format = format
+        self.stop_at = stop_at
+        self.batch_size = batch_size
+        self.poll_timeout_s = poll_timeout_s
+        self.idle_s = idle_s
+        self.isolation_level = isolation_level
+        self.metadata_timeout_s = metadata_timeout_s
+        self.group_id = group_id or f"onceflow-{topic}"
+        self.config = dict(config or {})
+
+    def consumer_config(self) -> dict[str, Any]:
+        """Return the librdkafka settings of the source's consumers."""
+        return {"bootstrap.servers": self.bootstrap_servers, "group.id": self.group_id,
+                "isolation.level": self.isolation_level, "auto.offset.reset": "error",
+                **self.config, **_FIXED_CONFIG}
+
+    def max_parallelism(self) -> int:
+        """Return the topic's number of partitions (a subtask without one would idle).
+
+        Raises:
+            PlanError: confluent-kafka is missing, the broker does not answer, or the topic does not exist or has
+                no partitions.
+        """
+        consumer = _kafka(self.topic).Consumer(self.consumer_config())
+        try:
+            return len(self._partitions(consumer, "", PlanError))
+        finally:
+            consumer.close()
+
+    def build(self, ctx: SourceContext, resume_offset: Any | None = None) -> KafkaSourceReader:
+        """Connect and return the reader of ``ctx.subtask``'s partitions.
+
+        Args:
+            ctx: where the reader runs.
+            resume_offset: ``None`` to start at each partition's earliest
+                offset, an ``offset()`` of this subtask's earlier reader, or
+                :class:`~onceflow.operators.sources.base.RescaledOffsets`.
+
+        Returns:
+            The reader.
+
+        Raises:
+            OperatorError: the broker does not answer, or the topic does not exist.
+            PlanError: ``resume_offset`` is malformed.
+
+        """
+        known = _resume_positions(ctx, resume_offset, self.topic)
+        kafka = _kafka(self.topic)
+        consumer = kafka.Consumer(self.consumer_config())
+        try:
+            every = self._partitions(consumer, ctx.operator, OperatorError)
+            mine = [p for p in every if p % max(ctx.parallelism, 1) == ctx.subtask]
+            positions: dict[int, int] = {}
+            ends: dict[int, int] = {}
+            for partition in mine:
+                low, high = self._watermarks(consumer, partition, ctx.operator)
+                positions[partition] = known.get(partition, low)
+                if self.stop_at == "end":
+                    ends[partition] = high
+            consumer.assign([kafka.TopicPartition(self.topic, p, o) for p, o in positions.items()])
+        except BaseException:
+            consumer.close()
+            raise
+        return KafkaSourceReader(self, ctx, consumer, positions, ends if self.stop_at == "end" else None)
+
+    def _partitions(self, consumer: Consumer, operator: str, error: type[PlanError | OperatorError]) -> list[int]:
+        """Return the topic's partition ids, raising ``error`` when it cannot be read."""
+        kafka = _kafka(self.topic)
+        try:
+            metadata = consumer.list_topics(self.topic, timeout=self.metadata_timeout_s)
+        except kafka.KafkaException as failure:
+            msg = (f"kafka source{_named(operator)}: no metadata for topic {self.topic!r} from "
+                   f"{self.bootstrap_servers} within {self.metadata_timeout_s} s ({failure.args[0].str()}); "
+                   "check that the broker is up")
+            raise error(msg) from failure
+        found = metadata.topics.get(self.topic)
+        if found is None or found.error is not None or not found.partitions:
+            why = "has no partitions" if found is not None and found.error is None else "does not exist"
+            msg = (f"kafka source{_named(operator)}: topic {self.topic!r} {why} on {self.bootstrap_servers}; "
+                   "create it first")
+            raise error(msg)
+        return sorted(found.partitions)
+
+    def _watermarks(self, consumer: Consumer, partition: int, operator: str) -> tuple[int, int]:
+        """Return a partition's earliest offset and end offset (the last stable one under read_committed)."""
+        kafka = _kafka(self.topic)
+        try:
+            low, high = consumer.get_watermark_offsets(kafka.TopicPartition(self.topic, partition),
+                                                       timeout=self.metadata_timeout_s, cached=False)
+        except kafka.KafkaException as failure:
+            msg = (f"kafka source {operator}: no offsets for partition {partition} of {self.topic!r} within "
+                   f"{self.metadata_timeout_s} s ({failure.args[0].str()}); check that the broker is up")
+            raise OperatorError(msg, operator=operator) from failure
+        return int(low), int(high)
+
+
+class KafkaSourceReader(SourceReader):
+    """Reads one subtask's partitions of a :class:`KafkaSource` (built by :meth:`KafkaSource.build`).
+
+    Args:
+        source: the source's settings.
+        ctx: where the reader runs.
+        consumer: a consumer assigned to the partitions at ``positions``.
+        positions: each partition's next offset to read.
+        ends: each partition's end offset with ``stop_at="end"``, else ``None``.
+
+    """
+
+    def __init__(self, source: KafkaSource, ctx: SourceContext, consumer: Consumer,
+                 positions: dict[int, int], ends: dict[int, int] | None) -> None:
+        self._source = source
+        self._ctx = ctx
+        self._consumer: Consumer | None = consumer
+        self._positions = dict(positions)
+        self._ends = ends
+        self._eof_code = _kafka(source.topic).KafkaError._PARTITION_EOF
+        if source.format == "json":
+            assert source.schema is not None
+            self._decode = _JsonDecoder(source.schema, source.topic, ctx.operator)
+
+    def read(self) -> pa.RecordBatch | Idle | None:
+        """Return the next batch of messages, ``Idle`` when none is ready, ``None`` at the end."""
+        if self._consumer is None or self._finished():
+            self.close()
+            return None
+        messages = []
+        for message in self._consumer.consume(self._source.batch_size, self._source.poll_timeout_s):
+            error, partition, at = message.error(), message.partition(), message.offset()
+            assert partition is not None and at is not None  # set on every message consume() returns
+            if error is not None:
+                if error.code() != self._eof_code:
+                    msg = (f"kafka source {self._ctx.operator}: reading {self._source.topic!r} partition "
+                           f"{partition} failed ({error.str()})")
+                    raise OperatorError(msg, operator=self._ctx.operator, subtask=self._ctx.subtask)
+                # The end of what is readable now: past control records and aborted transactions too.
+                end = self._ends[partition] if self._ends is not None else at
+                self._positions[partition] = max(self._positions[partition], min(at, end))
+                continue
+            if self._ends is not None and at >= self._ends[partition]:
+                # After the end taken at start: not returned, so a resume reads it again.
+                self._positions[partition] = max(self._positions[partition], self._ends[partition])
+                continue
+            messages.append(message)
+            self._positions[partition] = at + 1
+        if not messages:
+            return Idle(self._source.idle_s) if not self._finished() else self.read()
+        return self._decode(messages) if self._source.format == "json" else _raw_batch(messages)
+
+    def offset(self) -> dict[str, list[list[int]]]:
+        """Return ``{"partitions": [[partition, next_offset], ...]}``."""
+        return {"partitions": [[p, o] for p, o in sorted(self._positions.items())]}
+
+    def close(self) -> None:
+        """Close the consumer (it commits nothing)."""
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    def _finished(self) -> bool:
+        if self._ends is None:
+            return not self._positions
+        return all(self._positions[p] >= end for p, end in self._ends.items())
+
+
+def _named(operator: str) -> str:
+    """`` <operator>`` for messages, nothing before the operator has a name (at plan time)."""
+    return f" {operator}" if operator else ""
+
+
+def _resume_positions(ctx: SourceContext, resume_offset: Any, topic: str) -> dict[int, int]:
+    """Return the known next offset of every partition, from one reader's offset or all old readers' ones."""
+    offsets = resume_offset.offsets if isinstance(resume_offset, RescaledOffsets) else (resume_offset,)
+    positions: dict[int, int] = {}
+    for offset in offsets:
+        if offset is None:
+            continue
+        pairs = offset.get("partitions") if isinstance(offset, dict) else None
+        valid = isinstance(pairs, list | tuple) and all(
+            isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(v, int) and v >= 0 for v in pair)
+            for pair in pairs)
+        if not valid:
+            msg = (f"kafka source {ctx.operator}: resume offset {offset!r} of topic {topic!r} is not "
+                   "{'partitions': [[partition, next_offset], ...]}; resume from an offset() of a KafkaSource reader")
+            raise PlanError(msg)
+        assert isinstance(pairs, list | tuple)
+        positions.update((int(p), int(o)) for p, o in pairs)
+    return positions
+
+
+def _raw_batch(messages: list[Message]) -> pa.RecordBatch:
+    timestamps = [m.timestamp()[1] for m in messages]
+    return pa.RecordBatch.from_arrays([
+        pa.array([m.key() for m in messages], pa.binary()),
+        pa.array([m.value() for m in messages], pa.binary()),
+        pa.array([m.partition() for m in messages], pa.int32()),
+        pa.array([m.offset() for m in messages], pa.int64()),
+        pa.array([t if t >= 0 else None for t in timestamps], pa.int64()),
+    ], schema=KAFKA_RAW_SCHEMA)
+
+
+class _JsonDecoder:
+    """Decodes message values, one JSON object each, into a batch of ``schema``.
+
+    The values are joined into JSON lines and parsed by Arrow at once; when
+    that fails (or a value spans lines), they are decoded one by one, so the
+    error names the message that does not decode.
+    """
+
+    def __init__(self, schema: pa.Schema, topic: str, operator: str) -> None:
+        self._schema = schema
+        self._topic = topic
+        self._operator = operator
+        self._parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+
+    def __call__(self, messages: list[Message]) -> pa.RecordBatch:
+        values = [v for m in messages if (v := m.value())]
+        if len(values) == len(messages) and not any(b"\n" in v for v in values):
+            batch = self._read_lines(values, len(messages))
+            if batch is not None:
+                return batch
+        return self._one_by_one(messages)
+
+    def _read_lines(self, lines: list[bytes], rows: int) -> pa.RecordBatch | None:
+        """Parse JSON lines with Arrow; ``None`` when they do not give ``rows`` rows of the schema."""
+        try:
+            table = pajson.read_json(pa.py_buffer(b"\n".join(lines)), parse_options=self._parse,
+                                     read_options=pajson.ReadOptions(block_size=1 << 30))
+        except pa.ArrowException:
+            return None
+        if table.num_rows != rows:
+            return None
+        return table.select(self._schema.names).combine_chunks().to_batches()[0]
+
+    def _one_by_one(self, messages: list[Message]) -> pa.RecordBatch:
+        """Decode each value on its own (one line each), so a failure names its message."""
+        lines = []
+        for message in messages:
+            try:
+                row = json.loads(message.value() or b"")
+                if not isinstance(row, dict):
+                    raise TypeError(f"a JSON {type(row).__name__}, not an object")  # noqa: EM102
+            except (ValueError, TypeError) as error:
+                raise self._error(message, error) from error
+            line = json.dumps(row).encode()
+            if self._read_lines([line], 1) is None:
+                raise self._error(message, ValueError(f"no row of {self._schema} in {line[:200]!r}"))
+            lines.append(line)
+        batch = self._read_lines(lines, len(lines))
+        assert batch is not None  # every line decodes on its own
+        return batch
+
+    def _error(self, message: Message, error: Exception) -> DataError:
+        msg = (f"kafka source {self._operator}: the message at topic {self._topic!r} partition {message.partition()} "
+               f"offset {message.offset()} does not decode as JSON of the schema ({error}); fix or skip it upstream")
+        return DataError(msg, operator=self._operator)
