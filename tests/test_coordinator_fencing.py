@@ -133,7 +133,9 @@ def test_a_run_waits_while_another_live_run_holds_the_storage_and_takes_it_once_
             of.sinks.TestingSink())
         return flow
 
-    config = CheckpointConfig(interval_s=0.1, storage=storage, lease_s=0.5)
+    # The renewer lives in this process: a lease of 2 s outlasts its pauses while the driver starts Ray under
+    # load (with 0.5 s a paused renewer let the run take the lease, and then lose it, under CI load).
+    config = CheckpointConfig(interval_s=0.1, storage=storage, lease_s=2.0)
     try:
         with pytest.raises(PlanError, match="holds its checkpoint storage"):
             of.run(flow(), checkpoint=config)
