@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
+import onceflow as of
 from onceflow.errors import DataError
+from onceflow.operators.sources.base import Idle, PerSplitWatermarks, Source, SourceContext, SourceReader
 from onceflow.operators.watermark import BoundedOutOfOrderness, SplitWatermarkGenerator
+from onceflow.runtime.channel import END_OF_TIME, ChannelMessage
+from onceflow.runtime.deployment import CheckpointSetup, RuntimeOptions
+from onceflow.runtime.plan import plan
+from onceflow.runtime.subtask import SourceSubtask
 
 
 class Clock:
@@ -113,3 +123,88 @@ def test_the_subtask_wide_generator_never_advances_on_an_idle_read() -> None:
     single = BoundedOutOfOrderness("t", max_delay_ms=10).build("source_0")
     assert single.on_batch(batch(100)) == 89
     assert single.on_idle() is None
+
+
+class TwoSplitSource(Source):
+    """Split 0 delivers ``t=100`` once, split 1 nothing; each read is one tick of the reader's clock."""
+
+    def __init__(self, reads: int) -> None:
+        self.reads = reads
+
+    def build(self, ctx: SourceContext, resume_offset: Any | None = None) -> TwoSplitReader:
+        return TwoSplitReader(self.reads)
+
+
+class TwoSplitReader(SourceReader, PerSplitWatermarks):
+    def __init__(self, reads: int) -> None:
+        self.clock = Clock()
+        self.left = reads
+        self.watermarks: SplitWatermarkGenerator | None = None
+
+    def split_watermarks(self, strategy: BoundedOutOfOrderness, max_event_time: int | None) -> SplitWatermarkGenerator:
+        self.watermarks = strategy.build_per_split("s", max_event_time, idle_timeout_s=2, clock=self.clock)
+        self.watermarks.assign([0, 1])
+        return self.watermarks
+
+    def read(self) -> pa.RecordBatch | Idle | None:
+        self.clock.now += 1
+        self.left -= 1
+        if self.left < 0:
+            return None
+        if self.watermarks is not None and self.clock.now == 1:
+            batch = pa.record_batch({"k": [1], "t": [100]})
+            self.watermarks.observe_batch(batch, np.array([0]))
+            return batch
+        return Idle(0)
+
+    def offset(self) -> Any:
+        return {}
+
+
+class _Downstream:
+    """Stands in for a downstream actor handle: records what ``push.remote`` is given."""
+
+    def __init__(self) -> None:
+        self.messages: list[ChannelMessage] = []
+        self.push = self
+
+    def remote(self, message: ChannelMessage) -> asyncio.Future[bool]:
+        self.messages.append(message)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(True)
+        return done
+
+
+def test_a_source_subtask_asks_a_per_split_reader_and_advances_on_idle_reads(tmp_path: Path) -> None:
+    flow = of.Dataflow("split-idle")
+    events = flow.source(TwoSplitSource(reads=4), watermark=of.BoundedOutOfOrderness("t"), name="s")
+    events.key_by("k").window(of.windows.Tumbling(size_ms=10)).aggregate(n=of.agg.count()).sink(of.sinks.TestingSink())
+    physical = plan(flow)
+    source = next(v for v in physical.vertices if v.is_source)
+    no_coordinator: Any = None
+    actor = SourceSubtask(physical, source.id, 0, RuntimeOptions(), CheckpointSetup(no_coordinator, str(tmp_path)),
+                          None)
+    downstream = _Downstream()
+    handle_of_downstream: Any = downstream
+    reader = actor._reader
+    assert isinstance(reader, TwoSplitReader) and reader.watermarks is not None  # the runtime asked the reader
+    advanced: list[tuple[float, int]] = []
+    advance = actor._advance_watermark
+
+    async def recorded(watermark: int) -> None:
+        advanced.append((reader.clock.now, watermark))
+        await advance(watermark)
+
+    actor._advance_watermark = recorded  # type: ignore[method-assign]
+
+    async def run() -> None:
+        await actor.connect({spec.target: [handle_of_downstream] for spec in source.outputs})
+        await actor.run()
+
+    asyncio.run(run())
+    # Read 1 (tick 1) delivers t=100, split 1 holds the watermark; read 2 (tick 2) is Idle, and split 1,
+    # assigned at tick 0 and silent for the 2-tick timeout, is idle, split 0 is not: 100 - 0 - 1.
+    assert advanced[0] == (2, 99)
+    marks = [mark for message in downstream.messages for mark in message.watermarks]
+    assert marks[-1][1] == END_OF_TIME
+    assert reader.watermarks.max_event_time == 100  # what the checkpoint keeps
