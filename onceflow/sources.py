@@ -1,6 +1,6 @@
 """Sources: replayable inputs that record their offsets."""
 
-from onceflow.operators.sources.base import Idle, Source, SourceContext, SourceReader
+from onceflow.operators.sources.base import Idle, PerSplitWatermarks, Source, SourceContext, SourceReader
 from onceflow.operators.sources.generator import GeneratorSource
 from onceflow.operators.sources.jsonl import JsonLinesSource
 from onceflow.operators.sources.kafka import KafkaSource
@@ -13,6 +13,7 @@ __all__ = [
     "JsonLinesSource",
     "KafkaSource",
     "ParquetSource",
+    "PerSplitWatermarks",
     "Source",
     "SourceContext",
     "SourceReader",

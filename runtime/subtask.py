@@ -57,7 +57,7 @@ from onceflow.checkpoint.two_phase_commit import SinkContext
 from onceflow.errors import OnceflowError
 from onceflow.operators.keygroups import key_group_range
 from onceflow.operators.logic import OperatorContext, OperatorLogic
-from onceflow.operators.sources.base import Idle, SourceContext, SourceReader
+from onceflow.operators.sources.base import Idle, PerSplitWatermarks, SourceContext, SourceReader
 from onceflow.runtime.chain import INTO_SINK, OperatorChain, Output, operator_failure
 from onceflow.runtime.channel import (
     CHANNEL_STATE,
@@ -100,7 +100,7 @@ if TYPE_CHECKING:
 
     from ray.actor import ActorHandle
 
-    from onceflow.operators.watermark import WatermarkGenerator
+    from onceflow.operators.watermark import SplitWatermarkGenerator, WatermarkGenerator
     from onceflow.runtime.plan import PhysicalPlan, VertexSpec
 
 __all__ = ["OperatorSubtask", "SourceSubtask", "Subtask", "subtask_class"]
@@ -447,14 +447,19 @@ class SourceSubtask(Subtask):
     """A subtask whose chain starts with a source: it reads in a loop and injects checkpoint barriers."""
 
     _reader: SourceReader
-    _watermarks: WatermarkGenerator | None
-    """The source's watermark generator, if the source has one."""
+    _watermarks: WatermarkGenerator | SplitWatermarkGenerator | None
+    """The source's watermark generator, if the source has one (the reader's own when it tracks splits)."""
 
     def _restore_input(self, restored: dict[str, list[pa.Table]]) -> None:
         node = self._vertex.nodes[0]
         offset, max_event_time = restored_position(restored.get(node.uid, []), self._subtask, self._vertex.parallelism)
         self._reader = node.spec.build(SourceContext(node.name, self._subtask, self._vertex.parallelism), offset)
-        self._watermarks = node.watermark.build(node.name, max_event_time) if node.watermark is not None else None
+        self._watermarks = None
+        if node.watermark is not None and isinstance(self._reader, PerSplitWatermarks):
+            with self._blame(0):
+                self._watermarks = self._reader.split_watermarks(node.watermark, max_event_time)
+        elif node.watermark is not None:
+            self._watermarks = node.watermark.build(node.name, max_event_time)
         self._stop_requested = False
         self._last_barrier = 0
 
@@ -487,6 +492,12 @@ class SourceSubtask(Subtask):
                         break
                     if not isinstance(item, Idle):
                         await self._read(item)
+                    elif self._watermarks is not None:
+                        # A split may have gone idle: the watermark can advance without rows.
+                        with self._blame(0):
+                            watermark = self._watermarks.on_idle()
+                        if watermark is not None:
+                            await self._advance_watermark(watermark)
                 await asyncio.sleep(item.seconds if isinstance(item, Idle) else 0)
             if self._failure is None:
                 async with self._lock:

@@ -266,3 +266,65 @@ def test_a_killed_subtask_changes_nothing_committed_from_kafka(kafka: KafkaServe
     assert result.metrics["restarts"] >= 1
     assert result.metrics["restored_from"], "the restart restored no checkpoint"
     assert_feature_reference(sink.table(), TOTAL)
+
+
+def test_a_reader_keeps_each_partitions_event_time_in_its_offset_and_resumes_it(kafka: KafkaServer) -> None:
+    topic = new_topic(kafka, 2)
+    schema = pa.schema([("id", pa.int64()), ("t", pa.int64())])
+    produce(kafka, topic, [json.dumps({"id": i, "t": 1_000 * i}).encode() for i in range(6)], 2)
+    source = KafkaSource(kafka.bootstrap_servers, topic, schema, stop_at="end")
+    strategy = of.BoundedOutOfOrderness("t", max_delay_ms=10)
+    reader = source.build(SourceContext("events"))
+    watermarks = reader.split_watermarks(strategy, None)
+    read_batches(reader)
+    assert watermarks.on_batch(pa.record_batch({"t": [0]})) == 3_989  # partition 1's last is 5,000; 0's 4,000
+    offset = reader.offset()
+    assert offset == {"partitions": [[0, 3], [1, 3]], "event_times": [[0, 4_000], [1, 5_000]]}
+    resumed = source.build(SourceContext("events"), offset)
+    again = resumed.split_watermarks(strategy, watermarks.max_event_time)
+    assert again.on_start() == 3_989
+    assert again.split_max_event_times() == {0: 4_000, 1: 5_000}
+    resumed.close()
+    plain = source.build(SourceContext("events"))
+    assert plain.offset() == {"partitions": [[0, 0], [1, 0]]}  # no watermark, no event times
+    plain.close()
+
+
+def idle_partition_flow(name: str, bootstrap_servers: str, topic: str, sink: of.sinks.TestingSink,
+                        idle_timeout_s: float | None) -> of.Dataflow:
+    schema = pa.schema([("user_id", pa.int64()), ("amount", pa.float64()), ("event_time", pa.int64())])
+    flow = of.Dataflow(name)
+    events = flow.source(KafkaSource(bootstrap_servers, topic, schema, idle_timeout_s=idle_timeout_s),
+                         name="events", watermark=of.BoundedOutOfOrderness("event_time"))
+    (events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
+     .aggregate(count=of.agg.count()).sink(sink, name="out"))
+    return flow
+
+
+@pytest.mark.parametrize("idle_timeout_s", [0.3, None])
+def test_a_partition_without_data_stalls_windows_unless_it_goes_idle(kafka: KafkaServer, tmp_path: Path,
+                                                                      idle_timeout_s: float | None) -> None:
+    topic = new_topic(kafka, 2)
+    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 5})
+    for i in range(400):  # partition 0 only: event times 0 .. 39,900, four 10 s windows
+        producer.produce(topic, json.dumps({"user_id": 1, "amount": 1.0, "event_time": 100 * i}).encode(),
+                         partition=0)
+    assert producer.flush(30) == 0
+    sink = of.sinks.TestingSink()
+    handle = of.submit(idle_partition_flow(f"kafka-idle-{idle_timeout_s}", kafka.bootstrap_servers, topic, sink,
+                                           idle_timeout_s),
+                       parallelism=1, executor="local",
+                       checkpoint=of.CheckpointConfig(interval_s=0.1, storage=str(tmp_path)))
+    try:
+        if idle_timeout_s is not None:
+            wait_until(lambda: len(sink.rows()) == 3, timeout_s=30, what="three windows to fire")
+            assert sorted((r["window_start"], r["count"]) for r in sink.rows()) == [
+                (0, 100), (10_000, 100), (20_000, 100)]
+        else:
+            wait_until(lambda: handle.metrics()["events_in"] == 400, timeout_s=30, what="every event read")
+            done = handle.metrics()["checkpoints_completed"]
+            time.sleep(2.0)  # a bounded wait: checkpoints go on, no window fires
+            assert handle.metrics()["checkpoints_completed"] > done
+            assert sink.rows() == []
+    finally:
+        handle.cancel()

@@ -37,8 +37,11 @@ from onceflow.errors import PlanError
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from onceflow.operators.watermark import BoundedOutOfOrderness, SplitWatermarkGenerator
+
 __all__ = [
     "Idle",
+    "PerSplitWatermarks",
     "RescaledOffsets",
     "Source",
     "SourceContext",
@@ -92,6 +95,28 @@ class SourceReader(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files and connections."""
+
+
+class PerSplitWatermarks(ABC):
+    """An optional ability of a reader: it tracks event time per split (a Kafka partition).
+
+    The runtime asks such a reader for its watermark generator instead of
+    building one for the whole subtask; the reader reports each split's
+    event times to it before returning a batch, and keeps them in its offset.
+    """
+
+    @abstractmethod
+    def split_watermarks(self, strategy: BoundedOutOfOrderness, max_event_time: int | None) -> SplitWatermarkGenerator:
+        """Return the reader's per-split watermark generator for ``strategy``.
+
+        Args:
+            strategy: the source's watermark strategy.
+            max_event_time: the subtask's restored ``max_event_time``.
+
+        Returns:
+            The generator the reader feeds, its splits assigned.
+
+        """
 
 
 @dataclass(frozen=True, slots=True)

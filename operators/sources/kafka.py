@@ -20,6 +20,13 @@ once it reached all of them.
 
 ``confluent-kafka`` is an optional dependency (``pip install 'onceflow[kafka]'``),
 imported only where the source talks to a broker.
+
+Event time is tracked per partition (the reader is
+:class:`~onceflow.operators.sources.base.PerSplitWatermarks`): partitions are
+read side by side and may run apart, so a reader's watermark is the lowest
+over its partitions, and with ``idle_timeout_s`` a partition that delivered
+nothing for that long stops holding it back until it delivers again. Each
+partition's largest event time is kept in the offset beside its position.
 """
 
 from __future__ import annotations
@@ -28,14 +35,24 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 
 from onceflow.errors import DataError, OperatorError, PlanError
-from onceflow.operators.sources.base import Idle, RescaledOffsets, Source, SourceContext, SourceReader
+from onceflow.operators.sources.base import (
+    Idle,
+    PerSplitWatermarks,
+    RescaledOffsets,
+    Source,
+    SourceContext,
+    SourceReader,
+)
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, Message
+
+    from onceflow.operators.watermark import BoundedOutOfOrderness, SplitWatermarkGenerator
 
 __all__ = ["KAFKA_RAW_SCHEMA", "KafkaSource", "KafkaSourceReader"]
 
@@ -77,6 +94,10 @@ class KafkaSource(Source):
             returns :class:`~onceflow.operators.sources.base.Idle` (the read
             blocks the subtask, so keep it short).
         idle_s: how long the runtime waits before reading again after an empty read.
+        idle_timeout_s: with a watermark, after how many seconds without
+            messages a partition stops holding the reader's watermark back
+            (until it delivers again); ``None`` (default): never, a quiet
+            partition stalls event time.
         isolation_level: ``"read_committed"`` (skip aborted transactions) or
             ``"read_uncommitted"``.
         metadata_timeout_s: how long a metadata or offset lookup may take
@@ -108,6 +129,7 @@ class KafkaSource(Source):
         batch_size: int = 10_000,
         poll_timeout_s: float = 0.02,
         idle_s: float = 0.05,
+        idle_timeout_s: float | None = None,
         isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed",
         metadata_timeout_s: float = 10.0,
         group_id: str | None = None,
@@ -129,6 +151,9 @@ class KafkaSource(Source):
             msg = (f"kafka source {topic!r}: batch_size and metadata_timeout_s must be > 0, poll_timeout_s and "
                    f"idle_s >= 0; got {batch_size}, {metadata_timeout_s}, {poll_timeout_s}, {idle_s}")
             raise PlanError(msg)
+        if idle_timeout_s is not None and idle_timeout_s <= 0:
+            msg = f"kafka source {topic!r}: idle_timeout_s must be > 0 or None, got {idle_timeout_s}"
+            raise PlanError(msg)
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.schema = schema if format == "json" else KAFKA_RAW_SCHEMA
@@ -137,6 +162,7 @@ class KafkaSource(Source):
         self.batch_size = batch_size
         self.poll_timeout_s = poll_timeout_s
         self.idle_s = idle_s
+        self.idle_timeout_s = idle_timeout_s
         self.isolation_level = isolation_level
         self.metadata_timeout_s = metadata_timeout_s
         self.group_id = group_id or f"onceflow-{topic}"
@@ -178,7 +204,7 @@ class KafkaSource(Source):
             PlanError: ``resume_offset`` is malformed.
 
         """
-        known = _resume_positions(ctx, resume_offset, self.topic)
+        known, event_times = _resume_positions(ctx, resume_offset, self.topic)
         kafka = _kafka(self.topic)
         consumer = kafka.Consumer(self.consumer_config())
         try:
@@ -195,7 +221,8 @@ class KafkaSource(Source):
         except BaseException:
             consumer.close()
             raise
-        return KafkaSourceReader(self, ctx, consumer, positions, ends if self.stop_at == "end" else None)
+        return KafkaSourceReader(self, ctx, consumer, positions, ends if self.stop_at == "end" else None,
+                                 {p: t for p, t in event_times.items() if p in positions})
 
     def _partitions(self, consumer: Consumer, operator: str, error: type[PlanError | OperatorError]) -> list[int]:
         """Return the topic's partition ids, raising ``error`` when it cannot be read."""
@@ -228,7 +255,7 @@ class KafkaSource(Source):
         return int(low), int(high)
 
 
-class KafkaSourceReader(SourceReader):
+class KafkaSourceReader(SourceReader, PerSplitWatermarks):
     """Reads one subtask's partitions of a :class:`KafkaSource` (built by :meth:`KafkaSource.build`).
 
     Args:
@@ -237,16 +264,20 @@ class KafkaSourceReader(SourceReader):
         consumer: a consumer assigned to the partitions at ``positions``.
         positions: each partition's next offset to read.
         ends: each partition's end offset with ``stop_at="end"``, else ``None``.
+        event_times: each partition's largest event time from the resume offset.
 
     """
 
     def __init__(self, source: KafkaSource, ctx: SourceContext, consumer: Consumer,
-                 positions: dict[int, int], ends: dict[int, int] | None) -> None:
+                 positions: dict[int, int], ends: dict[int, int] | None,
+                 event_times: dict[int, int] | None = None) -> None:
         self._source = source
         self._ctx = ctx
         self._consumer: Consumer | None = consumer
         self._positions = dict(positions)
         self._ends = ends
+        self._event_times = dict(event_times or {})
+        self._watermarks: SplitWatermarkGenerator | None = None
         self._eof_code = _kafka(source.topic).KafkaError._PARTITION_EOF
         if source.format == "json":
             assert source.schema is not None
@@ -278,11 +309,29 @@ class KafkaSourceReader(SourceReader):
             self._positions[partition] = at + 1
         if not messages:
             return Idle(self._source.idle_s) if not self._finished() else self.read()
-        return self._decode(messages) if self._source.format == "json" else _raw_batch(messages)
+        batch = self._decode(messages) if self._source.format == "json" else _raw_batch(messages)
+        if self._watermarks is not None:
+            partitions = np.fromiter((m.partition() for m in messages), dtype=np.int64, count=len(messages))
+            self._watermarks.observe_batch(batch, partitions)
+        return batch
+
+    def split_watermarks(self, strategy: BoundedOutOfOrderness, max_event_time: int | None) -> SplitWatermarkGenerator:
+        """Return the generator of this reader's partitions' watermarks (see the module's docstring)."""
+        self._watermarks = strategy.build_per_split(self._ctx.operator, max_event_time,
+                                                    idle_timeout_s=self._source.idle_timeout_s)
+        self._watermarks.assign(sorted(self._positions), self._event_times)
+        return self._watermarks
 
     def offset(self) -> dict[str, list[list[int]]]:
-        """Return ``{"partitions": [[partition, next_offset], ...]}``."""
-        return {"partitions": [[p, o] for p, o in sorted(self._positions.items())]}
+        """Return ``{"partitions": [[partition, next_offset], ...]}``, with a watermark also ``"event_times"``.
+
+        ``"event_times"`` is ``[[partition, largest_event_time], ...]`` of the partitions that had one.
+        """
+        offset = {"partitions": [[p, o] for p, o in sorted(self._positions.items())]}
+        if self._watermarks is not None:
+            times = self._watermarks.split_max_event_times()
+            offset["event_times"] = [[p, t] for p, t in sorted(times.items())]
+        return offset
 
     def close(self) -> None:
         """Close the consumer (it commits nothing)."""
@@ -301,24 +350,31 @@ def _named(operator: str) -> str:
     return f" {operator}" if operator else ""
 
 
-def _resume_positions(ctx: SourceContext, resume_offset: Any, topic: str) -> dict[int, int]:
-    """Return the known next offset of every partition, from one reader's offset or all old readers' ones."""
+def _pairs(value: Any, *, signed: bool = False) -> bool:
+    """Whether ``value`` is a list of ``[partition, integer]`` pairs (the integer >= 0 unless ``signed``)."""
+    return isinstance(value, list | tuple) and all(
+        isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(v, int) for v in pair)
+        and pair[0] >= 0 and (signed or pair[1] >= 0) for pair in value)
+
+
+def _resume_positions(ctx: SourceContext, resume_offset: Any, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+    """Return the known next offset and largest event time of every partition, from one or all old readers."""
     offsets = resume_offset.offsets if isinstance(resume_offset, RescaledOffsets) else (resume_offset,)
     positions: dict[int, int] = {}
+    event_times: dict[int, int] = {}
     for offset in offsets:
         if offset is None:
             continue
         pairs = offset.get("partitions") if isinstance(offset, dict) else None
-        valid = isinstance(pairs, list | tuple) and all(
-            isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(v, int) and v >= 0 for v in pair)
-            for pair in pairs)
-        if not valid:
+        times = offset.get("event_times", []) if isinstance(offset, dict) else None
+        if not _pairs(pairs) or not _pairs(times, signed=True):
             msg = (f"kafka source {ctx.operator}: resume offset {offset!r} of topic {topic!r} is not "
                    "{'partitions': [[partition, next_offset], ...]}; resume from an offset() of a KafkaSource reader")
             raise PlanError(msg)
-        assert isinstance(pairs, list | tuple)
+        assert isinstance(pairs, list | tuple) and isinstance(times, list | tuple)
         positions.update((int(p), int(o)) for p, o in pairs)
-    return positions
+        event_times.update((int(p), int(t)) for p, t in times)
+    return positions, event_times
 
 
 def _raw_batch(messages: list[Message]) -> pa.RecordBatch:
