@@ -21,10 +21,9 @@ from onceflow.checkpoint.two_phase_commit import CommittableRecord, SinkContext
 from onceflow.errors import PlanError
 from onceflow.operators.sinks.kafka import KafkaSink, KafkaTransaction
 from onceflow.runtime.sink_committer import resolve_sink_operator
-from onceflow.testing.workload import feature_events
+from onceflow.testing.workload import feature_events, feature_window_reference
 from tests.helpers import assert_feature_reference, wait_until
 from tests.kafka_server import KafkaServer
-from tests.test_kafka_source import produce, slow
 
 _names = itertools.count()
 
@@ -204,41 +203,49 @@ def test_the_committable_layout_is_version_1() -> None:
 
 # -- end to end on Ray --
 
-TOTAL = 60_000
+TOTAL = 120_000
 SCHEMA = pa.schema([("user_id", pa.int64()), ("window_start", pa.int64()), ("window_end", pa.int64()),
                     ("count", pa.int64()), ("total", pa.float64())])
 
 
-@pytest.mark.usefixtures("ray_session")
-def test_a_killed_subtask_changes_nothing_committed_to_kafka(kafka: KafkaServer, tmp_path: Path) -> None:
-    source_topic, out_topic = new_topic(kafka, 4), new_topic(kafka, 3)
-    produce(kafka, source_topic, [json.dumps(row).encode() for row in feature_events(0, TOTAL).to_pylist()], 4)
-    job, storage = "kafka-sink-kill", str(tmp_path / "chk")
-    sink = of.sinks.KafkaSink(kafka.bootstrap_servers, out_topic, key="user_id", timeout_s=20)
+def kafka_flow(job: str, sink: KafkaSink) -> of.Dataflow:
+    """Windows fire while the input runs (paced), so transactions commit before, during and after a failure."""
     flow = of.Dataflow(job)
-    schema = pa.schema([("user_id", pa.int64()), ("amount", pa.float64()), ("event_time", pa.int64())])
-    events = flow.source(of.sources.KafkaSource(kafka.bootstrap_servers, source_topic, schema, stop_at="end",
-                                                batch_size=1_000),
-                         name="events", watermark=of.BoundedOutOfOrderness("event_time", max_delay_ms=10**9))
-    (events.map_batches(slow, name="slow").key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
+    events = flow.source(of.sources.GeneratorSource(feature_events, total=TOTAL, batch_size=2_000,
+                                                    max_events_per_s=60_000),
+                         watermark=of.BoundedOutOfOrderness("event_time"))
+    (events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
      .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(sink, name="out"))
-    handle = of.submit(flow, parallelism=2, checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage),
+    return flow
+
+
+def assert_exactly_once_in(kafka: KafkaServer, sink: KafkaSink, job: str) -> None:
+    rows = [json.loads(m.value()) for m in read_topic(kafka, sink.topic)]
+    assert_feature_reference(pa.Table.from_pylist(rows, SCHEMA), TOTAL)
+    assert open_transactions(kafka, sink.topic) == [], "a transaction of the job is still open"
+    assert open_transactions(kafka, sink.marker_topic) == []
+    assert sink.create_committer(SinkContext(job, "out", 0, 2)).lingering() == []
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_killed_sink_subtask_changes_nothing_committed_to_kafka(kafka: KafkaServer, tmp_path: Path) -> None:
+    job, storage = "kafka-sink-kill", str(tmp_path / "chk")
+    sink = KafkaSink(kafka.bootstrap_servers, new_topic(kafka, 3), key="user_id", timeout_s=20)
+    handle = of.submit(kafka_flow(job, sink), parallelism=2,
+                       checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage),
                        restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
     store = CheckpointStorage(storage, job)
     killed: dict[str, Any] = {}
     try:
         wait_until(store.completed_ids, timeout_s=30, what="a first checkpoint")
-        names = handle.actor_names
-        name = next((n for n in names if "/out/" in n), names[-1])
+        wait_until(lambda: read_topic(kafka, sink.topic), timeout_s=30, what="a first committed window")
+        name = handle.actor_names[-1]  # the last vertex, which the sink ends
         ray.kill(ray.get_actor(name, namespace="onceflow"), no_restart=True)
         killed["name"] = name
+        killed["committed"] = len(read_topic(kafka, sink.topic))
     finally:
         result = handle.wait(timeout_s=120)
-    assert killed["name"].startswith(f"{job}/")
+    assert killed["name"].startswith(f"{job}/") and killed["name"] != handle.actor_names[0], killed["name"]
+    assert 0 < killed["committed"] < feature_window_reference(TOTAL).num_rows, "the kill did not land mid-output"
     assert result.metrics["restarts"] >= 1
-    rows = [json.loads(m.value()) for m in read_topic(kafka, out_topic)]
-    assert_feature_reference(pa.Table.from_pylist(rows, SCHEMA), TOTAL)
-    assert open_transactions(kafka, out_topic) == [], "a transaction of the job is still open"
-    assert open_transactions(kafka, sink.marker_topic) == []
-    ctx = SinkContext(job, "out", 0, 2)
-    assert sink.create_committer(ctx).lingering() == []
+    assert_exactly_once_in(kafka, sink, job)
