@@ -77,6 +77,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -284,6 +285,13 @@ class KafkaSink(TransactionalSink[KafkaTransaction]):
             raise SinkCommitError(msg) from error
         return producer
 
+    def producers_for(self, transactional_ids: list[str]) -> list[Producer]:
+        """:meth:`producer` for each id, fenced side by side (fencing an open transaction waits for its abort)."""
+        if not transactional_ids:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(transactional_ids), 16)) as pool:
+            return list(pool.map(self.producer, transactional_ids))
+
     def consumer(self, isolation_level: str = "read_committed") -> Consumer:
         """A consumer for reading markers (no group, no commits)."""
         return _kafka(self.topic).Consumer({
@@ -389,7 +397,7 @@ class KafkaSinkWriter(SinkWriter[KafkaTransaction]):
         self._sink = sink
         self._ctx = ctx
         self._ids = [KafkaSink.transactional_id(ctx, k) for k in range(sink.producers)]
-        self._producers = [sink.producer(txn) for txn in self._ids]
+        self._producers = sink.producers_for(self._ids)
         self._open: _OpenTransaction | None = None
         self._lock = threading.Lock()
         self._free = list(range(sink.producers))
@@ -539,7 +547,7 @@ class KafkaSinkCommitter(Committer[KafkaTransaction]):
             if fields is not None and self._owns(txn):
                 subtasks.add(int(fields[3]))
         ids |= {KafkaSink.transactional_id(self._ctx, k, s) for s in subtasks for k in range(self._sink.producers)}
-        fenced = {txn: self._sink.producer(txn) for txn in sorted(ids)}
+        fenced = dict(zip(sorted(ids), self._sink.producers_for(sorted(ids)), strict=True))
         log.info("kafka sink %s: fenced %d transactional id(s)", self._ctx.operator, len(fenced))
         if not replay:
             return
