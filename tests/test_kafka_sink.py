@@ -21,6 +21,7 @@ from onceflow.checkpoint.two_phase_commit import CommittableRecord, SinkContext
 from onceflow.errors import PlanError
 from onceflow.operators.sinks.kafka import KafkaSink, KafkaTransaction
 from onceflow.runtime.sink_committer import resolve_sink_operator
+from onceflow.testing import failpoints
 from onceflow.testing.workload import feature_events, feature_window_reference
 from tests.helpers import assert_feature_reference, wait_until
 from tests.kafka_server import KafkaServer
@@ -249,3 +250,30 @@ def test_a_killed_sink_subtask_changes_nothing_committed_to_kafka(kafka: KafkaSe
     assert 0 < killed["committed"] < feature_window_reference(TOTAL).num_rows, "the kill did not land mid-output"
     assert result.metrics["restarts"] >= 1
     assert_exactly_once_in(kafka, sink, job)
+
+
+@pytest.mark.slow  # about 20 s more of Ray; the same case runs without Ray above
+@pytest.mark.usefixtures("ray_session")
+def test_a_sink_that_dies_after_its_checkpoint_completed_before_its_commit(kafka: KafkaServer,
+                                                                          tmp_path: Path) -> None:
+    """The hard case on Ray: recovery in another process finds no marker and produces the rows again."""
+    job = "kafka-sink-before-commit"
+    sink = KafkaSink(kafka.bootstrap_servers, new_topic(kafka, 3), key="user_id", timeout_s=20)
+    failpoints.arm(job, "sink.before_commit.1")
+    try:
+        result = of.run(kafka_flow(job, sink), parallelism=2,
+                        checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path)),
+                        restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
+    finally:
+        fired = not failpoints.armed(job, "sink.before_commit.1")
+        failpoints.disarm_all()
+    assert fired, "the failpoint was never reached"
+    # A crash at the commit of the final checkpoint may be resolved as the job ends, without a restart:
+    # either way the transaction was recovered from its committable, which the markers below show.
+    assert_exactly_once_in(kafka, sink, job)
+    tokens = collections.Counter(json.loads(m.value())["token"] for m in read_topic(kafka, sink.marker_topic))
+    written = collections.Counter(json.loads(m.value())["token"]
+                                  for m in read_topic(kafka, sink.marker_topic, "read_uncommitted"))
+    assert set(tokens.values()) == {1}, "a transaction committed twice"
+    restarts = result.metrics["restarts"]
+    assert any(n > 1 and tokens[t] == 1 for t, n in written.items()), f"nothing produced again ({restarts} restarts)"
