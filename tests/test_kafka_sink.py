@@ -213,7 +213,7 @@ def kafka_flow(job: str, sink: KafkaSink) -> of.Dataflow:
     """Windows fire while the input runs (paced), so transactions commit before, during and after a failure."""
     flow = of.Dataflow(job)
     events = flow.source(of.sources.GeneratorSource(feature_events, total=TOTAL, batch_size=2_000,
-                                                    max_events_per_s=60_000),
+                                                    max_events_per_s=30_000),
                          watermark=of.BoundedOutOfOrderness("event_time"))
     (events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
      .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(sink, name="out"))
