@@ -8,6 +8,7 @@ from onceflow.checkpoint.two_phase_commit import (
     SinkWriter,
     TransactionalSink,
 )
+from onceflow.operators.sinks.kafka import KafkaSink
 from onceflow.operators.sinks.parquet import ParquetSink
 from onceflow.operators.sinks.postgres import PostgresSink
 from onceflow.testing.sink import TestingSink
@@ -16,6 +17,7 @@ __all__ = [
     "Committable",
     "CommittableRecord",
     "Committer",
+    "KafkaSink",
     "ParquetSink",
     "PostgresSink",
     "SinkContext",
