@@ -204,7 +204,7 @@ def test_the_committable_layout_is_version_1() -> None:
 
 # -- end to end on Ray --
 
-TOTAL = 120_000
+TOTAL = 200_000
 SCHEMA = pa.schema([("user_id", pa.int64()), ("window_start", pa.int64()), ("window_end", pa.int64()),
                     ("count", pa.int64()), ("total", pa.float64())])
 
@@ -212,8 +212,9 @@ SCHEMA = pa.schema([("user_id", pa.int64()), ("window_start", pa.int64()), ("win
 def kafka_flow(job: str, sink: KafkaSink) -> of.Dataflow:
     """Windows fire while the input runs (paced), so transactions commit before, during and after a failure."""
     flow = of.Dataflow(job)
+    # About 5 s of input at parallelism 2: the kill lands while windows are still committing, even under load.
     events = flow.source(of.sources.GeneratorSource(feature_events, total=TOTAL, batch_size=2_000,
-                                                    max_events_per_s=30_000),
+                                                    max_events_per_s=20_000),
                          watermark=of.BoundedOutOfOrderness("event_time"))
     (events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
      .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(sink, name="out"))
