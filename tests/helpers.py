@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -11,10 +12,25 @@ import numpy as np
 import pyarrow as pa
 
 from onceflow.operators.sources.base import Source, SourceContext, SourceReader
+from onceflow.runtime.channel import ChannelMessage
 from onceflow.testing.workload import feature_window_reference
 
 T = TypeVar("T")
 """What the polled condition returns."""
+
+
+class FakeDownstream:
+    """Stands in for a downstream actor handle: records what ``push.remote`` is given (and acknowledges it)."""
+
+    def __init__(self) -> None:
+        self.messages: list[ChannelMessage] = []
+        self.push = self
+
+    def remote(self, message: ChannelMessage) -> asyncio.Future[bool]:
+        self.messages.append(message)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(True)
+        return done
 
 
 def fails_once_after(rows: int | None, then: Callable[[pa.RecordBatch], pa.RecordBatch] = lambda b: b,

@@ -14,10 +14,11 @@ import onceflow as of
 from onceflow.errors import DataError
 from onceflow.operators.sources.base import Idle, PerSplitWatermarks, Source, SourceContext, SourceReader
 from onceflow.operators.watermark import BoundedOutOfOrderness, SplitWatermarkGenerator
-from onceflow.runtime.channel import END_OF_TIME, ChannelMessage
+from onceflow.runtime.channel import END_OF_TIME
 from onceflow.runtime.deployment import CheckpointSetup, RuntimeOptions
 from onceflow.runtime.plan import plan
 from onceflow.runtime.subtask import SourceSubtask
+from tests.helpers import FakeDownstream
 
 
 class Clock:
@@ -161,20 +162,6 @@ class TwoSplitReader(SourceReader, PerSplitWatermarks):
         return {}
 
 
-class _Downstream:
-    """Stands in for a downstream actor handle: records what ``push.remote`` is given."""
-
-    def __init__(self) -> None:
-        self.messages: list[ChannelMessage] = []
-        self.push = self
-
-    def remote(self, message: ChannelMessage) -> asyncio.Future[bool]:
-        self.messages.append(message)
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(True)
-        return done
-
-
 def test_a_source_subtask_asks_a_per_split_reader_and_advances_on_idle_reads(tmp_path: Path) -> None:
     flow = of.Dataflow("split-idle")
     events = flow.source(TwoSplitSource(reads=4), watermark=of.BoundedOutOfOrderness("t"), name="s")
@@ -184,7 +171,7 @@ def test_a_source_subtask_asks_a_per_split_reader_and_advances_on_idle_reads(tmp
     no_coordinator: Any = None
     actor = SourceSubtask(physical, source.id, 0, RuntimeOptions(), CheckpointSetup(no_coordinator, str(tmp_path)),
                           None)
-    downstream = _Downstream()
+    downstream = FakeDownstream()
     handle_of_downstream: Any = downstream
     reader = actor._reader
     assert isinstance(reader, TwoSplitReader) and reader.watermarks is not None  # the runtime asked the reader

@@ -29,10 +29,11 @@ import onceflow as of
 from onceflow.checkpoint.state import source_state
 from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.operators.sources.base import Idle, Source, SourceContext, SourceReader
-from onceflow.runtime.channel import END_OF_TIME, ChannelMessage
+from onceflow.runtime.channel import END_OF_TIME
 from onceflow.runtime.deployment import CheckpointSetup, RestoredState, RuntimeOptions, SubtaskRestore
 from onceflow.runtime.plan import plan
 from onceflow.runtime.subtask import SourceSubtask
+from tests.helpers import FakeDownstream
 
 
 @dataclass(frozen=True)
@@ -166,20 +167,6 @@ def test_a_restored_generator_starts_from_its_watermark() -> None:
     assert restored.on_batch(pa.record_batch({"t": [120]})) == 114
 
 
-class _Downstream:
-    """Stands in for a downstream actor handle: records what ``push.remote`` is given."""
-
-    def __init__(self) -> None:
-        self.messages: list[ChannelMessage] = []
-        self.push = self
-
-    def remote(self, message: ChannelMessage) -> asyncio.Future[bool]:
-        self.messages.append(message)
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(True)
-        return done
-
-
 def test_a_restored_source_sends_its_watermark_before_its_first_row(tmp_path: Path) -> None:
     flow = of.Dataflow("wm-announce")
     items = [row("s1", 100), row("s1", 50)]
@@ -195,7 +182,7 @@ def test_a_restored_source_sends_its_watermark_before_its_first_row(tmp_path: Pa
     actor = SourceSubtask(
         physical, source.id, 0, RuntimeOptions(), CheckpointSetup(no_coordinator, str(tmp_path)), restore
     )
-    downstream = _Downstream()
+    downstream = FakeDownstream()
     handle_of_downstream: Any = downstream
 
     async def run() -> None:
