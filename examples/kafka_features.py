@@ -1,10 +1,12 @@
-"""An online feature table from Kafka: per-user counts and sums in 10-second windows, upserted into PostgreSQL.
+"""Features from Kafka: per-user counts and sums in 10-second windows, into PostgreSQL or back to Kafka.
 
 Reads JSON events ``{"user_id", "amount", "event_time"}`` from a Kafka topic,
 keys them by user, counts and sums them in tumbling 10-second event-time
-windows and upserts each ``(user_id, window_start)`` row into a PostgreSQL
-table, exactly once across failures (Kafka offsets and the window state in
-checkpoints, the upserts committed with them). Event time is tracked per
+windows and either upserts each ``(user_id, window_start)`` row into a
+PostgreSQL table (``--dsn``: an online feature table) or publishes it to a
+Kafka topic in transactions (``--output-topic``, keyed by user), exactly once
+across failures (Kafka offsets and the window state in checkpoints, the
+upserts or transactions committed with them). Event time is tracked per
 partition, so the partitions may run apart without making rows late.
 
 A demo that fills the topic itself and checks the table against a numpy reference:
@@ -39,9 +41,10 @@ SCHEMA = pa.schema([("user_id", pa.int64()), ("amount", pa.float64()), ("event_t
 WINDOW_MS = 10_000
 
 
-def build(bootstrap_servers: str, topic: str, dsn: str, table: str = "user_features", *, follow: bool = False,
-          batch_size: int = 10_000, idle_timeout_s: float | None = 5.0) -> of.Dataflow:
-    """Return the Kafka → windows → PostgreSQL upsert dataflow."""
+def build(bootstrap_servers: str, topic: str, dsn: str | None, table: str = "user_features", *,
+          output_topic: str | None = None, follow: bool = False, batch_size: int = 10_000,
+          idle_timeout_s: float | None = 5.0) -> of.Dataflow:
+    """Return the Kafka → windows → PostgreSQL upsert dataflow, or Kafka → windows → Kafka with ``output_topic``."""
     flow = of.Dataflow("kafka-features")
     events = flow.source(
         of.sources.KafkaSource(bootstrap_servers, topic, SCHEMA, stop_at=None if follow else "end",
@@ -50,13 +53,14 @@ def build(bootstrap_servers: str, topic: str, dsn: str, table: str = "user_featu
         # Each partition is in event-time order (the producer writes it so): no delay within a partition.
         watermark=of.BoundedOutOfOrderness("event_time", max_delay_ms=0),
     )
-    (
-        events.key_by("user_id")
-        .window(of.windows.Tumbling(size_ms=WINDOW_MS))
-        .aggregate(count=of.agg.count(), total=of.agg.sum("amount"))
-        .sink(of.sinks.PostgresSink(dsn, table, mode="upsert", key_columns=["user_id", "window_start"], create=True),
-              name="features")
-    )
+    windows = (events.key_by("user_id").window(of.windows.Tumbling(size_ms=WINDOW_MS))
+               .aggregate(count=of.agg.count(), total=of.agg.sum("amount")))
+    if output_topic is not None:
+        windows.sink(of.sinks.KafkaSink(bootstrap_servers, output_topic, key="user_id"), name="features")
+    else:
+        assert dsn is not None, "give a PostgreSQL dsn or an output topic"
+        windows.sink(of.sinks.PostgresSink(dsn, table, mode="upsert", key_columns=["user_id", "window_start"],
+                                           create=True), name="features")
     return flow
 
 
@@ -103,6 +107,30 @@ def read_table(dsn: str, table: str = "user_features") -> pa.Table:
         (pa.int64(), pa.int64(), pa.int64(), pa.int64(), pa.float64()), strict=True)})
 
 
+def read_topic(bootstrap_servers: str, topic: str) -> pa.Table:
+    """Return the committed feature rows of ``topic`` (read_committed), sorted like :func:`read_table`."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "kafka-features-check",
+                         "isolation.level": "read_committed", "enable.auto.commit": False,
+                         "enable.partition.eof": True})
+    try:
+        partitions = list(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        rows, ended = [], set()
+        while len(ended) < len(partitions):
+            for message in consumer.consume(10_000, timeout=1.0):
+                if message.error() is None:
+                    rows.append(json.loads(message.value()))
+                elif message.error().code() == KafkaError._PARTITION_EOF:
+                    ended.add(message.partition())
+    finally:
+        consumer.close()
+    schema = pa.schema([("user_id", pa.int64()), ("window_start", pa.int64()), ("window_end", pa.int64()),
+                        ("count", pa.int64()), ("total", pa.float64())])
+    return pa.Table.from_pylist(rows, schema).sort_by([("window_start", "ascending"), ("user_id", "ascending")])
+
+
 def matches_reference(table: pa.Table, events: int) -> bool:
     """Whether the feature table holds exactly the reference rows for the first ``events`` events."""
     expected = feature_window_reference(events, window_ms=WINDOW_MS)
@@ -118,7 +146,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap-servers", required=True, help="Kafka brokers, host:port[,...]")
     parser.add_argument("--topic", required=True)
-    parser.add_argument("--dsn", required=True, help="PostgreSQL connection string")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--dsn", help="PostgreSQL connection string: upsert the features into --table")
+    target.add_argument("--output-topic", help="publish the features to this Kafka topic instead (it must exist)")
     parser.add_argument("--table", default="user_features")
     parser.add_argument("--produce", type=int, default=0, metavar="N",
                         help="first write N demo events to the topic (created with --partitions if missing), "
@@ -135,16 +165,20 @@ def main() -> None:
     if args.produce:
         produce(args.bootstrap_servers, args.topic, args.produce, args.partitions)
     storage = args.checkpoints or tempfile.mkdtemp(prefix="onceflow-checkpoints-")
-    result = of.run(build(args.bootstrap_servers, args.topic, args.dsn, args.table, follow=args.follow),
+    result = of.run(build(args.bootstrap_servers, args.topic, args.dsn, args.table, output_topic=args.output_topic,
+                          follow=args.follow),
                     parallelism=args.parallelism, address=args.address,
                     checkpoint=of.CheckpointConfig(interval_s=args.checkpoint_interval, storage=storage))
     m = result.metrics
-    print(f"kafka-features: {m['events_in']:,} events -> {m['events_out']:,} (user, window) upserts into {args.table}")
+    target = f"topic {args.output_topic}" if args.output_topic else args.table
+    print(f"kafka-features: {m['events_in']:,} events -> {m['events_out']:,} (user, window) rows into {target}")
     print(f"  {m['events_per_s']:,.0f} events/s over {m['duration_s']:.2f} s, {m['checkpoints_completed']} "
           f"checkpoint(s) in {storage}")
     if args.produce:
-        ok = matches_reference(read_table(args.dsn, args.table), args.produce)
-        print("  the table matches the numpy reference" if ok else "  THE TABLE DIFFERS FROM THE REFERENCE")
+        found = read_topic(args.bootstrap_servers, args.output_topic) if args.output_topic \
+            else read_table(args.dsn, args.table)
+        ok = matches_reference(found, args.produce)
+        print("  the output matches the numpy reference" if ok else "  THE OUTPUT DIFFERS FROM THE REFERENCE")
         if not ok:
             raise SystemExit(1)
 

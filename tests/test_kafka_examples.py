@@ -40,3 +40,17 @@ def test_the_feature_table_equals_the_reference(kafka: KafkaServer, postgres: Po
     found = features.read_table(postgres.dsn, table)
     assert sum(found["count"].to_pylist()) == EVENTS
     assert features.matches_reference(found, EVENTS)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_features_published_to_kafka_equal_the_reference(kafka: KafkaServer, tmp_path: Path) -> None:
+    features = example()
+    topic, output = f"features-in-{time.monotonic_ns()}", f"features-out-{time.monotonic_ns()}"
+    features.produce(kafka.bootstrap_servers, topic, EVENTS, partitions=4)
+    kafka.create_topic(output, 3)
+    result = of.run(features.build(kafka.bootstrap_servers, topic, None, output_topic=output, batch_size=2_000),
+                    parallelism=2, checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path)))
+    assert result.metrics["events_in"] == EVENTS
+    found = features.read_topic(kafka.bootstrap_servers, output)
+    assert sum(found["count"].to_pylist()) == EVENTS
+    assert features.matches_reference(found, EVENTS)
