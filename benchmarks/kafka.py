@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
 from benchmarks.common import pyplot, save_figure, start_ray, write_json
-from onceflow.testing.workload import feature_events
+from examples.kafka_features import produce as produce_feature_events
 from tests.kafka_server import KafkaServer
 
 SCHEMA = pa.schema([("user_id", pa.int64()), ("amount", pa.float64()), ("event_time", pa.int64())])
@@ -48,21 +48,9 @@ BATCH = 10_000
 
 
 def produce(bootstrap_servers: str, topic: str, events: int) -> float:
-    """Write the events, event *i* to partition ``i % 2``; return the seconds it took."""
-    from confluent_kafka import Producer
-
+    """Write the events as the example does (event *i* to partition ``i % 2``); return the seconds it took."""
     started = time.perf_counter()
-    producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20, "batch.num.messages": 10_000})
-    for start in range(0, events, 100_000):
-        for i, row in enumerate(feature_events(start, min(100_000, events - start)).to_pylist(), start):
-            while True:
-                try:
-                    producer.produce(topic, json.dumps(row).encode(), partition=i % PARTITIONS)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-        producer.poll(0)
-    assert producer.flush(120) == 0
+    produce_feature_events(bootstrap_servers, topic, events, PARTITIONS)
     return time.perf_counter() - started
 
 

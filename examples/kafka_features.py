@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 import onceflow as of
+from onceflow.operators.kafka_client import produce_waiting
 from onceflow.testing.workload import feature_events, feature_window_reference
 
 SCHEMA = pa.schema([("user_id", pa.int64()), ("amount", pa.float64()), ("event_time", pa.int64())])
@@ -80,12 +81,7 @@ def produce(bootstrap_servers: str, topic: str, events: int, partitions: int = 4
     producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20})
     for start in range(0, events, chunk):
         for i, row in enumerate(feature_events(start, min(chunk, events - start)).to_pylist(), start):
-            while True:
-                try:
-                    producer.produce(topic, json.dumps(row).encode(), partition=i % count)
-                    break
-                except BufferError:
-                    producer.poll(0.1)
+            produce_waiting(producer, topic, json.dumps(row).encode(), partition=i % count)
         producer.poll(0)
     if producer.flush(60) != 0:
         msg = f"kafka features: {topic!r} did not take every event within 60 s"

@@ -93,6 +93,7 @@ from onceflow.checkpoint.two_phase_commit import (
     unsupported_version,
 )
 from onceflow.errors import PlanError, SinkCommitError
+from onceflow.operators.kafka_client import confluent_kafka, produce_waiting
 from onceflow.operators.sinks.naming import escape_field, split_fields
 
 if TYPE_CHECKING:
@@ -108,13 +109,7 @@ _MARKER_SUFFIX = ".onceflow-commits"
 
 
 def _kafka(topic: str) -> Any:
-    """Import confluent_kafka, or say how to install it."""
-    try:
-        import confluent_kafka
-    except ImportError as error:
-        msg = f"kafka sink {topic!r}: confluent-kafka is not installed; pip install 'onceflow[kafka]'"
-        raise PlanError(msg) from error
-    return confluent_kafka
+    return confluent_kafka(f"kafka sink {topic!r}")
 
 
 def _json_default(value: Any) -> Any:
@@ -364,12 +359,7 @@ def _produce_rows(producer: Producer, topic: str, key: str | None, batch: pa.Rec
     for i, row in enumerate(batch.to_pylist()):
         value = json.dumps(row, default=_json_default, separators=(",", ":")).encode()
         message_key = _message_key(keys[i]) if keys is not None else None
-        while True:
-            try:
-                producer.produce(topic, value, key=message_key, on_delivery=deliveries.on_row)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, topic, value, key=message_key, on_delivery=deliveries.on_row)
     producer.poll(0)
 
 

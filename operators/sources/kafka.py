@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.json as pajson
 
 from onceflow.errors import DataError, OperatorError, PlanError
+from onceflow.operators.kafka_client import confluent_kafka
 from onceflow.operators.sources.base import (
     Idle,
     PerSplitWatermarks,
@@ -67,13 +68,7 @@ _FIXED_CONFIG = {"enable.auto.commit": False, "enable.auto.offset.store": False,
 
 
 def _kafka(topic: str) -> Any:
-    """Import confluent_kafka, or say how to install it."""
-    try:
-        import confluent_kafka
-    except ImportError as error:
-        msg = f"kafka source {topic!r}: confluent-kafka is not installed; pip install 'onceflow[kafka]'"
-        raise PlanError(msg) from error
-    return confluent_kafka
+    return confluent_kafka(f"kafka source {topic!r}")
 
 
 class KafkaSource(Source):
