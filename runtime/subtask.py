@@ -551,6 +551,8 @@ class OperatorSubtask(Subtask):
                                 feedback=vertex.feedback_channels)
         self._loop_inputs = self._plan.loop_input_channels(vertex.id)
         """The input channels from subtasks of this vertex's loop (none off a loop)."""
+        self._outside_inputs = sorted(set(range(vertex.input_channels)) - set(self._loop_inputs))
+        """The other input channels: a loop ends only once these ended."""
         self._loop_closed = False
         """A loop head ended its output (:meth:`end_loop`); what comes round now is only the end."""
         if restored.get(INPUT_WATERMARKS):
@@ -694,14 +696,13 @@ class OperatorSubtask(Subtask):
         loop = self._vertex.loop
         async with self._lock:
             into_loop = [g for g in self._all_gates if self._plan.vertices[g.spec.target].loop == loop]
-            outside = [c for c in range(self._vertex.input_channels) if c not in set(self._loop_inputs)]
             return LoopStatus(
                 self.task,
                 # Barriers alone do not count: they carry no rows, and checkpoints would keep the loop going.
                 sent=sum(g.data_messages for g in into_loop),
                 processed=self._input.data_applied(self._loop_inputs),
                 idle=self._input.idle and not any(g.pending for g in into_loop),
-                inputs_ended=self._input.ended(outside),
+                inputs_ended=self._input.ended(self._outside_inputs),
             )
 
     async def end_loop(self) -> None:
