@@ -19,8 +19,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-__all__ = ["KafkaServer", "noida_db"]
+__all__ = ["KafkaServer", "noida_db", "open_transactions", "read_messages"]
 
 
 def noida_db() -> Path:
@@ -90,6 +91,14 @@ class KafkaServer:
         for future in admin.create_topics([NewTopic(topic, num_partitions=partitions)]).values():
             future.result(timeout=30)
 
+    def read(self, topic: str, isolation: str = "read_committed") -> list[Any]:
+        """Every message of ``topic`` (see :func:`read_messages`)."""
+        return read_messages(self.bootstrap_servers, topic, isolation)
+
+    def open_transactions(self, topic: str) -> list[int]:
+        """The partitions of ``topic`` an open transaction holds back (see :func:`open_transactions`)."""
+        return open_transactions(self.bootstrap_servers, topic)
+
     def destroy(self) -> None:
         """Stop the broker and delete its files."""
         if self._process is not None and self._process.poll() is None:
@@ -100,3 +109,51 @@ class KafkaServer:
                 self._process.kill()
                 self._process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def read_messages(bootstrap_servers: str, topic: str, isolation: str = "read_committed",
+                  timeout_s: float = 30.0) -> list[Any]:
+    """Every message of ``topic`` up to each partition's end (the last stable offset under read_committed)."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "onceflow-tests",
+                         "enable.partition.eof": True, "isolation.level": isolation, "enable.auto.commit": False})
+    try:
+        partitions = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        messages: list[Any] = []
+        ended: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(ended) < len(partitions):
+            if time.monotonic() > deadline:
+                msg = f"{topic} was not read to its end within {timeout_s} s"
+                raise TimeoutError(msg)
+            for message in consumer.consume(10_000, timeout=0.5):
+                error = message.error()
+                if error is None:
+                    messages.append(message)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    ended.add(message.partition() or 0)
+                else:
+                    raise RuntimeError(f"reading {topic}: {error}")
+        return messages
+    finally:
+        consumer.close()
+
+
+def open_transactions(bootstrap_servers: str, topic: str) -> list[int]:
+    """Partitions of ``topic`` whose last stable offset is behind the high watermark (a transaction is open)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    def ends(isolation: str) -> list[int]:
+        consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "onceflow-tests",
+                             "isolation.level": isolation})
+        try:
+            partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+            return [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+                    for p in partitions]
+        finally:
+            consumer.close()
+
+    return [p for p, (stable, high) in enumerate(zip(ends("read_committed"), ends("read_uncommitted"), strict=True))
+            if stable < high]

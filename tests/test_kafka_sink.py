@@ -13,7 +13,6 @@ import msgpack
 import pyarrow as pa
 import pytest
 import ray
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 import onceflow as of
 from onceflow.checkpoint.storage import CheckpointStorage
@@ -35,47 +34,8 @@ def new_topic(kafka: KafkaServer, partitions: int) -> str:
     return name
 
 
-def read_topic(kafka: KafkaServer, topic: str, isolation: str = "read_committed") -> list[Any]:
-    """Every message of ``topic`` up to each partition's end (the last stable offset under read_committed)."""
-    consumer = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": "sink-tests",
-                         "enable.partition.eof": True, "isolation.level": isolation, "enable.auto.commit": False})
-    partitions = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    messages: list[Any] = []
-    ended: set[int] = set()
-    deadline = time.monotonic() + 30
-    while len(ended) < len(partitions):
-        assert time.monotonic() < deadline, f"{topic} was not read to its end in time"
-        message = consumer.poll(0.5)
-        if message is None:
-            continue
-        error = message.error()
-        if error is not None:
-            assert error.code() == KafkaError._PARTITION_EOF, error
-            ended.add(message.partition() or 0)
-            continue
-        messages.append(message)
-    consumer.close()
-    return messages
-
-
 def ids(messages: list[Any]) -> list[int]:
     return sorted(json.loads(m.value())["id"] for m in messages)
-
-
-def open_transactions(kafka: KafkaServer, topic: str) -> list[int]:
-    """Partitions of ``topic`` whose last stable offset is behind the high watermark (a transaction is open)."""
-    committed = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": "sink-tests",
-                          "isolation.level": "read_committed"})
-    uncommitted = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": "sink-tests",
-                            "isolation.level": "read_uncommitted"})
-    partitions = list(committed.list_topics(topic, timeout=10).topics[topic].partitions)
-    behind = [p for p in partitions
-              if committed.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-              < uncommitted.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]]
-    committed.close()
-    uncommitted.close()
-    return behind
 
 
 def batch(start: int, stop: int) -> pa.RecordBatch:
@@ -102,10 +62,10 @@ def test_pre_committed_rows_are_invisible_until_the_commit_then_visible_once(kaf
     writer.write(batch(60, 100))
     committables = writer.prepare_commit(1)
     assert [c.checkpoint for c in committables] == [1]
-    assert read_topic(kafka, topic) == []
-    assert ids(read_topic(kafka, topic, "read_uncommitted")) == list(range(100)), "nothing was produced"
+    assert kafka.read(topic) == []
+    assert ids(kafka.read(topic, "read_uncommitted")) == list(range(100)), "nothing was produced"
     sink.create_committer(ctx).commit(committables)
-    messages = read_topic(kafka, topic)
+    messages = kafka.read(topic)
     assert ids(messages) == list(range(100))
     assert {m.key() for m in messages} == {str(i).encode() for i in range(100)}
     by_key = collections.defaultdict(set)
@@ -115,8 +75,8 @@ def test_pre_committed_rows_are_invisible_until_the_commit_then_visible_once(kaf
     assert writer.prepare_commit(2) == [], "a checkpoint without rows pre-commits nothing"
     writer.close()
     sink.create_committer(ctx).commit(stored(committables, sink))  # committed before: a no-op
-    assert ids(read_topic(kafka, topic)) == list(range(100))
-    assert open_transactions(kafka, topic) == []
+    assert ids(kafka.read(topic)) == list(range(100))
+    assert kafka.open_transactions(topic) == []
 
 
 def test_an_aborted_writer_s_rows_are_never_visible_to_read_committed(kafka: KafkaServer) -> None:
@@ -129,8 +89,8 @@ def test_an_aborted_writer_s_rows_are_never_visible_to_read_committed(kafka: Kaf
     writer.abort()
     writer.write(batch(10, 20))
     sink.create_committer(ctx).commit(writer.prepare_commit(2))
-    assert ids(read_topic(kafka, topic)) == list(range(20))
-    assert ids(read_topic(kafka, topic, "read_uncommitted")) == [*range(20), *range(100, 150)]
+    assert ids(kafka.read(topic)) == list(range(20))
+    assert ids(kafka.read(topic, "read_uncommitted")) == [*range(20), *range(100, 150)]
     writer.close()
 
 
@@ -143,16 +103,16 @@ def test_a_commit_lost_in_a_crash_is_made_once_by_recovery_even_twice(kafka: Kaf
     writer.write(batch(50, 70))  # the next transaction, open when the process dies
     writer.flush(end_of_input=False)
     writer.close()
-    assert read_topic(kafka, topic) == []
+    assert kafka.read(topic) == []
     recovered = stored(committables, sink)
     resolve_sink_operator(sink, ctx, recovered, recovered)
-    assert ids(read_topic(kafka, topic)) == list(range(50))
+    assert ids(kafka.read(topic)) == list(range(50))
     resolve_sink_operator(sink, ctx, recovered, recovered)
-    assert ids(read_topic(kafka, topic)) == list(range(50)), "a second recovery produced the rows again"
-    uncommitted = ids(read_topic(kafka, topic, "read_uncommitted"))
+    assert ids(kafka.read(topic)) == list(range(50)), "a second recovery produced the rows again"
+    uncommitted = ids(kafka.read(topic, "read_uncommitted"))
     assert uncommitted == sorted([*range(50), *range(50), *range(50, 70)]), "the replay path did not run"
-    assert open_transactions(kafka, topic) == []
-    assert open_transactions(kafka, sink.marker_topic) == []
+    assert kafka.open_transactions(topic) == []
+    assert kafka.open_transactions(sink.marker_topic) == []
     assert sink.create_committer(ctx).lingering() == []
 
 
@@ -167,8 +127,8 @@ def test_a_commit_made_before_the_crash_is_not_made_again_by_recovery(kafka: Kaf
     recovered = stored(committables, sink)
     resolve_sink_operator(sink, ctx, recovered, recovered)
     resolve_sink_operator(sink, ctx, recovered, recovered)
-    assert ids(read_topic(kafka, topic)) == list(range(40))
-    assert ids(read_topic(kafka, topic, "read_uncommitted")) == list(range(40)), "recovery produced it again"
+    assert ids(kafka.read(topic)) == list(range(40))
+    assert ids(kafka.read(topic, "read_uncommitted")) == list(range(40)), "recovery produced it again"
 
 
 def test_recovery_aborts_an_open_transaction_and_a_pre_committed_one_not_in_the_checkpoint(kafka: KafkaServer) -> None:
@@ -181,11 +141,11 @@ def test_recovery_aborts_an_open_transaction_and_a_pre_committed_one_not_in_the_
     second.flush(end_of_input=False)
     first.close()
     second.close()
-    assert open_transactions(kafka, topic) != []
+    assert kafka.open_transactions(topic) != []
     assert sink.create_committer(ctx).lingering() == [KafkaSink.transactional_id(other, 0)]
     resolve_sink_operator(sink, SinkContext(ctx.job, ctx.operator, 0, 1), [], [])
-    assert open_transactions(kafka, topic) == [] and open_transactions(kafka, sink.marker_topic) == []
-    assert read_topic(kafka, topic) == []
+    assert kafka.open_transactions(topic) == [] and kafka.open_transactions(sink.marker_topic) == []
+    assert kafka.read(topic) == []
 
 
 def test_bad_options_and_a_missing_topic_are_plan_errors(kafka: KafkaServer) -> None:
@@ -222,10 +182,10 @@ def kafka_flow(job: str, sink: KafkaSink) -> of.Dataflow:
 
 
 def assert_exactly_once_in(kafka: KafkaServer, sink: KafkaSink, job: str) -> None:
-    rows = [json.loads(m.value()) for m in read_topic(kafka, sink.topic)]
+    rows = [json.loads(m.value()) for m in kafka.read(sink.topic)]
     assert_feature_reference(pa.Table.from_pylist(rows, SCHEMA), TOTAL)
-    assert open_transactions(kafka, sink.topic) == [], "a transaction of the job is still open"
-    assert open_transactions(kafka, sink.marker_topic) == []
+    assert kafka.open_transactions(sink.topic) == [], "a transaction of the job is still open"
+    assert kafka.open_transactions(sink.marker_topic) == []
     assert sink.create_committer(SinkContext(job, "out", 0, 2)).lingering() == []
 
 
@@ -240,11 +200,11 @@ def test_a_killed_sink_subtask_changes_nothing_committed_to_kafka(kafka: KafkaSe
     killed: dict[str, Any] = {}
     try:
         wait_until(store.completed_ids, timeout_s=30, what="a first checkpoint")
-        wait_until(lambda: read_topic(kafka, sink.topic), timeout_s=30, what="a first committed window")
+        wait_until(lambda: kafka.read(sink.topic), timeout_s=30, what="a first committed window")
         name = handle.actor_names[-1]  # the last vertex, which the sink ends
         ray.kill(ray.get_actor(name, namespace="onceflow"), no_restart=True)
         killed["name"] = name
-        killed["committed"] = len(read_topic(kafka, sink.topic))
+        killed["committed"] = len(kafka.read(sink.topic))
     finally:
         result = handle.wait(timeout_s=120)
     assert killed["name"].startswith(f"{job}/") and killed["name"] != handle.actor_names[0], killed["name"]
@@ -271,9 +231,9 @@ def test_a_sink_that_dies_after_its_checkpoint_completed_before_its_commit(kafka
     assert fired, "the failpoint was never reached"
     # A crash at the commit of the final checkpoint may be resolved as the job ends, without a restart.
     assert_exactly_once_in(kafka, sink, job)
-    tokens = collections.Counter(json.loads(m.value())["token"] for m in read_topic(kafka, sink.marker_topic))
+    tokens = collections.Counter(json.loads(m.value())["token"] for m in kafka.read(sink.marker_topic))
     written = collections.Counter(json.loads(m.value())["token"]
-                                  for m in read_topic(kafka, sink.marker_topic, "read_uncommitted"))
+                                  for m in kafka.read(sink.marker_topic, "read_uncommitted"))
     assert set(tokens.values()) == {1}, "a transaction committed twice"
     if result.metrics["restarts"]:  # recovered by a restart: the lost transaction was produced again
         assert any(n > 1 and tokens[t] == 1 for t, n in written.items()), "nothing was produced again"
