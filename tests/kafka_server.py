@@ -4,8 +4,12 @@ Apache Kafka cannot be installed on these machines (no JVM package registry);
 the ``noida-db`` package (PyPI: one native binary) serves the Kafka protocol,
 transactions, ``read_committed``, producer fencing and
 ``send_offsets_to_transaction`` included. Its limits, which the tests must not
-lean on: one node without replication, and it never aborts a transaction on
-``transaction.timeout.ms`` by itself. Clients are the real librdkafka
+lean on: one node without replication; it never aborts a transaction on
+``transaction.timeout.ms`` by itself; and a ``read_committed`` fetch that
+starts after an aborted transaction is still told about it, so librdkafka
+drops every later record of that producer id (Apache Kafka reports only
+aborted transactions reaching into the fetched range): read a topic that has
+aborted transactions from its start. Clients are the real librdkafka
 (confluent-kafka).
 """
 
@@ -21,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KafkaServer", "noida_db", "open_transactions", "read_messages"]
+__all__ = ["KafkaServer", "create_topic", "noida_db", "open_transactions", "read_messages", "topic_exists"]
 
 
 def noida_db() -> Path:
@@ -85,11 +89,7 @@ class KafkaServer:
 
     def create_topic(self, topic: str, partitions: int = 2) -> None:
         """Create ``topic`` with ``partitions`` partitions and wait until it exists."""
-        from confluent_kafka.admin import AdminClient, NewTopic
-
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
-        for future in admin.create_topics([NewTopic(topic, num_partitions=partitions)]).values():
-            future.result(timeout=30)
+        create_topic(self.bootstrap_servers, topic, partitions)
 
     def read(self, topic: str, isolation: str = "read_committed") -> list[Any]:
         """Every message of ``topic`` (see :func:`read_messages`)."""
@@ -111,6 +111,22 @@ class KafkaServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def create_topic(bootstrap_servers: str, topic: str, partitions: int) -> None:
+    """Create ``topic`` with ``partitions`` partitions and wait until it exists."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    for future in admin.create_topics([NewTopic(topic, num_partitions=partitions)]).values():
+        future.result(timeout=30)
+
+
+def topic_exists(bootstrap_servers: str, topic: str) -> bool:
+    """Whether the broker knows ``topic``."""
+    from confluent_kafka.admin import AdminClient
+
+    return topic in AdminClient({"bootstrap.servers": bootstrap_servers}).list_topics(timeout=30).topics
+
+
 def read_messages(bootstrap_servers: str, topic: str, isolation: str = "read_committed",
                   timeout_s: float = 30.0) -> list[Any]:
     """Every message of ``topic`` up to each partition's end (the last stable offset under read_committed)."""
@@ -128,7 +144,7 @@ def read_messages(bootstrap_servers: str, topic: str, isolation: str = "read_com
             if time.monotonic() > deadline:
                 msg = f"{topic} was not read to its end within {timeout_s} s"
                 raise TimeoutError(msg)
-            for message in consumer.consume(10_000, timeout=0.5):
+            for message in consumer.consume(10_000, timeout=0.1):
                 error = message.error()
                 if error is None:
                     messages.append(message)

@@ -237,3 +237,27 @@ def test_a_sink_that_dies_after_its_checkpoint_completed_before_its_commit(kafka
     assert set(tokens.values()) == {1}, "a transaction committed twice"
     if result.metrics["restarts"]:  # recovered by a restart: the lost transaction was produced again
         assert any(n > 1 and tokens[t] == 1 for t, n in written.items()), "nothing was produced again"
+
+
+def test_recovery_finds_commits_made_after_aborted_transactions_of_the_same_ids(kafka: KafkaServer) -> None:
+    """A crashed attempt's transactions were aborted; the next attempt committed: recovery must not produce again."""
+    topic, sink, _ = setup(kafka)
+    first, second = SinkContext(f"job-{topic}", "sink_1", 0, 2), SinkContext(f"job-{topic}", "sink_1", 1, 2)
+    crashed = [sink.create_writer(first), sink.create_writer(second)]
+    crashed[0].write(batch(0, 10))
+    crashed[1].write(batch(10, 20))
+    for writer in crashed:
+        writer.prepare_commit(1)  # checkpoint 1 never completes
+        writer.close()
+    resolve_sink_operator(sink, first, [], [])  # aborts both by fencing their ids
+    writers = [sink.create_writer(first), sink.create_writer(second)]
+    writers[1].write(batch(10, 20))
+    writers[0].write(batch(0, 10))
+    committables = writers[1].prepare_commit(2) + writers[0].prepare_commit(2)
+    sink.create_committer(first).commit(committables)
+    for writer in writers:
+        writer.close()
+    recovered = stored(committables, sink)
+    resolve_sink_operator(sink, first, recovered, recovered)
+    assert ids(kafka.read(topic)) == list(range(20)), "recovery produced a committed transaction again"
+    assert ids(kafka.read(topic, "read_uncommitted")) == sorted([*range(20), *range(20)])
