@@ -328,3 +328,57 @@ def test_a_partition_without_data_stalls_windows_unless_it_goes_idle(kafka: Kafk
             assert sink.rows() == []
     finally:
         handle.cancel()
+
+
+def partition_spread(reader: SourceReader, batches: int) -> list[int]:
+    """After each of ``batches`` reads, how far apart partitions 0 and 1 are in event time (ms; -1 before any)."""
+    spreads = []
+    watermarks = reader.split_watermarks(of.BoundedOutOfOrderness("t"), None)  # type: ignore[attr-defined]
+    for _ in range(batches):
+        read_batches(reader, limit=1)
+        times = watermarks.split_max_event_times()
+        spreads.append(abs(times.get(0, -1) - times.get(1, -1)))
+    return spreads
+
+
+def test_a_reader_keeps_its_partitions_in_step_in_event_time(kafka: KafkaServer) -> None:
+    # A backlog in two partitions, each in event-time order: the client hands out long runs of one partition.
+    topic = new_topic(kafka, 2)
+    schema = pa.schema([("id", pa.int64()), ("t", pa.int64())])
+    produce(kafka, topic, [json.dumps({"id": i, "t": i}).encode() for i in range(8_000)], 2)
+    unaligned = KafkaSource(kafka.bootstrap_servers, topic, schema, stop_at="end", batch_size=100,
+                            max_partition_skew_ms=None).build(SourceContext("events"))
+    assert max(partition_spread(unaligned, 30)) > 2_000, "the client interleaved the partitions by itself"
+    unaligned.close()
+    source = KafkaSource(kafka.bootstrap_servers, topic, schema, stop_at="end", batch_size=100,
+                         max_partition_skew_ms=300)
+    reader = source.build(SourceContext("events"))
+    spreads = partition_spread(reader, 30)
+    # A partition is paused once it is 300 ms ahead; a batch read before the pause adds at most 200 ms
+    # (the first batch, before the other partition delivered anything, spans 200 ms from -1).
+    assert max(spreads) <= 300 + 200, spreads
+    rest = read_batches(reader)
+    assert reader.read() is None
+    resumed = source.build(SourceContext("events"))
+    assert sorted(ids(read_batches(resumed))) == list(range(8_000)), "pausing changed what was read"
+    assert rest and reader.offset()["partitions"] == [[0, 4_000], [1, 4_000]]
+
+
+def test_a_partition_at_its_end_does_not_hold_the_others(kafka: KafkaServer) -> None:
+    topic = new_topic(kafka, 2)
+    schema = pa.schema([("id", pa.int64()), ("t", pa.int64())])
+    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+    producer.produce(topic, json.dumps({"id": 0, "t": 0}).encode(), partition=1)  # partition 1: one old event
+    for i in range(1, 2_001):
+        producer.produce(topic, json.dumps({"id": i, "t": 10 * i}).encode(), partition=0)
+    assert producer.flush(30) == 0
+    reader = KafkaSource(kafka.bootstrap_servers, topic, schema, batch_size=100,
+                         max_partition_skew_ms=100).build(SourceContext("events"))
+    reader.split_watermarks(of.BoundedOutOfOrderness("t"), None)
+    found: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(found) < 2_001:  # unbounded: partition 1 is caught up, not ended, and far behind
+        assert time.monotonic() < deadline, f"partition 0 was held back after {len(found)} rows"
+        found += ids(read_batches(reader, limit=1, timeout_s=30))
+    assert sorted(found) == list(range(2_001))
+    reader.close()

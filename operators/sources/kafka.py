@@ -27,12 +27,25 @@ read side by side and may run apart, so a reader's watermark is the lowest
 over its partitions, and with ``idle_timeout_s`` a partition that delivered
 nothing for that long stops holding it back until it delivers again. Each
 partition's largest event time is kept in the offset beside its position.
+
+Partitions are aligned in event time. The client delivers a reader's
+partitions in large runs (a whole backlog of one before the next), so the
+reader's watermark, the lowest over its partitions, would stand still until
+the first partition's backlog is read, while windows hold everything read so
+far. With a watermark the reader therefore *pauses* a partition whose largest
+event time runs more than ``max_partition_skew_ms`` ahead of the slowest
+partition that still has messages to read, and resumes it once that one has
+caught up (Flink's split-level watermark alignment). A partition read to its
+end (or its ``stop_at`` end) does not count as slowest, so a quiet partition
+never holds the others; the slowest partition is never paused, so reading
+always progresses. Pausing only changes the order of reads, never what is
+read: positions advance by the messages returned.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -93,6 +106,10 @@ class KafkaSource(Source):
             messages a partition stops holding the reader's watermark back
             (until it delivers again); ``None`` (default): never, a quiet
             partition stalls event time.
+        max_partition_skew_ms: with a watermark, how far (event time, ms) a
+            reader lets one of its partitions run ahead of the slowest one that
+            still has messages to read before it pauses it (see the module
+            docstring); ``None`` reads partitions as the client delivers them.
         isolation_level: ``"read_committed"`` (skip aborted transactions) or
             ``"read_uncommitted"``.
         metadata_timeout_s: how long a metadata or offset lookup may take
@@ -125,6 +142,7 @@ class KafkaSource(Source):
         poll_timeout_s: float = 0.02,
         idle_s: float = 0.05,
         idle_timeout_s: float | None = None,
+        max_partition_skew_ms: int | None = 10_000,
         isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed",
         metadata_timeout_s: float = 10.0,
         group_id: str | None = None,
@@ -149,6 +167,11 @@ class KafkaSource(Source):
         if idle_timeout_s is not None and idle_timeout_s <= 0:
             msg = f"kafka source {topic!r}: idle_timeout_s must be > 0 or None, got {idle_timeout_s}"
             raise PlanError(msg)
+        if max_partition_skew_ms is not None and (not isinstance(max_partition_skew_ms, int)
+                                                  or max_partition_skew_ms < 0):
+            msg = (f"kafka source {topic!r}: max_partition_skew_ms must be an int >= 0 or None, "
+                   f"got {max_partition_skew_ms!r}")
+            raise PlanError(msg)
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.schema = schema if format == "json" else KAFKA_RAW_SCHEMA
@@ -158,6 +181,7 @@ class KafkaSource(Source):
         self.poll_timeout_s = poll_timeout_s
         self.idle_s = idle_s
         self.idle_timeout_s = idle_timeout_s
+        self.max_partition_skew_ms = max_partition_skew_ms
         self.isolation_level = isolation_level
         self.metadata_timeout_s = metadata_timeout_s
         self.group_id = group_id or f"onceflow-{topic}"
@@ -250,6 +274,34 @@ class KafkaSource(Source):
         return int(low), int(high)
 
 
+def partitions_to_pause(times: Mapping[int, int], readable: Iterable[int], max_skew_ms: int) -> set[int]:
+    """Return the readable partitions to pause: those more than ``max_skew_ms`` ahead of the slowest readable one.
+
+    Args:
+        times: each partition's largest event time seen (a partition not in it has delivered nothing yet).
+        readable: the partitions with messages left to read (neither at their end nor caught up).
+        max_skew_ms: how far ahead of the slowest a partition may run.
+
+    A readable partition without an event time is the slowest of all: the
+    others wait until it delivers (or turns out to be empty).
+
+    Example:
+        >>> sorted(partitions_to_pause({0: 9_000, 1: 1_000, 2: 3_000}, [0, 1, 2], max_skew_ms=2_000))
+        [0]
+        >>> sorted(partitions_to_pause({0: 9_000, 1: 1_000}, [0], max_skew_ms=2_000))  # 1 is at its end
+        []
+        >>> sorted(partitions_to_pause({0: 9_000}, [0, 1], max_skew_ms=2_000))  # 1 has not delivered yet
+        [0]
+    """
+    readable = set(readable)
+    if any(p not in times for p in readable):
+        return {p for p in readable if p in times}
+    if not readable:
+        return set()
+    slowest = min(times[p] for p in readable)
+    return {p for p in readable if times[p] > slowest + max_skew_ms}
+
+
 class KafkaSourceReader(SourceReader, PerSplitWatermarks):
     """Reads one subtask's partitions of a :class:`KafkaSource` (built by :meth:`KafkaSource.build`).
 
@@ -273,6 +325,9 @@ class KafkaSourceReader(SourceReader, PerSplitWatermarks):
         self._ends = ends
         self._event_times = dict(event_times or {})
         self._watermarks: SplitWatermarkGenerator | None = None
+        self._caught_up: set[int] = set()
+        """Partitions whose last event was the end of what is readable now."""
+        self._paused: set[int] = set()
         self._eof_code = _kafka(source.topic).KafkaError._PARTITION_EOF
         if source.format == "json":
             assert source.schema is not None
@@ -295,6 +350,7 @@ class KafkaSourceReader(SourceReader, PerSplitWatermarks):
                 # The end of what is readable now: past control records and aborted transactions too.
                 end = self._ends[partition] if self._ends is not None else at
                 self._positions[partition] = max(self._positions[partition], min(at, end))
+                self._caught_up.add(partition)
                 continue
             if self._ends is not None and at >= self._ends[partition]:
                 # After the end taken at start: not returned, so a resume reads it again.
@@ -302,12 +358,15 @@ class KafkaSourceReader(SourceReader, PerSplitWatermarks):
                 continue
             messages.append(message)
             self._positions[partition] = at + 1
+            self._caught_up.discard(partition)
         if not messages:
+            self._align()
             return Idle(self._source.idle_s) if not self._finished() else self.read()
         batch = self._decode(messages) if self._source.format == "json" else _raw_batch(messages)
         if self._watermarks is not None:
             partitions = np.fromiter((m.partition() for m in messages), dtype=np.int64, count=len(messages))
             self._watermarks.observe_batch(batch, partitions)
+        self._align()
         return batch
 
     def split_watermarks(self, strategy: BoundedOutOfOrderness, max_event_time: int | None) -> SplitWatermarkGenerator:
@@ -333,6 +392,21 @@ class KafkaSourceReader(SourceReader, PerSplitWatermarks):
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+
+    def _align(self) -> None:
+        """Pause the partitions running ahead in event time, resume those back in step (module docstring)."""
+        skew = self._source.max_partition_skew_ms
+        if skew is None or self._watermarks is None or self._consumer is None:
+            return
+        readable = [p for p in self._positions if p not in self._caught_up
+                    and (self._ends is None or self._positions[p] < self._ends[p])]
+        pause = partitions_to_pause(self._watermarks.split_max_event_times(), readable, skew)
+        kafka = _kafka(self._source.topic)
+        if pause - self._paused:
+            self._consumer.pause([kafka.TopicPartition(self._source.topic, p) for p in sorted(pause - self._paused)])
+        if self._paused - pause:
+            self._consumer.resume([kafka.TopicPartition(self._source.topic, p) for p in sorted(self._paused - pause)])
+        self._paused = pause
 
     def _finished(self) -> bool:
         if self._ends is None:
