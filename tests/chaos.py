@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import os
 import random
 import signal
@@ -139,14 +140,14 @@ def add_up(accumulated: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
 # -- references (failure-free output, in-process) ----------------------------------------------------
 
 
-def _window_reference(batches: Sequence[pa.RecordBatch]) -> pa.Table:
+def _window_reference(batches: Sequence[pa.RecordBatch], window_ms: int = WINDOW_MS) -> pa.Table:
     user = np.concatenate([b.column("user_id").to_numpy() for b in batches])
     amount = np.concatenate([b.column("amount").to_numpy() for b in batches])
-    window = np.concatenate([b.column("event_time").to_numpy() for b in batches]) // WINDOW_MS
+    window = np.concatenate([b.column("event_time").to_numpy() for b in batches]) // window_ms
     unique, inverse = np.unique(window * USERS + user, return_inverse=True)
-    start = (unique // USERS) * WINDOW_MS
+    start = (unique // USERS) * window_ms
     return pa.table({"user_id": (unique % USERS).astype(np.int64), "window_start": start.astype(np.int64),
-                     "window_end": (start + WINDOW_MS).astype(np.int64),
+                     "window_end": (start + window_ms).astype(np.int64),
                      "count": np.bincount(inverse).astype(np.int64),
                      "total": np.bincount(inverse, weights=amount).astype(np.int64)})
 
@@ -181,10 +182,12 @@ class Workspace:
     Attributes:
         root: a directory of its own.
         dsn: a libpq connection string, for shapes with PostgreSQL sinks.
+        kafka: the ``bootstrap.servers`` of a Kafka broker, for shapes that read and write Kafka.
     """
 
     root: Path
     dsn: str | None = None
+    kafka: str | None = None
 
     @property
     def storage(self) -> str:
@@ -199,11 +202,17 @@ class Workspace:
 
 @dataclass(frozen=True, slots=True)
 class SinkOutput:
-    """One sink's committed rows, as read back, and what it should hold."""
+    """One sink's committed rows, as read back, and what it should hold.
+
+    ``aborted``, where the sink writes rows that a failure can leave uncommitted
+    but still stored (Kafka transactions), counts those rows: a reader that
+    sees uncommitted data shows that the failures did reach the output.
+    """
 
     label: str
     read: Callable[[str, Workspace], pa.Table]
     reference: Callable[[], pa.Table]
+    aborted: Callable[[str, Workspace], int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +225,7 @@ class JobShape:
         outputs: each sink's committed output and reference.
         parallelism: the job's default parallelism.
         postgres: whether the job writes to PostgreSQL (needs ``Workspace.dsn``).
+        kafka: whether the job reads and writes Kafka (needs ``Workspace.kafka``).
     """
 
     name: str
@@ -223,6 +233,7 @@ class JobShape:
     outputs: tuple[SinkOutput, ...]
     parallelism: int = 2
     postgres: bool = False
+    kafka: bool = False
 
 
 def _table_name(job: str, suffix: str) -> str:
@@ -321,10 +332,105 @@ def _union_flow(job: str, workspace: Workspace) -> of.Dataflow:
     return flow
 
 
+# -- Kafka -> windows -> Kafka --------------------------------------------------------------------------
+
+KAFKA_PARTITIONS = 3
+KAFKA_SCHEMA = pa.schema([("user_id", pa.int64()), ("amount", pa.int64()), ("event_time", pa.int64())])
+KAFKA_WINDOW_MS = 500
+"""Short windows: at the pace below one fires about every 50 ms, so a transaction open at a kill holds rows."""
+KAFKA_PACE_PER_S = 5_000
+"""Rows per second each source subtask passes on: the input is in the topic from the start, so without a
+pace the job would end before a kill could land."""
+
+
+def kafka_topics(job: str) -> tuple[str, str]:
+    """The input and output topics of a Kafka schedule."""
+    return f"{job}-in", f"{job}-out"
+
+
+def _kafka_input(bootstrap_servers: str, topic: str) -> None:
+    """Create ``topic`` holding the window shape's events, unless it exists (a resumed run reads it again).
+
+    Event *i* goes to partition ``i % KAFKA_PARTITIONS``, so every partition is in event-time order.
+    """
+    from confluent_kafka import Producer
+
+    from onceflow.operators.kafka_client import produce_waiting
+    from tests.kafka_server import create_topic, topic_exists
+
+    if topic_exists(bootstrap_servers, topic):
+        return
+    create_topic(bootstrap_servers, topic, KAFKA_PARTITIONS)
+    producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20})
+    for i, row in enumerate(window_events(0, WINDOW_TOTAL).to_pylist()):
+        produce_waiting(producer, topic, json.dumps(row).encode(), partition=i % KAFKA_PARTITIONS)
+    if producer.flush(60) != 0:
+        msg = f"the input topic {topic!r} did not take every event within 60 s"
+        raise RuntimeError(msg)
+
+
+def pace(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Hold each batch as long as :data:`KAFKA_PACE_PER_S` allows."""
+    time.sleep(batch.num_rows / KAFKA_PACE_PER_S)
+    return batch
+
+
+def _kafka_flow(job: str, workspace: Workspace) -> of.Dataflow:
+    from tests.kafka_server import create_topic, topic_exists
+
+    assert workspace.kafka is not None
+    source_topic, sink_topic = kafka_topics(job)
+    _kafka_input(workspace.kafka, source_topic)
+    if not topic_exists(workspace.kafka, sink_topic):
+        create_topic(workspace.kafka, sink_topic, KAFKA_PARTITIONS)
+    flow = of.Dataflow(job)
+    events = flow.source(of.sources.KafkaSource(workspace.kafka, source_topic, KAFKA_SCHEMA, stop_at="end",
+                                                batch_size=500, max_partition_skew_ms=KAFKA_WINDOW_MS),
+                         watermark=of.BoundedOutOfOrderness("event_time"), name="events")
+    (events.map_batches(pace, name="pace").key_by("user_id").window(of.windows.Tumbling(size_ms=KAFKA_WINDOW_MS))
+     .aggregate(count=of.agg.count(), total=of.agg.sum("amount"), name="window")
+     .sink(of.sinks.KafkaSink(workspace.kafka, sink_topic, key="user_id", timeout_s=20), name="kafka_out"))
+    return flow
+
+
+def _read_kafka(isolation: str) -> Callable[[str, Workspace], list[Any]]:
+    def read(job: str, workspace: Workspace) -> list[Any]:
+        from tests.kafka_server import read_messages
+
+        assert workspace.kafka is not None
+        return [json.loads(m.value()) for m in read_messages(workspace.kafka, kafka_topics(job)[1], isolation)]
+
+    return read
+
+
+def _read_kafka_table(job: str, workspace: Workspace) -> pa.Table:
+    rows = _read_kafka("read_committed")(job, workspace)
+    return pa.Table.from_pylist(rows, pa.schema([(c, pa.int64()) for c in WINDOW_COLUMNS]))
+
+
+def _kafka_aborted(job: str, workspace: Workspace) -> int:
+    return len(_read_kafka("read_uncommitted")(job, workspace)) - len(_read_kafka("read_committed")(job, workspace))
+
+
+def _kafka_leftovers(job: str, workspace: Workspace) -> list[str]:
+    from tests.kafka_server import open_transactions
+
+    assert workspace.kafka is not None
+    topic = kafka_topics(job)[1]
+    found = []
+    for name in (topic, topic + ".onceflow-commits"):
+        held = open_transactions(workspace.kafka, name)
+        if held:
+            found.append(f"open Kafka transactions hold back partitions {held} of {name}")
+    return found
+
+
 @functools.cache
 def _reference(shape: str, output: str) -> pa.Table:
     if shape == "window-parquet":
         return _window_reference([window_events(0, WINDOW_TOTAL)])
+    if shape == "kafka-kafka":
+        return _window_reference([window_events(0, WINDOW_TOTAL)], KAFKA_WINDOW_MS)
     if shape == "keyed-postgres":
         batch = keyed_events(0, KEYED_TOTAL)
         return _running_reference(batch) if output == "running" else _totals_reference(batch)
@@ -356,10 +462,15 @@ SHAPES: dict[str, JobShape] = {
                    functools.partial(_reference, "union-postgres", "")),), postgres=True),
     "loop-parquet": JobShape("loop-parquet", _loop_flow, (
         SinkOutput("parquet", _read_parquet(LOOP_COLUMNS), functools.partial(_reference, "loop-parquet", "")),)),
+    "kafka-kafka": JobShape("kafka-kafka", _kafka_flow, (
+        SinkOutput("kafka", _read_kafka_table, functools.partial(_reference, "kafka-kafka", ""), _kafka_aborted),),
+        kafka=True),
 }
 """The job shapes: keyed windows to Parquet; process/reduce state to PostgreSQL (append and upsert);
 exact dedupe over resent events to Parquet; a union of sources at parallelism 1 and 2 into windows to PostgreSQL;
-the retry loop (``examples/retry_loop.py``: keyed state in a loop, windows after it) to Parquet."""
+the retry loop (``examples/retry_loop.py``: keyed state in a loop, windows after it) to Parquet; the window
+shape's events read from a Kafka topic of three partitions into windows written to a Kafka topic in
+transactions."""
 
 
 def build_flow(shape: str, job: str, workspace: Workspace) -> of.Dataflow:
@@ -439,6 +550,7 @@ class ChaosRecord:
         duration_s: submit to end.
         lost: per output, rows of the reference not committed (counted with multiplicity).
         duplicated: per output, committed rows beyond the reference's.
+        aborted: per output that keeps them, rows written but never committed (aborted attempts).
         leftovers: prepared transactions, staged rows, hidden files, actors left behind.
         chaos_errors: errors of the chaos thread itself.
         timeline: the job's phases as they changed (``<seconds> <phase>#<attempt>``).
@@ -459,6 +571,7 @@ class ChaosRecord:
     duration_s: float = 0.0
     lost: dict[str, int] = field(default_factory=dict)
     duplicated: dict[str, int] = field(default_factory=dict)
+    aborted: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     chaos_errors: list[str] = field(default_factory=list)
@@ -483,7 +596,8 @@ class ChaosRecord:
                  f"aims={[a.value for a in self.aims]} failpoint={self.failpoint} resume={self.resume} "
                  f"mode={self.mode}",
                  f"  restarts={self.restarts} restored_from={self.restored_from} duration={self.duration_s:.1f}s "
-                 f"failpoint_fired={self.failpoint_fired}"]
+                 f"failpoint_fired={self.failpoint_fired}"
+                 + "".join(f" aborted[{label}]={n}" for label, n in self.aborted.items())]
         lines += [f"  kill {k}" for k in self.kills] or ["  no kill"]
         lines.append(f"  phases: {' '.join(self.timeline)}")
         lines += [f"  PROBLEM {p}" for p in self.problems]
@@ -757,6 +871,8 @@ def verify(shape: JobShape, workspace: Workspace, record: ChaosRecord) -> None:
             if rows:
                 sample = ", ".join(str(r) for r in list(rows)[:3])
                 record.examples.append(f"{output.label}: {kind} rows, e.g. {sample} (columns {expected.column_names})")
+        if output.aborted is not None:
+            record.aborted[output.label] = output.aborted(record.job, workspace)
     if workspace.out.exists():
         hidden = sorted(str(p.relative_to(workspace.out)) for p in workspace.out.rglob("*")
                         if p.name.startswith(("_", ".")))
@@ -764,6 +880,8 @@ def verify(shape: JobShape, workspace: Workspace, record: ChaosRecord) -> None:
             record.leftovers.append(f"hidden Parquet files left: {hidden[:5]}{' ...' if len(hidden) > 5 else ''}")
     if shape.postgres:
         record.leftovers += _postgres_leftovers(workspace)
+    if shape.kafka:
+        record.leftovers += _kafka_leftovers(record.job, workspace)
     actors = leftover_actors(record.job)
     if actors:
         record.leftovers.append(f"named actors left: {actors}")
@@ -792,7 +910,8 @@ def killed_driver_command(shape: str, job: str, workspace: Workspace, python: st
     root = Path(__file__).resolve().parent.parent
     command = [python, str(root / "tests/jobs/chaos_job.py"), "--shape", shape, "--job", job,
                "--workspace", str(workspace.root)]
-    return [*command, "--dsn", workspace.dsn] if workspace.dsn else command
+    command += ["--dsn", workspace.dsn] if workspace.dsn else []
+    return command + (["--kafka", workspace.kafka] if workspace.kafka else [])
 
 
 def _process_tree(pid: int) -> list[int]:

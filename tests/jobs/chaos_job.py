@@ -1,6 +1,6 @@
 """A chaos job shape as a stand-alone driver, for schedules that SIGKILL the driver itself.
 
-    python tests/jobs/chaos_job.py --shape SHAPE --job NAME --workspace DIR [--dsn DSN] [--resume]
+    python tests/jobs/chaos_job.py --shape SHAPE --job NAME --workspace DIR [--dsn DSN] [--kafka BOOTSTRAP] [--resume]
 
 Runs :data:`tests.chaos.SHAPES` ``[SHAPE]`` with the same parallelism and
 checkpoint settings as :func:`tests.chaos.run_schedule` and prints its restarts
@@ -27,9 +27,10 @@ def main() -> None:
     parser.add_argument("--job", required=True)
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--dsn", default=None)
+    parser.add_argument("--kafka", default=None)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
-    workspace = Workspace(Path(args.workspace), args.dsn)
+    workspace = Workspace(Path(args.workspace), args.dsn, args.kafka)
     result = of.run(build_flow(args.shape, args.job, workspace), parallelism=SHAPES[args.shape].parallelism,
                     resume=args.resume, checkpoint=of.CheckpointConfig(interval_s=0.3, storage=workspace.storage))
     print(json.dumps({"restarts": result.metrics["restarts"], "restored_from": result.metrics["restored_from"]}))
