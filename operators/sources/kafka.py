@@ -18,6 +18,13 @@ stable offset*: the first offset of the oldest transaction still open, so
 a transaction open at start and everything after it is not read) and ends
 once it reached all of them.
 
+A value that does not decode fails the job, or with ``dead_letter=True``
+leaves its batch for the source's dead-letter side output (port
+:data:`~onceflow.operators.logic.DEAD_LETTERS`; the reader is
+:class:`~onceflow.operators.sources.base.SideOutputs`). A batch is decoded
+by one Arrow parse; only when that fails is it bisected to find the
+messages that do not decode.
+
 ``confluent-kafka`` is an optional dependency (``pip install 'onceflow[kafka]'``),
 imported only where the source talks to a broker.
 
@@ -117,7 +124,8 @@ class KafkaSource(Source):
             :data:`KAFKA_DEAD_LETTER_SCHEMA` (key, value, partition, offset,
             timestamp, and ``error``, why it did not decode). The same offsets
             cover both outputs, so each dead letter is emitted exactly once
-            across restarts too. Dead letters carry no event time.
+            across restarts too. Dead letters carry no event time; a job
+            that does not consume ``dead_letters()`` drops them.
 
     Raises:
         PlanError: an option is out of range.
