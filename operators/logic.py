@@ -8,7 +8,8 @@ tables its :meth:`OperatorLogic.snapshot` returned.
 
 Every event handler returns the batches it emits as ``(port, batch)`` pairs:
 port :data:`MAIN` is the operator's main output, other ports are side outputs
-(window aggregations send late events to :data:`LATE`).
+(window aggregations send late events to :data:`LATE`; a source sends the
+messages that do not decode to :data:`DEAD_LETTERS`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 __all__ = [
+    "DEAD_LETTERS",
     "LATE",
     "MAIN",
     "Emitted",
@@ -32,6 +34,9 @@ MAIN = 0
 
 LATE = 1
 """The side output port that carries late events of a window aggregation."""
+
+DEAD_LETTERS = 2
+"""The side output port of a source that carries the messages it could not decode."""
 
 Emitted = list[tuple[int, "pa.RecordBatch"]]
 """What an event handler returns: ``(port, batch)`` pairs, in emission order."""

@@ -24,7 +24,7 @@ import pyarrow as pa
 from onceflow.errors import DataError, OperatorError
 from onceflow.operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
 
-__all__ = ["Filter", "FlatMap", "LoopHead", "Map", "MapBatches"]
+__all__ = ["Filter", "FlatMap", "Forward", "LoopHead", "Map", "MapBatches"]
 
 Row = dict[str, Any]
 
@@ -202,6 +202,22 @@ class MapBatches:
     def build(self, ctx: OperatorContext) -> OperatorLogic:
         """Return the live logic."""
         return _MapBatchesLogic(self.fn, ctx.operator, self.schema)
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Pass every batch on unchanged: the named step that starts a side output's stream (``dead_letters()``)."""
+
+    def build(self, ctx: OperatorContext) -> OperatorLogic:
+        """Return the live logic."""
+        return _ForwardLogic()
+
+
+class _ForwardLogic(OperatorLogic):
+    __slots__ = ()
+
+    def on_batch(self, batch: pa.RecordBatch) -> Emitted:
+        return [(MAIN, batch)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from onceflow.errors import OnceflowError, OperatorError
-from onceflow.operators.logic import MAIN, Emitted, OperatorLogic
+from onceflow.operators.logic import MAIN, OperatorLogic
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -112,10 +112,10 @@ class OperatorChain:
         self._deliver(0, batch, outputs)
         return outputs
 
-    def on_source_rows(self, batch: pa.RecordBatch) -> list[Output]:
-        """Rows the chain's source (node 0) read."""
+    def on_source_rows(self, batch: pa.RecordBatch, side: Sequence[tuple[int, pa.RecordBatch]] = ()) -> list[Output]:
+        """Rows the chain's source (node 0) read, and the ``(port, batch)`` pairs it set aside (dead letters)."""
         outputs: list[Output] = []
-        self._route(0, [(MAIN, batch)], outputs)
+        self._route(0, [(MAIN, batch), *side], outputs)
         return outputs
 
     def on_watermark(self, watermark: int) -> list[Output]:
@@ -165,7 +165,7 @@ class OperatorChain:
             emitted = self._logics[stage].on_batch(batch)
         self._route(stage, emitted, outputs)
 
-    def _route(self, stage: int, emitted: Emitted, outputs: list[Output]) -> None:
+    def _route(self, stage: int, emitted: Sequence[tuple[int, pa.RecordBatch]], outputs: list[Output]) -> None:
         for port, batch in emitted:
             if batch.num_rows == 0:
                 continue

@@ -45,9 +45,9 @@ from onceflow.checkpoint.two_phase_commit import TransactionalSink
 from onceflow.errors import PlanError
 from onceflow.operators.dedupe import Dedupe, DedupeMode
 from onceflow.operators.keyed import KeyedProcess, KeyedReduce, ProcessFn, ReduceFn
-from onceflow.operators.logic import LATE, MAIN
+from onceflow.operators.logic import DEAD_LETTERS, LATE, MAIN
 from onceflow.operators.sources.base import Source
-from onceflow.operators.stateless import Filter, FlatMap, LoopHead, Map, MapBatches, Row
+from onceflow.operators.stateless import Filter, FlatMap, Forward, LoopHead, Map, MapBatches, Row
 from onceflow.operators.watermark import BoundedOutOfOrderness
 from onceflow.operators.windows import WindowAggregate
 
@@ -57,7 +57,17 @@ if TYPE_CHECKING:
     from onceflow.operators.agg import Aggregation
     from onceflow.operators.windows import Session, Sliding, Tumbling
 
-__all__ = ["Dataflow", "Edge", "IterativeStream", "KeyedStream", "Node", "NodeKind", "Stream", "WindowedStream"]
+__all__ = [
+    "Dataflow",
+    "Edge",
+    "IterativeStream",
+    "KeyedStream",
+    "Node",
+    "NodeKind",
+    "SourceStream",
+    "Stream",
+    "WindowedStream",
+]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _UID_SEPARATOR = "~"
@@ -193,8 +203,8 @@ class Dataflow:
         return node
 
     def source(self, source: Source, *, name: str | None = None,
-               watermark: BoundedOutOfOrderness | None = None, parallelism: int | None = None) -> Stream:
-        """Add a source.
+               watermark: BoundedOutOfOrderness | None = None, parallelism: int | None = None) -> SourceStream:
+        """Add a source; the stream it returns also gives the source's :meth:`~SourceStream.dead_letters`.
 
         Args:
             source: a replayable source config (``GeneratorSource``, ``ParquetSource``, ...).
@@ -211,7 +221,7 @@ class Dataflow:
             raise PlanError(msg)
         node = self._add(NodeKind.SOURCE, "source", source, [], name=name, parallelism=parallelism,
                          watermark=watermark)
-        return Stream(self, node, MAIN, watermark.column if watermark else None)
+        return SourceStream(self, node, MAIN, watermark.column if watermark else None)
 
 
 class Stream:
@@ -477,3 +487,50 @@ class WindowAggregateStream(Stream):
     def late_events(self) -> Stream:
         """The input rows that arrived after their window fired (a side output)."""
         return Stream(self.flow, self.node, LATE, None)
+
+
+class SourceStream(Stream):
+    """The rows a source reads; :meth:`dead_letters` gives the messages it could not decode."""
+
+    def dead_letters(self, name: str | None = None) -> Stream:
+        """The messages the source could not decode (a side output), one row each.
+
+        Only a ``KafkaSource(..., dead_letter=True)`` has them: its rows are
+        :data:`~onceflow.operators.sources.kafka.KAFKA_DEAD_LETTER_SCHEMA`
+        (key, value, partition, offset, timestamp, and ``error``). They carry
+        no event time, so they neither hold watermarks back nor come late.
+
+        Args:
+            name: the name of the step that passes the dead letters on; ``dead_letters_<n>`` by default.
+
+        Returns:
+            The stream of dead letters, to sink anywhere.
+
+        Raises:
+            PlanError: the source emits no dead letters.
+
+        Example:
+            >>> import pyarrow as pa
+            >>> from onceflow.operators.sources.kafka import KafkaSource
+            >>> from onceflow.testing.sink import TestingSink
+            >>> flow = Dataflow("orders")
+            >>> schema = pa.schema([("id", pa.int64())])
+            >>> orders = flow.source(KafkaSource("localhost:9092", "orders", schema, dead_letter=True))
+            >>> orders.dead_letters(name="bad_orders").sink(TestingSink(), name="bad_out")
+            >>> [node.name for node in flow.nodes]
+            ['source_0', 'bad_orders', 'bad_out']
+            >>> flow.source(KafkaSource("localhost:9092", "orders", schema)).dead_letters()
+            Traceback (most recent call last):
+            ...
+            onceflow.errors.PlanError: source 'source_3' (KafkaSource) emits no dead letters; only \
+KafkaSource(..., dead_letter=True) does: pass dead_letter=True to it
+
+        """
+        source = self.node.spec
+        if DEAD_LETTERS not in source.side_ports():
+            msg = (f"source {self.node.name!r} ({type(source).__name__}) emits no dead letters; only "
+                   "KafkaSource(..., dead_letter=True) does: pass dead_letter=True to it")
+            raise PlanError(msg)
+        node = self.flow._add(NodeKind.TRANSFORM, "dead_letters", Forward(), [Edge(self.node.id, DEAD_LETTERS)],
+                              name=name)
+        return Stream(self.flow, node, MAIN, None)

@@ -2,8 +2,10 @@
 
 Chaining follows Flink: a node is fused into its input's actor when it has a
 single input that is routed forward (no ``key_by``, same parallelism, main
-port) and that input feeds nothing else. A ``map -> filter -> map`` after a
-source then costs no extra hop. Every other edge becomes channels: *forward*
+port) and that output port feeds nothing else (a consumer of a side output,
+such as ``late_events()`` or ``dead_letters()``, does not count: its rows leave
+the chain at that port). A ``map -> filter -> map`` after a source then costs
+no extra hop. Every other edge becomes channels: *forward*
 (subtask ``i`` to subtask ``i``), *hash* (by key group) or *rebalance*
 (round-robin batches), and every channel has its own index at the receiver.
 
@@ -177,17 +179,17 @@ def plan(flow: Dataflow, parallelism: int = 1, *, max_parallelism: int = DEFAULT
     for node in flow.nodes:
         resolved[node.id] = _parallelism(node, flow, resolved, parallelism, max_parallelism)
 
-    consumers: dict[int, int] = {}
+    consumers: dict[tuple[int, int], int] = {}  # per output port: a side output's consumer does not stop chaining
     for node in flow.nodes:
         for edge in node.inputs:
-            consumers[edge.node] = consumers.get(edge.node, 0) + 1
+            consumers[edge.node, edge.port] = consumers.get((edge.node, edge.port), 0) + 1
 
     vertex_of: dict[int, int] = {}
     vertices: list[VertexSpec] = []
     for node in flow.nodes:
         if chaining and len(node.inputs) == 1:
             edge = node.inputs[0]
-            if (edge.keys is None and edge.port == 0 and consumers[edge.node] == 1
+            if (edge.keys is None and edge.port == 0 and consumers[edge.node, edge.port] == 1
                     and resolved[edge.node] == resolved[node.id]):
                 vertex = vertices[vertex_of[edge.node]]
                 vertex.nodes.append(node)

@@ -56,8 +56,8 @@ from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.checkpoint.two_phase_commit import SinkContext
 from onceflow.errors import OnceflowError
 from onceflow.operators.keygroups import key_group_range
-from onceflow.operators.logic import OperatorContext, OperatorLogic
-from onceflow.operators.sources.base import Idle, PerSplitWatermarks, SourceContext, SourceReader
+from onceflow.operators.logic import Emitted, OperatorContext, OperatorLogic
+from onceflow.operators.sources.base import Idle, PerSplitWatermarks, SideOutputs, SourceContext, SourceReader
 from onceflow.runtime.chain import INTO_SINK, OperatorChain, Output, operator_failure
 from onceflow.runtime.channel import (
     CHANNEL_STATE,
@@ -491,7 +491,9 @@ class SourceSubtask(Subtask):
                     if item is None:
                         break
                     if not isinstance(item, Idle):
-                        await self._read(item)
+                        with self._blame(0):
+                            side = self._reader.take_side_outputs() if isinstance(self._reader, SideOutputs) else []
+                        await self._read(item, side)
                     elif self._watermarks is not None:
                         # A split may have gone idle: the watermark can advance without rows.
                         with self._blame(0):
@@ -508,10 +510,11 @@ class SourceSubtask(Subtask):
             if self._checkpointing is None:
                 self._reader.close()
 
-    async def _read(self, batch: pa.RecordBatch) -> None:
+    async def _read(self, batch: pa.RecordBatch, side: Emitted) -> None:
+        """Emit a read batch and the rows the reader set aside in the same step (one offset covers both)."""
         if self._first_record_at is None:
             self._first_record_at = time.time()
-        await self._send(self._chain.on_source_rows(batch))
+        await self._send(self._chain.on_source_rows(batch, side))
         if self._watermarks is not None:
             with self._blame(0):
                 watermark = self._watermarks.on_batch(batch)

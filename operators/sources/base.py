@@ -37,12 +37,14 @@ from onceflow.errors import PlanError
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from onceflow.operators.logic import Emitted
     from onceflow.operators.watermark import BoundedOutOfOrderness, SplitWatermarkGenerator
 
 __all__ = [
     "Idle",
     "PerSplitWatermarks",
     "RescaledOffsets",
+    "SideOutputs",
     "Source",
     "SourceContext",
     "SourceReader",
@@ -119,6 +121,21 @@ class PerSplitWatermarks(ABC):
         """
 
 
+class SideOutputs(ABC):
+    """An optional ability of a reader: a read may set rows aside for side output ports (dead letters).
+
+    After every :meth:`SourceReader.read` that returns a batch (perhaps an
+    empty one, when every row was set aside), the runtime takes the rows that
+    read set aside and emits them in the same step as the batch, so the
+    reader's ``offset()`` covers both: a reader resumed from it emits neither
+    again. Rows set aside carry no event time and do not move the watermark.
+    """
+
+    @abstractmethod
+    def take_side_outputs(self) -> Emitted:
+        """Return the ``(port, batch)`` pairs the last read set aside, and forget them."""
+
+
 @dataclass(frozen=True, slots=True)
 class RescaledOffsets:
     """The ``resume_offset`` of a reader when the job resumes at another parallelism.
@@ -148,6 +165,13 @@ class Source(ABC):
     def max_parallelism(self) -> int | None:
         """Return the most subtasks this source can use, or ``None`` for no limit."""
         return None
+
+    def side_ports(self) -> frozenset[int]:
+        """Return the side output ports its readers emit on (:data:`~onceflow.operators.logic.DEAD_LETTERS`).
+
+        A source with side ports builds readers that are :class:`SideOutputs`; by default it has none.
+        """
+        return frozenset()
 
 
 def parse_split_offset(ctx: SourceContext, resume_offset: Any, *, source: str,
