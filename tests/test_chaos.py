@@ -3,11 +3,11 @@
 The normal suite runs a fixed set of seeded schedules that together aim at
 every phase (start-up, just after start-up, running, two kills at once,
 fencing, resolving, recovery, the final checkpoint), arm each crash point once,
-cover the five job shapes (the retry loop among them) and include a driver killed with SIGKILL and resumed
-with ``resume=True``. ``ONCEFLOW_SLOW=1`` adds 200 random schedules and prints
-their figures at the end. A failing schedule prints its story (seed, moves,
-every kill with the phase it landed in); ``run_schedule`` with the same
-arguments replays it.
+cover the six job shapes (the retry loop and Kafka to Kafka among them) and
+include a driver killed with SIGKILL and resumed with ``resume=True``.
+``ONCEFLOW_SLOW=1`` adds 200 random schedules and prints their figures at the
+end. A failing schedule prints its story (seed, moves, every kill with the
+phase it landed in); ``run_schedule`` with the same arguments replays it.
 """
 
 from __future__ import annotations
