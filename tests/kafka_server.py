@@ -91,6 +91,12 @@ class KafkaServer:
         for future in admin.create_topics([NewTopic(topic, num_partitions=partitions)]).values():
             future.result(timeout=30)
 
+    def topics(self) -> set[str]:
+        """The names of the broker's topics."""
+        from confluent_kafka.admin import AdminClient
+
+        return set(AdminClient({"bootstrap.servers": self.bootstrap_servers}).list_topics(timeout=10).topics)
+
     def read(self, topic: str, isolation: str = "read_committed") -> list[Any]:
         """Every message of ``topic`` (see :func:`read_messages`)."""
         return read_messages(self.bootstrap_servers, topic, isolation)
