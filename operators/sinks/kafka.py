@@ -1,4 +1,4 @@
-"""A Kafka sink that commits exactly once through Kafka transactions, replayable from the checkpoint.
+"""A Kafka sink: exactly once through Kafka transactions replayable from the checkpoint, or at least once.
 
 ``delivery=`` picks the guarantee, as Flink's ``DeliveryGuarantee`` does:
 ``"exactly_once"`` (the default, below) or ``"at_least_once"`` (at the end).
@@ -281,7 +281,7 @@ class KafkaSink(TransactionalSink[KafkaTransaction]):
                  delivery: str = "exactly_once", marker_topic: str | None = None, producers: int = 4,
                  transaction_timeout_s: float = 600.0, timeout_s: float = 60.0,
                  config: dict[str, Any] | None = None) -> None:
-        if delivery not in _DELIVERIES:
+        if not isinstance(delivery, str) or delivery not in _DELIVERIES:
             msg = (f"kafka sink {topic!r}: delivery must be 'exactly_once' or 'at_least_once', got {delivery!r}; "
                    "pass delivery='exactly_once' (the default)")
             raise PlanError(msg)
