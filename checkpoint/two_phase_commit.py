@@ -35,6 +35,9 @@ from onceflow.errors import CheckpointError, SinkCommitError
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from onceflow.checkpoint.config import CheckpointConfig
+    from onceflow.runtime.restart import RestartStrategy
+
 __all__ = [
     "Committable",
     "CommittableRecord",
@@ -261,6 +264,22 @@ class TransactionalSink(ABC, Generic[C]):
 
         """
         return cast(C, record.to_dict())
+
+    def check_job(self, checkpoint: CheckpointConfig | None, restart: RestartStrategy) -> None:
+        """Check that this sink can keep its guarantee under the job's checkpoint and restart settings.
+
+        ``submit`` calls it on the driver for every sink, before :meth:`prepare`
+        and before any actor starts, so a setting the sink cannot work with
+        fails the submit instead of a running job. The default accepts every job.
+
+        Args:
+            checkpoint: the job's checkpointing, or ``None`` when it takes no checkpoints.
+            restart: the job's restart strategy.
+
+        Raises:
+            PlanError: the sink cannot run under these settings; the message says what to change.
+
+        """
 
     def prepare(self) -> None:
         """Run once on the driver before any writer starts (create a table...)."""

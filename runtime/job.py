@@ -844,7 +844,8 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
         PlanError: the dataflow cannot run (no sink, bad parallelism, a job of
             the same name is already running, or resumed state that matches
             no operator, without ``allow_non_restored_state``), an option is
-            invalid, or both ``options`` and keyword options were given.
+            invalid, a sink refuses the checkpoint settings (its
+            ``check_job``), or both ``options`` and keyword options were given.
         TypeError: a keyword names no option.
     """
     job = JobOptions.from_keywords(options, keywords)
@@ -862,11 +863,13 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
                f"until the barrier does); pass CheckpointConfig(max_concurrent=1), not "
                f"{job.checkpoint.max_concurrent}")
         raise PlanError(msg)
+    sinks = [node.spec for node in flow.nodes if node.kind is NodeKind.SINK]
+    for sink in sinks:
+        sink.check_job(job.checkpoint, job.restart_strategy)
     if job.executor == "ray":
         ensure_ray(job.address)
-    for node in flow.nodes:
-        if node.kind is NodeKind.SINK:
-            node.spec.prepare()
+    for sink in sinks:
+        sink.prepare()
     return JobHandle(flow, physical, runtime_options, job.checkpoint, job.restart_strategy, job.actor_options or {},
                      job.resume, job.allow_non_restored_state, executor_named(job.executor))
 

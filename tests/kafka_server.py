@@ -91,6 +91,12 @@ class KafkaServer:
         """Create ``topic`` with ``partitions`` partitions and wait until it exists."""
         create_topic(self.bootstrap_servers, topic, partitions)
 
+    def topics(self) -> set[str]:
+        """The names of the broker's topics."""
+        from confluent_kafka.admin import AdminClient
+
+        return set(AdminClient({"bootstrap.servers": self.bootstrap_servers}).list_topics(timeout=10).topics)
+
     def read(self, topic: str, isolation: str = "read_committed") -> list[Any]:
         """Every message of ``topic`` (see :func:`read_messages`)."""
         return read_messages(self.bootstrap_servers, topic, isolation)

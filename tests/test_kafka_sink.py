@@ -155,6 +155,84 @@ def test_bad_options_and_a_missing_topic_are_plan_errors(kafka: KafkaServer) -> 
         KafkaSink(kafka.bootstrap_servers, "no-such-sink-topic").prepare()
 
 
+def test_bad_delivery_is_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="delivery must be 'exactly_once' or 'at_least_once', got 'once'"):
+        KafkaSink("127.0.0.1:9", "x", delivery="once")
+
+
+# -- the transaction timeout against the checkpoint settings --
+
+RESTART = of.RestartStrategy.default()
+
+
+def test_the_transaction_timeout_must_outlast_every_checkpoint_a_transaction_may_wait_for() -> None:
+    sink = KafkaSink("127.0.0.1:9", "out", transaction_timeout_s=100)
+    sink.check_job(of.CheckpointConfig(interval_s=5, min_pause_s=1, timeout_s=30), RESTART)  # 36 s
+    sink.check_job(of.CheckpointConfig(interval_s=5, timeout_s=44, tolerable_failures=1), RESTART)  # 98 s
+    sink.check_job(None, RESTART)  # no checkpoints: nothing to hold it against
+    with pytest.raises(PlanError) as refused:
+        sink.check_job(of.CheckpointConfig(interval_s=5, min_pause_s=1, timeout_s=14, tolerable_failures=4), RESTART)
+    message = str(refused.value)
+    assert "kafka sink 'out'" in message and "(100 s)" in message and "100 s = (tolerable_failures 4 + 1)" in message
+    assert "raise transaction_timeout_s" in message and "shorten the checkpoint interval_s or timeout_s" in message
+    with pytest.raises(PlanError, match="must be above"):
+        sink.check_job(of.CheckpointConfig(interval_s=40, timeout_s=60), RESTART)  # equal is not above
+
+
+def test_at_least_once_is_not_held_to_the_transaction_timeout() -> None:
+    sink = KafkaSink("127.0.0.1:9", "out", delivery="at_least_once", transaction_timeout_s=1)
+    sink.check_job(of.CheckpointConfig(interval_s=5, timeout_s=600, tolerable_failures=3), RESTART)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_submit_refuses_checkpoints_longer_than_the_transaction_timeout_before_any_actor(kafka: KafkaServer,
+                                                                                      tmp_path: Path) -> None:
+    job = "kafka-sink-timeout-refused"
+    sink = KafkaSink(kafka.bootstrap_servers, new_topic(kafka, 1), transaction_timeout_s=30)
+    flow = of.Dataflow(job)
+    flow.source(of.sources.GeneratorSource(feature_events, total=10, batch_size=10)).sink(sink, name="out")
+    with pytest.raises(PlanError, match=r"transaction_timeout_s \(30 s\) must be above .* 70 s"):
+        of.submit(flow, checkpoint=of.CheckpointConfig(interval_s=10, timeout_s=60, storage=str(tmp_path)))
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"{job}/")]
+    assert sink.marker_topic not in kafka.topics(), "the sink was prepared before the check"
+
+
+# -- at least once --
+
+
+def test_at_least_once_rows_are_visible_to_read_committed_readers_without_a_commit(kafka: KafkaServer) -> None:
+    topic = new_topic(kafka, 2)
+    sink = KafkaSink(kafka.bootstrap_servers, topic, key="id", delivery="at_least_once", timeout_s=20)
+    sink.prepare()
+    writer = sink.create_writer(SinkContext(f"job-{topic}", "sink_1", 0, 1))
+    writer.write(batch(0, 60))
+    writer.flush(end_of_input=False)
+    assert ids(kafka.read(topic)) == list(range(60))
+    writer.write(batch(60, 100))
+    assert writer.prepare_commit(1) == [], "at least once pre-commits nothing"
+    assert ids(kafka.read(topic)) == list(range(100)), "a completed barrier left rows undelivered"
+    assert kafka.open_transactions(topic) == []
+    assert sink.marker_topic not in kafka.topics(), "at least once needs no marker topic"
+    assert sink.create_committer(SinkContext(f"job-{topic}", "sink_1", 0, 1)).lingering() == []
+
+
+def test_at_least_once_pre_commit_fails_when_rows_cannot_be_delivered() -> None:
+    """The broker goes away between a write and the barrier: the barrier must not pass."""
+    server = KafkaServer().start()
+    try:
+        server.create_topic("gone", 1)
+        sink = KafkaSink(server.bootstrap_servers, "gone", delivery="at_least_once", timeout_s=10,
+                         config={"message.timeout.ms": 2_000})
+        writer = sink.create_writer(SinkContext("job-gone", "sink_1", 0, 1))
+        writer.write(batch(0, 10))
+        assert writer.prepare_commit(1) == []
+    finally:
+        server.destroy()
+    writer.write(batch(10, 20))
+    with pytest.raises(of.errors.SinkCommitError, match="kafka sink 'gone': a write of subtask 0 .* failed"):
+        writer.prepare_commit(2)
+
+
 def test_the_committable_layout_is_version_1() -> None:
     t = KafkaTransaction("onceflow:j:s:0:1", 2, "tok", "out", "id", "out.onceflow-commits", 5, b"rows")
     assert KafkaTransaction.from_record(t.to_record()) == t
@@ -261,3 +339,34 @@ def test_recovery_finds_commits_made_after_aborted_transactions_of_the_same_ids(
     resolve_sink_operator(sink, first, recovered, recovered)
     assert ids(kafka.read(topic)) == list(range(20)), "recovery produced a committed transaction again"
     assert ids(kafka.read(topic, "read_uncommitted")) == sorted([*range(20), *range(20)])
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_killed_at_least_once_sink_subtask_loses_no_row(kafka: KafkaServer, tmp_path: Path) -> None:
+    job, storage = "kafka-sink-alo-kill", str(tmp_path / "chk")
+    sink = KafkaSink(kafka.bootstrap_servers, new_topic(kafka, 3), key="user_id", delivery="at_least_once",
+                     timeout_s=20)
+    handle = of.submit(kafka_flow(job, sink), parallelism=2,
+                       checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage),
+                       restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
+    store = CheckpointStorage(storage, job)
+    killed: dict[str, Any] = {}
+    try:
+        wait_until(store.completed_ids, timeout_s=30, what="a first checkpoint")
+        wait_until(lambda: kafka.read(sink.topic), timeout_s=30, what="a first window")
+        name = handle.actor_names[-1]
+        ray.kill(ray.get_actor(name, namespace="onceflow"), no_restart=True)
+        killed["name"] = name
+        killed["written"] = len(kafka.read(sink.topic))
+    finally:
+        result = handle.wait(timeout_s=120)
+    reference = feature_window_reference(TOTAL).num_rows
+    assert 0 < killed["written"] < reference, "the kill did not land mid-output"
+    assert result.metrics["restarts"] >= 1
+    rows = [json.loads(m.value()) for m in kafka.read(sink.topic)]
+    first: dict[tuple[int, int], dict[str, Any]] = {}
+    for row in rows:
+        first.setdefault((row["user_id"], row["window_start"]), row)
+    assert len(rows) >= reference
+    assert_feature_reference(pa.Table.from_pylist(list(first.values()), SCHEMA), TOTAL)  # each row at least once
+    assert kafka.open_transactions(sink.topic) == []

@@ -1,4 +1,7 @@
-"""A Kafka sink that commits exactly once through Kafka transactions, replayable from the checkpoint.
+"""A Kafka sink: exactly once through Kafka transactions replayable from the checkpoint, or at least once.
+
+``delivery=`` picks the guarantee, as Flink's ``DeliveryGuarantee`` does:
+``"exactly_once"`` (the default, below) or ``"at_least_once"`` (at the end).
 
 librdkafka cannot resume a transaction another producer opened, so a
 transaction that a crashed process pre-committed cannot be committed by the
@@ -43,20 +46,40 @@ must contain, and makes its commit idempotent with a *marker* record:
   committed. Running it again finds that marker: idempotent.
   :meth:`KafkaSinkCommitter.abort_lingering` is the fencing step alone.
 
-A broker that aborts a pre-committed transaction on ``transaction.timeout.ms``
-(``transaction_timeout_s``, default 600 s) loses nothing: the commit fails, the
-job restarts, and recovery produces the rows again from the checkpoint. Keep
-it above the checkpoint interval plus the time a checkpoint takes and a restart
-(the contract gives the sink no access to the interval, so this is not
-checked); the broker caps it at its ``transaction.max.timeout.ms`` (15 min by
-default). The marker topic must retain markers as long as checkpoints are
-kept (a committable whose marker expired would be produced again).
+**Transaction timeout.** The broker aborts a transaction open longer than the
+producers' ``transaction.timeout.ms`` (``transaction_timeout_s``, default
+600 s). A transaction lives from its first row after barrier *n-1* until
+checkpoint *n* completes, and a checkpoint that fails leaves it open until the
+next one completes; so :meth:`KafkaSink.check_job` refuses, at submit, a job
+whose ``transaction_timeout_s`` is not above ``(tolerable_failures + 1) *
+(interval_s + min_pause_s + timeout_s)`` of its :class:`CheckpointConfig`.
+Restart time does not enter the bound: a transaction the broker times out
+while the job restarts loses nothing, because recovery produces its rows
+again from the checkpoint (and the commit of a timed-out transaction fails,
+which restarts the job the same way). Without checkpoints the one transaction
+lasts as long as the job, which must end within the timeout (not checked).
+The broker caps the timeout at its ``transaction.max.timeout.ms`` (15 min by
+default): a producer asking for more fails at ``init_transactions``. The
+marker topic must retain markers as long as checkpoints are kept (a
+committable whose marker expired would be produced again).
 
 Limits: the rows of a checkpoint interval are kept in memory and in the
 checkpoint (size the interval accordingly); after a resume at a lower
 parallelism, a transaction of a dropped subtask that was never pre-committed
 stays open (holding back the last stable offset of the output topic) until the
 broker times it out. Only ``format="json"`` is written.
+
+**At least once** (``delivery="at_least_once"``): each subtask has one
+idempotent producer without transactions (``enable.idempotence=true``,
+``acks=all``) and produces rows as they come, visible to every reader at once.
+On a barrier the writer (:class:`KafkaAtLeastOnceWriter`) flushes and raises
+if a message was not delivered, so a completed checkpoint means its rows are
+on the broker; it pre-commits nothing, writes no marker and has no recovery
+step. Rows produced after the last completed checkpoint are produced again
+when the job replays from it: duplicates are possible, loss is not. A job
+without checkpoints that fails has published what it produced.
+``producers``, ``marker_topic`` and ``transaction_timeout_s`` do not apply, nor
+does the submit check.
 
 Committables: :class:`KafkaTransaction`, stored as version 1 ``{"v": 1, "txn",
 "checkpoint", "token", "topic", "key", "marker_topic", "marker_offset",
@@ -77,6 +100,7 @@ import logging
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -100,7 +124,17 @@ from onceflow.operators.sinks.naming import escape_field, split_fields
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, Producer
 
-__all__ = ["KafkaSink", "KafkaSinkCommitter", "KafkaSinkWriter", "KafkaTransaction"]
+    from onceflow.checkpoint.config import CheckpointConfig
+    from onceflow.runtime.restart import RestartStrategy
+
+__all__ = [
+    "KafkaAtLeastOnceCommitter",
+    "KafkaAtLeastOnceWriter",
+    "KafkaSink",
+    "KafkaSinkCommitter",
+    "KafkaSinkWriter",
+    "KafkaTransaction",
+]
 
 log = logging.getLogger("onceflow")
 
@@ -211,7 +245,7 @@ _LIVE_LOCK = threading.Lock()
 
 
 class KafkaSink(TransactionalSink[KafkaTransaction]):
-    """Write a stream into a Kafka topic, exactly once (see the module docstring).
+    """Write a stream into a Kafka topic, exactly once or at least once (see the module docstring).
 
     It needs confluent-kafka (``pip install 'onceflow[kafka]'``).
 
@@ -220,19 +254,38 @@ class KafkaSink(TransactionalSink[KafkaTransaction]):
         topic: the output topic (it must exist).
         format: ``"json"``: each row is one message, a JSON object.
         key: the column whose value becomes the message key; ``None`` for no key.
+        delivery: ``"exactly_once"`` (transactions committed with the checkpoints) or
+            ``"at_least_once"`` (an idempotent producer, rows visible as they are produced).
         marker_topic: the topic of commit markers (created with one partition if missing);
-            ``<topic>.onceflow-commits`` by default.
+            ``<topic>.onceflow-commits`` by default. Exactly once only.
         producers: transactional producers per subtask (transactions that may wait for their
-            commit at once, plus one open).
-        transaction_timeout_s: the producers' ``transaction.timeout.ms``, in seconds.
+            commit at once, plus one open). Exactly once only.
+        transaction_timeout_s: the producers' ``transaction.timeout.ms``, in seconds; checked
+            against the job's checkpoint settings at submit (:meth:`check_job`). Exactly once only.
         timeout_s: the longest one broker operation (flush, commit, a marker check) may take.
         config: more librdkafka producer settings.
+
+    Raises:
+        PlanError: an option is out of range, or ``delivery`` is neither mode.
+
+    Example:
+        >>> KafkaSink("localhost:9092", "out", delivery="at_least_once").delivery
+        'at_least_once'
+        >>> KafkaSink("localhost:9092", "out", delivery="exactly-once")
+        Traceback (most recent call last):
+        ...
+        onceflow.errors.PlanError: kafka sink 'out': delivery must be 'exactly_once' or 'at_least_once', ...
 
     """
 
     def __init__(self, bootstrap_servers: str, topic: str, format: str = "json", key: str | None = None, *,
-                 marker_topic: str | None = None, producers: int = 4, transaction_timeout_s: float = 600.0,
-                 timeout_s: float = 60.0, config: dict[str, Any] | None = None) -> None:
+                 delivery: str = "exactly_once", marker_topic: str | None = None, producers: int = 4,
+                 transaction_timeout_s: float = 600.0, timeout_s: float = 60.0,
+                 config: dict[str, Any] | None = None) -> None:
+        if not isinstance(delivery, str) or delivery not in _DELIVERIES:
+            msg = (f"kafka sink {topic!r}: delivery must be 'exactly_once' or 'at_least_once', got {delivery!r}; "
+                   "pass delivery='exactly_once' (the default)")
+            raise PlanError(msg)
         if format != "json":
             msg = f"kafka sink {topic!r}: format must be 'json', got {format!r}"
             raise PlanError(msg)
@@ -251,6 +304,8 @@ class KafkaSink(TransactionalSink[KafkaTransaction]):
         self.transaction_timeout_s = transaction_timeout_s
         self.timeout_s = timeout_s
         self.config = dict(config or {})
+        self.delivery = delivery
+        self._delivery = _DELIVERIES[delivery]
 
     @staticmethod
     def transactional_id(ctx: SinkContext, index: int, subtask: int | None = None) -> str:
@@ -281,6 +336,15 @@ class KafkaSink(TransactionalSink[KafkaTransaction]):
             raise SinkCommitError(msg) from error
         return producer
 
+    def idempotent_producer(self) -> Producer:
+        """A producer without transactions, ``enable.idempotence=true`` and ``acks=all`` (at least once)."""
+        return _kafka(self.topic).Producer({
+            **self.config,
+            "bootstrap.servers": self.bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+        })
+
     def producers_for(self, transactional_ids: list[str]) -> list[Producer]:
         """:meth:`producer` for each id, fenced side by side (fencing an open transaction waits for its abort)."""
         if not transactional_ids:
@@ -295,8 +359,32 @@ class KafkaSink(TransactionalSink[KafkaTransaction]):
             "enable.auto.commit": False, "enable.partition.eof": True, "isolation.level": isolation_level,
         })
 
+    def check_job(self, checkpoint: CheckpointConfig | None, restart: RestartStrategy) -> None:
+        """Exactly once: refuse checkpoint settings under which the broker may time out a transaction.
+
+        A transaction can wait for its commit up to ``(tolerable_failures + 1) *
+        (interval_s + min_pause_s + timeout_s)``; ``transaction_timeout_s`` must
+        be above that. ``restart`` does not enter it (see the module docstring);
+        at least once, and a job without checkpoints, are not checked.
+
+        Raises:
+            PlanError: ``transaction_timeout_s`` is not above the bound; the message names both.
+
+        Example:
+            >>> from onceflow.checkpoint.config import CheckpointConfig
+            >>> from onceflow.runtime.restart import RestartStrategy
+            >>> sink = KafkaSink("localhost:9092", "out", transaction_timeout_s=60)
+            >>> sink.check_job(CheckpointConfig(interval_s=1, timeout_s=30), RestartStrategy.default())
+            >>> sink.check_job(CheckpointConfig(interval_s=1, timeout_s=60), RestartStrategy.default())
+            Traceback (most recent call last):
+            ...
+            onceflow.errors.PlanError: kafka sink 'out': transaction_timeout_s (60 s) must be above ...
+
+        """
+        self._delivery.check_job(self, checkpoint)
+
     def prepare(self) -> None:
-        """Check the output topic exists; create the marker topic (one partition) if it does not.
+        """Check the output topic exists; create the marker topic (one partition) if it does not (exactly once).
 
         Raises:
             PlanError: confluent-kafka is missing, the broker does not answer, or the topic does not exist.
@@ -314,7 +402,7 @@ class KafkaSink(TransactionalSink[KafkaTransaction]):
         if self.topic not in topics:
             msg = f"kafka sink: topic {self.topic!r} does not exist on {self.bootstrap_servers}; create it first"
             raise PlanError(msg)
-        if self.marker_topic not in topics:
+        if self._delivery.writes_markers and self.marker_topic not in topics:
             for future in admin.create_topics([NewTopic(self.marker_topic, num_partitions=1)]).values():
                 try:
                     future.result(timeout=self.timeout_s)
@@ -324,13 +412,13 @@ class KafkaSink(TransactionalSink[KafkaTransaction]):
                                f"({error}); create it with one partition")
                         raise PlanError(msg) from error
 
-    def create_writer(self, ctx: SinkContext) -> KafkaSinkWriter:
-        """Return the writer of ``ctx.subtask`` (its producer pool, each fenced and ready)."""
-        return KafkaSinkWriter(self, ctx)
+    def create_writer(self, ctx: SinkContext) -> SinkWriter[KafkaTransaction]:
+        """Return the writer of ``ctx.subtask`` (:class:`KafkaSinkWriter`, or :class:`KafkaAtLeastOnceWriter`)."""
+        return self._delivery.create_writer(self, ctx)
 
-    def create_committer(self, ctx: SinkContext) -> KafkaSinkCommitter:
-        """Return a committer."""
-        return KafkaSinkCommitter(self, ctx)
+    def create_committer(self, ctx: SinkContext) -> Committer[KafkaTransaction]:
+        """Return a committer (:class:`KafkaSinkCommitter`, or :class:`KafkaAtLeastOnceCommitter`)."""
+        return self._delivery.create_committer(self, ctx)
 
     def read_committable(self, record: CommittableRecord, *, operator: str = "") -> KafkaTransaction:
         """Read a committable of this sink from a checkpoint (version 1)."""
@@ -653,3 +741,125 @@ def _token(value: bytes | None) -> str | None:
     except ValueError:
         return None
     return token if isinstance(token, str) else None
+
+
+class KafkaAtLeastOnceWriter(SinkWriter[KafkaTransaction]):
+    """Produces one subtask's rows as they come with an idempotent producer; a barrier waits for their delivery."""
+
+    def __init__(self, sink: KafkaSink, ctx: SinkContext) -> None:
+        self._sink = sink
+        self._ctx = ctx
+        self._producer = sink.idempotent_producer()
+        self._deliveries = _Deliveries()
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Produce ``batch``'s rows (visible to readers once delivered)."""
+        if batch.num_rows:
+            _produce_rows(self._producer, self._sink.topic, self._sink.key, batch, self._deliveries)
+
+    def flush(self, end_of_input: bool) -> None:
+        """Wait until every row produced so far is on the broker.
+
+        Raises:
+            SinkCommitError: a row was not delivered (within ``timeout_s``, or with an error).
+
+        """
+        _finish(self._producer, self._sink, self._deliveries,
+                f"a write of subtask {self._ctx.subtask} (at least once)")
+
+    def prepare_commit(self, checkpoint_id: int | None = None) -> list[KafkaTransaction]:
+        """Flush (raising if a row was not delivered), so the checkpoint covers only delivered rows; pre-commit nothing.
+
+        Raises:
+            SinkCommitError: a row was not delivered; the checkpoint fails and the job restarts from the last one.
+
+        """
+        self.flush(end_of_input=checkpoint_id is None)
+        return []
+
+    def abort(self) -> None:
+        """Nothing to discard: rows already produced stay, and a replay produces the others again."""
+
+
+class KafkaAtLeastOnceCommitter(Committer[KafkaTransaction]):
+    """The committer of an at-least-once sink: there is nothing to commit, abort or fence.
+
+    A checkpoint taken by the same sink with ``delivery="exactly_once"`` may
+    still hold transactions; they are committed (or aborted) as
+    :class:`KafkaSinkCommitter` would, so switching modes on a resume loses nothing.
+    """
+
+    def __init__(self, sink: KafkaSink, ctx: SinkContext) -> None:
+        self._sink = sink
+        self._ctx = ctx
+
+    def commit(self, committables: list[KafkaTransaction]) -> None:
+        """Commit transactions restored from an exactly-once checkpoint (none in this mode's own)."""
+        if committables:
+            KafkaSinkCommitter(self._sink, self._ctx).commit(committables)
+
+    def abort(self, committables: list[KafkaTransaction]) -> None:
+        """Abort transactions restored from an exactly-once checkpoint (none in this mode's own)."""
+        if committables:
+            KafkaSinkCommitter(self._sink, self._ctx).abort(committables)
+
+
+class _Delivery(ABC):
+    """What a delivery guarantee decides for a :class:`KafkaSink`: its writer, committer, topics and job check."""
+
+    writes_markers: ClassVar[bool]
+    """Whether the sink needs its marker topic."""
+
+    @abstractmethod
+    def create_writer(self, sink: KafkaSink, ctx: SinkContext) -> SinkWriter[KafkaTransaction]:
+        """The writer of ``ctx.subtask``."""
+
+    @abstractmethod
+    def create_committer(self, sink: KafkaSink, ctx: SinkContext) -> Committer[KafkaTransaction]:
+        """A committer."""
+
+    @abstractmethod
+    def check_job(self, sink: KafkaSink, checkpoint: CheckpointConfig | None) -> None:
+        """Refuse checkpoint settings this guarantee cannot keep."""
+
+
+class _ExactlyOnce(_Delivery):
+    writes_markers = True
+
+    def create_writer(self, sink: KafkaSink, ctx: SinkContext) -> KafkaSinkWriter:
+        return KafkaSinkWriter(sink, ctx)
+
+    def create_committer(self, sink: KafkaSink, ctx: SinkContext) -> KafkaSinkCommitter:
+        return KafkaSinkCommitter(sink, ctx)
+
+    def check_job(self, sink: KafkaSink, checkpoint: CheckpointConfig | None) -> None:
+        if checkpoint is None:
+            return
+        per_checkpoint = checkpoint.interval_s + checkpoint.min_pause_s + checkpoint.timeout_s
+        bound = (checkpoint.tolerable_failures + 1) * per_checkpoint
+        if sink.transaction_timeout_s > bound:
+            return
+        msg = (f"kafka sink {sink.topic!r}: transaction_timeout_s ({sink.transaction_timeout_s:g} s) must be above "
+               f"the longest a transaction can wait for its checkpoint, {bound:g} s = (tolerable_failures "
+               f"{checkpoint.tolerable_failures} + 1) x (interval_s {checkpoint.interval_s:g} + min_pause_s "
+               f"{checkpoint.min_pause_s:g} + timeout_s {checkpoint.timeout_s:g}), or the broker may abort it; "
+               "raise transaction_timeout_s (the broker caps it at transaction.max.timeout.ms, 15 min by default) "
+               "or shorten the checkpoint interval_s or timeout_s")
+        raise PlanError(msg)
+
+
+class _AtLeastOnce(_Delivery):
+    writes_markers = False
+
+    def create_writer(self, sink: KafkaSink, ctx: SinkContext) -> KafkaAtLeastOnceWriter:
+        return KafkaAtLeastOnceWriter(sink, ctx)
+
+    def create_committer(self, sink: KafkaSink, ctx: SinkContext) -> KafkaAtLeastOnceCommitter:
+        return KafkaAtLeastOnceCommitter(sink, ctx)
+
+    def check_job(self, sink: KafkaSink, checkpoint: CheckpointConfig | None) -> None:
+        """No transaction waits for a checkpoint: any settings do."""
+
+
+_DELIVERIES: dict[str, _Delivery] = {"exactly_once": _ExactlyOnce(), "at_least_once": _AtLeastOnce()}
+"""``delivery=`` -> its strategy."""
