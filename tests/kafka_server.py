@@ -16,7 +16,9 @@ aborted transactions from its start. Clients are the real librdkafka
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -105,16 +107,36 @@ class KafkaServer:
         """The partitions of ``topic`` an open transaction holds back (see :func:`open_transactions`)."""
         return open_transactions(self.bootstrap_servers, topic)
 
-    def destroy(self) -> None:
-        """Stop the broker and delete its files."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+    def destroy(self, timeout_s: float = 20.0) -> None:
+        """Stop the broker and delete its files.
+
+        ``noida-db`` runs the broker in a child process of the one started
+        here, so the whole process group (its own session) is signalled, and
+        this returns once no member is left: the port is closed.
+        """
+        if self._process is not None:
+            group = self._process.pid
+            for signal_ in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal_)
+                deadline = time.monotonic() + timeout_s
+                while _group_alive(group) and time.monotonic() < deadline:
+                    self._process.poll()  # reap the leader
+                    time.sleep(0.05)
+                if not _group_alive(group):
+                    break
+            self._process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of process group ``group`` is still running (zombies do not count)."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    listing = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True, check=True).stdout
+    return any(int(p) == group and not s.startswith("Z") for p, s in (line.split() for line in listing.splitlines()))
 
 
 def create_topic(bootstrap_servers: str, topic: str, partitions: int) -> None:
