@@ -16,6 +16,14 @@ manifest or none: the previous complete checkpoint stays the recovery point.
 Deleting a checkpoint removes its manifest first, so a half-deleted checkpoint
 is never mistaken for a complete one.
 
+Every state file's size and CRC-32 are recorded in its :class:`StateHandle`
+(and so in the manifest), and :meth:`CheckpointStorage.read_state` checks both:
+a damaged file never restores. The manifest carries its own CRC-32 and format
+version under ``"_integrity"`` (stripped when it is read): a manifest that
+parses but does not match is *damaged*, unlike a missing one (the checkpoint
+never completed). :meth:`CheckpointStorage.verify` checks a checkpoint's
+manifest and every file it names without restoring anything.
+
 The Ray object store only caches these files (an object there dies with its
 owner and cannot be rebuilt), so a restore falls back to them; this module is
 plain Python and ``pyarrow.fs`` and imports no Ray.
@@ -28,6 +36,7 @@ import json
 import os
 import re
 import uuid
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +53,9 @@ MANIFEST_NAME = "_manifest.json"
 LEASE_NAME = "_lease.json"
 """The job's storage lease, beside its checkpoint directories (see :mod:`onceflow.checkpoint.lease`)."""
 HISTORY_NAME = "checkpoint-history.jsonl"
+MANIFEST_FORMAT = 2
+"""The manifest's format: 2 adds ``"_integrity"`` (format and CRC-32) and each state file's ``"crc32"``."""
+_INTEGRITY = "_integrity"
 _CHECKPOINT_DIR = re.compile(r"chk-(\d+)")
 
 
@@ -68,6 +80,7 @@ class StateHandle:
         path: the Arrow IPC file, as a path within the storage's filesystem.
         bytes: the file's size in bytes.
         rows: the number of rows in the snapshot table.
+        crc32: the CRC-32 of the file's bytes (``None``: not recorded, a checkpoint of format 1).
 
     Example:
         >>> StateHandle(path="/chk/job/chk-00000001/map_1-0.state.arrow", bytes=520, rows=3).rows
@@ -78,6 +91,18 @@ class StateHandle:
     path: str
     bytes: int
     rows: int
+    crc32: int | None = None
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The handle as the manifest records it."""
+        return {"path": self.path, "bytes": self.bytes, "rows": self.rows, "crc32": self.crc32}
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> StateHandle:
+        """A handle from a manifest entry (format 1 entries have no ``crc32``)."""
+        crc32 = entry.get("crc32")
+        return cls(str(entry["path"]), int(entry["bytes"]), int(entry.get("rows", -1)),
+                   None if crc32 is None else int(crc32))
 
 
 def _file_part(name: str, what: str) -> str:
@@ -217,17 +242,19 @@ class CheckpointStorage:
         directory = self.checkpoint_path(checkpoint_id)
         path = f"{directory}/{_file_part(task, 'task')}.{_file_part(operator, 'operator')}.arrow"
         try:
+            buffer = pa.BufferOutputStream()
+            with ipc.new_file(buffer, table.schema) as writer:
+                writer.write(table)
+            data = buffer.getvalue()
             self._fs.create_dir(directory, recursive=True)
             with self._fs.open_output_stream(path) as sink:
-                with ipc.new_file(sink, table.schema) as writer:
-                    writer.write(table)
-                size = sink.tell()
+                sink.write(data)
             if self._local:
                 _fsync_path(path)
         except (OSError, pa.ArrowException) as error:
             msg = f"cannot write checkpoint state file {path!r}: {error}; check that the checkpoint storage is writable"
             raise CheckpointStorageError(msg, path=path) from error
-        return StateHandle(path=path, bytes=int(size), rows=table.num_rows)
+        return StateHandle(path=path, bytes=data.size, rows=table.num_rows, crc32=zlib.crc32(data))
 
     def read_state(self, path: str | StateHandle) -> pa.Table:
         """Read a snapshot written by :meth:`write_state`.
@@ -237,22 +264,25 @@ class CheckpointStorage:
 
         Args:
             path: the file's path within the filesystem, or its handle (then
-                the file's size is checked against the handle's).
+                the file's size, and its CRC-32 where the handle has one, are
+                checked against the handle's).
 
         Raises:
-            CheckpointStorageError: the file is missing, truncated or not an Arrow IPC file.
+            CheckpointStorageError: the file is missing, truncated, does not
+                match its handle or is not an Arrow IPC file.
 
         """
-        expected = path.bytes if isinstance(path, StateHandle) else None
+        handle = path if isinstance(path, StateHandle) else None
         path = path.path if isinstance(path, StateHandle) else path
         try:
-            with self._fs.open_input_file(path) as source:
-                size = source.size()
-                if expected is not None and size != expected:
-                    msg = (f"checkpoint state file {path!r} has {size} bytes, its handle says {expected}; "
-                           "the file is damaged: restore from an older checkpoint")
+            data = self._read_bytes(path)
+            if handle is not None:
+                problem = _mismatch(handle, data)
+                if problem:
+                    msg = (f"checkpoint state file {path!r} is damaged: {problem}; it is not restored: "
+                           "restore from an older checkpoint")
                     raise CheckpointStorageError(msg, path=path)
-                return ipc.open_file(source).read_all()
+            return ipc.open_file(pa.BufferReader(data)).read_all()
         except FileNotFoundError as error:
             msg = (f"checkpoint state file {path!r} does not exist; the checkpoint was deleted or never completed: "
                    "restore from the latest complete checkpoint")
@@ -261,6 +291,42 @@ class CheckpointStorage:
             msg = (f"cannot read checkpoint state file {path!r}: {error}; the file is damaged or not an arrow ipc "
                    "file: restore from an older checkpoint")
             raise CheckpointStorageError(msg, path=path) from error
+
+    def _read_bytes(self, path: str) -> pa.Buffer:
+        with self._fs.open_input_file(path) as source:
+            return source.read_buffer()
+
+    def verify(self, checkpoint_id: int) -> list[str]:
+        """Check checkpoint ``checkpoint_id`` without restoring it: its manifest and every state file it names.
+
+        Returns:
+            What is wrong, one line per damaged or missing file (empty when the
+            checkpoint verifies); a checkpoint that never completed (no
+            manifest) is one line too.
+
+        Raises:
+            CheckpointStorageError: the storage could not be read (not damage: it may be unreachable).
+
+        """
+        manifest, problem = self._manifest_and_problem(checkpoint_id)
+        if manifest is None:
+            return [problem or f"checkpoint {checkpoint_id} has no manifest: it never completed"]
+        problems = []
+        for task, entry in sorted(manifest.get("tasks", {}).items()):
+            for operator, state in sorted(entry.get("states", {}).items()):
+                handle = StateHandle.from_manifest(state)
+                try:
+                    data = self._read_bytes(handle.path)
+                except FileNotFoundError:
+                    problems.append(f"{handle.path}: missing (state {operator!r} of {task})")
+                    continue
+                except OSError as error:
+                    msg = f"cannot read {handle.path!r}: {error}; check that the checkpoint storage is reachable"
+                    raise CheckpointStorageError(msg, path=handle.path) from error
+                mismatch = _mismatch(handle, data)
+                if mismatch:
+                    problems.append(f"{handle.path}: {mismatch} (state {operator!r} of {task})")
+        return problems
 
     # -- manifests ---------------------------------------------------------------------------------------------
 
@@ -287,7 +353,10 @@ class CheckpointStorage:
         directory = self.checkpoint_path(checkpoint_id)  # type: ignore[arg-type]  # validates the id
         final = f"{directory}/{MANIFEST_NAME}"
         try:
-            data = json.dumps(manifest, allow_nan=False).encode()
+            body = {k: v for k, v in manifest.items() if k != _INTEGRITY}
+            checksum = zlib.crc32(_canonical(body))
+            data = json.dumps({**body, _INTEGRITY: {"format": MANIFEST_FORMAT, "crc32": checksum}},
+                              allow_nan=False).encode()
         except (TypeError, ValueError) as error:
             msg = (f"manifest of checkpoint {checkpoint_id} is not json-serialisable: {error}; "
                    "store only str, int, float, bool, None, list and dict values")
@@ -353,32 +422,47 @@ class CheckpointStorage:
         _fsync_path(self._root)
 
     def manifest(self, checkpoint_id: int) -> dict[str, Any] | None:
-        """Checkpoint ``checkpoint_id``'s manifest, or ``None`` if the checkpoint is not complete.
+        """Checkpoint ``checkpoint_id``'s manifest, or ``None`` if the checkpoint is not complete or is damaged.
 
         A missing, truncated or unparseable manifest (or one naming another
-        checkpoint id) counts as not complete.
+        checkpoint id) counts as not complete; one that parses but does not
+        match its own CRC-32 is damaged (:meth:`verify` says so). The
+        ``"_integrity"`` entry is not part of the returned mapping.
 
         Raises:
             CheckpointStorageError: the storage failed for another reason (so a
                 transient error is never mistaken for an incomplete checkpoint).
 
         """
+        return self._manifest_and_problem(checkpoint_id)[0]
+
+    def _manifest_and_problem(self, checkpoint_id: int) -> tuple[dict[str, Any] | None, str | None]:
+        """The manifest, or ``None`` with why: ``None`` when there is none, a line naming the file when damaged."""
         path = f"{self.checkpoint_path(checkpoint_id)}/{MANIFEST_NAME}"
         try:
             with self._fs.open_input_stream(path) as source:
                 data = source.read()
         except FileNotFoundError:
-            return None
+            return None, None
         except OSError as error:
             msg = f"cannot read checkpoint manifest {path!r}: {error}; check that the checkpoint storage is reachable"
             raise CheckpointStorageError(msg, path=path) from error
         try:
             manifest = json.loads(data)
         except ValueError:  # truncated, torn or not utf-8
-            return None
+            return None, None
         if not isinstance(manifest, dict) or manifest.get("checkpoint_id") != checkpoint_id:
-            return None
-        return manifest
+            return None, None
+        integrity = manifest.pop(_INTEGRITY, None)
+        if integrity is not None:
+            expected = integrity.get("crc32") if isinstance(integrity, dict) else None
+            if expected != zlib.crc32(_canonical(manifest)):
+                return None, f"{path}: the manifest does not match its own CRC-32 (damaged)"
+        return manifest, None
+
+    def damaged_manifest(self, checkpoint_id: int) -> str | None:
+        """A line naming checkpoint ``checkpoint_id``'s manifest if it is there but damaged, else ``None``."""
+        return self._manifest_and_problem(checkpoint_id)[1]
 
     def latest_manifest(self, run: str | None = None) -> dict[str, Any] | None:
         """The newest complete checkpoint's manifest (the recovery point), or ``None`` if there is none.
@@ -396,6 +480,11 @@ class CheckpointStorage:
         """The id of ``run``'s newest complete checkpoint, or ``otherwise`` (the one it resumed from) if none."""
         manifest = self.latest_manifest(run=run)
         return int(manifest["checkpoint_id"]) if manifest is not None else otherwise
+
+    def written_ids(self) -> list[int]:
+        """The ids of the checkpoints whose manifest was written (complete, or damaged since), ascending."""
+        return [checkpoint_id for checkpoint_id in self._checkpoint_ids()
+                if self._manifest_and_problem(checkpoint_id) != (None, None)]
 
     def completed_ids(self) -> list[int]:
         """The ids of the complete checkpoints (with a valid manifest), ascending."""
@@ -446,7 +535,8 @@ class CheckpointStorage:
 
         """
         deleted = [checkpoint_id for checkpoint_id in self._checkpoint_ids()
-                   if (older_than is None or checkpoint_id < older_than) and self.manifest(checkpoint_id) is None]
+                   if (older_than is None or checkpoint_id < older_than)
+                   and self._manifest_and_problem(checkpoint_id) == (None, None)]
         for checkpoint_id in deleted:
             self.discard(checkpoint_id)
         return deleted
@@ -553,6 +643,20 @@ class CheckpointStorage:
             if isinstance(entry, dict):
                 entries.append(entry)
         return entries
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    """The bytes a manifest's CRC-32 covers: its JSON with sorted keys."""
+    return json.dumps(manifest, sort_keys=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _mismatch(handle: StateHandle, data: pa.Buffer) -> str | None:
+    """Why ``data`` is not the file ``handle`` describes, or ``None`` when it is."""
+    if data.size != handle.bytes:
+        return f"{data.size} bytes, the manifest says {handle.bytes}"
+    if handle.crc32 is not None and zlib.crc32(data) != handle.crc32:
+        return f"CRC-32 {zlib.crc32(data):08x}, the manifest says {handle.crc32:08x}"
+    return None
 
 
 def _rebuild_storage(uri: str, job: str, filesystem: pafs.FileSystem | None) -> CheckpointStorage:

@@ -318,7 +318,7 @@ class CoordinatorActor:
             if completed.checkpoint_id == checkpoint_id:
                 cache = self._cache.get(checkpoint_id, {})
                 return checkpoint_id, {
-                    task: {op: RestoredState(state["path"], cache.get(task, {}).get(op))
+                    task: {op: RestoredState.recorded_in(state, cache.get(task, {}).get(op))
                            for op, state in ack.states.items()}
                     for task, ack in completed.acks.items()
                 }
@@ -328,7 +328,7 @@ class CoordinatorActor:
                    "it cannot be restored")
             raise CheckpointError(msg, reason="missing")
         return int(manifest["checkpoint_id"]), {
-            task: {op: RestoredState(state["path"]) for op, state in entry["states"].items()}
+            task: {op: RestoredState.recorded_in(state) for op, state in entry["states"].items()}
             for task, entry in manifest["tasks"].items()
         }
 

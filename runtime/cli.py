@@ -3,6 +3,7 @@
 onceflow run JOB.py [ARGS...]             run a job script, showing live progress
 onceflow checkpoints list STORAGE          checkpoints of every job under STORAGE
 onceflow checkpoints show STORAGE JOB [ID] one checkpoint, per subtask
+onceflow checkpoints verify STORAGE [JOB]  check every checkpoint's files against its manifest
 onceflow bench NAME [ARGS...]              run benchmarks/NAME.py and print its figures
 """
 
@@ -121,6 +122,33 @@ def show_checkpoint(storage: str, job: str, checkpoint_id: int | None) -> None:
                           f"{m.get('sync_s', 0):.3f} s", f"{m.get('async_s', 0):.3f} s",
                           f"{m.get('alignment_s', 0):.3f} s", f"{m.get('start_delay_s', 0):.3f} s")
     _console().print(table)
+
+
+@checkpoints.command("verify")
+@click.argument("storage")
+@click.argument("job", required=False)
+def verify_checkpoints(storage: str, job: str | None) -> None:
+    """Check the checkpoints of JOB (of every job by default) offline: manifests, file sizes and CRC-32s.
+
+    Exits with status 1 when a checkpoint does not verify, naming each damaged or missing file.
+    """
+    damaged = 0
+    for name in [job] if job else _jobs(storage):
+        store = CheckpointStorage(storage, name)
+        ids = store.written_ids()
+        if not ids:
+            _console().print(f"job {name}: no checkpoint")
+            continue
+        for checkpoint_id in ids:
+            problems = store.verify(checkpoint_id)
+            damaged += bool(problems)
+            verdict = "[red]damaged[/red]" if problems else "[green]ok[/green]"
+            _console().print(f"job {name} checkpoint {checkpoint_id}: {verdict}")
+            for problem in problems:
+                _console().print(f"  {problem}", markup=False)
+    if damaged:
+        msg = f"{damaged} checkpoint(s) do not verify; resume=True restores none of them"
+        raise click.ClickException(msg)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -17,6 +17,7 @@ import pyarrow as pa
 import ray
 
 from onceflow.checkpoint.state import read_source_state
+from onceflow.checkpoint.storage import StateHandle
 from onceflow.errors import PlanError
 from onceflow.operators.keygroups import hash_columns, in_key_groups, key_group_range
 from onceflow.operators.sources.base import RescaledOffsets
@@ -98,10 +99,19 @@ class RestoredState:
         path: the Arrow IPC file in durable storage.
         cached: a Ray object reference to the same table, or ``None`` when the
             object store copy is gone (the coordinator restarted).
+        recorded: the file's handle as the checkpoint recorded it (size and
+            CRC-32, checked when the file is read); ``None`` reads it unchecked.
     """
 
     path: str
     cached: Any = None
+    recorded: StateHandle | None = None
+
+    @classmethod
+    def recorded_in(cls, state: dict[str, Any], cached: Any = None) -> RestoredState:
+        """The state a manifest entry (:meth:`StateHandle.to_manifest`) names, checked when it is read."""
+        handle = StateHandle.from_manifest(state)
+        return cls(handle.path, cached, handle)
 
 
 @dataclass(slots=True)
@@ -132,7 +142,7 @@ def _load(handle: RestoredState, storage: CheckpointStorage | None) -> pa.Table:
     if storage is None:
         msg = f"restoring {handle.path!r} needs the checkpoint storage"
         raise ValueError(msg)
-    return storage.read_state(handle.path)
+    return storage.read_state(handle.recorded or handle.path)
 
 
 def restored_position(tables: list[pa.Table], subtask: int, parallelism: int) -> tuple[Any, int | None]:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.lease import may_take, taken
 from onceflow.checkpoint.state import read_sink_state
-from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError, StateHandle
 from onceflow.checkpoint.supervisor import (
     CancelRequested,
     CommitOutput,
@@ -263,7 +263,12 @@ class JobHandle:
         self._lease_renewed = float("-inf")
         if self._storage is not None:
             self._take_lease()
-        self._restore = self._starting_point(resume)
+        try:
+            self._restore = self._starting_point(resume)
+        except BaseException:
+            if self._storage is not None:
+                self._storage.release_lease(self.run_id)
+            raise
         self._created = time.monotonic()
         self.startup_s = 0.0
         self._started = self._created
@@ -324,7 +329,7 @@ class JobHandle:
         return None
 
     def _starting_point(self, resume: bool) -> int | None:
-        """The checkpoint to restore first: the newest of any run with ``resume=True``, else none.
+        """The checkpoint to restore first: the newest that verifies, of any run, with ``resume=True``; else none.
 
         A fresh run never reads an earlier run's checkpoints: it starts from
         the beginning, and its sinks abort every transaction an earlier run
@@ -334,18 +339,73 @@ class JobHandle:
         """
         if self._storage is None:
             return None
+        if resume:
+            return self._verified_resume_point()
         latest = self._storage.latest_manifest()
         newest = int(latest["checkpoint_id"]) if latest else None
-        if resume:
-            if newest is None:
-                log.info("job %s: resume=True, but %r holds no completed checkpoint; starting from the beginning",
-                         self.job, self._storage.uri)
-            return newest
         if newest is not None:
             log.warning("job %s: starting a fresh run (resume=False): checkpoint %d of an earlier run in %r is not "
                         "restored, and sink transactions it kept uncommitted are aborted; pass resume=True to "
                         "continue from it", self.job, newest, self._storage.uri)
         return None
+
+    def _verified_resume_point(self) -> int | None:
+        """The newest checkpoint whose manifest and files verify; older only when that commits nothing twice.
+
+        A checkpoint that does not verify (a file damaged, missing or of the
+        wrong size, or a manifest that does not match its checksum) is never
+        restored. Falling back past it is safe only if no checkpoint skipped
+        recorded sink transactions: those were committed after the older
+        checkpoint, and replaying from it would commit their rows again. Then
+        a WARNING names the bad files; otherwise the submit fails naming them.
+
+        Raises:
+            CheckpointError: a skipped checkpoint recorded (or may have recorded) sink transactions, or no
+                written checkpoint verifies.
+        """
+        assert self._storage is not None
+        skipped: list[tuple[int, list[str]]] = []
+        chosen = None
+        for checkpoint_id in reversed(self._storage.written_ids()):
+            problems = self._storage.verify(checkpoint_id)
+            if not problems:
+                chosen = checkpoint_id
+                break
+            skipped.append((checkpoint_id, problems))
+        if chosen is None and not skipped:
+            log.info("job %s: resume=True, but %r holds no completed checkpoint; starting from the beginning",
+                     self.job, self._storage.uri)
+            return None
+        if not skipped:
+            return chosen
+        damaged = "; ".join(p for _, problems in skipped for p in problems)
+        if chosen is None:
+            msg = (f"job {self.job!r}: resume=True, but no checkpoint in {self._storage.uri!r} verifies, so none is "
+                   f"restored: {damaged}. Repair the files, or resume=False to start from the beginning (its sinks "
+                   "commit everything again)")
+            raise CheckpointError(msg, reason="damaged")
+        committed = [c for c, problems in skipped if self._recorded_transactions(c, problems)]
+        if committed:
+            directories = ", ".join(self._storage.checkpoint_path(c) for c, _ in skipped)
+            msg = (f"job {self.job!r}: the newest checkpoints do not verify and are not restored: {damaged}. "
+                   f"Checkpoint {chosen} verifies, but checkpoint(s) {', '.join(map(str, committed))} after it "
+                   f"recorded sink transactions, which were committed: restoring {chosen} would commit their rows "
+                   f"again. Repair the files, or move {directories} aside to accept that and resume from {chosen}")
+            raise CheckpointError(msg, reason="damaged")
+        log.warning("job %s: checkpoint(s) %s do not verify and are not restored (%s); they recorded no sink "
+                    "transaction, so resuming from checkpoint %d commits nothing twice",
+                    self.job, ", ".join(str(c) for c, _ in skipped), damaged, chosen)
+        return chosen
+
+    def _recorded_transactions(self, checkpoint_id: int, problems: list[str]) -> bool:
+        """Whether checkpoint ``checkpoint_id``, which does not verify, recorded (or may have) sink transactions."""
+        assert self._storage is not None
+        try:
+            return any(self._sink_committables(checkpoint_id).values())
+        except (CheckpointError, CheckpointStorageError):  # its manifest or a sink's file is the damaged one
+            log.debug("job %s: checkpoint %d's sink transactions are unreadable: %s", self.job, checkpoint_id,
+                      problems)
+            return True
 
     def _wait_deployed(self) -> None:
         """Block until the first attempt runs or the job ended; raise a plan error at once."""
@@ -617,7 +677,7 @@ class JobHandle:
         if manifest is None:
             msg = f"checkpoint {checkpoint_id} of job {self.job!r} is not complete in {self._storage.uri!r}"
             raise CheckpointError(msg, reason="missing")
-        paths = {task: {key: state["path"] for key, state in entry["states"].items()}
+        paths = {task: {key: StateHandle.from_manifest(state) for key, state in entry["states"].items()}
                  for task, entry in manifest["tasks"].items()}
         found: dict[str, list[CommittableRecord]] = {}
         for uid, handles in restored_sink_states(self._plan, paths).items():

@@ -365,7 +365,7 @@ class Subtask:
             cache: dict[str, Any] = {}
             for operator, table in tables.items():
                 handle = await asyncio.to_thread(self._storage.write_state, checkpoint_id, self.task, operator, table)
-                states[operator] = {"path": handle.path, "bytes": handle.bytes, "rows": handle.rows}
+                states[operator] = handle.to_manifest()
                 if self._checkpointing.cache:
                     with contextlib.suppress(Exception):  # the cache is optional; the file is not
                         cache[operator] = await asyncio.to_thread(ray.put, table, _owner=coordinator)

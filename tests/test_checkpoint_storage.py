@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,7 +45,8 @@ def chk_dir(storage: CheckpointStorage, checkpoint_id: int) -> Path:
 def test_state_round_trip_keeps_schema_metadata(storage: CheckpointStorage) -> None:
     table = keyed(1000).replace_schema_metadata({"onceflow.state": "keyed", "v": "1"})
     handle = storage.write_state(7, "window_2/1", "keyed", table)
-    assert handle == StateHandle(path=handle.path, bytes=os.path.getsize(handle.path), rows=1000)
+    data = Path(handle.path).read_bytes()
+    assert handle == StateHandle(path=handle.path, bytes=len(data), rows=1000, crc32=zlib.crc32(data))
     assert handle.path == f"{storage.root}/chk-00000007/window_2-1.keyed.arrow"
     restored = storage.read_state(handle.path)
     assert restored.equals(table)
@@ -90,7 +92,7 @@ def test_read_corrupt_state_raises(storage: CheckpointStorage) -> None:
 
 def test_read_with_handle_checks_size(storage: CheckpointStorage) -> None:
     handle = storage.write_state(1, "map_1/0", "state", keyed(10))
-    with pytest.raises(CheckpointStorageError, match="handle says"):
+    with pytest.raises(CheckpointStorageError, match="the manifest says"):
         storage.read_state(StateHandle(handle.path, handle.bytes + 1, handle.rows))
 
 
@@ -314,3 +316,71 @@ def test_configured_filesystem(tmp_path: Path) -> None:
 def test_unknown_scheme() -> None:
     with pytest.raises(CheckpointStorageError, match="cannot open checkpoint storage"):
         CheckpointStorage("nosuchscheme://x/y", "job")
+
+
+# -- integrity -----------------------------------------------------------------------------------------------
+
+
+def checkpoint_with_state(storage: CheckpointStorage, checkpoint_id: int) -> StateHandle:
+    """A complete checkpoint whose manifest records one state file, as the runtime writes it."""
+    handle = storage.write_state(checkpoint_id, "window_2/0", "keyed", keyed(2_000))
+    storage.write_manifest({"checkpoint_id": checkpoint_id,
+                            "tasks": {"window_2/0": {"states": {"keyed": handle.to_manifest()}}}})
+    return handle
+
+
+def damage(path: str, offset_fraction: float, data: bytes) -> None:
+    """Overwrite bytes in the middle of a file, keeping its size (as a bad disk block would)."""
+    content = bytearray(Path(path).read_bytes())
+    at = int(len(content) * offset_fraction)
+    content[at:at + len(data)] = data
+    Path(path).write_bytes(bytes(content))
+
+
+def test_a_state_file_with_zeroed_bytes_is_never_restored(storage: CheckpointStorage) -> None:
+    handle = checkpoint_with_state(storage, 1)
+    damage(handle.path, 0.5, bytes(64))
+    storage.read_state(handle.path)  # without its handle the damage goes unseen: Arrow reads it
+    with pytest.raises(CheckpointStorageError, match="is damaged: CRC-32") as caught:
+        storage.read_state(handle)
+    assert caught.value.path == handle.path
+    assert storage.verify(1) == [f"{handle.path}: {caught.value.args[0].split('damaged: ')[1].split(';')[0]} "
+                                 "(state 'keyed' of window_2/0)"]
+
+
+def test_verify_names_flipped_bits_a_missing_file_and_a_damaged_manifest(storage: CheckpointStorage) -> None:
+    flipped, missing, _ = (checkpoint_with_state(storage, i) for i in (1, 2, 3))
+    content = bytearray(Path(flipped.path).read_bytes())
+    for i in range(100, 1_124):
+        content[i] ^= 0x5A
+    Path(flipped.path).write_bytes(bytes(content))
+    Path(missing.path).unlink()
+    assert storage.verify(3) == []
+    assert storage.verify(1)[0].startswith(f"{flipped.path}: CRC-32")
+    assert storage.verify(2) == [f"{missing.path}: missing (state 'keyed' of window_2/0)"]
+    manifest = chk_dir(storage, 3) / "_manifest.json"
+    manifest.write_text(manifest.read_text().replace('"rows": 2000', '"rows": 2001'))  # still valid JSON
+    assert storage.manifest(3) is None
+    assert storage.verify(3) == [f"{manifest}: the manifest does not match its own CRC-32 (damaged)"]
+    assert storage.damaged_manifest(3) is not None and storage.damaged_manifest(1) is None
+    assert storage.discard_incomplete() == []  # a damaged manifest is not an incomplete checkpoint: kept
+    assert storage.verify(4) == ["checkpoint 4 has no manifest: it never completed"]
+
+
+def test_the_manifest_records_its_format_and_checksum_and_reads_back_without_them(storage: CheckpointStorage) -> None:
+    handle = checkpoint_with_state(storage, 1)
+    on_disk = json.loads((chk_dir(storage, 1) / "_manifest.json").read_text())
+    assert on_disk["_integrity"]["format"] == 2 and isinstance(on_disk["_integrity"]["crc32"], int)
+    assert storage.manifest(1) == {"checkpoint_id": 1,
+                                   "tasks": {"window_2/0": {"states": {"keyed": handle.to_manifest()}}}}
+
+
+def test_a_format_1_checkpoint_still_restores(storage: CheckpointStorage) -> None:
+    handle = storage.write_state(1, "window_2/0", "keyed", keyed(10))
+    old = {"checkpoint_id": 1, "tasks": {"window_2/0": {"states": {"keyed": {"path": handle.path,
+                                                                            "bytes": handle.bytes, "rows": 10}}}}}
+    (chk_dir(storage, 1) / "_manifest.json").write_text(json.dumps(old))
+    assert storage.manifest(1) == old
+    assert storage.verify(1) == []
+    restored = StateHandle.from_manifest(old["tasks"]["window_2/0"]["states"]["keyed"])
+    assert restored.crc32 is None and storage.read_state(restored).num_rows == 10

@@ -39,6 +39,14 @@ def test_checkpoints_list_and_show(tmp_path: Path) -> None:
         assert task in shown.output
     missing = runner.invoke(main, ["checkpoints", "show", str(tmp_path), "no-such-job"])
     assert missing.exit_code != 0 and "no complete checkpoint" in missing.output
+    verified = runner.invoke(main, ["checkpoints", "verify", str(tmp_path)], env={"COLUMNS": "200"})
+    assert verified.exit_code == 0, verified.output
+    assert f"job cli-job checkpoint {latest}: ok" in verified.output
+    state = next((tmp_path / "cli-job" / f"chk-{latest:08d}").glob("window_2-0.*.arrow"))
+    state.write_bytes(state.read_bytes()[:-1] + b"?")  # one byte changed, the size kept
+    damaged = runner.invoke(main, ["checkpoints", "verify", str(tmp_path), "cli-job"], env={"COLUMNS": "400"})
+    assert damaged.exit_code == 1 and f"checkpoint {latest}: damaged" in damaged.output
+    assert str(state) in damaged.output and "CRC-32" in damaged.output
 
 
 def test_run_shows_live_progress(tmp_path: Path) -> None:
