@@ -47,7 +47,7 @@ import pyarrow.ipc as ipc
 from onceflow.checkpoint.lease import JobLease
 from onceflow.errors import OnceflowError, PlanError
 
-__all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle"]
+__all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle", "ipc_file_bytes", "matches"]
 
 MANIFEST_NAME = "_manifest.json"
 LEASE_NAME = "_lease.json"
@@ -242,10 +242,7 @@ class CheckpointStorage:
         directory = self.checkpoint_path(checkpoint_id)
         path = f"{directory}/{_file_part(task, 'task')}.{_file_part(operator, 'operator')}.arrow"
         try:
-            buffer = pa.BufferOutputStream()
-            with ipc.new_file(buffer, table.schema) as writer:
-                writer.write(table)
-            data = buffer.getvalue()
+            data = ipc_file_bytes(table)
             self._fs.create_dir(directory, recursive=True)
             with self._fs.open_output_stream(path) as sink:
                 sink.write(data)
@@ -643,6 +640,23 @@ class CheckpointStorage:
             if isinstance(entry, dict):
                 entries.append(entry)
         return entries
+
+
+def ipc_file_bytes(table: pa.Table) -> pa.Buffer:
+    """``table`` as the bytes of an Arrow IPC file, as :meth:`CheckpointStorage.write_state` writes it.
+
+    The same table always gives the same bytes, so a copy of a snapshot kept
+    elsewhere (the Ray object store) can be checked against the file's CRC-32.
+    """
+    buffer = pa.BufferOutputStream()
+    with ipc.new_file(buffer, table.schema) as writer:
+        writer.write(table)
+    return buffer.getvalue()
+
+
+def matches(handle: StateHandle, table: pa.Table) -> bool:
+    """Whether ``table`` is the snapshot ``handle`` recorded (its IPC bytes have the recorded size and CRC-32)."""
+    return _mismatch(handle, ipc_file_bytes(table)) is None
 
 
 def _canonical(manifest: dict[str, Any]) -> bytes:

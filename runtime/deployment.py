@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 
 from onceflow.checkpoint.state import read_source_state
-from onceflow.checkpoint.storage import StateHandle
+from onceflow.checkpoint.storage import StateHandle, matches
 from onceflow.errors import PlanError
 from onceflow.operators.keygroups import hash_columns, in_key_groups, key_group_range
 from onceflow.operators.sources.base import RescaledOffsets
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AttemptId", "CheckpointSetup", "RestoredState", "RuntimeOptions", "SubtaskRestore", "load_restored",
            "replayed_channel_state", "restored_position"]
+
+log = logging.getLogger("onceflow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +136,15 @@ def load_restored(restore: SubtaskRestore | None, storage: CheckpointStorage | N
 
 
 def _load(handle: RestoredState, storage: CheckpointStorage | None) -> pa.Table:
+    """The object-store copy if it is there and matches the recorded file's CRC-32, else the file (checked)."""
     if handle.cached is not None:
         with contextlib.suppress(Exception):
             table = ray.get(handle.cached, timeout=30)
             if isinstance(table, pa.Table):
-                return table
+                if handle.recorded is None or handle.recorded.crc32 is None or matches(handle.recorded, table):
+                    return table
+                log.warning("the object-store copy of %s does not match its checkpoint file's CRC-32; "
+                            "restoring from the file", handle.path)
     if storage is None:
         msg = f"restoring {handle.path!r} needs the checkpoint storage"
         raise ValueError(msg)

@@ -121,3 +121,17 @@ def test_a_resume_where_no_checkpoint_verifies_fails_naming_the_files(tmp_path: 
         of.submit(window_flow(job, sink, window_ms), parallelism=2, resume=True,
                   checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage))
     assert all(p in str(caught.value) for p in paths)
+
+
+def test_an_object_store_copy_that_differs_from_its_file_is_not_restored(tmp_path: Path) -> None:
+    import ray
+
+    from onceflow.runtime.deployment import RestoredState, SubtaskRestore, load_restored
+
+    storage = CheckpointStorage(str(tmp_path), "integrity-cache")
+    table = pa.table({"k": list(range(100)), "n": [1] * 100})
+    handle = storage.write_state(1, "counts/0", "keyed", table)
+    altered = table.set_column(1, "n", pa.array([2] * 100))
+    for cached, expected in ((table, table), (altered, table)):
+        restore = SubtaskRestore(1, {"keyed": [RestoredState(handle.path, ray.put(cached), handle)]})
+        assert load_restored(restore, storage)["keyed"][0].equals(expected)
