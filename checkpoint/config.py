@@ -9,10 +9,12 @@ uses, shared by the other option values (job options, restart strategies).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from onceflow.errors import PlanError
+from onceflow.redaction import redact_uri
 
 __all__ = ["CheckpointConfig", "require_int", "require_number"]
 
@@ -127,6 +129,11 @@ class CheckpointConfig:
     retain: int = 3
     tolerable_failures: int = 0
     lease_s: float = 10.0
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["storage"] = redact_uri(self.storage) if isinstance(self.storage, str) else self.storage
+        return f"CheckpointConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def __post_init__(self) -> None:
         require_number("checkpoint interval_s", self.interval_s, positive=True,

@@ -46,6 +46,7 @@ import pyarrow.ipc as ipc
 
 from onceflow.checkpoint.lease import JobLease
 from onceflow.errors import OnceflowError, PlanError
+from onceflow.redaction import dsn_secrets, redact_uri, scrub
 
 __all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle", "ipc_file_bytes", "matches"]
 
@@ -171,8 +172,10 @@ class CheckpointStorage:
             try:
                 fs, base = pafs.FileSystem.from_uri(uri)
             except (pa.ArrowInvalid, OSError, ValueError) as error:
-                msg = f"cannot open checkpoint storage {uri!r}: {error}; pass a local directory or a pyarrow.fs uri"
-                raise CheckpointStorageError(msg, path=uri) from error
+                why = scrub(str(error), [uri, *dsn_secrets(uri)])
+                msg = (f"cannot open checkpoint storage {redact_uri(uri)!r}: {why}; pass a local directory or a "
+                       "pyarrow.fs uri")
+                raise CheckpointStorageError(msg, path=redact_uri(uri)) from None
         else:
             fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
         self._fs: pafs.FileSystem = fs
@@ -189,12 +192,12 @@ class CheckpointStorage:
         return (_rebuild_storage, (self._uri, self._job, self._given_filesystem))
 
     def __repr__(self) -> str:
-        return f"CheckpointStorage({self._uri!r}, {self._job!r})"
+        return f"CheckpointStorage({self.uri!r}, {self._job!r})"
 
     @property
     def uri(self) -> str:
-        """The storage URI (or path) this storage was opened with, without the job."""
-        return self._uri
+        """The storage URI (or path) this storage was opened with, without the job, credentials masked."""
+        return redact_uri(self._uri)
 
     @property
     def job(self) -> str:

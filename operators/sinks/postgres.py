@@ -90,6 +90,7 @@ from onceflow.checkpoint.two_phase_commit import (
 )
 from onceflow.errors import DataError, PlanError, SinkCommitError
 from onceflow.operators.sinks.naming import escape_field, split_fields
+from onceflow.redaction import dsn_secrets, redact_dsn, scrub
 from onceflow.testing.failpoints import crash_point
 
 __all__ = [
@@ -342,6 +343,14 @@ class PostgresSink(TransactionalSink[PostgresCommittable]):
         self.exactly_once = exactly_once
         self.lock_timeout_s = lock_timeout_s
 
+    def __repr__(self) -> str:
+        return (f"PostgresSink({redact_dsn(self.dsn)!r}, {self.table!r}, mode={self.mode!r}, "
+                f"key_columns={list(self.key_columns)!r})")
+
+    def scrubbed(self, error: BaseException) -> str:
+        """``error``'s message without the DSN's secrets (a driver error may quote the connection string)."""
+        return scrub(str(error), dsn_secrets(self.dsn))
+
     @staticmethod
     def transaction_name(ctx: SinkContext, transaction: int | str) -> str:
         """Name a transaction: ``onceflow:<job>:<operator>:<subtask>:<transaction>:<run>:<attempt>``.
@@ -390,7 +399,8 @@ class PostgresSink(TransactionalSink[PostgresCommittable]):
             with psycopg.connect(self.dsn, autocommit=True) as connection:
                 setting = int(connection.execute("SHOW max_prepared_transactions").fetchone()[0])
         except psycopg.Error as error:
-            msg = f"postgres sink {self.table}: cannot connect to {self.dsn!r}: {error}; check the dsn"
+            msg = (f"postgres sink {self.table}: cannot connect to {redact_dsn(self.dsn)!r}: "
+                   f"{scrub(str(error), dsn_secrets(self.dsn))}; check the dsn")
             raise PlanError(msg) from error
         if self.exactly_once and self.mode == "append" and setting == 0:
             msg = (
@@ -721,12 +731,12 @@ class PostgresSinkCommitter(Committer[PostgresCommittable]):
                 if attempt == _COMMIT_ATTEMPTS:
                     msg = (
                         f"postgres sink {self._ctx.operator}: {verb} of {len(transactions)} transaction(s) "
-                        f"failed {attempt} times ({error}); they stay pre-committed and will be resolved when "
-                        "the job restarts from its last checkpoint"
+                        f"failed {attempt} times ({self._sink.scrubbed(error)}); they stay pre-committed and will "
+                        "be resolved when the job restarts from its last checkpoint"
                     )
                     raise SinkCommitError(msg) from error
                 log.warning("postgres sink %s: %s failed (%s); retrying in %.1f s", self._ctx.operator,
-                            verb, error, delay)
+                            verb, self._sink.scrubbed(error), delay)
                 time.sleep(delay)
                 delay *= 2
             except psycopg.Error as error:
