@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
@@ -99,3 +99,35 @@ def assert_resumes_from_every_offset(source: Source, ctx: SourceContext) -> None
             break
         assert isinstance(batch, pa.RecordBatch)
         consumed += batch.column("id").to_pylist()
+
+
+def run_killing_a_subtask(flow: Any, storage: str, pick: Callable[[list[str]], str],
+                          before_kill: Callable[[], T] | None = None, parallelism: int = 2,
+                          ) -> tuple[Any, str, T | None]:
+    """Run ``flow`` with checkpoints every 0.2 s and three restarts; kill one subtask actor mid-job.
+
+    Once a checkpoint completed (and ``before_kill``, polled, returned
+    something truthy), the actor ``pick(handle.actor_names)`` is killed without
+    restart. Returns the job's result, the name killed and what ``before_kill``
+    returned.
+    """
+    import ray
+
+    import onceflow as of
+    from onceflow.checkpoint.storage import CheckpointStorage
+
+    handle = of.submit(flow, parallelism=parallelism, checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage),
+                       restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
+    store = CheckpointStorage(storage, handle.job)
+    name, seen = "", None
+    try:
+        wait_until(store.completed_ids, timeout_s=30, what="a first checkpoint")
+        if before_kill is not None:
+            seen = wait_until(before_kill, timeout_s=30, what="the moment to kill")
+        name = pick(handle.actor_names)
+        ray.kill(ray.get_actor(name, namespace="onceflow"), no_restart=True)
+    finally:
+        result = handle.wait(timeout_s=120)
+    assert result.metrics["restarts"] >= 1, f"killing {name or 'a subtask'} restarted nothing"
+    assert result.metrics["restored_from"], "the restart restored no checkpoint"
+    return result, name, seen

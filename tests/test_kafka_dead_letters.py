@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pytest
-import ray
 
 import onceflow as of
-from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.errors import PlanError
 from onceflow.operators.logic import DEAD_LETTERS
 from onceflow.operators.sources.base import Idle, SourceContext
@@ -20,7 +17,7 @@ from onceflow.operators.sources.kafka import KAFKA_DEAD_LETTER_SCHEMA, KafkaSour
 from onceflow.runtime.plan import plan
 from onceflow.testing.source import TestingSource
 from onceflow.testing.workload import feature_events
-from tests.helpers import assert_feature_reference, wait_until
+from tests.helpers import assert_feature_reference, run_killing_a_subtask
 from tests.kafka_server import KafkaServer
 from tests.test_kafka_source import SCHEMA, new_topic, produce, rows, slow
 
@@ -158,24 +155,13 @@ def test_a_killed_source_emits_every_good_row_and_every_dead_letter_exactly_once
             values.append(bad[len(values) % partitions, len(values) // partitions])
         values.append(json.dumps(row).encode())
     assert {p for p, _ in bad} == set(range(partitions))
-    job, storage = "kafka-dead-letters", str(tmp_path / "chk")
+    job = "kafka-dead-letters"
     sink, dead = of.sinks.TestingSink(), of.sinks.TestingSink()
     produce(kafka, topic, values, partitions)
-    handle = of.submit(dead_letter_flow(job, kafka.bootstrap_servers, topic, sink, dead), parallelism=2,
-                       checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage),
-                       restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
-    store = CheckpointStorage(storage, job)
-    killed: dict[str, Any] = {}
-    try:
-        wait_until(store.completed_ids, timeout_s=30, what="a first checkpoint")
-        name = next(n for n in handle.actor_names if n.startswith(f"{job}/events/"))
-        ray.kill(ray.get_actor(name, namespace="onceflow"), no_restart=True)
-        killed["name"] = name
-    finally:
-        result = handle.wait(timeout_s=120)
-    assert killed["name"].startswith(f"{job}/events/")
-    assert result.metrics["restarts"] >= 1
-    assert result.metrics["restored_from"], "the restart restored no checkpoint"
+    _, killed, _ = run_killing_a_subtask(
+        dead_letter_flow(job, kafka.bootstrap_servers, topic, sink, dead), str(tmp_path / "chk"),
+        pick=lambda names: next(n for n in names if n.startswith(f"{job}/events/")))
+    assert killed.startswith(f"{job}/events/")
     assert_feature_reference(sink.table(), TOTAL)
     letters = dead.table()
     assert letters.schema == KAFKA_DEAD_LETTER_SCHEMA

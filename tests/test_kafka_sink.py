@@ -15,14 +15,13 @@ import pytest
 import ray
 
 import onceflow as of
-from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.checkpoint.two_phase_commit import CommittableRecord, SinkContext
 from onceflow.errors import PlanError
 from onceflow.operators.sinks.kafka import KafkaSink, KafkaTransaction
 from onceflow.runtime.sink_committer import resolve_sink_operator
 from onceflow.testing import failpoints
 from onceflow.testing.workload import feature_events, feature_window_reference
-from tests.helpers import assert_feature_reference, wait_until
+from tests.helpers import assert_feature_reference, run_killing_a_subtask
 from tests.kafka_server import KafkaServer
 
 _names = itertools.count()
@@ -269,25 +268,14 @@ def assert_exactly_once_in(kafka: KafkaServer, sink: KafkaSink, job: str) -> Non
 
 @pytest.mark.usefixtures("ray_session")
 def test_a_killed_sink_subtask_changes_nothing_committed_to_kafka(kafka: KafkaServer, tmp_path: Path) -> None:
-    job, storage = "kafka-sink-kill", str(tmp_path / "chk")
+    job = "kafka-sink-kill"
     sink = KafkaSink(kafka.bootstrap_servers, new_topic(kafka, 3), key="user_id", timeout_s=20)
-    handle = of.submit(kafka_flow(job, sink), parallelism=2,
-                       checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage),
-                       restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
-    store = CheckpointStorage(storage, job)
-    killed: dict[str, Any] = {}
-    try:
-        wait_until(store.completed_ids, timeout_s=30, what="a first checkpoint")
-        wait_until(lambda: kafka.read(sink.topic), timeout_s=30, what="a first committed window")
-        name = handle.actor_names[-1]  # the last vertex, which the sink ends
-        ray.kill(ray.get_actor(name, namespace="onceflow"), no_restart=True)
-        killed["name"] = name
-        killed["committed"] = len(kafka.read(sink.topic))
-    finally:
-        result = handle.wait(timeout_s=120)
-    assert killed["name"].startswith(f"{job}/") and killed["name"] != handle.actor_names[0], killed["name"]
-    assert 0 < killed["committed"] < feature_window_reference(TOTAL).num_rows, "the kill did not land mid-output"
-    assert result.metrics["restarts"] >= 1
+    # The last vertex, which the sink ends, once windows were committed.
+    _, killed, committed = run_killing_a_subtask(kafka_flow(job, sink), str(tmp_path / "chk"),
+                                                 pick=lambda names: names[-1],
+                                                 before_kill=lambda: len(kafka.read(sink.topic)))
+    assert killed.startswith(f"{job}/") and not killed.startswith(f"{job}/source"), killed
+    assert 0 < (committed or 0) < feature_window_reference(TOTAL).num_rows, "the kill did not land mid-output"
     assert_exactly_once_in(kafka, sink, job)
 
 
@@ -343,26 +331,13 @@ def test_recovery_finds_commits_made_after_aborted_transactions_of_the_same_ids(
 
 @pytest.mark.usefixtures("ray_session")
 def test_a_killed_at_least_once_sink_subtask_loses_no_row(kafka: KafkaServer, tmp_path: Path) -> None:
-    job, storage = "kafka-sink-alo-kill", str(tmp_path / "chk")
     sink = KafkaSink(kafka.bootstrap_servers, new_topic(kafka, 3), key="user_id", delivery="at_least_once",
                      timeout_s=20)
-    handle = of.submit(kafka_flow(job, sink), parallelism=2,
-                       checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage),
-                       restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
-    store = CheckpointStorage(storage, job)
-    killed: dict[str, Any] = {}
-    try:
-        wait_until(store.completed_ids, timeout_s=30, what="a first checkpoint")
-        wait_until(lambda: kafka.read(sink.topic), timeout_s=30, what="a first window")
-        name = handle.actor_names[-1]
-        ray.kill(ray.get_actor(name, namespace="onceflow"), no_restart=True)
-        killed["name"] = name
-        killed["written"] = len(kafka.read(sink.topic))
-    finally:
-        result = handle.wait(timeout_s=120)
+    _, _, written = run_killing_a_subtask(kafka_flow("kafka-sink-alo-kill", sink), str(tmp_path / "chk"),
+                                          pick=lambda names: names[-1],
+                                          before_kill=lambda: len(kafka.read(sink.topic)))
     reference = feature_window_reference(TOTAL).num_rows
-    assert 0 < killed["written"] < reference, "the kill did not land mid-output"
-    assert result.metrics["restarts"] >= 1
+    assert 0 < (written or 0) < reference, "the kill did not land mid-output"
     rows = [json.loads(m.value()) for m in kafka.read(sink.topic)]
     first: dict[tuple[int, int], dict[str, Any]] = {}
     for row in rows:

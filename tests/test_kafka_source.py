@@ -7,20 +7,17 @@ import itertools
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pytest
-import ray
 from confluent_kafka import Producer
 
 import onceflow as of
-from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.errors import DataError, OperatorError, PlanError
 from onceflow.operators.sources.base import Idle, RescaledOffsets, SourceContext, SourceReader
 from onceflow.operators.sources.kafka import KAFKA_RAW_SCHEMA, KafkaSource
 from onceflow.testing.workload import feature_events
-from tests.helpers import assert_feature_reference, wait_until
+from tests.helpers import assert_feature_reference, run_killing_a_subtask, wait_until
 from tests.kafka_server import KafkaServer
 
 SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string())])
@@ -248,23 +245,10 @@ def test_a_killed_subtask_changes_nothing_committed_from_kafka(kafka: KafkaServe
     topic = new_topic(kafka, 4)
     events = feature_events(0, TOTAL).to_pylist()
     produce(kafka, topic, [json.dumps(row).encode() for row in events], 4)
-    job, storage = "kafka-kill", str(tmp_path / "chk")
     sink = of.sinks.TestingSink()
-    handle = of.submit(window_flow(job, kafka.bootstrap_servers, topic, sink), parallelism=2,
-                       checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage),
-                       restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
-    store = CheckpointStorage(storage, job)
-    killed: dict[str, Any] = {}
-    try:
-        wait_until(store.completed_ids, timeout_s=30, what="a first checkpoint")
-        name = handle.actor_names[0]
-        ray.kill(ray.get_actor(name, namespace="onceflow"), no_restart=True)
-        killed["name"] = name
-    finally:
-        result = handle.wait(timeout_s=120)
-    assert killed["name"].startswith(f"{job}/")
-    assert result.metrics["restarts"] >= 1
-    assert result.metrics["restored_from"], "the restart restored no checkpoint"
+    _, killed, _ = run_killing_a_subtask(window_flow("kafka-kill", kafka.bootstrap_servers, topic, sink),
+                                         str(tmp_path / "chk"), pick=lambda names: names[0])
+    assert killed.startswith("kafka-kill/events/")
     assert_feature_reference(sink.table(), TOTAL)
 
 
