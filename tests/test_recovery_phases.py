@@ -201,19 +201,24 @@ class _StallOnce:
             path.touch()
             import time
 
-            time.sleep(1.5)  # the stall under test: longer than the checkpoint timeout
+            time.sleep(3.0)  # the stall under test: three times the checkpoint timeout
         return batch
 
 
 def test_an_expired_checkpoint_does_not_fail_every_restart(tmp_path: Path) -> None:
-    """One expired checkpoint fails the attempt (no failure tolerated); the restart then runs clean."""
+    """One expired checkpoint fails the attempt (no failure tolerated); the restarts then finish the job.
+
+    The restart count is at least one, not exactly one: under load another
+    checkpoint may take longer than the timeout too, which is the same failure
+    handled the same way (the bug this guards against failed every restart).
+    """
     job, total = "expired-once", 80_000
     sink = of.sinks.TestingSink()
     result = of.run(feature_flow(job, total, sink, rate=100_000, transform=_StallOnce(str(tmp_path / "stalled"))),
                     parallelism=1,
-                    checkpoint=of.CheckpointConfig(interval_s=0.1, timeout_s=0.5, storage=str(tmp_path / "chk")),
-                    restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.05))
-    assert result.metrics["restarts"] == 1
+                    checkpoint=of.CheckpointConfig(interval_s=0.1, timeout_s=1.0, storage=str(tmp_path / "chk")),
+                    restart=of.RestartStrategy.fixed_delay(attempts=5, delay_s=0.05))
+    assert result.metrics["restarts"] >= 1
     assert_feature_reference(sink.table(), total)
 
 
