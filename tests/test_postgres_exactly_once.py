@@ -120,3 +120,38 @@ def test_the_database_restarts_while_transactions_are_prepared(postgres: Postgre
     assert restarted, "the database was not restarted during the job"
     assert result.metrics["restarts"] >= 1
     assert_exactly_once(postgres.dsn, table)
+
+
+def test_the_database_is_down_for_ten_seconds_mid_job(postgres: PostgresServer, tmp_path) -> None:
+    """An outage longer than a commit's retries: attempts fail until it is back, then the output is exact."""
+    job, table = "pg-db-outage", "pg_db_outage"
+    storage = str(tmp_path)
+    handle = of.submit(feature_flow(job, of.sinks.PostgresSink(postgres.dsn, table, create=True), rate=50_000),
+                       parallelism=2, checkpoint=of.CheckpointConfig(interval_s=0.3, storage=storage),
+                       restart=of.RestartStrategy.exponential_backoff(initial_s=0.2, max_s=2.0, attempts=30))
+    down: list[float] = []
+
+    def outage() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with psycopg.connect(postgres.dsn) as connection:
+                exists = connection.execute(f"SELECT to_regclass('{table}') IS NOT NULL").fetchone()[0]
+                if exists and CheckpointStorage(storage, job).completed_ids() and \
+                        connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
+                    break
+            time.sleep(0.01)
+        postgres.stop()
+        started = time.monotonic()
+        time.sleep(10.0)  # the outage under test: the database is away this long, whatever the job does
+        postgres.start()
+        down.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        result = handle.wait(timeout_s=240)
+    finally:
+        thread.join(timeout=60)
+    assert down and down[0] >= 10.0, "the database was not taken down during the job"
+    assert result.metrics["restarts"] >= 1
+    assert_exactly_once(postgres.dsn, table)
