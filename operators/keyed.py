@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from onceflow.errors import DataError, OnceflowError, OperatorError
-from onceflow.operators.keygroups import in_key_groups, key_groups_of, require_key_columns
+from onceflow.operators.keygroups import canonical_key, in_key_groups, key_groups_of, require_key_columns
 from onceflow.operators.logic import Emitted, OperatorContext, OperatorLogic
 from onceflow.operators.stateless import Row, _RowsToBatch
 
@@ -78,7 +78,7 @@ class _KeyedLogic(OperatorLogic):
         outputs: list[Row] = []
         try:
             for row, group in zip(self._rows(batch), groups, strict=True):
-                key = tuple(row[k] for k in keys)
+                key = tuple(canonical_key(row[k]) for k in keys)
                 emitted = self._step(key, row)
                 if key in state:
                     key_groups[key] = group
@@ -203,7 +203,7 @@ class _KeyedLogic(OperatorLogic):
             columns = [table.column(k).to_pylist() for k in self._keys]
             states = table.column("state").to_pylist()
             for row in rows:
-                key = tuple(column[row] for column in columns)
+                key = tuple(canonical_key(column[row]) for column in columns)
                 self._state[key] = pickle.loads(states[row])  # noqa: S301 - the job's own checkpoint
                 self._key_groups[key] = int(groups[row])
 

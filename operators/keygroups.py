@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import mmh3
 import numpy as np
@@ -38,6 +38,9 @@ _Rows = TypeVar("_Rows", pa.RecordBatch, pa.Table)
 __all__ = [
     "DEFAULT_MAX_PARALLELISM",
     "KEY_TYPES_ACCEPTED",
+    "NAN_KEY",
+    "canonical_float_keys",
+    "canonical_key",
     "hash64_columns",
     "hash_columns",
     "in_key_groups",
@@ -233,6 +236,29 @@ def _hash_array(array: pa.Array, seed: int) -> np.ndarray:
     if array.null_count:
         h = np.where(array.is_valid().to_numpy(zero_copy_only=False), h, _null_hash(seed))
     return h
+
+
+NAN_KEY = float("nan")
+"""The one NaN every NaN key becomes in Python: a dict finds it by identity, where ``nan != nan``."""
+
+
+def canonical_key(value: Any) -> Any:
+    """A key value as keyed state holds it: every NaN is :data:`NAN_KEY` (``-0.0`` already equals ``0.0``).
+
+    Routing hashes every NaN alike and ``-0.0`` as ``0.0``; state must group them the same way.
+
+    Example:
+        >>> canonical_key(float("nan")) is canonical_key(float("-nan")), canonical_key(2)
+        (True, 2)
+    """
+    return NAN_KEY if isinstance(value, float) and value != value else value
+
+
+def canonical_float_keys(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A floating key column with ``-0.0`` as ``0.0`` (Arrow groups NaNs together, but not the two zeros)."""
+    if not pa.types.is_floating(column.type):
+        return column
+    return pc.add(column, pa.scalar(0.0, column.type))
 
 
 def require_key_columns(schema: pa.Schema, columns: Sequence[str], *, operator: str) -> None:

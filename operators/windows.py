@@ -67,7 +67,13 @@ import pyarrow.compute as pc
 
 from onceflow.errors import DataError, PlanError
 from onceflow.operators.agg import Aggregation, reduce_groups
-from onceflow.operators.keygroups import in_key_groups, key_groups_of, require_key_columns, take_rows
+from onceflow.operators.keygroups import (
+    canonical_float_keys,
+    in_key_groups,
+    key_groups_of,
+    require_key_columns,
+    take_rows,
+)
 from onceflow.operators.logic import LATE, MAIN, Emitted, OperatorContext, OperatorLogic
 from onceflow.operators.watermark import event_time_ms
 from onceflow.operators.window_kinds import FixedWindows, PartialLayout, SessionWindows, WindowKind
@@ -530,7 +536,7 @@ class WindowAggregateLogic(OperatorLogic):
                 kind = kind.value_type
             if kind in _GROUPABLE:  # Arrow cannot sort or group these: keep the values, in a type it can
                 column = column.cast(_GROUPABLE[kind])
-            columns[internal] = column
+            columns[internal] = canonical_float_keys(column)
         if self._keys:
             groups = key_groups_of(table, self._keys, self._ctx.max_parallelism, operator=operator)
         else:

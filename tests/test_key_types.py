@@ -179,6 +179,53 @@ def test_negative_zero_and_zero_are_one_key() -> None:
     assert hash64_columns(data, ["f"])[0] == hash64_columns(data, ["f"])[1]
 
 
+FLOAT_KEYS = st.lists(st.sampled_from([0.0, -0.0, float("nan"), float("-nan"), 1.5, -1.5, float("inf")]),
+                      min_size=1, max_size=40)
+
+
+def canonical(value: float) -> float | str:
+    """What one key is, as routing sees it: every NaN alike, -0.0 as 0.0."""
+    return "nan" if value != value else value + 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(FLOAT_KEYS, st.integers(1, 3), st.integers(1, 7))
+def test_float_keys_count_as_routing_groups_them_in_every_keyed_operator(keys: list[float], parallelism: int,
+                                                                          batch_size: int) -> None:
+    """NaN keys are one key (not one per row), -0.0 and 0.0 are one key: in process, reduce and windows."""
+    expected = Counter(canonical(k) for k in keys)
+    data = pa.record_batch({"f": pa.array(keys, pa.float64()), "t": pa.array(range(len(keys)), pa.int64()),
+                            "n": pa.array([1] * len(keys), pa.int64())})
+    batches = [data.slice(i, batch_size) for i in range(0, len(keys), batch_size)]
+    builders: dict[str, Callable[[OperatorContext], OperatorLogic]] = {
+        "process": lambda ctx: KeyedProcess(count, ["f"]).build(ctx),
+        "reduce": lambda ctx: KeyedReduce(lambda a, r: {**r, "n": a["n"] + r["n"]}, ["f"]).build(ctx),
+        "window": lambda ctx: WindowAggregate(Tumbling(10**6), keys=["f"], time_column="t",
+                                              aggregates={"n": agg.count()}).build(ctx),
+    }
+    for name, build in builders.items():
+        logics = [build(ctx_of(name, s, parallelism)) for s in range(parallelism)]
+        found: Counter[float | str] = Counter()
+        for batch in batches:
+            for logic, part in zip(logics, route(batch, ["f"], parallelism), strict=True):
+                if part is None:
+                    continue
+                for port, out in logic.on_batch(part):
+                    if name == "reduce" and port == MAIN:
+                        for row in out.to_pylist():
+                            found[canonical(row["f"])] = max(found[canonical(row["f"])], row["n"])
+        if name == "process":
+            for logic in logics:
+                for key, n in keyed_counts(logic.snapshot(), ["f"]).items():
+                    found[canonical(key[0])] += n
+        if name == "window":
+            for logic in logics:
+                for _, out in logic.on_eof():
+                    for row in out.to_pylist():
+                        found[canonical(row["f"])] += row["n"]
+        assert found == expected, name
+
+
 @pytest.mark.parametrize("kind", [pa.list_(pa.int64()), pa.struct([("a", pa.int64())]),
                                   pa.month_day_nano_interval(), pa.map_(pa.string(), pa.int64())],
                          ids=str)
