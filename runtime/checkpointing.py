@@ -38,7 +38,7 @@ from onceflow.checkpoint.coordinator import (
     TriggerCheckpoint,
 )
 from onceflow.checkpoint.lease import may_complete, taken
-from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError
 from onceflow.errors import CheckpointError
 from onceflow.runtime.deployment import RestoredState
 from onceflow.runtime.logs import configure_logging
@@ -56,6 +56,9 @@ LEASE_LOST = "lease lost"
 """The reason of the :class:`CheckpointError` of a run whose storage another run took over."""
 
 log = logging.getLogger("onceflow")
+
+_LEASE_RETRY_S = 0.5
+"""How soon a lease renewal that failed (the storage unreachable) is tried again."""
 
 RestorePoint = tuple[int, dict[str, dict[str, RestoredState]]]
 """A checkpoint id and, per subtask (``<vertex>/<subtask>``), per operator, its state."""
@@ -172,8 +175,13 @@ class CoordinatorActor:
         while True:
             try:
                 if time.monotonic() - renewed >= self._config.lease_s / 3:
-                    renewed = time.monotonic()
-                    await asyncio.to_thread(self._renew_lease)
+                    try:
+                        await asyncio.to_thread(self._renew_lease)
+                        renewed = time.monotonic()
+                    except CheckpointStorageError as error:  # the storage is away: try again soon, not in a third
+                        renewed = time.monotonic() - self._config.lease_s / 3 + _LEASE_RETRY_S
+                        log.warning("job %s: could not renew the checkpoint storage lease (again in %.1f s): %s",
+                                    self._job, _LEASE_RETRY_S, error)
                 await self._execute(self._core.poll())
             except Exception:
                 log.exception("job %s: checkpoint coordinator loop failed", self._job)
