@@ -109,21 +109,16 @@ class RssSampler:
         self._thread.join()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=300.0)
-    parser.add_argument("--rate", type=int, default=20_000, help="events/s the sources offer")
-    parser.add_argument("--quick", action="store_true", help="30 s")
-    args = parser.parse_args()
-    seconds = 30.0 if args.quick else args.seconds
-    throttled = args.rate / 10
+def run_soak(seconds: float, rate: int) -> dict[str, Any]:
+    """Run the soak for about ``seconds`` with sources offering ``rate`` events/s; return its figures."""
+    throttled = rate / 10
     total = int(throttled * seconds)
     start_ray()
     root = Path(tempfile.mkdtemp(prefix="onceflow-soak-"))
     try:
         flow = of.Dataflow("soak")
         events = flow.source(of.sources.GeneratorSource(skewed_events, total=total, batch_size=1_000,
-                                                        max_events_per_s=args.rate),
+                                                        max_events_per_s=rate),
                              watermark=of.BoundedOutOfOrderness("event_time"), name="events")
         (events.map_batches(Throttle(throttled), name="throttle", parallelism=1)
          .key_by("user_id").window(of.windows.Tumbling(size_ms=WINDOW_MS))
@@ -148,25 +143,36 @@ def main() -> None:
         per_actor[name] = {"warm_mib": warm / 2**20, "end_mib": end / 2**20, "growth_mib": (end - warm) / 2**20,
                            "max_mib": max(r for _, r in series) / 2**20,
                            "series": [[round(t, 1), round(r / 2**20, 1)] for t, r in series]}
-    payload = {"seconds": duration, "events": total, "offered_per_s": args.rate, "throttled_per_s": throttled,
-               "hot_share": HOT_SHARE, "checkpoints_completed": result.metrics.get("checkpoints_completed"),
-               "checkpoints_failed": result.metrics.get("checkpoints_failed"), "restarts": result.metrics["restarts"],
-               "output_exact": exact, "actors": per_actor}
+    return {"seconds": duration, "events": total, "offered_per_s": rate, "throttled_per_s": throttled,
+            "hot_share": HOT_SHARE, "checkpoints_completed": result.metrics.get("checkpoints_completed"),
+            "checkpoints_failed": result.metrics.get("checkpoints_failed"), "restarts": result.metrics["restarts"],
+            "output_exact": exact, "actors": per_actor}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--rate", type=int, default=20_000, help="events/s the sources offer")
+    parser.add_argument("--quick", action="store_true", help="30 s")
+    args = parser.parse_args()
+    payload = run_soak(30.0 if args.quick else args.seconds, args.rate)
     path = write_json("soak", payload)
+    per_actor = payload["actors"]
     for name, figures in per_actor.items():
-        print(f"{name:>34}: {figures['warm_mib']:7.1f} MiB after warm-up, {figures['end_mib']:7.1f} MiB at the end "
+        print(f"{name:>28}: {figures['warm_mib']:7.1f} MiB after warm-up, {figures['end_mib']:7.1f} MiB at the end "
               f"({figures['growth_mib']:+.1f}), max {figures['max_mib']:.1f}")
-    print(f"{total:,} events in {duration:.0f} s; checkpoints {payload['checkpoints_completed']} completed, "
-          f"{payload['checkpoints_failed']} failed; output exact: {exact}")
+    print(f"{payload['events']:,} events in {payload['seconds']:.0f} s; checkpoints {payload['checkpoints_completed']} "
+          f"completed, {payload['checkpoints_failed']} failed; output exact: {payload['output_exact']}")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, figures in per_actor.items():
         series = np.array(figures["series"])
         ax.plot(series[:, 0], series[:, 1], label=name)
-    ax.axvline(0.2 * duration, color="grey", linestyle=":", label="end of warm-up")
+    ax.axvline(0.2 * payload["seconds"], color="grey", linestyle=":", label="end of warm-up")
     ax.set_xlabel("seconds")
     ax.set_ylabel("RSS (MiB)")
-    ax.set_title(f"Soak: {total:,} skewed events, a stage throttled to {throttled:,.0f}/s")
+    ax.set_title(f"Soak: {payload['events']:,} skewed events, a stage throttled to "
+                 f"{payload['throttled_per_s']:,.0f}/s")
     ax.legend(fontsize=6)
     save_figure(fig, "soak")
     print(f"wrote {path}")
