@@ -137,6 +137,12 @@ def test_an_inferred_schema_skips_bad_lines_of_the_first_chunk_and_an_unknown_fi
         (1, "a JSON list, not an object"), (3, "invalid JSON"), (4, "field 'y' is not in the schema ['x']")]
 
 
+def test_first_chunk_objects_that_disagree_ask_for_a_schema(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"x": 1}\n[1]\n{"x": "one"}\n')
+    with pytest.raises(DataError, match=r"objects of the first chunk of '.*a\.jsonl' do not share one schema.*schema="):
+        JsonLinesSource(tmp_path, dead_letter=True).build(SourceContext("json_0"))
+
+
 def test_a_null_line_is_a_data_error_not_a_crash_without_dead_letters(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_text('null\n{"x": 1}\n')
     with pytest.raises(DataError, match=r"malformed line 1 in .*a JSON null, not an object"):

@@ -228,7 +228,7 @@ class JsonLinesSourceReader(SourceReader, SideOutputs):
         """Return the next batch of this subtask's files, ``None`` at the end.
 
         Raises:
-            DataError: a line is not a JSON object matching the schema.
+            DataError: without dead letters, a line is not a JSON object matching the schema.
 
         """
         while (current := self._current()) is not None:
@@ -437,12 +437,29 @@ def _infer_schema(fs: pafs.FileSystem, files: list[str], batch_size: int, operat
                 except DataError:
                     if not objects_only:
                         raise
-                    objects = [line for line in lines if _is_object(line)]
-                    table = _parse(objects, options, fs, path, start, operator) if objects else pa.table({})
+                    table = _infer_from_objects(lines, options, path, operator)
                 if table.num_rows:
                     return table.schema
                 start += sum(len(line) for line in lines)
     return None
+
+
+def _infer_from_objects(lines: list[bytes], options: pajson.ParseOptions, path: str, operator: str) -> pa.Table:
+    """Return the table of the lines that are JSON objects (no rows when none is).
+
+    Raises:
+        DataError: those objects do not share one schema.
+    """
+    objects = b"".join(line.rstrip(b"\r\n") + b"\n" for line in lines if _is_object(line))
+    if not objects:
+        return pa.table({})
+    try:
+        return pajson.read_json(io.BytesIO(objects), parse_options=options,
+                                read_options=pajson.ReadOptions(block_size=max(_MIN_BLOCK, len(objects))))
+    except pa.ArrowInvalid as error:
+        msg = (f"jsonl source {operator}: the JSON objects of the first chunk of '{path}' do not share one "
+               f"schema to infer ({error}); pass schema= to JsonLinesSource")
+        raise DataError(msg, operator=operator) from error
 
 
 def _is_object(line: bytes) -> bool:
