@@ -490,15 +490,19 @@ class WindowAggregateStream(Stream):
 
 
 class SourceStream(Stream):
-    """The rows a source reads; :meth:`dead_letters` gives the messages it could not decode."""
+    """The rows a source reads; :meth:`dead_letters` gives the records (messages, lines) it could not decode."""
 
     def dead_letters(self, name: str | None = None) -> Stream:
-        """The messages the source could not decode (a side output), one row each.
+        """The records (messages, lines) the source could not decode (a side output), one row each.
 
-        Only a ``KafkaSource(..., dead_letter=True)`` has them: its rows are
+        Only a source built with ``dead_letter=True`` has them: a
+        ``KafkaSource``'s rows are
         :data:`~onceflow.operators.sources.kafka.KAFKA_DEAD_LETTER_SCHEMA`
-        (key, value, partition, offset, timestamp, and ``error``). They carry
-        no event time, so they neither hold watermarks back nor come late.
+        (key, value, partition, offset, timestamp, and ``error``), a
+        ``JsonLinesSource``'s
+        :data:`~onceflow.operators.sources.jsonl.JSON_LINES_DEAD_LETTER_SCHEMA`
+        (file, line, offset, value, and ``error``). They carry no event time,
+        so they neither hold watermarks back nor come late.
 
         Args:
             name: the name of the step that passes the dead letters on; ``dead_letters_<n>`` by default.
@@ -523,13 +527,13 @@ class SourceStream(Stream):
             Traceback (most recent call last):
             ...
             onceflow.errors.PlanError: source 'source_3' (KafkaSource) emits no dead letters; only \
-KafkaSource(..., dead_letter=True) does: pass dead_letter=True to it
+KafkaSource and JsonLinesSource do, with dead_letter=True: pass dead_letter=True to it
 
         """
         source = self.node.spec
         if DEAD_LETTERS not in source.side_ports():
             msg = (f"source {self.node.name!r} ({type(source).__name__}) emits no dead letters; only "
-                   "KafkaSource(..., dead_letter=True) does: pass dead_letter=True to it")
+                   "KafkaSource and JsonLinesSource do, with dead_letter=True: pass dead_letter=True to it")
             raise PlanError(msg)
         node = self.flow._add(NodeKind.TRANSFORM, "dead_letters", Forward(), [Edge(self.node.id, DEAD_LETTERS)],
                               name=name)

@@ -19,6 +19,18 @@ inferred schema a line with another field or type is an error (pass
 ``schema=`` then); with a given schema, fields it does not name are ignored
 and missing ones are null.
 
+A line that does not decode (invalid JSON, not an object, a field that does
+not convert to the schema's type) fails the job with a
+:class:`~onceflow.errors.DataError` naming its file and line, or with
+``dead_letter=True`` leaves its batch for the source's dead-letter side
+output (port :data:`~onceflow.operators.logic.DEAD_LETTERS`, columns
+:data:`JSON_LINES_DEAD_LETTER_SCHEMA`; the reader is
+:class:`~onceflow.operators.sources.base.SideOutputs`). A batch is decoded by
+one Arrow parse; only when that fails is it bisected to find the lines that
+do not decode (:mod:`onceflow.operators.json_decoder`). The byte offsets
+cover both outputs, so a resumed reader emits each row and each dead letter
+once.
+
 Example:
     >>> import tempfile, os
     >>> from onceflow.operators.sources.base import SourceContext
@@ -36,7 +48,9 @@ Example:
 from __future__ import annotations
 
 import io
+import json
 import os
+from itertools import accumulate
 from typing import Any
 
 import pyarrow as pa
@@ -45,7 +59,10 @@ import pyarrow.json as pajson
 
 from onceflow.errors import DataError, PlanError
 from onceflow.operators.fs import absolute_path, list_data_files, resolve_filesystem
+from onceflow.operators.json_decoder import JsonObjectDecoder, has_null_line
+from onceflow.operators.logic import DEAD_LETTERS, Emitted
 from onceflow.operators.sources.base import (
+    SideOutputs,
     Source,
     SourceContext,
     SourceReader,
@@ -54,7 +71,14 @@ from onceflow.operators.sources.base import (
     resume_cursors,
 )
 
-__all__ = ["JsonLinesSource", "JsonLinesSourceReader"]
+__all__ = ["JSON_LINES_DEAD_LETTER_SCHEMA", "JsonLinesSource", "JsonLinesSourceReader"]
+
+JSON_LINES_DEAD_LETTER_SCHEMA = pa.schema([
+    ("file", pa.string()), ("line", pa.int64()), ("offset", pa.int64()), ("value", pa.binary()),
+    ("error", pa.string()),
+])
+"""The columns of a :class:`JsonLinesSource`'s dead letters: the file, the line's number (from 1) and byte
+offset, the line without its newline, and ``error``, why it did not decode."""
 
 _READ_BUFFER = 1 << 20
 _MIN_BLOCK = 1 << 20
@@ -69,6 +93,18 @@ class JsonLinesSource(Source):
         batch_size: lines per batch (blank lines count, but give no row).
         schema: the columns and types to parse, or ``None`` to infer them
             from the first chunk.
+        dead_letter: what a line that does not decode (invalid JSON, not an
+            object, a field that does not convert to the schema's type, with
+            an inferred schema also a field it does not name) does:
+            ``False`` (default) fails the job with a
+            :class:`~onceflow.errors.DataError` naming its file and line;
+            ``True`` takes it out of its batch (the other lines go on, in
+            order) and emits it on the source's dead-letter side output,
+            which ``flow.source(...).dead_letters()`` returns: columns
+            :data:`JSON_LINES_DEAD_LETTER_SCHEMA`. The same offsets cover
+            both outputs, so each dead letter is emitted exactly once across
+            restarts too. A schema is then inferred from the first chunk's
+            lines that are JSON objects.
 
     Raises:
         PlanError: ``batch_size`` is not positive.
@@ -84,6 +120,14 @@ class JsonLinesSource(Source):
         >>> batch = source.build(SourceContext("source_0")).read()
         >>> batch.schema.field("id").type, batch.to_pydict()
         (DataType(int32), {'id': [1]})
+        >>> with open(os.path.join(folder, "a.jsonl"), "a") as f:
+        ...     _ = f.write('{"id": "two"}\n{"id": 3}\n')
+        >>> reader = JsonLinesSource(folder, schema=source.schema, dead_letter=True).build(SourceContext("source_0"))
+        >>> reader.read().to_pydict()
+        {'id': [1, 3]}
+        >>> [(_, letters)] = reader.take_side_outputs()
+        >>> letters.column("line").to_pylist(), letters.column("value").to_pylist()
+        ([2], [b'{"id": "two"}'])
 
     """
 
@@ -92,6 +136,7 @@ class JsonLinesSource(Source):
         path: str | os.PathLike[str],
         batch_size: int = 65_536,
         schema: pa.Schema | None = None,
+        dead_letter: bool = False,
     ) -> None:
         if batch_size <= 0:
             msg = f"jsonl source: batch_size must be > 0, got {batch_size}; pass a positive line count"
@@ -99,6 +144,11 @@ class JsonLinesSource(Source):
         self.path = absolute_path(path)
         self.batch_size = batch_size
         self.schema = schema
+        self.dead_letter = bool(dead_letter)
+
+    def side_ports(self) -> frozenset[int]:
+        """Return ``{DEAD_LETTERS}`` with ``dead_letter=True``, else no port."""
+        return frozenset({DEAD_LETTERS}) if self.dead_letter else frozenset()
 
     def build(self, ctx: SourceContext, resume_offset: Any | None = None) -> JsonLinesSourceReader:
         """List the input and return the reader of ``ctx.subtask``'s files.
@@ -124,12 +174,15 @@ class JsonLinesSource(Source):
         if self.schema is not None:
             options = pajson.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="ignore")
         else:
-            schema = _infer_schema(fs, files, self.batch_size, ctx.operator)
+            schema = _infer_schema(fs, files, self.batch_size, ctx.operator, objects_only=self.dead_letter)
             options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
-        return JsonLinesSourceReader(fs, files, ctx, self.batch_size, options, cursors)
+        decoder = None
+        if self.dead_letter:
+            decoder = JsonObjectDecoder(options.explicit_schema or pa.schema([]), options.unexpected_field_behavior)
+        return JsonLinesSourceReader(fs, files, ctx, self.batch_size, options, cursors, decoder)
 
 
-class JsonLinesSourceReader(SourceReader):
+class JsonLinesSourceReader(SourceReader, SideOutputs):
     """Reads one subtask's files of a :class:`JsonLinesSource`.
 
     Args:
@@ -141,6 +194,9 @@ class JsonLinesSourceReader(SourceReader):
         cursors: the file sequences this reader reads (their current file and
             the byte offset of its next unread line); it reads the lowest
             pending file first.
+        decoder: with dead letters, what decodes a chunk's lines (those that
+            do not decode are set aside); ``None`` makes a malformed line a
+            :class:`~onceflow.errors.DataError`.
 
     """
 
@@ -152,6 +208,7 @@ class JsonLinesSourceReader(SourceReader):
         batch_size: int,
         options: pajson.ParseOptions,
         cursors: list[SplitCursor],
+        decoder: JsonObjectDecoder | None = None,
     ) -> None:
         self._fs = fs
         self._files = files
@@ -162,12 +219,16 @@ class JsonLinesSourceReader(SourceReader):
         self._stream: io.BufferedReader | None = None
         self._stream_file: int | None = None
         self._size = 0
+        self._lines_before: int | None = None
+        """The number of lines before the open file's cursor position, ``None`` until counted."""
+        self._decoder = decoder
+        self._set_aside: Emitted = []
 
     def read(self) -> pa.RecordBatch | None:
         """Return the next batch of this subtask's files, ``None`` at the end.
 
         Raises:
-            DataError: a line is not a JSON object matching the schema.
+            DataError: without dead letters, a line is not a JSON object matching the schema.
 
         """
         while (current := self._current()) is not None:
@@ -180,18 +241,29 @@ class JsonLinesSourceReader(SourceReader):
             if not lines:
                 self._next_file(current)
                 continue
-            try:
-                table = _parse(lines, self._options, self._fs, path, cursor.position, self._ctx.operator)
-            except DataError:
-                self.close()  # a retry reads the same lines again
-                raise
+            if self._decoder is None:
+                try:
+                    table = _parse(lines, self._options, self._fs, path, cursor.position, self._ctx.operator)
+                except DataError:
+                    self.close()  # a retry reads the same lines again
+                    raise
+                batch = _to_batch(table) if table.num_rows else None
+            else:
+                batch = self._decode(self._decoder, lines, path, cursor.position)
+            if self._lines_before is not None:
+                self._lines_before += len(lines)
             cursor = cursor.at(cursor.position + sum(len(line) for line in lines))
             self._cursors[current] = cursor
             if cursor.position >= self._size:
                 self._next_file(current)
-            if table.num_rows:
-                return _to_batch(table)
+            if batch is not None:
+                return batch
         return None
+
+    def take_side_outputs(self) -> Emitted:
+        """Return the dead letters set aside since the last call, on port ``DEAD_LETTERS``, and forget them."""
+        taken, self._set_aside = self._set_aside, []
+        return taken
 
     def offset(self) -> dict[str, list[list[int]]]:
         """Return ``{"cursors": [[stride, start, file, byte], ...]}``: each sequence's file and next line's byte."""
@@ -215,12 +287,52 @@ class JsonLinesSourceReader(SourceReader):
         self._stream = io.BufferedReader(self._fs.open_input_file(path), buffer_size=_READ_BUFFER)
         self._stream_file = cursor.next
         self._size = self._fs.get_file_info(path).size or 0
+        self._lines_before = 0 if cursor.position == 0 else None
         if cursor.position:
             self._stream.seek(cursor.position)
+
+    def _decode(self, decoder: JsonObjectDecoder, lines: list[bytes], path: str,
+                start: int) -> pa.RecordBatch | None:
+        """Decode a chunk read at byte ``start`` of ``path``, setting its bad lines aside as dead letters.
+
+        Returns:
+            The rows of the lines that decode (perhaps none, when lines were set
+            aside), ``None`` when the chunk has neither rows nor dead letters.
+        """
+        values = [_without_newline(line) for line in lines]
+        kept = [i for i, value in enumerate(values) if value.strip(b" \t\r")]
+        decoded = decoder.decode([values[i] for i in kept])
+        if decoded.rejected:
+            offsets = list(accumulate((len(line) for line in lines), initial=start))
+            first_line = self._first_line(path, start)
+            at = [kept[r.index] for r in decoded.rejected]
+            self._set_aside.append((DEAD_LETTERS, pa.RecordBatch.from_arrays([
+                pa.array([path] * len(at), pa.string()),
+                pa.array([first_line + i for i in at], pa.int64()),
+                pa.array([offsets[i] for i in at], pa.int64()),
+                pa.array([values[i] for i in at], pa.binary()),
+                pa.array([r.reason for r in decoded.rejected], pa.string()),
+            ], schema=JSON_LINES_DEAD_LETTER_SCHEMA)))
+        elif not decoded.batch.num_rows:
+            return None
+        return decoded.batch
+
+    def _first_line(self, path: str, start: int) -> int:
+        """Return the number (from 1) of the line at byte ``start`` of the open file ``path``."""
+        if self._lines_before is None:
+            self._lines_before = _count_lines(self._fs, path, start)
+        return self._lines_before + 1
 
     def _next_file(self, index: int) -> None:
         self.close()
         self._cursors[index] = self._cursors[index].advanced()
+
+
+def _without_newline(line: bytes) -> bytes:
+    """Return ``line`` without its newline (LF or CRLF)."""
+    if line.endswith(b"\r\n"):
+        return line[:-2]
+    return line[:-1] if line.endswith(b"\n") else line
 
 
 def _read_lines(stream: io.BufferedReader, count: int) -> list[bytes]:
@@ -254,6 +366,9 @@ def _parse(
     block_size = max(_MIN_BLOCK, max(len(line) for line in lines) + 2)
     read_options = pajson.ReadOptions(block_size=block_size)
     try:
+        if has_null_line(data):
+            msg = "a JSON null, not an object"
+            raise pa.ArrowInvalid(msg)  # before Arrow sees it (see onceflow.operators.json_decoder)
         return pajson.read_json(io.BytesIO(data), read_options=read_options, parse_options=options)
     except pa.ArrowInvalid as error:
         first_line = _count_lines(fs, path, start) + 1
@@ -279,6 +394,9 @@ def _malformed(
         if not line.strip():
             continue
         try:
+            if has_null_line(line):
+                msg = "a JSON null, not an object"
+                raise pa.ArrowInvalid(msg)
             pajson.read_json(io.BytesIO(line.rstrip(b"\r\n") + b"\n"), parse_options=options)
         except pa.ArrowInvalid as line_error:
             msg = f"jsonl source {operator}: malformed line {first_line + index} in '{path}' ({line_error}); {hint}"
@@ -302,18 +420,54 @@ def _count_lines(fs: pafs.FileSystem, path: str, end: int) -> int:
     return count
 
 
-def _infer_schema(fs: pafs.FileSystem, files: list[str], batch_size: int, operator: str) -> pa.Schema | None:
-    """Return the schema of the first chunk with rows, or ``None`` if no file has a row."""
+def _infer_schema(fs: pafs.FileSystem, files: list[str], batch_size: int, operator: str, *,
+                  objects_only: bool = False) -> pa.Schema | None:
+    """Return the schema of the first chunk with rows, or ``None`` if no file has a row.
+
+    With ``objects_only`` a chunk's lines that are not JSON objects are left
+    out when the whole chunk does not parse (they are dead letters then).
+    """
     options = pajson.ParseOptions()
     for path in files:
         start = 0
         with io.BufferedReader(fs.open_input_file(path), buffer_size=_READ_BUFFER) as stream:
             while lines := _read_lines(stream, batch_size):
-                table = _parse(lines, options, fs, path, start, operator)
+                try:
+                    table = _parse(lines, options, fs, path, start, operator)
+                except DataError:
+                    if not objects_only:
+                        raise
+                    table = _infer_from_objects(lines, options, path, operator)
                 if table.num_rows:
                     return table.schema
                 start += sum(len(line) for line in lines)
     return None
+
+
+def _infer_from_objects(lines: list[bytes], options: pajson.ParseOptions, path: str, operator: str) -> pa.Table:
+    """Return the table of the lines that are JSON objects (no rows when none is).
+
+    Raises:
+        DataError: those objects do not share one schema.
+    """
+    objects = b"".join(line.rstrip(b"\r\n") + b"\n" for line in lines if _is_object(line))
+    if not objects:
+        return pa.table({})
+    try:
+        return pajson.read_json(io.BytesIO(objects), parse_options=options,
+                                read_options=pajson.ReadOptions(block_size=max(_MIN_BLOCK, len(objects))))
+    except pa.ArrowInvalid as error:
+        msg = (f"jsonl source {operator}: the JSON objects of the first chunk of '{path}' do not share one "
+               f"schema to infer ({error}); pass schema= to JsonLinesSource")
+        raise DataError(msg, operator=operator) from error
+
+
+def _is_object(line: bytes) -> bool:
+    """Whether ``line`` is one JSON object."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _to_batch(table: pa.Table) -> pa.RecordBatch:

@@ -58,9 +58,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.json as pajson
 
 from onceflow.errors import DataError, OperatorError, PlanError
+from onceflow.operators.json_decoder import JsonObjectDecoder
 from onceflow.operators.kafka_client import confluent_kafka
 from onceflow.operators.logic import DEAD_LETTERS, Emitted
 from onceflow.operators.sources.base import (
@@ -555,91 +555,26 @@ def _dead_letter_batch(rejected: list[_Rejected]) -> pa.RecordBatch:
 class _JsonDecoder:
     """Decodes message values, one JSON object each, into a batch of ``schema``.
 
-    The values are joined into JSON lines and parsed by Arrow at once. Only
-    when that fails (or a value is empty or spans lines) are the messages
-    that do not decode sought: the batch is bisected, each half parsed by
-    Arrow again, down to the single messages that fail; so ``k`` bad
-    messages among ``n`` cost about ``2k log2(n / k)`` parses, and the rows
-    of the others come out of those parses.
+    A :class:`~onceflow.operators.json_decoder.JsonObjectDecoder` does the
+    work (one Arrow parse for a clean batch, bisection of a failing one); a
+    value that spans lines is re-encoded as one line first.
     """
 
     def __init__(self, schema: pa.Schema) -> None:
-        self._schema = schema
-        self._parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        self._decoder = JsonObjectDecoder(schema)
 
     def __call__(self, messages: list[Message]) -> _Decoded:
-        values = [v for m in messages if (v := m.value())]
-        if len(values) == len(messages) and not any(b"\n" in v for v in values):
-            batch = self._read_lines(values)
-            if batch is not None:
-                return _Decoded(batch, messages, [])
-        return self._sort_out(messages)
-
-    def _read_lines(self, lines: list[bytes]) -> pa.RecordBatch | None:
-        """Parse JSON lines with Arrow; ``None`` when they do not give one row of the schema each."""
-        try:
-            table = pajson.read_json(pa.py_buffer(b"\n".join(lines)), parse_options=self._parse,
-                                     read_options=pajson.ReadOptions(block_size=1 << 30))
-        except pa.ArrowException:
-            return None
-        if table.num_rows != len(lines):
-            return None
-        return table.select(self._schema.names).combine_chunks().to_batches()[0]
-
-    def _sort_out(self, messages: list[Message]) -> _Decoded:
-        """Find the messages that do not decode by bisection; decode the others."""
-        candidates = [(i, line) for i, m in enumerate(messages) if (line := _one_line(m.value())) is not None]
-        parts: list[pa.RecordBatch] = []
-        decoded: list[int] = []
-        self._bisect([line for _, line in candidates], [i for i, _ in candidates], parts, decoded)
-        batch = pa.concat_batches(parts) if parts else pa.RecordBatch.from_pylist([], schema=self._schema)
-        ok = set(decoded)
-        rejected = [_Rejected(m, self._why(m.value())) for i, m in enumerate(messages) if i not in ok]
-        return _Decoded(batch, [messages[i] for i in decoded], rejected)
-
-    def _bisect(self, lines: list[bytes], indices: list[int], parts: list[pa.RecordBatch],
-                decoded: list[int]) -> None:
-        """Append the rows of the halves of ``lines`` that parse to ``parts``, their indices to ``decoded``."""
-        if not lines:
-            return
-        batch = self._read_lines(lines)
-        if batch is not None:
-            parts.append(batch)
-            decoded.extend(indices)
-        elif len(lines) > 1:
-            half = len(lines) // 2
-            self._bisect(lines[:half], indices[:half], parts, decoded)
-            self._bisect(lines[half:], indices[half:], parts, decoded)
-
-    def _why(self, value: bytes | None) -> str:
-        """Say why one value does not decode, naming the field that does not convert when one does not."""
-        if not value:
-            return "an empty value"
-        try:
-            row = json.loads(value)
-        except ValueError as error:
-            return f"invalid JSON ({error})"
-        if not isinstance(row, dict):
-            return f"a JSON {type(row).__name__}, not an object"
-        for field in self._schema:
-            if field.name not in row:
-                continue
-            line = json.dumps({field.name: row[field.name]}).encode()
-            alone = pajson.ParseOptions(explicit_schema=pa.schema([field]))
-            try:
-                pajson.read_json(pa.py_buffer(line), parse_options=alone)
-            except pa.ArrowException as error:
-                return f"field {field.name!r} does not convert to {field.type} ({error})"
-        return f"not one row of {self._schema}"
+        decoded = self._decoder.decode([_one_line(m.value()) for m in messages])
+        rejected = [_Rejected(messages[r.index], self._decoder.why(messages[r.index].value() or b""))
+                    for r in decoded.rejected]
+        return _Decoded(decoded.batch, [messages[i] for i in decoded.decoded], rejected)
 
 
-def _one_line(value: bytes | None) -> bytes | None:
-    """The value as one JSON line (re-encoded when it spans lines); ``None`` when it cannot be one."""
-    if not value:
-        return None
-    if b"\n" not in value:
-        return value
+def _one_line(value: bytes | None) -> bytes:
+    """The value as one JSON line (re-encoded when it spans lines); as it is when it cannot be one."""
+    if not value or b"\n" not in value:
+        return value or b""
     try:
         return json.dumps(json.loads(value)).encode()
     except ValueError:
-        return None
+        return value
