@@ -6,8 +6,9 @@ offered at ``--rate`` events/s; a ``map_batches`` stage at parallelism 1 that
 lets through only a tenth of that (it sleeps per batch), so the sources are
 held back by credits the whole time; then ``key_by`` user → 1-second
 tumbling windows (count and sum) → a ``ParquetSink``, unaligned checkpoints
-every second (aligned ones expire here: the barrier waits behind a minute of
-throttled rows). The input is bounded so the run lasts about ``--seconds`` at the
+every second and 32 KiB channel batches (with aligned checkpoints, or the
+default 4 MiB batches, a barrier waits behind a minute of throttled rows and
+the checkpoint expires). The input is bounded so the run lasts about ``--seconds`` at the
 throttled pace, and its committed output is checked against a numpy
 reference at the end.
 
@@ -128,8 +129,9 @@ def run_soak(seconds: float, rate: int) -> dict[str, Any]:
         started = time.monotonic()
         with RssSampler() as sampler:
             # Unaligned: behind a throttled stage an aligned barrier waits out every queued row (a minute and
-            # more), and the checkpoint expires; Flink's answer to lasting backpressure is the same.
-            result = of.run(flow, parallelism=2, timeout_s=seconds * 3 + 120,
+            # more), and the checkpoint expires; Flink's answer to lasting backpressure is the same. Small
+            # channel batches: a 4 MiB one would hold the throttled stage (and any barrier) for a minute.
+            result = of.run(flow, parallelism=2, timeout_s=seconds * 3 + 120, batch_bytes=32_768,
                             checkpoint=of.CheckpointConfig(interval_s=1.0, storage=str(root / "chk"),
                                                            mode="unaligned"))
         duration = time.monotonic() - started
