@@ -21,8 +21,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from onceflow.errors import DataError, OperatorError
-from onceflow.operators.logic import MAIN, Emitted, OperatorContext, OperatorLogic
+from onceflow.errors import DataError, OnceflowError, OperatorError, PlanError
+from onceflow.operators.logic import DEAD_LETTERS, MAIN, Emitted, OperatorContext, OperatorLogic
 
 __all__ = ["Filter", "FlatMap", "Forward", "LoopHead", "Map", "MapBatches"]
 
@@ -114,12 +114,38 @@ class _FlatMapLogic(OperatorLogic):
 
 class _MapBatchesLogic(OperatorLogic):
     def __init__(self, fn: Callable[[pa.RecordBatch], pa.RecordBatch | pa.Table], operator: str,
-                 schema: pa.Schema | None) -> None:
+                 schema: pa.Schema | None, dead_letters: bool = False) -> None:
         self._fn = fn
         self._operator = operator
         self._schema = schema
+        self._dead_letters = dead_letters
 
     def on_batch(self, batch: pa.RecordBatch) -> Emitted:
+        if not self._dead_letters:
+            out = self._apply(batch)
+            return [(MAIN, out)] if out.num_rows else []
+        emitted: Emitted = []
+        self._isolate(batch, emitted)
+        return emitted
+
+    def _isolate(self, batch: pa.RecordBatch, emitted: Emitted) -> None:
+        """Apply the function; where it fails, to halves of the batch, down to the rows it fails on alone."""
+        try:
+            out = self._apply(batch)
+        except OnceflowError as error:
+            if batch.num_rows > 1:
+                half = batch.num_rows // 2
+                self._isolate(batch.slice(0, half), emitted)
+                self._isolate(batch.slice(half), emitted)
+            else:
+                reason = str(error).removeprefix(f"operator {self._operator!r}: ")
+                emitted.append((DEAD_LETTERS, batch.append_column("error", pa.array([reason], pa.string()))))
+            return
+        if out.num_rows:
+            emitted.append((MAIN, out))
+
+    def _apply(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``fn(batch)`` as a batch of the operator's one schema, or an error that says what went wrong."""
         try:
             out = self._fn(batch)
         except Exception as error:
@@ -146,7 +172,7 @@ class _MapBatchesLogic(OperatorLogic):
                 "return the same columns and types for every batch"
             )
             raise DataError(msg, operator=self._operator, column=column)
-        return [(MAIN, out)] if out.num_rows else []
+        return out
 
 
 def _describe(schema: pa.Schema) -> str:
@@ -193,15 +219,32 @@ class MapBatches:
     Args:
         fn: the vectorised function.
         schema: the output schema, if known; otherwise the first output's schema.
+        errors: ``"fail"``: a batch the function raises on, or answers with
+            something else than a batch of the schema, fails the job;
+            ``"dead_letter"``: the batch is split in halves and each retried,
+            down to single rows, and the rows it fails on alone go to the
+            :data:`~onceflow.operators.logic.DEAD_LETTERS` port with an
+            ``error`` column, while the others go on (so ``fn`` must treat
+            rows independently, as a row-wise map would).
 
     """
 
     fn: Callable[[pa.RecordBatch], pa.RecordBatch | pa.Table]
     schema: pa.Schema | None = None
+    errors: str = "fail"
+
+    def __post_init__(self) -> None:
+        if self.errors not in ("fail", "dead_letter"):
+            msg = f"map_batches: errors must be 'fail' or 'dead_letter', got {self.errors!r}"
+            raise PlanError(msg)
+
+    def side_ports(self) -> frozenset[int]:
+        """``{DEAD_LETTERS}`` with ``errors="dead_letter"``, else no side port."""
+        return frozenset({DEAD_LETTERS}) if self.errors == "dead_letter" else frozenset()
 
     def build(self, ctx: OperatorContext) -> OperatorLogic:
         """Return the live logic."""
-        return _MapBatchesLogic(self.fn, ctx.operator, self.schema)
+        return _MapBatchesLogic(self.fn, ctx.operator, self.schema, dead_letters=self.errors == "dead_letter")
 
 
 @dataclass(frozen=True, slots=True)

@@ -256,9 +256,63 @@ class Stream:
 
     def map_batches(self, fn: Callable[[pa.RecordBatch], pa.RecordBatch | pa.Table], *,
                     name: str | None = None, schema: pa.Schema | None = None,
-                    parallelism: int | None = None) -> Stream:
-        """Apply a vectorised ``fn(batch) -> batch``; every output must have one schema."""
-        return self._transform("map_batches", MapBatches(fn, schema), name, parallelism)
+                    parallelism: int | None = None, errors: str = "fail") -> Stream:
+        """Apply a vectorised ``fn(batch) -> batch``; every output must have one schema.
+
+        With ``errors="dead_letter"``, the rows ``fn`` fails on (found by
+        retrying halves of a failing batch, so ``fn`` must treat rows
+        independently) go to :meth:`dead_letters` with an ``error`` column
+        instead of failing the job.
+        """
+        return self._transform("map_batches", MapBatches(fn, schema, errors), name, parallelism)
+
+    def dead_letters(self, name: str | None = None) -> Stream:
+        """The records this step could not take (a side output), one row each, with why in ``error``.
+
+        Only these steps have them: a ``KafkaSource`` or ``JsonLinesSource``
+        built with ``dead_letter=True`` (rows
+        :data:`~onceflow.operators.sources.kafka.KAFKA_DEAD_LETTER_SCHEMA`:
+        key, value, partition, offset, timestamp, error; or
+        :data:`~onceflow.operators.sources.jsonl.JSON_LINES_DEAD_LETTER_SCHEMA`:
+        file, line, offset, value, error), and ``map_batches(...,
+        errors="dead_letter")`` (its input's columns and ``error``). They carry
+        no event time, so they neither hold watermarks back nor come late.
+
+        Args:
+            name: the name of the step that passes the dead letters on; ``dead_letters_<n>`` by default.
+
+        Returns:
+            The stream of dead letters, to sink anywhere.
+
+        Raises:
+            PlanError: the step emits no dead letters.
+
+        Example:
+            >>> import pyarrow as pa
+            >>> from onceflow.operators.sources.kafka import KafkaSource
+            >>> from onceflow.testing.sink import TestingSink
+            >>> flow = Dataflow("orders")
+            >>> schema = pa.schema([("id", pa.int64())])
+            >>> orders = flow.source(KafkaSource("localhost:9092", "orders", schema, dead_letter=True))
+            >>> orders.dead_letters(name="bad_orders").sink(TestingSink(), name="bad_out")
+            >>> [node.name for node in flow.nodes]
+            ['source_0', 'bad_orders', 'bad_out']
+            >>> flow.source(KafkaSource("localhost:9092", "orders", schema)).dead_letters()
+            Traceback (most recent call last):
+            ...
+            onceflow.errors.PlanError: step 'source_3' (KafkaSource) emits no dead letters; only KafkaSource and \
+JsonLinesSource with dead_letter=True, and map_batches with errors='dead_letter', do
+
+        """
+        spec = self.node.spec
+        side_ports = getattr(spec, "side_ports", None)
+        if self.port != MAIN or side_ports is None or DEAD_LETTERS not in side_ports():
+            msg = (f"step {self.node.name!r} ({type(spec).__name__}) emits no dead letters; only KafkaSource and "
+                   "JsonLinesSource with dead_letter=True, and map_batches with errors='dead_letter', do")
+            raise PlanError(msg)
+        node = self.flow._add(NodeKind.TRANSFORM, "dead_letters", Forward(), [Edge(self.node.id, DEAD_LETTERS)],
+                              name=name)
+        return Stream(self.flow, node, MAIN, None)
 
     def key_by(self, columns: str | Sequence[str], *, name: str | None = None) -> KeyedStream:
         """Partition the stream by the values of ``columns`` (hashed into key groups)."""
@@ -490,51 +544,4 @@ class WindowAggregateStream(Stream):
 
 
 class SourceStream(Stream):
-    """The rows a source reads; :meth:`dead_letters` gives the records (messages, lines) it could not decode."""
-
-    def dead_letters(self, name: str | None = None) -> Stream:
-        """The records (messages, lines) the source could not decode (a side output), one row each.
-
-        Only a source built with ``dead_letter=True`` has them: a
-        ``KafkaSource``'s rows are
-        :data:`~onceflow.operators.sources.kafka.KAFKA_DEAD_LETTER_SCHEMA`
-        (key, value, partition, offset, timestamp, and ``error``), a
-        ``JsonLinesSource``'s
-        :data:`~onceflow.operators.sources.jsonl.JSON_LINES_DEAD_LETTER_SCHEMA`
-        (file, line, offset, value, and ``error``). They carry no event time,
-        so they neither hold watermarks back nor come late.
-
-        Args:
-            name: the name of the step that passes the dead letters on; ``dead_letters_<n>`` by default.
-
-        Returns:
-            The stream of dead letters, to sink anywhere.
-
-        Raises:
-            PlanError: the source emits no dead letters.
-
-        Example:
-            >>> import pyarrow as pa
-            >>> from onceflow.operators.sources.kafka import KafkaSource
-            >>> from onceflow.testing.sink import TestingSink
-            >>> flow = Dataflow("orders")
-            >>> schema = pa.schema([("id", pa.int64())])
-            >>> orders = flow.source(KafkaSource("localhost:9092", "orders", schema, dead_letter=True))
-            >>> orders.dead_letters(name="bad_orders").sink(TestingSink(), name="bad_out")
-            >>> [node.name for node in flow.nodes]
-            ['source_0', 'bad_orders', 'bad_out']
-            >>> flow.source(KafkaSource("localhost:9092", "orders", schema)).dead_letters()
-            Traceback (most recent call last):
-            ...
-            onceflow.errors.PlanError: source 'source_3' (KafkaSource) emits no dead letters; only \
-KafkaSource and JsonLinesSource do, with dead_letter=True: pass dead_letter=True to it
-
-        """
-        source = self.node.spec
-        if DEAD_LETTERS not in source.side_ports():
-            msg = (f"source {self.node.name!r} ({type(source).__name__}) emits no dead letters; only "
-                   "KafkaSource and JsonLinesSource do, with dead_letter=True: pass dead_letter=True to it")
-            raise PlanError(msg)
-        node = self.flow._add(NodeKind.TRANSFORM, "dead_letters", Forward(), [Edge(self.node.id, DEAD_LETTERS)],
-                              name=name)
-        return Stream(self.flow, node, MAIN, None)
+    """The rows a source reads; its :meth:`~Stream.dead_letters` are the records it could not decode."""

@@ -100,10 +100,10 @@ def test_a_batch_of_only_bad_messages_is_empty_and_all_of_it_dead_letters(kafka:
 def test_dead_letters_of_a_source_that_has_none_is_a_plan_error() -> None:
     flow = of.Dataflow("no-dead-letters")
     testing = flow.source(TestingSource([pa.record_batch({"x": [1]})]), name="items")
-    with pytest.raises(PlanError, match=r"source 'items' \(TestingSource\) emits no dead letters.*dead_letter=True"):
+    with pytest.raises(PlanError, match=r"step 'items' \(TestingSource\) emits no dead letters.*dead_letter=True"):
         testing.dead_letters()
     plain = flow.source(KafkaSource("localhost:9092", "t", SCHEMA), name="plain")
-    with pytest.raises(PlanError, match=r"'plain' \(KafkaSource\) emits no dead letters.*pass dead_letter=True"):
+    with pytest.raises(PlanError, match=r"'plain' \(KafkaSource\) emits no dead letters.*with dead_letter=True"):
         plain.dead_letters()
     with pytest.raises(PlanError, match=r"dead_letter=True needs format='json'"):
         KafkaSource("localhost:9092", "t", format="raw", dead_letter=True)

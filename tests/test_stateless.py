@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from onceflow.errors import DataError, OperatorError
-from onceflow.operators.logic import MAIN, OperatorContext
+from onceflow.errors import DataError, OperatorError, PlanError
+from onceflow.operators.logic import DEAD_LETTERS, MAIN, OperatorContext
 from onceflow.operators.stateless import Filter, FlatMap, Map, MapBatches
 
 CTX = OperatorContext("op_1")
@@ -76,3 +76,54 @@ def test_map_batches_declared_schema_is_enforced() -> None:
 def test_map_batches_must_return_arrow() -> None:
     with pytest.raises(DataError, match="returned list, expected a pyarrow.RecordBatch"):
         MapBatches(lambda b: b.to_pylist()).build(CTX).on_batch(BATCH)
+
+
+def parse_amounts(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Cast the text column ``amount`` to int64: raises on any value that is not a number."""
+    return pa.record_batch({"id": batch.column("id"), "amount": pc.cast(batch.column("amount"), pa.int64())})
+
+
+def test_map_batches_sends_the_rows_its_function_fails_on_to_dead_letters() -> None:
+    logic = MapBatches(parse_amounts, errors="dead_letter").build(OperatorContext("parse", 0, 1))
+    batch = pa.record_batch({"id": list(range(10)), "amount": ["1", "2", "x", "4", "5", "6", "7", "?", "9", "10"]})
+    emitted = logic.on_batch(batch)
+    main = pa.Table.from_batches([b for port, b in emitted if port == MAIN])
+    dead = pa.Table.from_batches([b for port, b in emitted if port == DEAD_LETTERS])
+    assert main.column("id").to_pylist() == [0, 1, 3, 4, 5, 6, 8, 9]  # in order, the bad rows taken out
+    assert main.column("amount").to_pylist() == [1, 2, 4, 5, 6, 7, 9, 10]
+    assert dead.column("id").to_pylist() == [2, 7] and dead.column("amount").to_pylist() == ["x", "?"]
+    assert all("ArrowInvalid" in reason and "'x'" in dead.column("error")[0].as_py()
+               for reason in dead.column("error").to_pylist())
+    clean = logic.on_batch(pa.record_batch({"id": [20], "amount": ["20"]}))
+    assert [port for port, _ in clean] == [MAIN]
+
+
+def test_map_batches_without_dead_letters_still_fails_and_bad_options_are_plan_errors() -> None:
+    logic = MapBatches(parse_amounts).build(OperatorContext("parse", 0, 1))
+    with pytest.raises(OperatorError, match="operator 'parse': the map_batches function raised ArrowInvalid"):
+        logic.on_batch(pa.record_batch({"id": [1], "amount": ["x"]}))
+    with pytest.raises(PlanError, match="errors must be 'fail' or 'dead_letter'"):
+        MapBatches(parse_amounts, errors="skip")
+
+
+def test_a_job_routes_map_batches_dead_letters_to_their_own_sink() -> None:
+    import onceflow as of
+
+    def rows(offset: int, n: int) -> pa.RecordBatch:
+        ids = list(range(offset, offset + n))
+        return pa.record_batch({"id": ids, "amount": [str(i) if i % 7 else f"bad{i}" for i in ids]})
+
+    flow = of.Dataflow("map-batches-dead-letters")
+    parsed = flow.source(of.sources.GeneratorSource(rows, total=100, batch_size=16)).map_batches(
+        parse_amounts, errors="dead_letter", name="parse")
+    good, bad = of.sinks.TestingSink(), of.sinks.TestingSink()
+    parsed.sink(good, name="good")
+    parsed.dead_letters(name="unparsed").sink(bad, name="bad")
+    other = of.Dataflow("map-batches-without-dead-letters")
+    with pytest.raises(PlanError, match=r"step 'good_rows' \(MapBatches\) emits no dead letters"):
+        other.source(of.sources.GeneratorSource(rows, total=1)).map_batches(parse_amounts, name="good_rows") \
+            .dead_letters()
+    of.run(flow, executor="local", parallelism=2)
+    assert sorted(r["id"] for r in good.rows()) == [i for i in range(100) if i % 7]
+    assert sorted(r["id"] for r in bad.rows()) == [i for i in range(100) if i % 7 == 0]
+    assert all(r["error"] for r in bad.rows())
