@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from onceflow.errors import OnceflowError, OperatorError
-from onceflow.operators.logic import MAIN, OperatorLogic
+from onceflow.operators.logic import DEAD_LETTERS, MAIN, OperatorLogic
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -91,7 +91,8 @@ class OperatorChain:
 
     """
 
-    __slots__ = ("_logics", "_names", "_ordered", "_sink", "_subtask", "_wired", "records_in", "records_out")
+    __slots__ = ("_logics", "_names", "_ordered", "_sink", "_subtask", "_wired", "dead_letters", "records_in",
+                 "records_out")
 
     def __init__(self, names: Sequence[str], logics: dict[int, OperatorLogic], *, wired: set[tuple[int, int]],
                  sink: int | None = None, subtask: int = 0) -> None:
@@ -103,6 +104,7 @@ class OperatorChain:
         self._subtask = subtask
         self.records_in = [0] * len(self._names)
         self.records_out = [0] * len(self._names)
+        self.dead_letters = [0] * len(self._names)
 
     # -- events ---------------------------------------------------------------------
 
@@ -150,6 +152,7 @@ class OperatorChain:
         """Per node: records in and out, and the operator's own counters."""
         return {
             name: {"records_in": self.records_in[stage], "records_out": self.records_out[stage],
+                   **({"dead_letters": self.dead_letters[stage]} if self.dead_letters[stage] else {}),
                    **(self._logics[stage].metrics() if stage in self._logics else {})}
             for stage, name in enumerate(self._names)
         }
@@ -170,6 +173,8 @@ class OperatorChain:
             if batch.num_rows == 0:
                 continue
             self.records_out[stage] += batch.num_rows
+            if port == DEAD_LETTERS:
+                self.dead_letters[stage] += batch.num_rows
             if port == MAIN and stage + 1 < len(self._names):
                 self._deliver(stage + 1, batch, outputs)
             if (stage, port) in self._wired:

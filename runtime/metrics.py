@@ -72,6 +72,7 @@ class JobCounters:
         events_in: rows the sources read (replays after a restart included).
         events_out: rows the sinks wrote (rows of aborted attempts included).
         late_events: rows the windows dropped as late.
+        dead_letters: records sources and ``map_batches`` sent to their dead letters.
         backpressure_s: seconds subtasks waited for credits, summed.
         messages: channel messages sent.
         watermark: the lowest input watermark of a non-source subtask, ``None``
@@ -84,6 +85,7 @@ class JobCounters:
     events_in: int = 0
     events_out: int = 0
     late_events: int = 0
+    dead_letters: int = 0
     backpressure_s: float = 0.0
     messages: int = 0
     watermark: int | None = None
@@ -113,6 +115,7 @@ class JobCounters:
             events_in=sum(operators[n]["records_out"] for n in sources if n in operators),
             events_out=sum(e.sink_rows for e in subtasks),
             late_events=sum(c.get("late_events", 0) for c in operators.values()),
+            dead_letters=sum(c.get("dead_letters", 0) for c in operators.values()),
             backpressure_s=sum(e.backpressure_s for e in subtasks),
             messages=sum(e.messages_out for e in subtasks),
             watermark=min(watermarks) if watermarks else None,
@@ -124,6 +127,7 @@ class JobCounters:
         self.events_in += earlier.events_in
         self.events_out += earlier.events_out
         self.late_events += earlier.late_events
+        self.dead_letters += earlier.dead_letters
         self.backpressure_s += earlier.backpressure_s
         self.messages += earlier.messages
 
@@ -134,6 +138,7 @@ class JobCounters:
             "events_in": self.events_in,
             "events_out": self.events_out,
             "late_events": self.late_events,
+            "dead_letters": self.dead_letters,
             "backpressure_s": self.backpressure_s,
             "messages": self.messages,
             "operators": self.operators,

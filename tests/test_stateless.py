@@ -123,7 +123,8 @@ def test_a_job_routes_map_batches_dead_letters_to_their_own_sink() -> None:
     with pytest.raises(PlanError, match=r"step 'good_rows' \(MapBatches\) emits no dead letters"):
         other.source(of.sources.GeneratorSource(rows, total=1)).map_batches(parse_amounts, name="good_rows") \
             .dead_letters()
-    of.run(flow, executor="local", parallelism=2)
+    result = of.run(flow, executor="local", parallelism=2)
+    assert result.metrics["dead_letters"] == 15 and result.metrics["operators"]["parse"]["dead_letters"] == 15
     assert sorted(r["id"] for r in good.rows()) == [i for i in range(100) if i % 7]
     assert sorted(r["id"] for r in bad.rows()) == [i for i in range(100) if i % 7 == 0]
     assert all(r["error"] for r in bad.rows())
