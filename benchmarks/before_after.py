@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import pyplot, save_figure, write_json
+from benchmarks.common import pyplot, range_bars, save_figure, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,11 +150,9 @@ def plot(results: list[dict[str, Any]], events: int) -> None:
     fig, axis = plt.subplots(figsize=(8, 4))
     labels = [f"{r['revision']}\n{'ckpt 1 s' if r['checkpointing'] else 'no ckpt'}"
               f"{'' if r['executor'] == 'ray' else chr(10) + r['executor']}" for r in results]
-    medians = [r["events_per_s_median"] / 1e6 for r in results]
-    lows = [m - r["events_per_s_min"] / 1e6 for m, r in zip(medians, results, strict=True)]
-    highs = [r["events_per_s_max"] / 1e6 - m for m, r in zip(medians, results, strict=True)]
     colours = ["#8c8c8c" if r["revision"].startswith("base") else "#4c72b0" for r in results]
-    axis.bar(labels, medians, yerr=[lows, highs], capsize=4, color=colours)
+    range_bars(axis, labels, [r["events_per_s_median"] for r in results], [r["events_per_s_min"] for r in results],
+               [r["events_per_s_max"] for r in results], scale=1e6, color=colours)
     axis.set_ylabel("million events/s (median, min..max)")
     axis.set_title(f"feature-window, N={events / 1e6:g}M, parallelism 2: base vs this checkout")
     axis.tick_params(axis="x", labelsize=8)

@@ -176,6 +176,18 @@ def pyplot() -> Any:
     return plt
 
 
+def range_bars(axis: Any, labels: Any, median: list[float], low: list[float], high: list[float], *,
+               scale: float = 1.0, **bar_options: Any) -> Any:
+    """Bars at each ``median`` with an error bar from ``low`` to ``high`` (all divided by ``scale``); the bars.
+
+    The shape every benchmark draws its repeated runs in: ``bar_options`` go to ``axis.bar`` (``color``...).
+    """
+    medians = [m / scale for m in median]
+    below = [m - lo / scale for m, lo in zip(medians, low, strict=True)]
+    above = [hi / scale - m for m, hi in zip(medians, high, strict=True)]
+    return axis.bar(labels, medians, yerr=[below, above], capsize=bar_options.pop("capsize", 4), **bar_options)
+
+
 def save_figure(fig: Any, name: str) -> Path:
     """Write ``benchmarks/results/<name>.png``."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import pyplot, save_figure, write_json
+from benchmarks.common import pyplot, range_bars, save_figure, write_json
 from onceflow.operators.dedupe import Dedupe, DedupeMode
 from onceflow.operators.logic import OperatorContext
 
@@ -150,10 +150,9 @@ def plot(results: dict[str, dict[str, Any]], events: int) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(results)
     colors = ["#4c72b0", "#55a868", "#8172b2", "#c44e52"]
-    medians = [results[n]["events_per_s_median"] / 1e6 for n in names]
-    lows = [m - results[n]["events_per_s_min"] / 1e6 for m, n in zip(medians, names, strict=True)]
-    highs = [results[n]["events_per_s_max"] / 1e6 - m for m, n in zip(medians, names, strict=True)]
-    bars = left.bar(names, medians, yerr=[lows, highs], capsize=4, color=colors)
+    bars = range_bars(left, names, [results[n]["events_per_s_median"] for n in names],
+                      [results[n]["events_per_s_min"] for n in names],
+                      [results[n]["events_per_s_max"] for n in names], scale=1e6, color=colors)
     left.bar_label(bars, fmt="%.2f", label_type="center", color="white")
     left.set_ylabel("million events/s (median, min..max)")
     left.set_title(f"dedupe throughput, {events / 1e6:g}M events, 30% resends")

@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import PeakMemory, feature_flow, pyplot, save_figure, start_ray, write_json
+from benchmarks.common import PeakMemory, feature_flow, pyplot, range_bars, save_figure, start_ray, write_json
 from onceflow.testing.workload import feature_events
 
 
@@ -114,10 +114,8 @@ def plot(grid: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"N={g['events'] / 1e6:g}M\np={g['parallelism']}" for g in grid]
-    medians = [g["events_per_s_median"] / 1e6 for g in grid]
-    lows = [m - g["events_per_s_min"] / 1e6 for m, g in zip(medians, grid, strict=True)]
-    highs = [g["events_per_s_max"] / 1e6 - m for m, g in zip(medians, grid, strict=True)]
-    left.bar(labels, medians, yerr=[lows, highs], capsize=4, color="#4c72b0")
+    range_bars(left, labels, [g["events_per_s_median"] for g in grid], [g["events_per_s_min"] for g in grid],
+               [g["events_per_s_max"] for g in grid], scale=1e6, color="#4c72b0")
     left.axhline(1.0, color="#c44e52", linestyle="--", label="target 1M events/s")
     left.set_ylabel("million events/s (median, min..max)")
     left.set_title("feature-window, checkpointing off")

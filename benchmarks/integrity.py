@@ -37,7 +37,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import pyplot, save_figure, write_json
+from benchmarks.common import pyplot, range_bars, save_figure, write_json
 from onceflow.checkpoint.storage import CheckpointStorage, ipc_file_bytes
 
 BYTES_PER_ROW = 8 + 8 + 8 + 4 + 12
@@ -101,10 +101,8 @@ def main() -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(figures)
-    medians = [figures[n]["mb_per_s"] for n in names]
-    low = [mib / figures[n]["max_s"] for n in names]
-    high = [mib / figures[n]["min_s"] for n in names]
-    ax.bar(names, medians, yerr=[np.subtract(medians, low), np.subtract(high, medians)], capsize=4)
+    range_bars(ax, names, [figures[n]["mb_per_s"] for n in names], [mib / figures[n]["max_s"] for n in names],
+               [mib / figures[n]["min_s"] for n in names])
     ax.set_ylabel("MiB/s (median, min..max)")
     ax.set_title(f"Checksummed snapshots, {mib:.0f} MiB of state")
     save_figure(fig, "integrity")

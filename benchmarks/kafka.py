@@ -38,7 +38,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import pyplot, save_figure, start_ray, write_json
+from benchmarks.common import pyplot, range_bars, save_figure, start_ray, write_json
 from examples.kafka_features import produce as produce_feature_events
 from tests.kafka_server import KafkaServer
 
@@ -156,10 +156,9 @@ def plot(summary: dict[str, dict[str, float]], ratios: dict[str, float]) -> None
 
     fig, axis = plt.subplots(figsize=(6, 4))
     names = list(summary)
-    medians = [summary[n]["events_per_s_median"] / 1e3 for n in names]
-    lows = [m - summary[n]["events_per_s_min"] / 1e3 for m, n in zip(medians, names, strict=True)]
-    highs = [summary[n]["events_per_s_max"] / 1e3 - m for m, n in zip(medians, names, strict=True)]
-    axis.bar(names, medians, yerr=[lows, highs], capsize=4, color=["#4c72b0", "#dd8452", "#55a868"])
+    range_bars(axis, names, [summary[n]["events_per_s_median"] for n in names],
+               [summary[n]["events_per_s_min"] for n in names], [summary[n]["events_per_s_max"] for n in names],
+               scale=1e3, color=["#4c72b0", "#dd8452", "#55a868"])
     axis.set_ylabel("thousand events/s read and decoded (median, min..max)")
     axis.set_title(f"Kafka JSON: KafkaSource at {ratios['onceflow']:.2f}x a plain consumer loop")
     fig.tight_layout()

@@ -49,7 +49,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import pyplot, save_figure, start_ray, write_json
+from benchmarks.common import pyplot, range_bars, save_figure, start_ray, write_json
 from onceflow.operators.kafka_client import produce_waiting
 from onceflow.testing.workload import feature_events
 from tests.kafka_server import KafkaServer
@@ -271,10 +271,8 @@ def plot(throughput: dict[str, dict[str, float]], ratio: float,
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
     names = list(throughput)
-    medians = [throughput[n]["median"] / 1e3 for n in names]
-    lows = [m - throughput[n]["min"] / 1e3 for m, n in zip(medians, names, strict=True)]
-    highs = [throughput[n]["max"] / 1e3 - m for m, n in zip(medians, names, strict=True)]
-    left.bar(names, medians, yerr=[lows, highs], capsize=4, color=["#4c72b0", "#dd8452"])
+    range_bars(left, names, [throughput[n]["median"] for n in names], [throughput[n]["min"] for n in names],
+               [throughput[n]["max"] for n in names], scale=1e3, color=["#4c72b0", "#dd8452"])
     left.set_ylabel("thousand rows/s (median, min..max)")
     left.set_title(f"KafkaSink, p={PARALLELISM}, checkpoints 1 s: at least once {ratio:.2f}x", fontsize=10)
 
@@ -282,10 +280,9 @@ def plot(throughput: dict[str, dict[str, float]], ratio: float,
     width = 0.2
     for k, (stat, color) in enumerate(zip(PERCENTILES, ["#4c72b0", "#55a868", "#dd8452", "#c44e52"], strict=True)):
         xs = [j + (k - 1.5) * width for j in range(len(intervals))]
-        mids = [latency[i][stat]["median"] / 1e3 for i in intervals]
-        err = [[m - latency[i][stat]["min"] / 1e3 for m, i in zip(mids, intervals, strict=True)],
-               [latency[i][stat]["max"] / 1e3 - m for m, i in zip(mids, intervals, strict=True)]]
-        right.bar(xs, mids, width, yerr=err, capsize=2, color=color, label=stat)
+        range_bars(right, xs, [latency[i][stat]["median"] for i in intervals],
+                   [latency[i][stat]["min"] for i in intervals], [latency[i][stat]["max"] for i in intervals],
+                   scale=1e3, width=width, capsize=2, color=color, label=stat)
     for j, interval in enumerate(intervals):
         right.hlines(float(interval), j - 2 * width, j + 2 * width, colors="black", linestyles="dashed")
     right.set_xticks(range(len(intervals)), [f"interval {i} s" for i in intervals])

@@ -32,7 +32,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onceflow as of
-from benchmarks.common import feature_flow, pyplot, save_figure, start_ray, write_json
+from benchmarks.common import feature_flow, pyplot, range_bars, save_figure, start_ray, write_json
 from tests.postgres_server import PostgresServer
 
 
@@ -93,10 +93,9 @@ def plot(summary: dict[str, dict[str, float]], cost: float) -> None:
 
     fig, axis = plt.subplots(figsize=(6, 4))
     names = list(summary)
-    medians = [summary[n]["rows_per_s_median"] / 1e6 for n in names]
-    lows = [m - summary[n]["rows_per_s_min"] / 1e6 for m, n in zip(medians, names, strict=True)]
-    highs = [summary[n]["rows_per_s_max"] / 1e6 - m for m, n in zip(medians, names, strict=True)]
-    axis.bar(names, medians, yerr=[lows, highs], capsize=4, color=["#dd8452", "#4c72b0", "#55a868"])
+    range_bars(axis, names, [summary[n]["rows_per_s_median"] for n in names],
+               [summary[n]["rows_per_s_min"] for n in names], [summary[n]["rows_per_s_max"] for n in names],
+               scale=1e6, color=["#dd8452", "#4c72b0", "#55a868"])
     axis.set_ylabel("million rows/s committed (median, min..max)")
     axis.set_title(f"sinks, checkpoints every 1 s; 2PC costs {cost:.1%} vs autocommit")
     fig.tight_layout()
