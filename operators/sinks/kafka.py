@@ -186,7 +186,9 @@ class KafkaTransaction(Committable):
         topic: the output topic.
         key: the column whose value is the message key, or ``None``.
         marker_topic: the topic of the marker.
-        marker_offset: the marker's offset in partition 0 of ``marker_topic``.
+        marker_offset: the marker's offset in partition 0 of ``marker_topic``, as written (for whoever
+            inspects a checkpoint; recovery no longer reads from it, see ``KafkaSinkCommitter._committed``,
+            and it stays in the stored layout, version 1).
         rows: the transaction's rows, an Arrow IPC stream.
 
     Example:
