@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -65,10 +66,12 @@ def build(bootstrap_servers: str, topic: str, dsn: str | None, table: str = "use
     return flow
 
 
-def produce(bootstrap_servers: str, topic: str, events: int, partitions: int = 4, chunk: int = 100_000) -> None:
-    """Create ``topic`` if needed and write the first ``events`` feature events to it.
+def produce(bootstrap_servers: str, topic: str, events: int, partitions: int = 4, chunk: int = 100_000,
+            rows: Callable[[int, int], pa.RecordBatch] = feature_events) -> None:
+    """Create ``topic`` if needed and write the first ``events`` rows of ``rows`` (feature events) to it.
 
-    Event *i* goes to partition ``i % partitions``, so each partition is in event-time order.
+    Event *i* goes to partition ``i % partitions``, so each partition is in event-time order;
+    ``rows(offset, n)`` returns rows ``offset .. offset + n`` of the stream.
     """
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -80,7 +83,7 @@ def produce(bootstrap_servers: str, topic: str, events: int, partitions: int = 4
     count = len(admin.list_topics(topic, timeout=30).topics[topic].partitions)
     producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20})
     for start in range(0, events, chunk):
-        for i, row in enumerate(feature_events(start, min(chunk, events - start)).to_pylist(), start):
+        for i, row in enumerate(rows(start, min(chunk, events - start)).to_pylist(), start):
             produce_waiting(producer, topic, json.dumps(row).encode(), partition=i % count)
         producer.poll(0)
     if producer.flush(60) != 0:

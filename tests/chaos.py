@@ -353,20 +353,11 @@ def _kafka_input(bootstrap_servers: str, topic: str) -> None:
 
     Event *i* goes to partition ``i % KAFKA_PARTITIONS``, so every partition is in event-time order.
     """
-    from confluent_kafka import Producer
+    from examples.kafka_features import produce
+    from tests.kafka_server import topic_exists
 
-    from onceflow.operators.kafka_client import produce_waiting
-    from tests.kafka_server import create_topic, topic_exists
-
-    if topic_exists(bootstrap_servers, topic):
-        return
-    create_topic(bootstrap_servers, topic, KAFKA_PARTITIONS)
-    producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20})
-    for i, row in enumerate(window_events(0, WINDOW_TOTAL).to_pylist()):
-        produce_waiting(producer, topic, json.dumps(row).encode(), partition=i % KAFKA_PARTITIONS)
-    if producer.flush(60) != 0:
-        msg = f"the input topic {topic!r} did not take every event within 60 s"
-        raise RuntimeError(msg)
+    if not topic_exists(bootstrap_servers, topic):
+        produce(bootstrap_servers, topic, WINDOW_TOTAL, partitions=KAFKA_PARTITIONS, rows=window_events)
 
 
 def pace(batch: pa.RecordBatch) -> pa.RecordBatch:
