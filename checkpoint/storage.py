@@ -54,6 +54,7 @@ MANIFEST_NAME = "_manifest.json"
 LEASE_NAME = "_lease.json"
 """The job's storage lease, beside its checkpoint directories (see :mod:`onceflow.checkpoint.lease`)."""
 HISTORY_NAME = "checkpoint-history.jsonl"
+EVENTS_NAME = "events.jsonl"
 MANIFEST_FORMAT = 2
 """The manifest's format: 2 adds ``"_integrity"`` (format and CRC-32) and each state file's ``"crc32"``."""
 _INTEGRITY = "_integrity"
@@ -574,18 +575,51 @@ class CheckpointStorage:
     def append_history(self, entry: dict[str, Any]) -> None:
         """Append ``entry`` as one JSON line to ``<root>/checkpoint-history.jsonl``.
 
-        A torn last line left by a crash is ended first, so the new line stays readable.
-        Filesystems without appends (object stores) rewrite the file.
-
         Raises:
             CheckpointStorageError: the entry is not JSON-serialisable or cannot be written.
 
         """
-        path = f"{self._root}/{HISTORY_NAME}"
+        self._append_line(HISTORY_NAME, entry, "checkpoint history")
+
+    def history(self) -> list[dict[str, Any]]:
+        """The history entries, oldest first; torn or unparseable lines are skipped.
+
+        Raises:
+            CheckpointStorageError: the history exists but cannot be read.
+
+        """
+        return self._read_lines(HISTORY_NAME, "checkpoint history")
+
+    def append_events(self, entries: list[dict[str, Any]]) -> None:
+        """Append ``entries`` (a job's lifecycle events) as JSON lines to ``<root>/events.jsonl``.
+
+        Raises:
+            CheckpointStorageError: an entry is not JSON-serialisable or cannot be written.
+
+        """
+        self._append_line(EVENTS_NAME, entries, "event log")
+
+    def events(self) -> list[dict[str, Any]]:
+        """The job's lifecycle events, oldest first; torn or unparseable lines are skipped.
+
+        Raises:
+            CheckpointStorageError: the event log exists but cannot be read.
+
+        """
+        return self._read_lines(EVENTS_NAME, "event log")
+
+    def _append_line(self, name: str, entries: dict[str, Any] | list[dict[str, Any]], what: str) -> None:
+        """Append JSON lines to ``<root>/<name>``.
+
+        A torn last line left by a crash is ended first, so the new line stays readable.
+        Filesystems without appends (object stores) rewrite the file.
+        """
+        path = f"{self._root}/{name}"
         try:
-            line = json.dumps(entry, allow_nan=False).encode() + b"\n"
+            lines = b"".join(json.dumps(entry, allow_nan=False).encode() + b"\n"
+                             for entry in (entries if isinstance(entries, list) else [entries]))
         except (TypeError, ValueError) as error:
-            msg = (f"checkpoint history entry is not json-serialisable: {error}; "
+            msg = (f"{what} entry is not json-serialisable: {error}; "
                    "store only str, int, float, bool, None, list and dict values")
             raise CheckpointStorageError(msg, path=path) from error
         try:
@@ -594,15 +628,14 @@ class CheckpointStorage:
                     if out.seek(0, os.SEEK_END) > 0:
                         out.seek(-1, os.SEEK_END)
                         if out.read(1) != b"\n":
-                            line = b"\n" + line
-                    out.write(line)
+                            lines = b"\n" + lines
+                    out.write(lines)
                     out.flush()
                     os.fsync(out.fileno())
             else:
-                self._append_remote(path, line)
+                self._append_remote(path, lines)
         except OSError as error:
-            msg = (f"cannot append to checkpoint history {path!r}: {error}; "
-                   "check that the checkpoint storage is writable")
+            msg = f"cannot append to {what} {path!r}: {error}; check that the checkpoint storage is writable"
             raise CheckpointStorageError(msg, path=path) from error
 
     def _append_remote(self, path: str, line: bytes) -> None:
@@ -618,21 +651,15 @@ class CheckpointStorage:
             out.write(existing + line)
         self._fs.move(temporary, path)
 
-    def history(self) -> list[dict[str, Any]]:
-        """The history entries, oldest first; torn or unparseable lines are skipped.
-
-        Raises:
-            CheckpointStorageError: the history exists but cannot be read.
-
-        """
-        path = f"{self._root}/{HISTORY_NAME}"
+    def _read_lines(self, name: str, what: str) -> list[dict[str, Any]]:
+        path = f"{self._root}/{name}"
         try:
             with self._fs.open_input_stream(path) as source:
                 data = source.read()
         except FileNotFoundError:
             return []
         except OSError as error:
-            msg = f"cannot read checkpoint history {path!r}: {error}; check that the checkpoint storage is reachable"
+            msg = f"cannot read {what} {path!r}: {error}; check that the checkpoint storage is reachable"
             raise CheckpointStorageError(msg, path=path) from error
         entries = []
         for line in data.splitlines():

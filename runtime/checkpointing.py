@@ -20,6 +20,7 @@ final for that attempt. Acknowledgements of any other attempt are ignored.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import statistics
 import time
@@ -60,6 +61,10 @@ log = logging.getLogger("onceflow")
 _LEASE_RETRY_S = 0.5
 """How soon a lease renewal that failed (the storage unreachable) is tried again."""
 
+_OUTCOMES_KEPT = 1_000
+"""How many checkpoint outcomes (completed, failed) :meth:`CoordinatorActor.progress` can still report."""
+
+
 RestorePoint = tuple[int, dict[str, dict[str, RestoredState]]]
 """A checkpoint id and, per subtask (``<vertex>/<subtask>``), per operator, its state."""
 
@@ -74,6 +79,10 @@ def percentile(values: list[float], q: float) -> float:
 
 def _summary(checkpoint: CompletedCheckpoint, persisted_at: float) -> dict[str, Any]:
     tasks = {task: ack.metrics for task, ack in checkpoint.acks.items()}
+    operator_bytes: dict[str, int] = {}
+    for ack in checkpoint.acks.values():
+        for uid, state in ack.states.items():
+            operator_bytes[uid] = operator_bytes.get(uid, 0) + int(state.get("bytes", 0))
 
     def most(key: str) -> float:
         return max((m.get(key, 0.0) for m in tasks.values()), default=0.0)
@@ -91,6 +100,7 @@ def _summary(checkpoint: CompletedCheckpoint, persisted_at: float) -> dict[str, 
         "unaligned": any(m.get("unaligned", 0.0) for m in tasks.values()),
         "channel_state_bytes": int(sum(m.get("channel_state_bytes", 0.0) for m in tasks.values())),
         "tasks": tasks,
+        "operator_state_bytes": operator_bytes,
     }
 
 
@@ -133,6 +143,8 @@ class CoordinatorActor:
         self._persisting: set[asyncio.Task[None]] = set()
         self._lost_to: str | None = None  # the run that took the storage over from this one
         self._telemetry = CheckpointMetrics(job)
+        self._outcomes: collections.deque[dict[str, Any]] = collections.deque(maxlen=_OUTCOMES_KEPT)
+        self._outcome_seq = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -234,6 +246,7 @@ class CoordinatorActor:
                     self._spawn(self._resolve(waiter, action.checkpoint_id, refs))
             elif isinstance(action, AbortCheckpoint):
                 log.info("job %s: checkpoint %d aborted (%s)", self._job, action.checkpoint_id, action.reason.value)
+                self._record("checkpoint_failed", checkpoint_id=action.checkpoint_id, reason=action.reason.value)
                 for subtask in self._subtasks:
                     subtask.abort_checkpoint.remote(action.checkpoint_id)
                 waiter = self._waiters.pop(action.checkpoint_id, None)
@@ -276,6 +289,9 @@ class CoordinatorActor:
             return
         summary = _summary(checkpoint, time.time())
         self._history.append(summary)
+        self._record("checkpoint_completed", checkpoint_id=checkpoint.checkpoint_id,
+                     duration_s=summary["duration_s"], state_bytes=summary["state_bytes"],
+                     alignment_s=summary["alignment_s"], unaligned=summary["unaligned"])
         self._telemetry.completed(summary["duration_s"], summary["alignment_s"], summary["state_bytes"])
         self._cache[checkpoint.checkpoint_id] = {task: ack.cache for task, ack in checkpoint.acks.items()}
         log.info("job %s: checkpoint %d complete in %.3f s (%d bytes, alignment %.3f s)", self._job,
@@ -375,6 +391,30 @@ class CoordinatorActor:
         reason = self._fatal.get(attempt, f"another run ({self._lost_to}) took over the checkpoint storage")
         msg = f"job {self._job!r}: {reason}"
         raise CheckpointError(msg, reason=LEASE_LOST if self._lost_to is not None else "too many failures")
+
+    def _record(self, event: str, **fields: Any) -> None:
+        self._outcome_seq += 1
+        self._outcomes.append({"seq": self._outcome_seq, "event": event, "at": time.time(), **fields})
+
+    def progress(self, since: int = 0) -> dict[str, Any]:
+        """What a live view shows, cheaply: counts, the last checkpoint, those in flight, outcomes after ``since``.
+
+        Outcomes (``checkpoint_completed``, ``checkpoint_failed`` with its
+        reason) carry a rising ``seq``: pass the last one seen as ``since``.
+        """
+        latest = self._core.store.latest
+        now = time.time()
+        return {
+            "checkpoints_completed": self._core.completed_count,
+            "checkpoints_failed": self._core.failed_count,
+            "latest_checkpoint": latest.checkpoint_id if latest else None,
+            "last": self._history[-1] if self._history else None,
+            "in_progress": [{"checkpoint_id": p.checkpoint_id, "age_s": now - p.trigger_time,
+                             "acknowledged": len(p.acks), "tasks": len(p.acks) + len(p.not_yet_acknowledged),
+                             "persisting": p.persisting}
+                            for p in sorted(self._core.pending.values(), key=lambda p: p.checkpoint_id)],
+            "outcomes": [o for o in self._outcomes if o["seq"] > since],
+        }
 
     def stats(self) -> dict[str, Any]:
         """Checkpoint figures as Flink reports them: counts, durations, alignment, sizes."""

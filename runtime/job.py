@@ -37,6 +37,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
@@ -78,9 +79,12 @@ from onceflow.runtime import progress
 from onceflow.runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
 from onceflow.runtime.dataflow import NodeKind
 from onceflow.runtime.deployment import AttemptId, CheckpointSetup, RuntimeOptions, SubtaskRestore
+from onceflow.runtime.events import JobEvents
 from onceflow.runtime.executor import Executor, RayExecutor, executor_named
+from onceflow.runtime.figures import LastKnown
 from onceflow.runtime.loops import LoopTermination
 from onceflow.runtime.metrics import JobCounters, SubtaskCounters
+from onceflow.runtime.monitor import Observer
 from onceflow.runtime.options import JobKeywords, JobOptions
 from onceflow.runtime.output import DownstreamFailedError
 from onceflow.runtime.plan import PhysicalPlan, plan
@@ -105,6 +109,9 @@ _NOT_RETRYABLE = (DataError, PlanError)
 
 _CALL_TIMEOUT_S = 60.0
 """How long the driver waits for one step of deploying, fencing or resolving before calling it a failure."""
+
+_TRACEBACK_CHARS = 8_000
+"""How much of a failure's traceback the event log keeps (its end, where the error is)."""
 
 
 def _gather(executor: Executor, refs: list[Any], timeout_s: float = 10.0) -> list[Any]:
@@ -248,9 +255,17 @@ class JobHandle:
         self._loops: list[_LoopWatch] = []
         self._timer: tuple[float, int] | None = None
         self._events: collections.deque[SupervisorEvent] = collections.deque()
-        self._earlier = JobCounters()  # the counts of the attempts before this one
+        self._known = LastKnown({n.name for v in plan_.vertices for n in v.nodes if n.kind is NodeKind.SOURCE})
         self._last_failure: BaseException | None = None
         self._last_reason = ""  # the reason of the newest failure the supervisor acted on, for the log
+        self._failed_actor = ""  # the actor whose death or error the newest failure is
+        self._failure_seen: float | None = None  # when the failure that the next restart recovers from was seen
+        self._restarts: list[dict[str, Any]] = []
+        self._pending_restart: dict[str, Any] = {}
+        self._checkpoint_stats: dict[str, Any] = {}  # the coordinator's newest figures (kept if it dies)
+        self._coordinators = 0  # coordinators started so far (a new one numbers its outcomes afresh)
+        self._stop_requested = False
+        self._last_checkpoint: dict[str, Any] = {}  # the newest completed checkpoint's summary, as last seen
         self._final_counts: list[SubtaskCounters] = []
         self.restored_from: list[int] = []
         self._result: JobResult | None = None
@@ -270,8 +285,12 @@ class JobHandle:
                 self._storage.release_lease(self.run_id)
             raise
         self._created = time.monotonic()
+        self._created_at = time.time()
         self.startup_s = 0.0
         self._started = self._created
+        self._events_log = JobEvents(self.job, self.run_id, self._storage)
+        self._observer = Observer(self.job, self.run_id, self._executor, self._sample, self._on_remote_request,
+                                  self._events_log)
         self._thread = threading.Thread(target=self._drive, daemon=True, name=f"onceflow-supervisor-{self.job}")
         self._thread.start()
         self._wait_deployed()
@@ -427,6 +446,7 @@ class JobHandle:
         tasks = [f"{v.name}/{i}" for v in self._plan.vertices for i in range(v.parallelism)]
         self._coordinator = self._create(CoordinatorActor, f"{self.job}/coordinator", self.job,
                                          self._checkpoint, tasks, self._options.log_level, self.run_id, baseline)
+        self._coordinators += 1
         return self._coordinator
 
     # -- observation --------------------------------------------------------------------
@@ -461,19 +481,128 @@ class JobHandle:
         return JobStatus.RESTARTING
 
     def metrics(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        """Live counters summed over subtasks (as :attr:`JobResult.metrics`)."""
+        """Live counters summed over subtasks (as :attr:`JobResult.metrics`), and where the job is.
+
+        Never raises because an actor is dead, restarting or slow: a subtask
+        that does not answer within ``timeout_s`` is counted with its last
+        known figures. Besides the counters, the mapping has ``status`` (a
+        :class:`JobStatus` value), ``attempt``, ``cause`` (why the job is
+        restarting or failed; ``None`` while it runs), ``age_s`` (how old the
+        oldest figure counted is; 0 when every subtask answered now) and per
+        operator ``age_s`` and ``backpressure_s``.
+        """
+        return self._live_metrics(timeout_s, checkpoint_stats=True)
+
+    def _live_metrics(self, timeout_s: float, checkpoint_stats: bool) -> dict[str, Any]:
         if self._result is not None:
-            return self._result.metrics
-        per_subtask: list[SubtaskCounters] = self._executor.get(
-            [a.metrics.remote() for a in self._attempt.everyone], timeout=timeout_s)
-        counters = self._sum(per_subtask)
-        counters.add(self._earlier)
-        metrics = counters.as_dict()
+            return {**self._result.metrics, **self._where(), "age_s": 0.0}
+        try:
+            attempt = self._attempt
+            refs = [a.metrics.remote() for a in list(attempt.everyone)]
+            self._known.update(attempt.number, _gather(self._executor, refs, timeout_s))
+        except Exception:
+            log.debug("job %s: could not ask the subtasks for their figures", self.job, exc_info=True)
+        totals, ages = self._known.totals()
+        metrics = totals.as_dict()
         metrics["restarts"] = self._supervisor.restarts
-        if self._coordinator is not None:
+        metrics.update(self._checkpoint_stats)
+        coordinator = self._coordinator
+        if coordinator is not None and checkpoint_stats:
             with contextlib.suppress(Exception):
-                metrics.update(self._executor.get(self._coordinator.stats.remote(), timeout=timeout_s))
+                self._checkpoint_stats = self._executor.get(coordinator.stats.remote(), timeout=timeout_s)
+                metrics.update(self._checkpoint_stats)
+        metrics.update(self._where())
+        metrics["age_s"] = max(ages.values(), default=0.0)
         return metrics
+
+    def _where(self) -> dict[str, Any]:
+        """The job's status, attempt and the cause of its restart or failure."""
+        status = self.status()
+        cause = None
+        if status is JobStatus.RESTARTING:
+            cause = self._last_reason or None
+        elif status in (JobStatus.FAILED, JobStatus.CANCELLED) and self._error is not None:
+            cause = str(self._error)
+        return {"status": status.value, "attempt": self._supervisor.attempt, "cause": cause}
+
+    def view(self) -> dict[str, Any]:
+        """What a live view shows, as the observer last sampled it (twice a second); never raises.
+
+        A JSON-able mapping: ``job``, ``run``, ``status``, ``attempt``,
+        ``cause``, ``uptime_s``, ``ended``, the counters of :meth:`metrics`,
+        ``events_per_s`` (over the last seconds while running; the job's
+        average once ended), ``checkpoints`` (``completed``, ``failed``,
+        ``latest``, ``last``: the newest completed one's figures,
+        ``in_progress``), ``restarts`` (one entry per restart: ``attempt``,
+        ``at``, ``actor``, ``node``, ``cause``, ``restored_from``,
+        ``recovery_s``) and ``operators`` (per operator: ``task``, records in
+        and out, ``backpressure_s``, ``state_bytes`` and ``alignment_s`` of
+        the last checkpoint, ``age_s``).
+        """
+        return self._observer.latest
+
+    def _sample(self, since: int) -> dict[str, Any]:
+        """The job's view now (checkpoint outcomes after ``since``, of the current coordinator); never raises."""
+        metrics = self._live_metrics(timeout_s=1.0, checkpoint_stats=False)
+        progress: dict[str, Any] = {}
+        coordinator = self._coordinator
+        if coordinator is not None:
+            with contextlib.suppress(Exception):
+                progress = self._executor.get(coordinator.progress.remote(since), timeout=1.0)
+                self._checkpoint_stats.update({k: progress[k] for k in (
+                    "checkpoints_completed", "checkpoints_failed", "latest_checkpoint")})
+                metrics.update(self._checkpoint_stats)
+        last = progress.get("last") or self._last_checkpoint
+        self._last_checkpoint = last
+        operators: dict[str, dict[str, Any]] = {}
+        for vertex in self._plan.vertices:
+            alignments = [m.get("alignment_s", 0.0) for task, m in (last.get("tasks") or {}).items()
+                          if task.rsplit("/", 1)[0] == vertex.name]
+            for position, node in enumerate(vertex.nodes):
+                figures = metrics.get("operators", {}).get(node.name, {})
+                operators[node.name] = {
+                    "task": vertex.name,
+                    "subtasks": vertex.parallelism,
+                    "records_in": figures.get("records_in", 0),
+                    "records_out": figures.get("records_out", 0),
+                    "backpressure_s": figures.get("backpressure_s", 0.0),
+                    "state_bytes": (last.get("operator_state_bytes") or {}).get(node.uid),
+                    "alignment_s": max(alignments, default=None) if position == 0 else None,
+                    "age_s": figures.get("age_s"),
+                }
+        ended = self._done.is_set() or self._result is not None
+        duration = metrics.get("duration_s") or max(time.monotonic() - self._started, 1e-9)
+        return {
+            "job": self.job,
+            "run": self.run_id,
+            "status": metrics["status"],
+            "attempt": metrics["attempt"],
+            "cause": metrics["cause"],
+            "started_at": self._created_at,
+            "uptime_s": time.time() - self._created_at,
+            "ended": ended,
+            "age_s": metrics["age_s"],
+            "events_in": metrics.get("events_in", 0),
+            "events_out": metrics.get("events_out", 0),
+            "events_per_s": metrics.get("events_in", 0) / duration,
+            "late_events": metrics.get("late_events", 0),
+            "dead_letters": metrics.get("dead_letters", 0),
+            "backpressure_s": metrics.get("backpressure_s", 0.0),
+            "watermark": metrics.get("watermark"),
+            "max_event_time": metrics.get("max_event_time"),
+            "checkpointing": self._checkpoint is not None,
+            "checkpoints": {
+                "coordinator": self._coordinators,
+                "completed": metrics.get("checkpoints_completed", 0),
+                "failed": metrics.get("checkpoints_failed", 0),
+                "latest": metrics.get("latest_checkpoint"),
+                "last": {k: v for k, v in last.items() if k not in ("tasks", "operator_state_bytes")} or None,
+                "in_progress": progress.get("in_progress", []),
+                "outcomes": progress.get("outcomes", []),
+            },
+            "restarts": list(self._restarts),
+            "operators": operators,
+        }
 
     # -- control ------------------------------------------------------------------------
 
@@ -482,7 +611,7 @@ class JobHandle:
 
         The stop holds across restarts: an attempt that deploys after it ends its input at once.
         """
-        self._requests.put(StopRequested())
+        self._request("stop", "handle")
         return self.wait(timeout_s)
 
     def cancel(self) -> None:
@@ -492,8 +621,20 @@ class JobHandle:
         decided and abort everything else; no actor of the job is left.
         """
         if not self._done.is_set():
-            self._requests.put(CancelRequested())
+            self._request("cancel", "handle")
             self._done.wait()
+
+    def _request(self, kind: str, by: str) -> None:
+        """Hand a stop or cancel to the supervisor (``by``: who asked, for the event log)."""
+        if self._done.is_set():
+            return
+        if kind == "stop":
+            self._stop_requested = True
+        self._events_log.emit(f"{kind}_requested", by=by)
+        self._requests.put(StopRequested() if kind == "stop" else CancelRequested())
+
+    def _on_remote_request(self, kind: str) -> None:
+        self._request(kind, "monitor")
 
     def wait(self, timeout_s: float | None = None) -> JobResult:
         """Block until the job finishes; return its result.
@@ -524,7 +665,7 @@ class JobHandle:
             while not self._supervisor.finished:
                 event = self._next_event()
                 if isinstance(event, Failed) and event.attempt == self._supervisor.attempt:
-                    self._last_reason = event.reason
+                    self._on_failure(event)
                 self._carry_out(self._supervisor.on_event(event))
         except BaseException as error:
             log.exception("job %s: the job driver failed", self.job)
@@ -535,10 +676,49 @@ class JobHandle:
             with contextlib.suppress(Exception):
                 self._remove_everything()
         finally:
+            try:
+                self._end_observation()
+            except Exception:
+                log.exception("job %s: could not record the job's end", self.job)
             if reporter is not None:
                 reporter.close()
+            self._events_log.close()
             self._deployed.set()
             self._done.set()
+
+    def _on_failure(self, event: Failed) -> None:
+        """Note a failure of the current attempt: for the log, the view and the next restart's record."""
+        self._last_reason = event.reason
+        self._failure_seen = time.monotonic()
+        actor = self._failed_actor
+        cause = self._last_failure
+        trace = "".join(traceback.format_exception(cause))[-_TRACEBACK_CHARS:] if cause is not None else ""
+        node = self._known.node_of(actor.split("/", 1)[-1]) if actor else ""
+        self._events_log.emit("failure", attempt=event.attempt, actor=actor or None, node=node or None,
+                              cause=event.reason, retryable=event.retryable, traceback=trace)
+        self._pending_restart = {"attempt": event.attempt + 1, "at": time.time(), "actor": actor or None,
+                                 "node": node or None, "cause": event.reason}
+        self._failed_actor = ""
+
+    def _end_observation(self) -> None:
+        """The job ended: record how, publish the final view, and remove the monitor with the job."""
+        view = self._sample(0)
+        view.pop("checkpoints", {}).pop("outcomes", None)
+        final = {**view, "ended": True, "checkpoints": self._observer.latest.get("checkpoints", {})}
+        final["checkpoints"].pop("outcomes", None)
+        if self._result is not None:
+            m = self._result.metrics
+            final["events_per_s"] = m.get("events_per_s", 0.0)
+            self._events_log.emit("stopped" if self._stop_requested else "finished",
+                                  events_in=m.get("events_in"), events_out=m.get("events_out"),
+                                  duration_s=m.get("duration_s"), restarts=m.get("restarts"))
+        else:
+            self._events_log.emit(final["status"].lower(), cause=final["cause"], restarts=self._supervisor.restarts,
+                                  latest_checkpoint=self._supervisor.latest_checkpoint)
+        monitor = self._observer.close(final)
+        if monitor is not None:
+            self._executor.kill([monitor])
+            self._executor.confirm_dead([monitor])
 
     def _carry_out(self, actions: list[SupervisorAction]) -> None:
         for action in actions:
@@ -608,6 +788,7 @@ class JobHandle:
             return Failed(attempt, "a downstream subtask failed")
         reason = f"actor {actor!r} died" if self._executor.died(root) else str(root)
         self._last_failure = root
+        self._failed_actor = actor
         lost = isinstance(root, CheckpointError) and root.reason == LEASE_LOST
         return Failed(attempt, reason, retryable=not isinstance(root, _NOT_RETRYABLE) and not lost,
                       operator=getattr(root, "operator", "") or actor)
@@ -748,8 +929,15 @@ class JobHandle:
         if number == 1:
             self.startup_s = time.monotonic() - self._created
             self._started = time.monotonic()
+            self._events_log.emit("started", parallelism={v.name: v.parallelism for v in self._plan.vertices},
+                                  restored_from=restore[0] if restore else None, startup_s=self.startup_s)
         else:
             self._restart_counter.inc()
+            recovery = time.monotonic() - self._failure_seen if self._failure_seen is not None else None
+            self._restarts.append({**self._pending_restart, "attempt": number,
+                                   "restored_from": restore[0] if restore else None, "recovery_s": recovery})
+            self._events_log.emit("restart", attempt=number, restored_from=restore[0] if restore else None,
+                                  recovery_s=recovery)
         log.info("job %s: attempt %d: %d subtask actors running in %.2f s%s\n%s", self.job, number,
                  len(attempt.everyone), time.monotonic() - started,
                  f" (restored from checkpoint {restore[0]})" if restore else "", self._plan.describe())
@@ -804,13 +992,19 @@ class JobHandle:
         return _gather(self._executor, [a.metrics.remote() for a in self._attempt.everyone], timeout_s)
 
     def _collect_attempt_counts(self) -> None:
-        self._earlier.add(self._sum(self._attempt_counters(timeout_s=2.0)))
+        """The attempt is fenced: its subtasks' last figures (a dead one's as last known) become earlier counts."""
+        self._known.update(self._attempt.number, self._attempt_counters(timeout_s=2.0))
+        self._known.retire(self._attempt.number)
 
     def _finish(self, finish: Finish) -> None:
         if finish.end is JobEnd.FINISHED:
             self._result = self._final_result()
         else:
             self._error = self._end_error(finish)
+        try:
+            self._observer.tick()  # the coordinator still lives: its last checkpoint outcomes reach the event log
+        except Exception:  # noqa: BLE001 - only the view and the event log miss them
+            log.debug("job %s: the last sample before the end failed", self.job, exc_info=True)
         self._remove_everything()
 
     def _final_result(self) -> JobResult:
@@ -819,7 +1013,7 @@ class JobHandle:
         per_actor = self._final_counts or self._attempt_counters()
         processed = max((e.active_s or 0.0 for e in per_actor), default=0.0)
         counters = self._sum(per_actor)
-        counters.add(self._earlier)
+        counters.add(self._known.earlier)
         metrics = counters.as_dict()
         duration = finished - self._started
         metrics.update(checkpoints_completed=0, restarts=self._supervisor.restarts, restored_from=self.restored_from,

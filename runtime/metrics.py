@@ -49,6 +49,9 @@ class SubtaskCounters:
         restored_from: the checkpoint it restored, if any.
         first_record_at: when (wall clock) it first processed rows, ``None`` before
             (the recovery benchmark measures a restore up to it).
+        max_event_time: a source subtask's newest event time read (ms), ``None``
+            before any or without a watermark.
+        node: the id of the Ray node it runs on (``""`` off Ray).
     """
 
     task: str
@@ -62,6 +65,8 @@ class SubtaskCounters:
     ended: bool = False
     restored_from: int | None = None
     first_record_at: float | None = None
+    max_event_time: int | None = None
+    node: str = ""
 
 
 @dataclass(slots=True)
@@ -77,6 +82,8 @@ class JobCounters:
         messages: channel messages sent.
         watermark: the lowest input watermark of a non-source subtask, ``None``
             before any has one (this attempt only).
+        max_event_time: the newest event time any source read, ``None`` before
+            any (this attempt only).
         operators: per operator: counts summed over its subtasks, ratios (such
             as a dedupe filter's fill) as the largest over them, and
             ``subtasks`` (this attempt only).
@@ -89,6 +96,7 @@ class JobCounters:
     backpressure_s: float = 0.0
     messages: int = 0
     watermark: int | None = None
+    max_event_time: int | None = None
     operators: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -111,6 +119,7 @@ class JobCounters:
                         total[key] = total.get(key, 0) + value
         watermarks = [e.input_watermark for e in subtasks
                       if not e.is_source and NO_WATERMARK < e.input_watermark < END_OF_TIME]
+        newest = [e.max_event_time for e in subtasks if e.max_event_time is not None]
         return cls(
             events_in=sum(operators[n]["records_out"] for n in sources if n in operators),
             events_out=sum(e.sink_rows for e in subtasks),
@@ -119,6 +128,7 @@ class JobCounters:
             backpressure_s=sum(e.backpressure_s for e in subtasks),
             messages=sum(e.messages_out for e in subtasks),
             watermark=min(watermarks) if watermarks else None,
+            max_event_time=max(newest) if newest else None,
             operators=operators,
         )
 
@@ -135,6 +145,7 @@ class JobCounters:
         """The keys of ``JobResult.metrics`` these counters fill."""
         return {
             "watermark": self.watermark,
+            "max_event_time": self.max_event_time,
             "events_in": self.events_in,
             "events_out": self.events_out,
             "late_events": self.late_events,

@@ -142,6 +142,7 @@ class Subtask:
         self._attempt = attempt or AttemptId()
         self.task = f"{vertex.name}/{subtask}"
         self._label = f"{plan.job}/{self.task}"
+        self._node = _node_id()
         self._storage = CheckpointStorage(checkpointing.storage, plan.job) if checkpointing else None
         self._restored_from = restore.checkpoint_id if restore else None
         restored = load_restored(restore, self._storage)
@@ -192,6 +193,10 @@ class Subtask:
     def _input_state(self) -> dict[str, pa.Table]:
         """The input side's snapshot tables (a reader's position, the input channels' watermarks)."""
         raise NotImplementedError
+
+    def _max_event_time(self) -> int | None:
+        """A source's newest event time read (``None`` elsewhere)."""
+        return None
 
     async def _tick(self) -> None:
         """Under the lock, from the linger timer (an operator subtask's alignment may time out)."""
@@ -440,6 +445,8 @@ class Subtask:
             ended=self._ended,
             restored_from=self._restored_from,
             first_record_at=self._first_record_at,
+            max_event_time=self._max_event_time(),
+            node=self._node,
         )
 
 
@@ -462,6 +469,9 @@ class SourceSubtask(Subtask):
             self._watermarks = node.watermark.build(node.name, max_event_time)
         self._stop_requested = False
         self._last_barrier = 0
+
+    def _max_event_time(self) -> int | None:
+        return self._watermarks.max_event_time if self._watermarks is not None else None
 
     def _input_state(self) -> dict[str, pa.Table]:
         with self._blame(0):
@@ -736,6 +746,16 @@ class OperatorSubtask(Subtask):
 
     def _input_watermark(self) -> int:
         return self._input.watermark
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on (``""`` outside Ray): a failure report names it."""
+    if not ray.is_initialized():
+        return ""
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - informational only
+        return ""
 
 
 def subtask_class(vertex: VertexSpec) -> type[Subtask]:

@@ -1,0 +1,235 @@
+"""Watching a job from anywhere: the ``<job>/monitor`` actor, the driver's observer, and the clients of both.
+
+A job's driver runs an :class:`Observer` thread. Twice a second it asks the
+job for a *view* (a JSON-able dict: status, attempt and cause, counts,
+events/s, watermark, checkpoints in flight and completed, restarts, one row
+per operator; see :meth:`JobHandle.view <onceflow.runtime.job.JobHandle.view>`),
+records the checkpoint outcomes in the job's event log, and publishes the view
+to the job's :class:`JobMonitor`, a small named actor in the ``onceflow``
+namespace. Any process connected to the cluster finds a job's monitor by name:
+``onceflow jobs`` lists them, ``onceflow watch JOB`` shows one live, and
+``onceflow stop JOB`` and ``onceflow cancel JOB`` leave a request there, which
+the observer hands to the job's supervisor as if the handle's own ``stop()``
+or ``cancel()`` had been called.
+
+The monitor only observes and relays: killing it loses nothing of the job
+(the observer starts a new one), and it is removed with the job's other actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from onceflow.runtime.ray_env import NAMESPACE
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from onceflow.runtime.events import JobEvents
+    from onceflow.runtime.executor import Executor
+
+__all__ = ["MONITOR", "REQUESTS", "JobMonitor", "Observer", "find_monitor", "list_monitors"]
+
+log = logging.getLogger("onceflow")
+
+MONITOR = "monitor"
+"""The last part of a monitor actor's name: ``<job>/monitor``."""
+
+REQUESTS = ("stop", "cancel")
+"""What another process may ask of a job through its monitor."""
+
+_RATE_WINDOW_S = 5.0
+"""Events/s while running are averaged over this many recent seconds."""
+
+
+class JobMonitor:
+    """The ``<job>/monitor`` actor: the job's newest view for other processes, and their requests to it."""
+
+    def __init__(self, job: str, run: str) -> None:
+        """Serve the view of run ``run`` of ``job`` (a placeholder until the first one is published)."""
+        self._view: dict[str, Any] = {"job": job, "run": run, "status": "STARTING", "version": 0}
+        self._changed: asyncio.Event | None = None
+        self._requests: asyncio.Queue[str] | None = None
+
+    def _queue(self) -> asyncio.Queue[str]:
+        if self._requests is None:  # created on the actor's event loop
+            self._requests = asyncio.Queue()
+        return self._requests
+
+    def _event(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    async def publish(self, view: dict[str, Any]) -> None:
+        """Take ``view`` as the job's newest (the observer calls this)."""
+        self._view = {**view, "version": self._view["version"] + 1}
+        changed = self._event()
+        changed.set()
+        self._changed = asyncio.Event()
+
+    async def view(self, newer_than: int = -1, timeout_s: float = 0.0) -> dict[str, Any]:
+        """The newest view; waits up to ``timeout_s`` for one newer than version ``newer_than``."""
+        if self._view["version"] <= newer_than and timeout_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event().wait(), timeout_s)
+        return self._view
+
+    async def request(self, kind: str) -> str:
+        """Ask the job to ``stop`` (drain and commit) or ``cancel``; returns at once, the job acts on it soon.
+
+        Raises:
+            ValueError: ``kind`` is neither.
+        """
+        if kind not in REQUESTS:
+            msg = f"a job can be asked to {' or '.join(REQUESTS)}, not {kind!r}"
+            raise ValueError(msg)
+        await self._queue().put(kind)
+        return kind
+
+    async def next_request(self) -> str:
+        """Wait for the next request (the observer keeps one such call in flight)."""
+        return await self._queue().get()
+
+
+class Observer:
+    """The driver's thread that samples a job's view, publishes it to the monitor, and relays requests.
+
+    Args:
+        job: the job name.
+        run: the run id.
+        executor: where the monitor actor lives.
+        sample: returns the job's view (``since``: the last checkpoint outcome recorded, so the view
+            carries only newer ones); must not raise.
+        on_request: called with ``"stop"`` or ``"cancel"`` when another process asks for it.
+        events: the job's event log, where checkpoint outcomes go.
+        period_s: how often to sample.
+    """
+
+    def __init__(self, job: str, run: str, executor: Executor, sample: Callable[[int], dict[str, Any]],
+                 on_request: Callable[[str], None], events: JobEvents, period_s: float = 0.5) -> None:
+        self._job = job
+        self._run = run
+        self._executor = executor
+        self._sample = sample
+        self._on_request = on_request
+        self._events = events
+        self._period_s = period_s
+        self._rates: collections.deque[tuple[float, int]] = collections.deque()
+        self._outcome_seq = 0
+        self._outcome_source: Any = None
+        self.latest: dict[str, Any] = {"job": job, "run": run, "status": "STARTING"}
+        self.monitor: Any = None
+        self._request: Any = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one sample at a time: the thread's, or the final one
+        self._start_monitor()
+        self._thread = threading.Thread(target=self._run_loop, daemon=True, name=f"onceflow-observer-{job}")
+        self._thread.start()
+
+    def _start_monitor(self) -> None:
+        try:
+            self.monitor = self._executor.create(JobMonitor, f"{self._job}/{MONITOR}",
+                                                 {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 100},
+                                                 self._job, self._run)
+            self._request = self.monitor.next_request.remote()
+        except Exception as error:  # noqa: BLE001 - the job runs on without being watchable from elsewhere
+            log.warning("job %s: could not start its monitor actor (onceflow jobs/watch/stop will not find it): %s",
+                        self._job, error)
+            self.monitor = self._request = None
+
+    def _run_loop(self) -> None:
+        while not self._stop.wait(self._period_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("job %s: the observer failed to sample the job; trying again", self._job)
+
+    def tick(self) -> dict[str, Any]:
+        """Sample the view, record checkpoint outcomes, publish, relay a request; return the view."""
+        with self._lock:
+            view = self._sample(self._outcome_seq)
+            self._record_outcomes(view)
+            now = time.monotonic()
+            self._rates.append((now, int(view.get("events_in", 0))))
+            while len(self._rates) > 2 and now - self._rates[1][0] >= _RATE_WINDOW_S:
+                self._rates.popleft()
+            if not view.get("ended"):
+                (t0, n0), (t1, n1) = self._rates[0], self._rates[-1]
+                view["events_per_s"] = max(n1 - n0, 0) / (t1 - t0) if t1 > t0 else 0.0
+            self.latest = view
+            self._publish(view)
+            if not self._stop.is_set():
+                self._relay_requests()
+            return view
+
+    def _record_outcomes(self, view: dict[str, Any]) -> None:
+        checkpoints = view.get("checkpoints") or {}
+        source = checkpoints.get("coordinator")
+        if source != self._outcome_source:  # a new coordinator numbers its outcomes from 1 again
+            self._outcome_source, self._outcome_seq = source, 0
+            return
+        for outcome in checkpoints.pop("outcomes", []):
+            self._outcome_seq = max(self._outcome_seq, int(outcome["seq"]))
+            fields = {k: v for k, v in outcome.items() if k not in ("seq", "event")}
+            self._events.emit(outcome.pop("event"), **fields)
+
+    def _publish(self, view: dict[str, Any]) -> None:
+        if self.monitor is not None:
+            self.monitor.publish.remote(view)  # fire and forget: a dead monitor is found by its request call
+
+    def _relay_requests(self) -> None:
+        if self._request is None:
+            if self.monitor is None:
+                self._start_monitor()
+            return
+        ready, _ = self._executor.wait([self._request], num_returns=1, timeout=0)
+        if not ready:
+            return
+        try:
+            kind = self._executor.get(self._request, timeout=0)
+        except Exception:  # noqa: BLE001 - the monitor died: start another (it is only a window on the job)
+            log.warning("job %s: its monitor actor died; starting a new one", self._job)
+            self._executor.kill([self.monitor])
+            self._executor.confirm_dead([self.monitor])
+            self._start_monitor()
+            return
+        self._request = self.monitor.next_request.remote()
+        self._on_request(kind)
+
+    def close(self, final: dict[str, Any] | None = None) -> Any:
+        """Stop sampling; publish ``final`` (the ended job's view) and wait briefly for it; return the monitor."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        with self._lock:
+            if final is not None:
+                self.latest = final
+                if self.monitor is not None:
+                    with contextlib.suppress(Exception):
+                        self._executor.get(self.monitor.publish.remote(final), timeout=2.0)
+        return self.monitor
+
+
+def list_monitors() -> list[str]:
+    """The names of the jobs on the connected Ray cluster that have a monitor (running jobs)."""
+    import ray
+
+    suffix = f"/{MONITOR}"
+    return sorted(a["name"][: -len(suffix)] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == NAMESPACE and a["name"].endswith(suffix))
+
+
+def find_monitor(job: str) -> Any:
+    """The monitor actor of running job ``job`` on the connected Ray cluster, or ``None``."""
+    import ray
+
+    try:
+        return ray.get_actor(f"{job}/{MONITOR}", namespace=NAMESPACE)
+    except ValueError:
+        return None
