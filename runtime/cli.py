@@ -1,6 +1,10 @@
 """The ``onceflow`` command: run jobs with live progress, inspect checkpoints, run benchmarks.
 
 onceflow run JOB.py [ARGS...]             run a job script, showing live progress
+onceflow jobs [--address A]                the onceflow jobs running on a Ray cluster
+onceflow watch JOB [--address A]           the live view of a job running on the cluster
+onceflow stop JOB [--address A]            drain the job, take its final checkpoint, commit and end it
+onceflow cancel JOB [--address A]          end the job at once (its sinks keep the last checkpoint's output)
 onceflow checkpoints list STORAGE          checkpoints of every job under STORAGE
 onceflow checkpoints show STORAGE JOB [ID] one checkpoint, per subtask
 onceflow checkpoints verify STORAGE [JOB]  check every checkpoint's files against its manifest
@@ -13,6 +17,7 @@ import json
 import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ from rich.table import Table
 
 from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.runtime import progress
+from onceflow.runtime.monitor import find_monitor, list_monitors
 
 __all__ = ["main"]
 
@@ -29,6 +35,8 @@ __all__ = ["main"]
 
 def _console() -> Console:
     return Console()  # created per command, so that it sees the terminal (COLUMNS) of this call
+
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -49,6 +57,143 @@ def run(script: str, args: tuple[str, ...]) -> None:
         runpy.run_path(script, run_name="__main__")
     finally:
         progress.install(None)
+
+
+_ADDRESS = click.option("--address", default=None, metavar="ADDRESS",
+                        help='the Ray cluster: "auto", "host:port" or "ray://host:port" '
+                             "(default: RAY_ADDRESS, else auto)")
+_TIMEOUT_S = 5.0
+"""How long a command waits for a monitor actor to answer."""
+
+
+def _connect(address: str | None) -> None:
+    import logging
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", logging_level=logging.ERROR,
+                     log_to_driver=False)
+        except (ConnectionError, RuntimeError) as error:
+            msg = f"cannot connect to a Ray cluster at {address or 'auto'}: {error}; start one or pass --address"
+            raise click.ClickException(msg) from error
+
+
+def _monitor(job: str) -> object:
+    monitor = find_monitor(job)
+    if monitor is None:
+        running = list_monitors()
+        msg = (f"no running onceflow job named {job!r} on this cluster"
+               + (f"; running: {', '.join(running)}" if running else "; none is running"))
+        raise click.ClickException(msg)
+    return monitor
+
+
+def _view(monitor: object, newer_than: int = -1, timeout_s: float = 0.0) -> dict[str, Any] | None:
+    """The monitor's view, or ``None`` once the job (and with it the monitor) is gone."""
+    import ray
+
+    try:
+        view: dict[str, Any] = ray.get(monitor.view.remote(newer_than, timeout_s),  # type: ignore[attr-defined,assignment]
+                                       timeout=timeout_s + _TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - the job ended and its monitor went with it
+        return None
+    return view
+
+
+@main.command("jobs")
+@_ADDRESS
+def list_jobs(address: str | None) -> None:
+    """List the onceflow jobs running on the Ray cluster: status, uptime, last checkpoint, restarts."""
+    _connect(address)
+    names = list_monitors()
+    if not names:
+        _console().print("no onceflow job is running on this cluster")
+        return
+    table = Table(title="onceflow jobs")
+    for column in ("job", "status", "attempt", "uptime", "events in", "events/s", "last checkpoint", "restarts",
+                   "run"):
+        table.add_column(column, justify="left" if column in ("job", "status", "run") else "right")
+    for name in names:
+        view = find_monitor(name)
+        view = _view(view) if view is not None else None
+        if view is None:
+            continue  # it ended between the listing and the call
+        checkpoints = view.get("checkpoints") or {}
+        table.add_row(name, view.get("status", "?"), str(view.get("attempt", "-")),
+                      f"{view.get('uptime_s', 0.0):,.0f} s", f"{view.get('events_in', 0):,}",
+                      f"{view.get('events_per_s', 0.0):,.0f}",
+                      "-" if checkpoints.get("latest") is None else str(checkpoints["latest"]),
+                      str(len(view.get("restarts") or [])), view.get("run", ""))
+    _console().print(table)
+
+
+@main.command()
+@click.argument("job")
+@_ADDRESS
+def watch(job: str, address: str | None) -> None:
+    """Show the live view of JOB, running on the cluster, until it ends (Ctrl-C leaves it running)."""
+    from rich.live import Live
+
+    _connect(address)
+    monitor = _monitor(job)
+    view = _view(monitor)
+    if view is None:
+        msg = f"job {job!r} ended"
+        raise click.ClickException(msg)
+    with Live(progress.render_view(view), refresh_per_second=4, console=_console()) as live:
+        while not view.get("ended"):
+            newer = _view(monitor, view.get("version", -1), timeout_s=1.0)
+            if newer is None:
+                break
+            view = newer
+            live.update(progress.render_view(view))
+    if not view.get("ended"):
+        _console().print(f"job {job!r} ended (its last figures are above)")
+
+
+def _ask(job: str, kind: str, address: str | None, timeout_s: float) -> None:
+    import ray
+
+    _connect(address)
+    monitor = _monitor(job)
+    ray.get(monitor.request.remote(kind), timeout=_TIMEOUT_S)  # type: ignore[attr-defined]
+    _console().print(f"asked job {job!r} to {kind}; waiting for it to end")
+    view = _view(monitor)
+    deadline = time.monotonic() + timeout_s
+    while view is not None and not view.get("ended"):
+        if time.monotonic() > deadline:
+            msg = f"job {job!r} has not ended {timeout_s:g} s after the {kind} request; it is {view.get('status')}"
+            raise click.ClickException(msg)
+        last = view
+        view = _view(monitor, view.get("version", -1), timeout_s=1.0)
+        if view is None:
+            view = {**last, "ended": False}
+            break
+    if view is not None:
+        _console().print(progress.render_view(view))
+        if not view.get("ended"):
+            _console().print(f"job {job!r} ended")
+
+
+@main.command()
+@click.argument("job")
+@_ADDRESS
+@click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="seconds to wait for the job to end")
+def stop(job: str, address: str | None, timeout_s: float) -> None:
+    """Stop JOB gracefully: its sources end, it drains, takes a final checkpoint and commits it."""
+    _ask(job, "stop", address, timeout_s)
+
+
+@main.command()
+@click.argument("job")
+@_ADDRESS
+@click.option("--timeout", "timeout_s", default=60.0, show_default=True, help="seconds to wait for the job to end")
+def cancel(job: str, address: str | None, timeout_s: float) -> None:
+    """Cancel JOB at once: its sinks keep what the last completed checkpoint committed, nothing after it."""
+    _ask(job, "cancel", address, timeout_s)
 
 
 @main.group()

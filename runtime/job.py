@@ -544,15 +544,15 @@ class JobHandle:
     def _sample(self, since: int) -> dict[str, Any]:
         """The job's view now (checkpoint outcomes after ``since``, of the current coordinator); never raises."""
         metrics = self._live_metrics(timeout_s=1.0, checkpoint_stats=False)
-        progress: dict[str, Any] = {}
+        inflight: dict[str, Any] = {}
         coordinator = self._coordinator
         if coordinator is not None:
             with contextlib.suppress(Exception):
-                progress = self._executor.get(coordinator.progress.remote(since), timeout=1.0)
-                self._checkpoint_stats.update({k: progress[k] for k in (
+                inflight = self._executor.get(coordinator.progress.remote(since), timeout=1.0)
+                self._checkpoint_stats.update({k: inflight[k] for k in (
                     "checkpoints_completed", "checkpoints_failed", "latest_checkpoint")})
                 metrics.update(self._checkpoint_stats)
-        last = progress.get("last") or self._last_checkpoint
+        last = inflight.get("last") or self._last_checkpoint
         self._last_checkpoint = last
         operators: dict[str, dict[str, Any]] = {}
         for vertex in self._plan.vertices:
@@ -597,8 +597,8 @@ class JobHandle:
                 "failed": metrics.get("checkpoints_failed", 0),
                 "latest": metrics.get("latest_checkpoint"),
                 "last": {k: v for k, v in last.items() if k not in ("tasks", "operator_state_bytes")} or None,
-                "in_progress": progress.get("in_progress", []),
-                "outcomes": progress.get("outcomes", []),
+                "in_progress": inflight.get("in_progress", []),
+                "outcomes": inflight.get("outcomes", []),
             },
             "restarts": list(self._restarts),
             "operators": operators,
@@ -1003,7 +1003,7 @@ class JobHandle:
             self._error = self._end_error(finish)
         try:
             self._observer.tick()  # the coordinator still lives: its last checkpoint outcomes reach the event log
-        except Exception:  # noqa: BLE001 - only the view and the event log miss them
+        except Exception:
             log.debug("job %s: the last sample before the end failed", self.job, exc_info=True)
         self._remove_everything()
 
