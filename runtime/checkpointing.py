@@ -37,6 +37,7 @@ from onceflow.checkpoint.coordinator import (
     TaskAck,
     TriggerCheckpoint,
 )
+from onceflow.checkpoint.failure_tolerance import CheckpointFailureTolerance
 from onceflow.checkpoint.lease import may_complete, taken
 from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError
 from onceflow.errors import CheckpointError
@@ -234,6 +235,8 @@ class CoordinatorActor:
                     self._spawn(self._resolve(waiter, action.checkpoint_id, refs))
             elif isinstance(action, AbortCheckpoint):
                 log.info("job %s: checkpoint %d aborted (%s)", self._job, action.checkpoint_id, action.reason.value)
+                if CheckpointFailureTolerance.counts(action.reason):  # as stats()' checkpoints_failed counts
+                    self._telemetry.failed()
                 for subtask in self._subtasks:
                     subtask.abort_checkpoint.remote(action.checkpoint_id)
                 waiter = self._waiters.pop(action.checkpoint_id, None)
