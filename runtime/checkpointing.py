@@ -38,6 +38,7 @@ from onceflow.checkpoint.coordinator import (
     TaskAck,
     TriggerCheckpoint,
 )
+from onceflow.checkpoint.failure_tolerance import CheckpointFailureReason, CheckpointFailureTolerance
 from onceflow.checkpoint.lease import may_complete, taken
 from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError
 from onceflow.errors import CheckpointError
@@ -246,7 +247,10 @@ class CoordinatorActor:
                     self._spawn(self._resolve(waiter, action.checkpoint_id, refs))
             elif isinstance(action, AbortCheckpoint):
                 log.info("job %s: checkpoint %d aborted (%s)", self._job, action.checkpoint_id, action.reason.value)
-                self._record("checkpoint_failed", checkpoint_id=action.checkpoint_id, reason=action.reason.value)
+                if CheckpointFailureTolerance.counts(action.reason):  # as stats()' checkpoints_failed counts
+                    self._telemetry.failed()
+                if action.reason is not CheckpointFailureReason.SUBSUMED:  # a newer one completed: no failure
+                    self._record("checkpoint_failed", checkpoint_id=action.checkpoint_id, reason=action.reason.value)
                 for subtask in self._subtasks:
                     subtask.abort_checkpoint.remote(action.checkpoint_id)
                 waiter = self._waiters.pop(action.checkpoint_id, None)

@@ -63,6 +63,7 @@ from onceflow.runtime.channel import (
     CHANNEL_STATE,
     END_OF_TIME,
     INPUT_WATERMARKS,
+    NO_WATERMARK,
     ChannelMessage,
     channel_state_table,
     input_channel_names,
@@ -113,6 +114,9 @@ follows the measured rate, :class:`~onceflow.runtime.input_gate.PieceSize`): a s
 
 _ABORT_WAIT_S = 5.0
 """How long an abort waits for a sink write in progress (the job waits 10 s for every abort)."""
+
+_PUBLISH_S = 1.0
+"""How often a subtask hands its counters and watermark to the metrics exporter."""
 
 
 class Subtask:
@@ -219,6 +223,7 @@ class Subtask:
             self._all_gates.append(gate)
         self._connected.set()
         self._spawn(self._linger_loop())
+        self._spawn(self._publish_loop())
         return self._label
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -226,17 +231,19 @@ class Subtask:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _publish_loop(self) -> None:
+        """Every second, hand the counters and the watermark to the metrics exporter (a sink's subtask too)."""
+        while self._failure is None:
+            await asyncio.sleep(_PUBLISH_S)
+            self._telemetry.publish(self._chain.records_in, self._chain.records_out,
+                                    sum(g.backpressure_s for g in self._all_gates), self._current_watermark())
+
     async def _linger_loop(self) -> None:
         if not self._all_gates:
             return
         period = max(self._options.linger_s / 2, 0.001)
-        published = time.monotonic()
         while self._failure is None:
             await asyncio.sleep(period)
-            if time.monotonic() - published >= 1.0:
-                published = time.monotonic()
-                self._telemetry.publish(self._chain.records_in, self._chain.records_out,
-                                        sum(g.backpressure_s for g in self._all_gates))
             async with self._lock:
                 try:
                     await self._tick()
@@ -428,6 +435,10 @@ class Subtask:
     def _input_watermark(self) -> int:
         return END_OF_TIME
 
+    def _current_watermark(self) -> int:
+        """The watermark the exported gauge shows: the input watermark (a source's: the one it emitted)."""
+        return self._input_watermark()
+
     def metrics(self) -> SubtaskCounters:
         """What this subtask counted so far."""
         active = None
@@ -456,6 +467,8 @@ class SourceSubtask(Subtask):
     _reader: SourceReader
     _watermarks: WatermarkGenerator | SplitWatermarkGenerator | None
     """The source's watermark generator, if the source has one (the reader's own when it tracks splits)."""
+    _emitted_watermark: int
+    """The last watermark the source sent downstream (``NO_WATERMARK`` before the first)."""
 
     def _restore_input(self, restored: dict[str, list[pa.Table]]) -> None:
         node = self._vertex.nodes[0]
@@ -469,6 +482,7 @@ class SourceSubtask(Subtask):
             self._watermarks = node.watermark.build(node.name, max_event_time)
         self._stop_requested = False
         self._last_barrier = 0
+        self._emitted_watermark = NO_WATERMARK
 
     def _max_event_time(self) -> int | None:
         return self._watermarks.max_event_time if self._watermarks is not None else None
@@ -530,6 +544,13 @@ class SourceSubtask(Subtask):
                 watermark = self._watermarks.on_batch(batch)
             if watermark is not None:
                 await self._advance_watermark(watermark)
+
+    async def _advance_watermark(self, watermark: int) -> None:
+        await super()._advance_watermark(watermark)
+        self._emitted_watermark = watermark
+
+    def _current_watermark(self) -> int:
+        return self._emitted_watermark
 
     def stop(self) -> None:
         """End the input now (a graceful, draining stop)."""
