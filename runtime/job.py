@@ -290,7 +290,7 @@ class JobHandle:
         self._started = self._created
         self._events_log = JobEvents(self.job, self.run_id, self._storage)
         self._observer = Observer(self.job, self.run_id, self._executor, self._sample, self._on_remote_request,
-                                  self._events_log)
+                                  self._events_log, self._deployed.is_set)
         self._thread = threading.Thread(target=self._drive, daemon=True, name=f"onceflow-supervisor-{self.job}")
         self._thread.start()
         self._wait_deployed()

@@ -109,17 +109,21 @@ class Observer:
             carries only newer ones); must not raise.
         on_request: called with ``"stop"`` or ``"cancel"`` when another process asks for it.
         events: the job's event log, where checkpoint outcomes go.
+        deployed: whether the job's first attempt runs: the monitor starts then, so that its
+            process does not compete with the subtasks' for the cores while they start.
         period_s: how often to sample.
     """
 
     def __init__(self, job: str, run: str, executor: Executor, sample: Callable[[int], dict[str, Any]],
-                 on_request: Callable[[str], None], events: JobEvents, period_s: float = 0.5) -> None:
+                 on_request: Callable[[str], None], events: JobEvents, deployed: Callable[[], bool],
+                 period_s: float = 0.5) -> None:
         self._job = job
         self._run = run
         self._executor = executor
         self._sample = sample
         self._on_request = on_request
         self._events = events
+        self._deployed = deployed
         self._period_s = period_s
         self._rates: collections.deque[tuple[float, int]] = collections.deque()
         self._outcome_seq = 0
@@ -127,9 +131,9 @@ class Observer:
         self.latest: dict[str, Any] = {"job": job, "run": run, "status": "STARTING"}
         self.monitor: Any = None
         self._request: Any = None
+        self._first_publish: Any = None  # answered once the monitor's process runs
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one sample at a time: the thread's, or the final one
-        self._start_monitor()
         self._thread = threading.Thread(target=self._run_loop, daemon=True, name=f"onceflow-observer-{job}")
         self._thread.start()
 
@@ -139,6 +143,7 @@ class Observer:
                                                  {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 100},
                                                  self._job, self._run)
             self._request = self.monitor.next_request.remote()
+            self._first_publish = self.monitor.publish.remote(self.latest)
         except Exception as error:  # noqa: BLE001 - the job runs on without being watchable from elsewhere
             log.warning("job %s: could not start its monitor actor (onceflow jobs/watch/stop will not find it): %s",
                         self._job, error)
@@ -186,7 +191,7 @@ class Observer:
 
     def _relay_requests(self) -> None:
         if self._request is None:
-            if self.monitor is None:
+            if self.monitor is None and self._deployed():
                 self._start_monitor()
             return
         ready, _ = self._executor.wait([self._request], num_returns=1, timeout=0)
@@ -210,10 +215,14 @@ class Observer:
         with self._lock:
             if final is not None:
                 self.latest = final
-                if self.monitor is not None:
+                if self.monitor is not None and self._answered():  # else nobody can be watching yet
                     with contextlib.suppress(Exception):
                         self._executor.get(self.monitor.publish.remote(final), timeout=2.0)
         return self.monitor
+
+    def _answered(self) -> bool:
+        ready, _ = self._executor.wait([self._first_publish], num_returns=1, timeout=0)
+        return bool(ready)
 
 
 def list_monitors() -> list[str]:

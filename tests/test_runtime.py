@@ -59,7 +59,9 @@ def test_named_actors_exist_while_the_job_runs() -> None:
             return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                     if a["namespace"] == "onceflow" and a["name"].startswith("named/")}
 
-        assert listed() == expected | {"named/monitor"}  # the subtasks, and the job's monitor (onceflow jobs)
+        assert listed() - {"named/monitor"} == expected
+        # Once the job runs, its monitor joins them (for onceflow jobs/watch).
+        wait_until(lambda: listed() == expected | {"named/monitor"}, timeout_s=30, what="the job's monitor")
         wait_until(lambda: handle.metrics()["events_in"] > 2_000, what="events to flow")
         assert handle.status() is of.JobStatus.RUNNING
         result = handle.stop()
