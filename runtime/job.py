@@ -576,6 +576,7 @@ class JobHandle:
             "job": self.job,
             "run": self.run_id,
             "status": metrics["status"],
+            "phase": self._supervisor.phase.value,
             "attempt": metrics["attempt"],
             "cause": metrics["cause"],
             "started_at": self._created_at,
@@ -1012,9 +1013,11 @@ class JobHandle:
         finished = time.monotonic()
         per_actor = self._final_counts or self._attempt_counters()
         processed = max((e.active_s or 0.0 for e in per_actor), default=0.0)
-        counters = self._sum(per_actor)
-        counters.add(self._known.earlier)
+        self._known.update(self._attempt.number, per_actor)
+        counters, _ = self._known.totals()
         metrics = counters.as_dict()
+        for operator in metrics["operators"].values():
+            operator.pop("age_s", None)
         duration = finished - self._started
         metrics.update(checkpoints_completed=0, restarts=self._supervisor.restarts, restored_from=self.restored_from,
                        duration_s=duration, processing_s=processed, startup_s=self.startup_s,

@@ -47,15 +47,23 @@ REQUESTS = ("stop", "cancel")
 _RATE_WINDOW_S = 5.0
 """Events/s while running are averaged over this many recent seconds."""
 
+_WATCHED_S = 3.0
+"""A monitor asked for the view this recently has a watcher that should see the final view."""
+
+_FINAL_HOLD_S = 1.5
+"""The longest a watched monitor holds the final view for a watcher to fetch it."""
+
 
 class JobMonitor:
     """The ``<job>/monitor`` actor: the job's newest view for other processes, and their requests to it."""
 
-    def __init__(self, job: str, run: str) -> None:
-        """Serve the view of run ``run`` of ``job`` (a placeholder until the first one is published)."""
-        self._view: dict[str, Any] = {"job": job, "run": run, "status": "STARTING", "version": 0}
+    def __init__(self, view: dict[str, Any]) -> None:
+        """Serve a job's ``view``, and the newer ones published after it."""
+        self._view: dict[str, Any] = {**view, "version": 0}
         self._changed: asyncio.Event | None = None
         self._requests: asyncio.Queue[str] | None = None
+        self._watched_at = float("-inf")  # when another process last asked for the view
+        self._final_fetched: asyncio.Event | None = None
 
     def _queue(self) -> asyncio.Queue[str]:
         if self._requests is None:  # created on the actor's event loop
@@ -67,19 +75,36 @@ class JobMonitor:
             self._changed = asyncio.Event()
         return self._changed
 
-    async def publish(self, view: dict[str, Any]) -> None:
-        """Take ``view`` as the job's newest (the observer calls this)."""
+    async def publish(self, view: dict[str, Any], final: bool = False) -> None:
+        """Take ``view`` as the job's newest (the observer calls this).
+
+        The ``final`` view of an ended job is held until a watcher fetched it,
+        at most :data:`_FINAL_HOLD_S`, when one watched in the last
+        :data:`_WATCHED_S` (the job removes this actor once the call returns).
+        """
         self._view = {**view, "version": self._view["version"] + 1}
+        if final:
+            self._final_fetched = asyncio.Event()
         changed = self._event()
         changed.set()
         self._changed = asyncio.Event()
+        if final and time.monotonic() - self._watched_at < _WATCHED_S:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._final_fetched.wait(), _FINAL_HOLD_S)  # type: ignore[union-attr]
 
     async def view(self, newer_than: int = -1, timeout_s: float = 0.0) -> dict[str, Any]:
         """The newest view; waits up to ``timeout_s`` for one newer than version ``newer_than``."""
+        self._watched_at = time.monotonic()
         if self._view["version"] <= newer_than and timeout_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._event().wait(), timeout_s)
+        if self._final_fetched is not None:
+            self._final_fetched.set()
         return self._view
+
+    async def ready(self) -> bool:
+        """Answer once the actor runs (the observer's probe: it is not a watcher)."""
+        return True
 
     async def request(self, kind: str) -> str:
         """Ask the job to ``stop`` (drain and commit) or ``cancel``; returns at once, the job acts on it soon.
@@ -131,7 +156,7 @@ class Observer:
         self.latest: dict[str, Any] = {"job": job, "run": run, "status": "STARTING"}
         self.monitor: Any = None
         self._request: Any = None
-        self._first_publish: Any = None  # answered once the monitor's process runs
+        self._first_publish: Any = None  # a call answered once the monitor's process runs
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one sample at a time: the thread's, or the final one
         self._thread = threading.Thread(target=self._run_loop, daemon=True, name=f"onceflow-observer-{job}")
@@ -141,9 +166,9 @@ class Observer:
         try:
             self.monitor = self._executor.create(JobMonitor, f"{self._job}/{MONITOR}",
                                                  {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 100},
-                                                 self._job, self._run)
+                                                 self.latest)
             self._request = self.monitor.next_request.remote()
-            self._first_publish = self.monitor.publish.remote(self.latest)
+            self._first_publish = self.monitor.ready.remote()
         except Exception as error:  # noqa: BLE001 - the job runs on without being watchable from elsewhere
             log.warning("job %s: could not start its monitor actor (onceflow jobs/watch/stop will not find it): %s",
                         self._job, error)
@@ -217,7 +242,7 @@ class Observer:
                 self.latest = final
                 if self.monitor is not None and self._answered():  # else nobody can be watching yet
                     with contextlib.suppress(Exception):
-                        self._executor.get(self.monitor.publish.remote(final), timeout=2.0)
+                        self._executor.get(self.monitor.publish.remote(final, final=True), timeout=_FINAL_HOLD_S + 1)
         return self.monitor
 
     def _answered(self) -> bool:

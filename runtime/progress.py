@@ -98,7 +98,9 @@ def render_view(view: dict[str, Any]) -> Group:
     from rich.table import Table
 
     status = view.get("status", "STARTING")
-    title = (f"onceflow job {view.get('job')!r}  [{_STATUS_STYLE.get(status, 'white')}]{status}[/]"
+    phase = view.get("phase", "")
+    detail = f" ({phase})" if status in ("RUNNING", "RESTARTING") and phase not in ("", "running") else ""
+    title = (f"onceflow job {view.get('job')!r}  [{_STATUS_STYLE.get(status, 'white')}]{status}[/]{detail}"
              f"  attempt {view.get('attempt', 1)}  ({view.get('uptime_s', 0.0):.1f} s)")
     summary = Table(title=title, show_header=False, min_width=60)
     summary.add_column("figure", style="cyan")
@@ -110,7 +112,10 @@ def render_view(view: dict[str, Any]) -> Group:
     label = "events/s (average)" if view.get("ended") else "events/s (last 5 s)"
     summary.add_row(label, f"{view.get('events_per_s', 0.0):,.0f}")
     watermark = view.get("watermark")
-    summary.add_row("watermark", "-" if watermark is None else f"{watermark:,}")
+    if watermark is None and status == "FINISHED":
+        summary.add_row("watermark", "end of input (every window fired)")
+    else:
+        summary.add_row("watermark", "-" if watermark is None else f"{watermark:,}")
     lag = watermark_lag(view)
     summary.add_row("watermark lag", "-" if lag is None else f"{lag[0]:,.3f} s behind the {lag[1]}")
     if view.get("late_events"):
@@ -149,7 +154,7 @@ def render_view(view: dict[str, Any]) -> Group:
         parts.append(table)
     operators = view.get("operators") or {}
     if operators:
-        table = Table(title="operators", min_width=60)
+        table = Table(title=f"operators (attempt {view.get('attempt', 1)})", min_width=60)
         for column in ("operator", "task", "records in", "records out", "backpressure", "state", "alignment",
                        "figures age"):
             table.add_column(column, justify="left" if column in ("operator", "task") else "right")

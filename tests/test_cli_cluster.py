@@ -85,11 +85,12 @@ class Terminal:
         os.close(slave)
         self._master = master
         self.log = log
+        log.write_bytes(b"")
         self._thread = threading.Thread(target=self._copy, daemon=True)
         self._thread.start()
 
     def _copy(self) -> None:
-        with self.log.open("wb") as out:
+        with self.log.open("ab") as out:
             while True:
                 try:
                     data = os.read(self._master, 65536)
