@@ -184,8 +184,9 @@ class Observer:
     def tick(self) -> dict[str, Any]:
         """Sample the view, record checkpoint outcomes, publish, relay a request; return the view."""
         with self._lock:
-            view = self._sample(self._outcome_seq)
-            self._record_outcomes(view)
+            since = self._outcome_seq
+            view = self._sample(since)
+            self._record_outcomes(view, since)
             now = time.monotonic()
             self._rates.append((now, int(view.get("events_in", 0))))
             while len(self._rates) > 2 and now - self._rates[1][0] >= _RATE_WINDOW_S:
@@ -199,12 +200,14 @@ class Observer:
                 self._relay_requests()
             return view
 
-    def _record_outcomes(self, view: dict[str, Any]) -> None:
+    def _record_outcomes(self, view: dict[str, Any], since: int) -> None:
         checkpoints = view.get("checkpoints") or {}
         source = checkpoints.get("coordinator")
         if source != self._outcome_source:  # a new coordinator numbers its outcomes from 1 again
             self._outcome_source, self._outcome_seq = source, 0
-            return
+            if since:  # asked for those after the old coordinator's number: ask the new one for all
+                checkpoints.pop("outcomes", None)
+                return
         for outcome in checkpoints.pop("outcomes", []):
             self._outcome_seq = max(self._outcome_seq, int(outcome["seq"]))
             fields = {k: v for k, v in outcome.items() if k not in ("seq", "event")}

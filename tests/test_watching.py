@@ -12,6 +12,7 @@ import ray
 
 import onceflow as of
 from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.runtime.monitor import find_monitor
 from onceflow.testing.workload import feature_events
 from tests.helpers import wait_until
 
@@ -76,6 +77,12 @@ def test_metrics_and_status_never_raise_through_kills_of_every_kind_of_actor(tmp
             wait_until(lambda n=number: handle.attempt > n, timeout_s=60, what=f"the restart after {victim}")
             wait_until(lambda: len(poller.seen) > seen_before + 20, timeout_s=30, what="the poller to go on")
         wait_until(lambda: handle.status() is of.JobStatus.RUNNING, timeout_s=60, what="the job to run again")
+        # The monitor only watches: killing it restarts nothing, and the driver starts another.
+        monitor = wait_until(lambda: find_monitor("watched"), timeout_s=30, what="the job's monitor")
+        kill("watched/monitor")
+        wait_until(lambda: (m := find_monitor("watched")) is not None and m._actor_id != monitor._actor_id,
+                   timeout_s=30, what="a new monitor")
+        assert handle.attempt == len(victims) + 1 and handle.status() is of.JobStatus.RUNNING
         result = handle.stop(timeout_s=120)
     finally:
         poller.close()
