@@ -55,6 +55,7 @@ LEASE_NAME = "_lease.json"
 """The job's storage lease, beside its checkpoint directories (see :mod:`onceflow.checkpoint.lease`)."""
 HISTORY_NAME = "checkpoint-history.jsonl"
 EVENTS_NAME = "events.jsonl"
+SAVEPOINTS_NAME = "savepoints.jsonl"
 MANIFEST_FORMAT = 2
 """The manifest's format: 2 adds ``"_integrity"`` (format and CRC-32) and each state file's ``"crc32"``."""
 _INTEGRITY = "_integrity"
@@ -292,6 +293,67 @@ class CheckpointStorage:
             msg = (f"cannot read checkpoint state file {path!r}: {error}; the file is damaged or not an arrow ipc "
                    "file: restore from an older checkpoint")
             raise CheckpointStorageError(msg, path=path) from error
+
+    def read_bytes(self, handle: StateHandle) -> pa.Buffer:
+        """A state file's bytes, checked against ``handle`` (its size, and its CRC-32 where recorded).
+
+        Raises:
+            CheckpointStorageError: the file is missing, damaged or unreadable.
+        """
+        try:
+            data = self._read_bytes(handle.path)
+        except FileNotFoundError as error:
+            msg = f"checkpoint state file {handle.path!r} does not exist; the checkpoint was deleted"
+            raise CheckpointStorageError(msg, path=handle.path) from error
+        except OSError as error:
+            msg = f"cannot read checkpoint state file {handle.path!r}: {error}; check that the storage is reachable"
+            raise CheckpointStorageError(msg, path=handle.path) from error
+        problem = _mismatch(handle, data)
+        if problem:
+            msg = f"checkpoint state file {handle.path!r} is damaged: {problem}"
+            raise CheckpointStorageError(msg, path=handle.path)
+        return data
+
+    def write_bytes(self, checkpoint_id: int, name: str, data: pa.Buffer | bytes,
+                    expected: StateHandle | None = None) -> StateHandle:
+        """Write a state file's bytes as ``<checkpoint directory>/<name>`` (a copy, as a savepoint's import makes).
+
+        Args:
+            checkpoint_id: the checkpoint the file belongs to.
+            name: the file name.
+            data: the Arrow IPC file's bytes.
+            expected: the handle the bytes came with: they are checked against it first.
+
+        Raises:
+            CheckpointStorageError: the bytes do not match ``expected``, or cannot be written.
+        """
+        directory = self.checkpoint_path(checkpoint_id)
+        path = f"{directory}/{_file_part(name, 'file')}"
+        buffer = data if isinstance(data, pa.Buffer) else pa.py_buffer(data)
+        if expected is not None:
+            problem = _mismatch(expected, buffer)
+            if problem:
+                msg = f"state file {expected.path!r} is damaged: {problem}; it was not copied"
+                raise CheckpointStorageError(msg, path=expected.path)
+        try:
+            self._fs.create_dir(directory, recursive=True)
+            with self._fs.open_output_stream(path) as sink:
+                sink.write(buffer)
+            if self._local:
+                _fsync_path(path)
+        except OSError as error:
+            msg = f"cannot write checkpoint state file {path!r}: {error}; check that the checkpoint storage is writable"
+            raise CheckpointStorageError(msg, path=path) from error
+        rows = expected.rows if expected is not None else -1
+        return StateHandle(path=path, bytes=buffer.size, rows=rows, crc32=zlib.crc32(buffer))
+
+    def record_savepoint(self, entry: dict[str, Any]) -> None:
+        """Note a savepoint taken of this job (``<root>/savepoints.jsonl``), for ``onceflow checkpoints list``."""
+        self._append_line(SAVEPOINTS_NAME, entry, "savepoint list")
+
+    def savepoints(self) -> list[dict[str, Any]]:
+        """The savepoints taken of this job, oldest first (as recorded; a savepoint moved since is still listed)."""
+        return self._read_lines(SAVEPOINTS_NAME, "savepoint list")
 
     def _read_bytes(self, path: str) -> pa.Buffer:
         with self._fs.open_input_file(path) as source:

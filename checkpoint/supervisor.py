@@ -211,7 +211,14 @@ class StopRequested:
 
 @dataclass(frozen=True, slots=True)
 class CancelRequested:
-    """The user asked the job to end at once."""
+    """The user asked the job to end at once.
+
+    ``after_savepoint``: the job stops after a savepoint (Flink's stop with a
+    savepoint): the end is the same as a cancel's (the newest completed
+    checkpoint, the savepoint, is what the sinks keep), but the job *finished*.
+    """
+
+    after_savepoint: bool = False
 
 
 SupervisorEvent = (
@@ -363,7 +370,7 @@ class JobSupervisor:
         if isinstance(event, StopRequested):
             return self._on_stop()
         if isinstance(event, CancelRequested):
-            return self._on_cancel()
+            return self._on_cancel(event)
         if event.attempt != self.attempt:
             return []  # stale: about an attempt that was already fenced
         if isinstance(event, Failed):
@@ -401,10 +408,11 @@ class JobSupervisor:
         # A running attempt stops now; one that deploys later stops as soon as it runs.
         return [StopSources(self.attempt)] if self.phase is JobPhase.RUNNING and not already else []
 
-    def _on_cancel(self) -> list[SupervisorAction]:
+    def _on_cancel(self, event: CancelRequested) -> list[SupervisorAction]:
         if self._ending is not None:
             return []  # the job is already ending (failed, or cancelled before): that end stands
-        self._ending = Finish(JobEnd.CANCELLED, reason="cancelled")
+        self._ending = (Finish(JobEnd.FINISHED, reason="stopped with a savepoint") if event.after_savepoint
+                        else Finish(JobEnd.CANCELLED, reason="cancelled"))
         if self.phase in (JobPhase.DEPLOYING, JobPhase.RUNNING, JobPhase.FINISHING):
             self.phase = JobPhase.FENCING
             return [FenceAttempt(self.attempt)]
@@ -448,7 +456,7 @@ class JobSupervisor:
     def _resolve_for_end(self) -> list[SupervisorAction]:
         assert self._ending is not None
         self.phase = JobPhase.ENDING
-        end = SinkEnd.CANCEL if self._ending.end is JobEnd.CANCELLED else SinkEnd.FAIL
+        end = SinkEnd.FAIL if self._ending.end is JobEnd.FAILED else SinkEnd.CANCEL
         return [ResolveSinks(self.latest_checkpoint, end)]
 
     def _on_sinks_resolved(self) -> list[SupervisorAction]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import statistics
 import time
@@ -40,6 +41,7 @@ from onceflow.checkpoint.coordinator import (
 )
 from onceflow.checkpoint.failure_tolerance import CheckpointFailureReason, CheckpointFailureTolerance
 from onceflow.checkpoint.lease import may_complete, taken
+from onceflow.checkpoint.savepoint import write_savepoint
 from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError
 from onceflow.errors import CheckpointError
 from onceflow.runtime.deployment import RestoredState
@@ -144,6 +146,8 @@ class CoordinatorActor:
         self._persisting: set[asyncio.Task[None]] = set()
         self._lost_to: str | None = None  # the run that took the storage over from this one
         self._telemetry = CheckpointMetrics(job)
+        self._pinned: set[int] = set()  # checkpoints being copied into savepoints
+        self._unpinned_discards: set[int] = set()  # pinned checkpoints retention deleted meanwhile
         self._outcomes: collections.deque[dict[str, Any]] = collections.deque(maxlen=_OUTCOMES_KEPT)
         self._outcome_seq = 0
 
@@ -260,7 +264,10 @@ class CoordinatorActor:
                         reason=action.reason.value))
             elif isinstance(action, DiscardCheckpoint):
                 self._cache.pop(action.checkpoint_id, None)
-                await asyncio.to_thread(self._discard, action.checkpoint_id)
+                if action.checkpoint_id in self._pinned:  # being copied into a savepoint: deleted after
+                    self._unpinned_discards.add(action.checkpoint_id)
+                else:
+                    await asyncio.to_thread(self._discard, action.checkpoint_id)
             elif isinstance(action, FailJob):
                 self._fatal.setdefault(self._attempt, action.reason)
 
@@ -385,6 +392,58 @@ class CoordinatorActor:
         self._waiters[checkpoint_id] = waiter
         await self._execute(actions)
         return await waiter
+
+    async def savepoint(self, target: str | None = None, stop: bool = False) -> dict[str, Any]:
+        """Take a checkpoint now, wait until it completed and its transactions committed, copy it into a savepoint.
+
+        Args:
+            target: the savepoint's directory (see :func:`~onceflow.checkpoint.savepoint.write_savepoint`).
+            stop: the job stops after it: no periodic checkpoint is triggered after this one, so it
+                stays the newest completed checkpoint (what the sinks keep when the job then ends).
+
+        Returns:
+            ``{"path": ..., "checkpoint_id": ...}``.
+
+        Raises:
+            CheckpointError: no attempt is running, or the checkpoint was aborted (a failure, a fence).
+        """
+        attempt = self._attempt
+        if not attempt:
+            msg = f"job {self._job!r} is not running (it is restarting or ending); take the savepoint once it runs"
+            raise CheckpointError(msg, reason="not running")
+        while True:
+            if self._attempt != attempt:
+                msg = f"job {self._job!r}: attempt {attempt} was fenced before its savepoint was triggered"
+                raise CheckpointError(msg, reason="fenced")
+            actions = self._core.trigger_now()
+            if actions:
+                break
+            await asyncio.sleep(0.01)
+        checkpoint_id = actions[0].checkpoint_id  # type: ignore[union-attr]
+        self._pinned.add(checkpoint_id)  # retention keeps it until it is copied
+        if stop:
+            self._core.paused = True
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters[checkpoint_id] = waiter
+        try:
+            await self._execute(actions)
+            await waiter
+            path = await asyncio.to_thread(write_savepoint, self._storage, checkpoint_id, target)
+            entry = {"path": path, "checkpoint_id": checkpoint_id, "run": self._run_id, "at": time.time()}
+            with contextlib.suppress(Exception):  # the list is informational
+                await asyncio.to_thread(self._storage.record_savepoint, entry)
+        except BaseException:
+            if stop:
+                self._core.paused = False
+            raise
+        finally:
+            self._pinned.discard(checkpoint_id)
+            if checkpoint_id in self._unpinned_discards:
+                self._unpinned_discards.discard(checkpoint_id)
+                await asyncio.to_thread(self._discard, checkpoint_id)
+        self._record("savepoint", checkpoint_id=checkpoint_id, path=path)
+        log.info("job %s: savepoint of checkpoint %d written to %s", self._job, checkpoint_id, path)
+        return {"path": path, "checkpoint_id": checkpoint_id}
 
     async def watch(self, attempt: int) -> None:
         """Raise once checkpoints of ``attempt`` failed too often for it to go on; return once it is fenced."""

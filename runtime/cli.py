@@ -5,6 +5,7 @@ onceflow jobs [--address A]                the onceflow jobs running on a Ray cl
 onceflow watch JOB [--address A]           the live view of a job running on the cluster
 onceflow stop JOB [--address A]            drain the job, take its final checkpoint, commit and end it
 onceflow cancel JOB [--address A]          end the job at once (its sinks keep the last checkpoint's output)
+onceflow savepoint JOB [--path P]          take a savepoint of a running job (through its coordinator actor)
 onceflow checkpoints list STORAGE          checkpoints of every job under STORAGE
 onceflow checkpoints show STORAGE JOB [ID] one checkpoint, per subtask
 onceflow checkpoints verify STORAGE [JOB]  check every checkpoint's files against its manifest
@@ -196,6 +197,35 @@ def cancel(job: str, address: str | None, timeout_s: float) -> None:
     _ask(job, "cancel", address, timeout_s)
 
 
+@main.command()
+@click.argument("job")
+@click.option("--path", default=None, help="the savepoint's directory or pyarrow.fs URI (default: under the "
+              "job's checkpoint storage)")
+@_ADDRESS
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="seconds to wait for it")
+def savepoint(job: str, path: str | None, address: str | None, timeout_s: float) -> None:
+    """Take a savepoint of JOB, running on the cluster; print where it is (the job goes on)."""
+    import ray
+
+    from onceflow.runtime.ray_env import NAMESPACE
+
+    _connect(address)
+    try:
+        coordinator = ray.get_actor(f"{job}/coordinator", namespace=NAMESPACE)
+    except ValueError:
+        _monitor(job)  # names the running jobs if there is no such job
+        msg = f"job {job!r} takes no checkpoints (it has no coordinator), so it has no savepoints"
+        raise click.ClickException(msg) from None
+    try:
+        taken: dict[str, Any] = ray.get(coordinator.savepoint.remote(path, False), timeout=timeout_s)  # type: ignore[assignment]
+    except Exception as error:  # noqa: BLE001 - said to the user, who may try again
+        cause = getattr(error, "cause", None) or error
+        msg = f"the savepoint of job {job!r} failed: {cause}"
+        raise click.ClickException(msg) from None
+    _console().print(f"savepoint of checkpoint {taken['checkpoint_id']} of job {job!r}: {taken['path']}",
+                     markup=False, soft_wrap=True)
+
+
 @main.group()
 def checkpoints() -> None:
     """Inspect the checkpoints in a storage directory or pyarrow.fs URI."""
@@ -242,6 +272,9 @@ def list_checkpoints(storage: str) -> None:
                           f"{h['duration_s']:.3f} s", f"{h['alignment_s']:.3f} s", f"{h['sync_s']:.3f} s",
                           f"{h['async_s']:.3f} s", _size(h["state_bytes"]), _size(h.get("channel_state_bytes", 0)))
         _console().print(table)
+        for entry in store.savepoints():
+            _console().print(f"  savepoint of checkpoint {entry['checkpoint_id']}: {entry['path']}", markup=False,
+                             soft_wrap=True)
 
 
 @checkpoints.command("show")

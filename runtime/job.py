@@ -41,10 +41,11 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 
 from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.lease import may_take, taken
+from onceflow.checkpoint.savepoint import import_savepoint, read_savepoint
 from onceflow.checkpoint.state import read_sink_state
 from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError, StateHandle
 from onceflow.checkpoint.supervisor import (
@@ -236,7 +237,8 @@ class JobHandle:
     def __init__(self, flow: Dataflow, plan_: PhysicalPlan, options: RuntimeOptions,
                  checkpoint: CheckpointConfig | None, restart: RestartStrategy,
                  actor_options: dict[str, Any], resume: bool = False,
-                 allow_non_restored_state: bool = False, executor: Executor | None = None) -> None:
+                 allow_non_restored_state: bool = False, executor: Executor | None = None,
+                 from_savepoint: str | None = None) -> None:
         self.job = flow.name
         self._executor: Executor = executor or RayExecutor()
         self.run_id = uuid.uuid4().hex[:12]
@@ -279,7 +281,8 @@ class JobHandle:
         if self._storage is not None:
             self._take_lease()
         try:
-            self._restore = self._starting_point(resume)
+            self._restore = (self._import_savepoint(from_savepoint) if from_savepoint is not None
+                             else self._starting_point(resume))
         except BaseException:
             if self._storage is not None:
                 self._storage.release_lease(self.run_id)
@@ -367,6 +370,15 @@ class JobHandle:
                         "restored, and sink transactions it kept uncommitted are aborted; pass resume=True to "
                         "continue from it", self.job, newest, self._storage.uri)
         return None
+
+    def _import_savepoint(self, location: str) -> int:
+        """Copy the savepoint at ``location`` into the job's storage as a checkpoint of this run; its id."""
+        assert self._storage is not None
+        savepoint = read_savepoint(location)
+        checkpoint_id = import_savepoint(savepoint, self._storage, self.run_id)
+        log.info("job %s: starting from savepoint %s (checkpoint %d of job %r), imported as checkpoint %d",
+                 self.job, savepoint.uri, savepoint.checkpoint_id, savepoint.meta.get("job"), checkpoint_id)
+        return checkpoint_id
 
     def _verified_resume_point(self) -> int | None:
         """The newest checkpoint whose manifest and files verify; older only when that commits nothing twice.
@@ -607,13 +619,73 @@ class JobHandle:
 
     # -- control ------------------------------------------------------------------------
 
-    def stop(self, timeout_s: float | None = None) -> JobResult:
-        """End the input of every source, let the job drain and commit, and return its result.
+    @overload
+    def stop(self, timeout_s: float | None = None, *, savepoint: Literal[False] = False) -> JobResult: ...
 
-        The stop holds across restarts: an attempt that deploys after it ends its input at once.
+    @overload
+    def stop(self, timeout_s: float | None = None, *, savepoint: Literal[True], path: str | None = None) -> str: ...
+
+    def stop(self, timeout_s: float | None = None, *, savepoint: bool = False,
+             path: str | None = None) -> JobResult | str:
+        """End the job gracefully; return its result, or with ``savepoint=True`` the savepoint's location.
+
+        Without a savepoint, every source ends its input, the job drains (every
+        window fires), takes a final checkpoint and commits it. The stop holds
+        across restarts: an attempt that deploys after it ends its input at once.
+
+        With ``savepoint=True`` (Flink's stop with a savepoint), the job takes
+        a savepoint (into ``path``, by default under the checkpoint storage),
+        waits until its transactions committed, and then ends without
+        committing anything past it: windows that have not fired stay in the
+        savepoint, and a run started ``from_savepoint`` goes on from there, at
+        any parallelism. The job ends FINISHED; :meth:`wait` gives its result.
+
+        Raises:
+            JobFailedError: the job failed or was cancelled instead.
+            CheckpointError: the savepoint could not be taken (the job goes on; try again).
+            PlanError: ``savepoint=True`` on a job without checkpoints.
         """
-        self._request("stop", "handle")
-        return self.wait(timeout_s)
+        if not savepoint:
+            self._request("stop", "handle")
+            return self.wait(timeout_s)
+        location = self.savepoint(path, timeout_s=timeout_s, then_stop=True)
+        self._request("stop_after_savepoint", "handle")
+        self.wait(timeout_s)
+        return location
+
+    def savepoint(self, path: str | None = None, timeout_s: float | None = None, *, then_stop: bool = False) -> str:
+        """Take a savepoint of the running job now; return its location (the job goes on).
+
+        A savepoint is a checkpoint the user owns (never deleted by
+        retention), copied into ``path`` (a directory or ``pyarrow.fs`` URI;
+        by default ``<storage>/<job>/savepoints/savepoint-<id>-<random>``), that
+        ``of.run(flow, from_savepoint=...)`` restores at any parallelism. It is
+        returned once the checkpoint completed, its sink transactions
+        committed, and its files were copied.
+
+        Raises:
+            PlanError: the job has no checkpoints.
+            CheckpointError: the job is not running (restarting, ending) or the checkpoint failed.
+            TimeoutError: ``timeout_s`` passed first.
+        """
+        if self._checkpoint is None:
+            msg = f"job {self.job!r} takes no checkpoints, so it has no savepoints; run it with checkpoint=..."
+            raise PlanError(msg)
+        coordinator = self._coordinator
+        if coordinator is None or self.status() is not JobStatus.RUNNING:
+            msg = f"job {self.job!r} is {self.status().value.lower()}; take the savepoint once it runs"
+            raise CheckpointError(msg, reason="not running")
+        try:
+            taken_ = self._executor.get(coordinator.savepoint.remote(path, then_stop), timeout=timeout_s)
+        except (CheckpointError, TimeoutError):
+            raise
+        except Exception as error:
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, OnceflowError):
+                raise cause from None
+            msg = f"job {self.job!r}: the savepoint failed: {error}"
+            raise CheckpointError(msg, reason="failed") from error
+        return str(taken_["path"])
 
     def cancel(self) -> None:
         """End the job at once, whatever phase it is in.
@@ -629,10 +701,14 @@ class JobHandle:
         """Hand a stop or cancel to the supervisor (``by``: who asked, for the event log)."""
         if self._done.is_set():
             return
-        if kind == "stop":
+        if kind.startswith("stop"):
             self._stop_requested = True
-        self._events_log.emit(f"{kind}_requested", by=by)
-        self._requests.put(StopRequested() if kind == "stop" else CancelRequested())
+        self._events_log.emit("stop_requested" if kind.startswith("stop") else "cancel_requested", by=by,
+                              **({"after_savepoint": True} if kind == "stop_after_savepoint" else {}))
+        if kind == "stop":
+            self._requests.put(StopRequested())
+        else:
+            self._requests.put(CancelRequested(after_savepoint=kind == "stop_after_savepoint"))
 
     def _on_remote_request(self, kind: str) -> None:
         self._request(kind, "monitor")
@@ -1128,7 +1204,8 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
     for sink in sinks:
         sink.prepare()
     return JobHandle(flow, physical, runtime_options, job.checkpoint, job.restart_strategy, job.actor_options or {},
-                     job.resume, job.allow_non_restored_state, executor_named(job.executor))
+                     job.resume, job.allow_non_restored_state, executor_named(job.executor),
+                     from_savepoint=job.from_savepoint)
 
 
 def run(flow: Dataflow, *, options: JobOptions | None = None, timeout_s: float | None = None,

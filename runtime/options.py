@@ -40,6 +40,7 @@ class JobKeywords(TypedDict, total=False):
     chaining: bool
     actor_options: dict[str, Any] | None
     resume: bool
+    from_savepoint: str | None
     allow_non_restored_state: bool
     executor: str
 
@@ -70,6 +71,10 @@ class JobOptions:
             starts from the beginning. A fresh run (``False``) never restores
             another run's state: it starts from the beginning, and its sinks
             abort every transaction an earlier run left uncommitted.
+        from_savepoint: start from the savepoint at this location (what
+            ``handle.savepoint()`` or ``handle.stop(savepoint=True)`` returned),
+            at any parallelism: its state is imported into ``checkpoint.storage``
+            as a checkpoint and restored (needs ``checkpoint``; not with ``resume``).
         allow_non_restored_state: when resuming, drop (with a warning)
             checkpointed state that matches no operator of the dataflow instead
             of refusing to start. State is matched by operator uid: an
@@ -109,6 +114,7 @@ class JobOptions:
     chaining: bool = True
     actor_options: dict[str, Any] | None = None
     resume: bool = False
+    from_savepoint: str | None = None
     allow_non_restored_state: bool = False
     executor: str = "ray"
 
@@ -163,6 +169,19 @@ class JobOptions:
         if self.resume and self.checkpoint is None:
             msg = "resume=True needs checkpoint=CheckpointConfig(...) naming the storage to resume from"
             raise PlanError(msg)
+        if self.from_savepoint is not None:
+            if not isinstance(self.from_savepoint, str) or not self.from_savepoint:
+                msg = (f"from_savepoint must be a savepoint's location, got {self.from_savepoint!r}; pass the path "
+                       "handle.savepoint() returned")
+                raise PlanError(msg)
+            if self.checkpoint is None:
+                msg = ("from_savepoint needs checkpoint=CheckpointConfig(...): the savepoint is restored as a "
+                       "checkpoint of the job, and the job goes on taking checkpoints")
+                raise PlanError(msg)
+            if self.resume:
+                msg = ("pass either resume=True (the newest checkpoint in the storage) or from_savepoint=... "
+                       "(that savepoint), not both")
+                raise PlanError(msg)
 
     @property
     def restart_strategy(self) -> RestartStrategy:

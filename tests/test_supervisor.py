@@ -158,6 +158,18 @@ def test_cancel_in_every_phase_fences_then_commits_what_completed_checkpoints_de
     assert deploying.on_event(Deployed(2)) == []
 
 
+def test_a_stop_after_a_savepoint_ends_as_a_cancel_does_but_finished() -> None:
+    running = started()
+    assert running.on_event(CancelRequested(after_savepoint=True)) == [FenceAttempt(1)]
+    assert running.on_event(Fenced(1, 7)) == [ResolveSinks(7, SinkEnd.CANCEL)]  # the savepoint's output stays
+    assert running.on_event(SinksResolved(1)) == [Finish(JobEnd.FINISHED, reason="stopped with a savepoint",
+                                                         latest_checkpoint=7)]
+    assert running.phase is JobPhase.FINISHED
+    failing = started()
+    failing.on_event(Failed(1, "x", retryable=False))
+    assert failing.on_event(CancelRequested(after_savepoint=True)) == []  # the failure's end stands
+
+
 # -- a model-based property test -------------------------------------------------------------------
 
 
