@@ -23,7 +23,7 @@ from onceflow.testing.workload import feature_events, feature_window_reference
 from tests.helpers import wait_until
 
 FIXTURE = Path(__file__).parent / "data" / "savepoint-format-1"
-"""A savepoint written by format 1 (see :func:`test_regenerate_the_format_1_fixture`), and the output committed before it."""
+"""A savepoint written by format 1 (see `test_regenerate_the_format_1_fixture`) and the output committed before it."""
 
 USERS = 1_000
 
