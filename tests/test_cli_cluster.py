@@ -135,6 +135,10 @@ def test_jobs_watch_and_stop_a_job_driven_from_another_process(tmp_path: Path) -
                    what="the live view to show the operators")
         wait_until(lambda: re.search(r"last checkpoint\s*│\s*\d+ at", watcher.text()), timeout_s=60,
                    what="a completed checkpoint in the view")
+        saved = onceflow("savepoint", "clijob")
+        assert saved.returncode == 0, saved.stdout + saved.stderr
+        savepoint = saved.stdout.strip().rsplit(": ", 1)[1]
+        assert Path(savepoint, "_savepoint.json").exists(), saved.stdout
         ray.kill(ray.get_actor("clijob/window_2/1", namespace="onceflow"), no_restart=True)
         wait_until(lambda: "clijob/window_2/1" in watcher.text() and "RESTARTING" in watcher.text(),
                    timeout_s=60, what="the view to show the restart")
@@ -166,6 +170,7 @@ def test_jobs_watch_and_stop_a_job_driven_from_another_process(tmp_path: Path) -
     windows = list(zip(table["user_id"].to_pylist(), table["window_start"].to_pylist(), strict=True))
     assert len(windows) == len(set(windows)), "a (user, window) was committed twice"
     assert onceflow("jobs").stdout.count("clijob") == 0
+    assert savepoint in onceflow("checkpoints", "list", str(tmp_path / "cp")).stdout
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("clijob/")]
 
 

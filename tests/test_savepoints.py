@@ -127,6 +127,34 @@ def test_stop_with_a_savepoint_then_resume_at_another_parallelism_commits_the_re
     assert events[-1]["event"] == "stopped"
 
 
+@pytest.mark.usefixtures("ray_session")
+def test_on_ray_a_savepoint_through_a_kill_then_stop_with_one_and_rescale_commit_the_reference(tmp_path: Path) -> None:
+    import ray
+
+    total = 120_000
+    first = of.sinks.TestingSink()
+    handle = of.submit(window_flow("sp-ray", total, first, rate=30_000), parallelism=2,
+                       checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path / "cp")),
+                       restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
+    try:
+        wait_until(lambda: handle.metrics()["events_in"] >= 20_000, timeout_s=60, what="the first run to read")
+        early = handle.savepoint()  # the job goes on
+        ray.kill(ray.get_actor("sp-ray/features/1", namespace="onceflow"), no_restart=True)
+        wait_until(lambda: handle.attempt == 2 and handle.status() is of.JobStatus.RUNNING, timeout_s=60,
+                   what="the restart")
+        wait_until(lambda: handle.metrics()["events_in"] >= 50_000, timeout_s=60, what="more input")
+        location = handle.stop(savepoint=True, timeout_s=120)
+    finally:
+        handle.cancel()
+    assert handle.status() is of.JobStatus.FINISHED
+    assert read_savepoint(location).checkpoint_id > read_savepoint(early).checkpoint_id
+    second = of.sinks.TestingSink()
+    of.run(window_flow("sp-ray", total, second), parallelism=3, from_savepoint=location,
+           checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path / "cp")))
+    assert_reference([first.table(), second.table()], total)
+    assert first.pending_ids() == [] and second.pending_ids() == []
+
+
 def test_a_savepoint_of_a_running_job_leaves_it_running_and_is_listed(tmp_path: Path) -> None:
     sink = of.sinks.TestingSink()
     handle = of.submit(window_flow("sp-live", 40_000, sink, rate=40_000), executor="local",
