@@ -10,7 +10,8 @@ event                     fields
 ``checkpoint_failed``     ``checkpoint_id``, ``reason`` (``expired``, ``declined``, ``task failure``, ...)
 ``failure``               ``attempt``, ``actor``, ``node``, ``cause``, ``retryable``, ``traceback``
 ``restart``               ``attempt``, ``restored_from``, ``recovery_s`` (failure seen to attempt running)
-``stop_requested``        ``by`` (``handle`` or ``monitor``: another process)
+``savepoint``             ``checkpoint_id``, ``path``
+``stop_requested``        ``by`` (``handle`` or ``monitor``: another process); ``after_savepoint``
 ``cancel_requested``      ``by``
 ``finished``, ``stopped``  ``events_in``, ``events_out``, ``duration_s``, ``restarts``
 ``failed``, ``cancelled``  ``cause``, ``restarts``, ``latest_checkpoint``

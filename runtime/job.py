@@ -18,7 +18,9 @@ checkpoint, committing) is one failure for the restart strategy. The decisions
 are a :class:`~onceflow.checkpoint.supervisor.JobSupervisor`'s; :class:`JobHandle` only
 carries them out. How a job ends:
 
-- *finished*: the final checkpoint completed and every sink committed it.
+- *finished*: the final checkpoint completed and every sink committed it; or,
+  stopped with a savepoint, the savepoint completed and committed, and the
+  sinks abort everything after it (as a cancel's end).
 - *cancelled*: every actor is killed and confirmed dead; then the sinks commit
   what the newest completed checkpoint decided and abort everything else.
 - *failed* (a failure a restart would repeat, or restarts ran out): every actor
