@@ -102,6 +102,13 @@ class CheckpointConfig:
             job (a resume from another driver or cluster) waits until it has
             lapsed before taking over, and a run that lost it completes no
             more checkpoints (see :mod:`onceflow.checkpoint.lease`).
+        incremental: a checkpoint writes only the state pieces that changed
+            since the newest completed checkpoint; its manifest names the
+            unchanged ones, written by earlier checkpoints, in
+            ``<storage>/<job>/shared/``. A shared piece is deleted when no
+            checkpoint names it any more. Window aggregations keep their state
+            as such pieces (their partial tables); other state is written in full.
+            Needs ``max_concurrent=1``.
 
     Raises:
         PlanError: an option is out of range or ``mode`` is neither ``"aligned"`` nor ``"unaligned"``.
@@ -129,6 +136,7 @@ class CheckpointConfig:
     retain: int = 3
     tolerable_failures: int = 0
     lease_s: float = 10.0
+    incremental: bool = False
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -156,6 +164,13 @@ class CheckpointConfig:
             raise PlanError(msg)
         if self.mode not in ("aligned", "unaligned"):
             msg = f"unknown checkpoint mode {self.mode!r}; use mode='aligned' or mode='unaligned'"
+            raise PlanError(msg)
+        if not isinstance(self.incremental, bool):
+            msg = f"checkpoint incremental must be True or False, got {self.incremental!r}"
+            raise PlanError(msg)
+        if self.incremental and self.max_concurrent != 1:
+            msg = (f"incremental checkpoints name pieces of the newest completed checkpoint, which must stay until the "
+                   f"next one completes: pass max_concurrent=1, not {self.max_concurrent}")
             raise PlanError(msg)
         if self.aligned_timeout_s is not None:
             require_number("checkpoint aligned_timeout_s", self.aligned_timeout_s, positive=False,

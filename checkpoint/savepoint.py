@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError, StateHandle
+from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError, StateHandle, state_handles
 from onceflow.errors import CheckpointError, PlanError
 from onceflow.redaction import redact_uri
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 __all__ = ["SAVEPOINT_FORMAT", "SAVEPOINT_META", "Savepoint", "import_savepoint", "read_savepoint",
            "write_savepoint"]
@@ -79,9 +79,17 @@ class Savepoint:
         """Every state file: (task, operator uid, its handle with the path inside the savepoint's filesystem)."""
         for task, entry in sorted(self.manifest["tasks"].items()):
             for operator, state in sorted(entry["states"].items()):
-                handle = StateHandle.from_manifest(state)
-                yield task, operator, StateHandle(posixpath.join(self.root, handle.path), handle.bytes, handle.rows,
-                                                  handle.crc32)
+                for handle in state_handles(state):
+                    yield task, operator, StateHandle(posixpath.join(self.root, handle.path), handle.bytes,
+                                                      handle.rows, handle.crc32)
+
+
+def _with_paths(state: dict[str, Any], path: Callable[[StateHandle], StateHandle]) -> dict[str, Any]:
+    """A manifest state entry with each file replaced by ``path(handle)`` (the entry's shape kept)."""
+    if "pieces" in state:
+        pieces = [path(h).to_manifest() for h in state_handles(state)]
+        return {**state, "pieces": pieces}
+    return {**state, **path(StateHandle.from_manifest(state)).to_manifest()}
 
 
 def _open(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -124,16 +132,15 @@ def write_savepoint(storage: CheckpointStorage, checkpoint_id: int, target: str 
         msg = f"{redact_uri(location)!r} holds a savepoint already; choose another directory"
         raise PlanError(msg)
     fs.create_dir(root, recursive=True)
-    tasks: dict[str, Any] = {}
-    for task, entry in manifest["tasks"].items():
-        states = {}
-        for operator, state in entry["states"].items():
-            handle = StateHandle.from_manifest(state)
-            data = storage.read_bytes(handle)  # checked against its size and CRC-32
-            base = posixpath.basename(handle.path)
-            _write(fs, f"{root}/{base}", data)
-            states[operator] = {**handle.to_manifest(), "path": base}
-        tasks[task] = {**entry, "states": states}
+    def copy(handle: StateHandle) -> StateHandle:
+        data = storage.read_bytes(handle)  # checked against its size and CRC-32
+        base = posixpath.basename(handle.path)
+        _write(fs, f"{root}/{base}", data)
+        return StateHandle(base, handle.bytes, handle.rows, handle.crc32)
+
+    tasks: dict[str, Any] = {task: {**entry, "states": {op: _with_paths(state, copy)
+                                                        for op, state in entry["states"].items()}}
+                             for task, entry in manifest["tasks"].items()}
     copied = {**manifest, "tasks": tasks}
     _write(fs, f"{root}/{MANIFEST}", json.dumps(copied, allow_nan=False).encode())
     meta = {"format": SAVEPOINT_FORMAT, "job": storage.job, "run": manifest.get("run"),
@@ -192,17 +199,20 @@ def import_savepoint(savepoint: Savepoint, storage: CheckpointStorage, run: str)
     existing = storage.written_ids() or [0]
     checkpoint_id = max(existing[-1] + 1, savepoint.checkpoint_id)
     storage.discard(checkpoint_id)  # an incomplete leftover of that id
-    tasks: dict[str, Any] = {}
-    for task, operator, handle in savepoint.files():
+    def copy(relative: StateHandle) -> StateHandle:
+        path = posixpath.join(savepoint.root, relative.path)
         try:
-            with savepoint.fs.open_input_file(handle.path) as source:
+            with savepoint.fs.open_input_file(path) as source:
                 data = source.read_buffer()
         except OSError as error:
-            msg = f"cannot read savepoint file {handle.path!r}: {error}; the savepoint is incomplete or moved"
-            raise CheckpointStorageError(msg, path=handle.path) from error
-        copied = storage.write_bytes(checkpoint_id, posixpath.basename(handle.path), data, expected=handle)
-        tasks.setdefault(task, {**savepoint.manifest["tasks"][task], "states": {}})["states"][operator] = \
-            copied.to_manifest()
+            msg = f"cannot read savepoint file {path!r}: {error}; the savepoint is incomplete or moved"
+            raise CheckpointStorageError(msg, path=path) from error
+        return storage.write_bytes(checkpoint_id, posixpath.basename(path), data,
+                                   expected=StateHandle(path, relative.bytes, relative.rows, relative.crc32))
+
+    tasks: dict[str, Any] = {task: {**entry, "states": {op: _with_paths(state, copy)
+                                                        for op, state in entry["states"].items()}}
+                             for task, entry in savepoint.manifest["tasks"].items()}
     manifest = {**savepoint.manifest, "checkpoint_id": checkpoint_id, "run": run, "tasks": tasks,
                 "savepoint": {"uri": savepoint.uri, "checkpoint_id": savepoint.checkpoint_id,
                               "job": savepoint.meta.get("job"), "run": savepoint.meta.get("run")}}

@@ -48,7 +48,7 @@ from onceflow.checkpoint.lease import JobLease
 from onceflow.errors import OnceflowError, PlanError
 from onceflow.redaction import dsn_secrets, redact_uri, scrub
 
-__all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle", "ipc_file_bytes", "matches"]
+__all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle", "ipc_file_bytes", "matches", "state_handles"]
 
 MANIFEST_NAME = "_manifest.json"
 LEASE_NAME = "_lease.json"
@@ -56,6 +56,8 @@ LEASE_NAME = "_lease.json"
 HISTORY_NAME = "checkpoint-history.jsonl"
 EVENTS_NAME = "events.jsonl"
 SAVEPOINTS_NAME = "savepoints.jsonl"
+SHARED_DIR = "shared"
+"""Where the pieces of incremental snapshots live, named by the checkpoints that hold them."""
 MANIFEST_FORMAT = 2
 """The manifest's format: 2 adds ``"_integrity"`` (format and CRC-32) and each state file's ``"crc32"``."""
 _INTEGRITY = "_integrity"
@@ -106,6 +108,26 @@ class StateHandle:
         crc32 = entry.get("crc32")
         return cls(str(entry["path"]), int(entry["bytes"]), int(entry.get("rows", -1)),
                    None if crc32 is None else int(crc32))
+
+
+def state_handles(entry: dict[str, Any]) -> list[StateHandle]:
+    """Every file a manifest's state entry names: one, or an incremental snapshot's pieces (head first).
+
+    An incremental entry (:meth:`CheckpointStorage.write_pieces`) is
+    ``{"pieces": [...], "bytes": total, "rows": total}``; its first piece is
+    the snapshot's head (written for this checkpoint), the others may be
+    shared with earlier checkpoints.
+
+    Example:
+        >>> [h.path for h in state_handles({"path": "a.arrow", "bytes": 3, "rows": 1})]
+        ['a.arrow']
+        >>> entry = {"pieces": [{"path": "h", "bytes": 1, "rows": 0}, {"path": "p", "bytes": 2, "rows": 1}]}
+        >>> [h.path for h in state_handles(entry)]
+        ['h', 'p']
+    """
+    if "pieces" in entry:
+        return [StateHandle.from_manifest(piece) for piece in entry["pieces"]]
+    return [StateHandle.from_manifest(entry)]
 
 
 def _file_part(name: str, what: str) -> str:
@@ -258,6 +280,29 @@ class CheckpointStorage:
             raise CheckpointStorageError(msg, path=path) from error
         return StateHandle(path=path, bytes=data.size, rows=table.num_rows, crc32=zlib.crc32(data))
 
+    def write_shared(self, task: str, operator: str, table: pa.Table) -> StateHandle:
+        """Write one piece of an incremental snapshot as ``<root>/shared/<task>.<operator>.<random>.arrow``.
+
+        A piece is immutable: later checkpoints that still hold it name the
+        same file. :meth:`discard` deletes it once no complete checkpoint names it.
+
+        Raises:
+            CheckpointStorageError: the file cannot be written.
+        """
+        name = f"{_file_part(task, 'task')}.{_file_part(operator, 'operator')}.{uuid.uuid4().hex}.arrow"
+        path = f"{self._root}/{SHARED_DIR}/{name}"
+        try:
+            data = ipc_file_bytes(table)
+            self._fs.create_dir(f"{self._root}/{SHARED_DIR}", recursive=True)
+            with self._fs.open_output_stream(path) as sink:
+                sink.write(data)
+            if self._local:
+                _fsync_path(path)
+        except (OSError, pa.ArrowException) as error:
+            msg = f"cannot write checkpoint state file {path!r}: {error}; check that the checkpoint storage is writable"
+            raise CheckpointStorageError(msg, path=path) from error
+        return StateHandle(path=path, bytes=data.size, rows=table.num_rows, crc32=zlib.crc32(data))
+
     def read_state(self, path: str | StateHandle) -> pa.Table:
         """Read a snapshot written by :meth:`write_state`.
 
@@ -377,18 +422,18 @@ class CheckpointStorage:
         problems = []
         for task, entry in sorted(manifest.get("tasks", {}).items()):
             for operator, state in sorted(entry.get("states", {}).items()):
-                handle = StateHandle.from_manifest(state)
-                try:
-                    data = self._read_bytes(handle.path)
-                except FileNotFoundError:
-                    problems.append(f"{handle.path}: missing (state {operator!r} of {task})")
-                    continue
-                except OSError as error:
-                    msg = f"cannot read {handle.path!r}: {error}; check that the checkpoint storage is reachable"
-                    raise CheckpointStorageError(msg, path=handle.path) from error
-                mismatch = _mismatch(handle, data)
-                if mismatch:
-                    problems.append(f"{handle.path}: {mismatch} (state {operator!r} of {task})")
+                for handle in state_handles(state):
+                    try:
+                        data = self._read_bytes(handle.path)
+                    except FileNotFoundError:
+                        problems.append(f"{handle.path}: missing (state {operator!r} of {task})")
+                        continue
+                    except OSError as error:
+                        msg = f"cannot read {handle.path!r}: {error}; check that the checkpoint storage is reachable"
+                        raise CheckpointStorageError(msg, path=handle.path) from error
+                    mismatch = _mismatch(handle, data)
+                    if mismatch:
+                        problems.append(f"{handle.path}: {mismatch} (state {operator!r} of {task})")
         return problems
 
     # -- manifests ---------------------------------------------------------------------------------------------
@@ -573,11 +618,71 @@ class CheckpointStorage:
     def discard(self, checkpoint_id: int) -> None:
         """Delete checkpoint ``checkpoint_id`` (its manifest first); a missing checkpoint is fine.
 
+        Shared pieces of incremental snapshots it names are deleted too, unless
+        another checkpoint's manifest (complete or damaged) names them.
+
         Raises:
             CheckpointStorageError: the files cannot be deleted.
 
         """
         directory = self.checkpoint_path(checkpoint_id)
+        shared = self._shared_paths(checkpoint_id)
+        self._discard_directory(directory)
+        if shared:
+            still = set().union(*(self._shared_paths(other) for other in self._checkpoint_ids()))
+            for path in sorted(shared - still):
+                with contextlib.suppress(FileNotFoundError):
+                    self._delete(path)
+
+    def discard_unreferenced_shared(self) -> list[str]:
+        """Delete the shared pieces no checkpoint's manifest names (left by checkpoints that never completed).
+
+        Call it only while no checkpoint is in flight (a piece written for one
+        is not named by any manifest yet): the coordinator does, when it starts.
+
+        Returns:
+            The deleted paths.
+        """
+        try:
+            infos = self._fs.get_file_info(pafs.FileSelector(f"{self._root}/{SHARED_DIR}", allow_not_found=True))
+        except OSError as error:
+            msg = f"cannot list {self._root}/{SHARED_DIR!r}: {error}; check that the checkpoint storage is reachable"
+            raise CheckpointStorageError(msg, path=self._root) from error
+        named = set().union(*(self._shared_paths(c) for c in self._checkpoint_ids()))
+        orphans = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path not in named)
+        for path in orphans:
+            with contextlib.suppress(FileNotFoundError):
+                self._delete(path)
+        return orphans
+
+    def _shared_paths(self, checkpoint_id: int) -> set[str]:
+        """The shared pieces checkpoint ``checkpoint_id``'s manifest names (none without a readable manifest)."""
+        manifest, _ = self._manifest_and_problem(checkpoint_id)
+        if manifest is None:
+            manifest = self._raw_manifest(checkpoint_id)  # a damaged manifest still protects its files
+        prefix = f"{self._root}/{SHARED_DIR}/"
+        return {handle.path for entry in (manifest or {}).get("tasks", {}).values()
+                for state in entry.get("states", {}).values() for handle in state_handles(state)
+                if handle.path.startswith(prefix)}
+
+    def _raw_manifest(self, checkpoint_id: int) -> dict[str, Any] | None:
+        try:
+            with self._fs.open_input_stream(f"{self.checkpoint_path(checkpoint_id)}/{MANIFEST_NAME}") as source:
+                manifest = json.loads(source.read())
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def _delete(self, path: str) -> None:
+        try:
+            self._fs.delete_file(path)
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            msg = f"cannot delete {path!r}: {error}; check the storage's permissions"
+            raise CheckpointStorageError(msg, path=path) from error
+
+    def _discard_directory(self, directory: str) -> None:
         try:
             with contextlib.suppress(FileNotFoundError):
                 self._fs.delete_file(f"{directory}/{MANIFEST_NAME}")

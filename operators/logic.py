@@ -27,6 +27,7 @@ __all__ = [
     "Emitted",
     "OperatorContext",
     "OperatorLogic",
+    "StatePieces",
 ]
 
 MAIN = 0
@@ -64,6 +65,23 @@ class OperatorContext:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class StatePieces:
+    """An operator's snapshot as pieces, for incremental checkpoints.
+
+    Attributes:
+        head: a table written with every checkpoint (what changes each time:
+            the watermark, counters; often no rows).
+        pieces: the state's immutable parts, each with the object that
+            identifies it: a piece whose identity object is the same one as at
+            the newest completed checkpoint is not written again. Restoring
+            passes ``[head, *tables]`` to ``build`` as ``resume_state``.
+    """
+
+    head: pa.Table
+    pieces: list[tuple[object, pa.Table]]
+
+
 class OperatorLogic:
     """The live logic of one operator in one subtask.
 
@@ -89,6 +107,10 @@ class OperatorLogic:
 
     def snapshot(self) -> pa.Table | None:
         """Return the operator's state as an immutable Arrow table."""
+        return None
+
+    def snapshot_pieces(self) -> StatePieces | None:
+        """The state as pieces for an incremental checkpoint; ``None``: write :meth:`snapshot` in full."""
         return None
 
     def metrics(self) -> dict[str, int]:

@@ -210,7 +210,22 @@ class FixedWindows(WindowKind):
             pieces = self._windows.setdefault(int(starts[begin]), [])
             pieces.append(piece.slice(begin, end - begin) if len(edges) > 2 else piece)
             if len(pieces) > _COMPACT_AT:
-                pieces[:] = [self._combine(pieces)]
+                pieces[:] = self._compacted(pieces)
+
+    def _compacted(self, pieces: list[pa.Table]) -> list[pa.Table]:
+        """Fewer pieces: those after the largest combined, while they hold fewer rows than it; else all.
+
+        The largest piece (most of a long window's keys) then stays as it is
+        for a long time, so an incremental checkpoint does not write it again
+        at every compaction; it is combined with the rest once they have grown
+        as large, so each row is rewritten a logarithmic number of times.
+        """
+        sizes = [p.num_rows for p in pieces]
+        largest = sizes.index(max(sizes))
+        tail = pieces[largest + 1:]
+        if len(tail) >= 2 and sum(sizes[largest + 1:]) < sizes[largest]:
+            return [*pieces[: largest + 1], self._combine(tail)]
+        return [self._combine(pieces)]
 
     def _combine(self, pieces: list[pa.Table]) -> pa.Table:
         layout = self._layout

@@ -74,7 +74,7 @@ from onceflow.operators.keygroups import (
     require_key_columns,
     take_rows,
 )
-from onceflow.operators.logic import LATE, MAIN, Emitted, OperatorContext, OperatorLogic
+from onceflow.operators.logic import LATE, MAIN, Emitted, OperatorContext, OperatorLogic, StatePieces
 from onceflow.operators.watermark import event_time_ms
 from onceflow.operators.window_kinds import FixedWindows, PartialLayout, SessionWindows, WindowKind
 
@@ -657,7 +657,22 @@ class WindowAggregateLogic(OperatorLogic):
             )
             return empty.empty_table()
         pieces = self._kind.state()
-        state = pa.concat_tables(pieces) if pieces else self._schema.empty_table()
+        return self._as_snapshot(pa.concat_tables(pieces) if pieces else self._schema.empty_table(), metadata)
+
+    def snapshot_pieces(self) -> StatePieces:
+        """The snapshot as pieces: a head with the metadata and no rows, and one table per partial table.
+
+        A partial table is immutable until its window fires or its partials
+        are combined, so an incremental checkpoint writes only the partial
+        tables added since the newest completed checkpoint.
+        """
+        if self._schema is None:
+            return StatePieces(self.snapshot(), [])
+        head = self._as_snapshot(self._schema.empty_table(), self._metadata())
+        return StatePieces(head, [(piece, self._as_snapshot(piece, None)) for piece in self._kind.state()])
+
+    def _as_snapshot(self, state: pa.Table, metadata: dict[bytes, bytes] | None) -> pa.Table:
+        """Partial tables (the state's internal columns) in the snapshot's columns."""
         starts = state.column("window_start")
         ends = pc.add(starts, pa.scalar(self._kind.size_ms, pa.int64()))
         columns = [state.column(_KEY_GROUP), *(state.column(k) for k in self._key_columns), starts, ends]

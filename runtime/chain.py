@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from onceflow.errors import OnceflowError, OperatorError
-from onceflow.operators.logic import DEAD_LETTERS, MAIN, OperatorLogic
+from onceflow.operators.logic import DEAD_LETTERS, MAIN, OperatorLogic, StatePieces
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -138,12 +138,16 @@ class OperatorChain:
             self._route(stage, emitted, outputs)
         return outputs
 
-    def snapshot(self, uids: Sequence[str]) -> dict[str, pa.Table]:
-        """Every operator's state table, by its node's uid (``uids`` in chain order); stateless ones have none."""
-        tables: dict[str, pa.Table] = {}
+    def snapshot(self, uids: Sequence[str], *, pieces: bool = False) -> dict[str, pa.Table | StatePieces]:
+        """Every operator's state, by its node's uid (``uids`` in chain order); stateless ones have none.
+
+        With ``pieces`` (an incremental checkpoint), an operator that keeps its
+        state in immutable pieces gives them (:meth:`OperatorLogic.snapshot_pieces`).
+        """
+        tables: dict[str, pa.Table | StatePieces] = {}
         for stage, logic in self._ordered:
             with self._blame(stage):
-                table = logic.snapshot()
+                table = (logic.snapshot_pieces() if pieces else None) or logic.snapshot()
             if table is not None:
                 tables[uids[stage]] = table
         return tables

@@ -64,6 +64,9 @@ log = logging.getLogger("onceflow")
 _LEASE_RETRY_S = 0.5
 """How soon a lease renewal that failed (the storage unreachable) is tried again."""
 
+_BASES_KEPT = 16
+"""How many triggered checkpoints :meth:`CoordinatorActor.base_of` still answers for."""
+
 _OUTCOMES_KEPT = 1_000
 """How many checkpoint outcomes (completed, failed) :meth:`CoordinatorActor.progress` can still report."""
 
@@ -96,6 +99,7 @@ def _summary(checkpoint: CompletedCheckpoint, persisted_at: float) -> dict[str, 
         "completed_at": persisted_at,
         "duration_s": persisted_at - checkpoint.trigger_time,
         "state_bytes": checkpoint.state_bytes,
+        "written_bytes": int(sum(m.get("written_bytes", 0.0) for m in tasks.values())),
         "alignment_s": most("alignment_s"),
         "sync_s": most("sync_s"),
         "async_s": most("async_s"),
@@ -129,6 +133,8 @@ class CoordinatorActor:
         self._baseline = baseline
         self._storage = CheckpointStorage(config.storage, job)
         self._storage.discard_incomplete()
+        if config.incremental:
+            self._storage.discard_unreferenced_shared()  # pieces of checkpoints that never completed
         newest = self._storage.completed_ids()
         next_id = newest[-1] + 1 if newest else 1
         self._core = CheckpointCoordinator(config, tasks, clock=time.time, next_id=next_id)
@@ -146,6 +152,7 @@ class CoordinatorActor:
         self._persisting: set[asyncio.Task[None]] = set()
         self._lost_to: str | None = None  # the run that took the storage over from this one
         self._telemetry = CheckpointMetrics(job)
+        self._bases: dict[int, int | None] = {}  # checkpoint -> the newest completed one when it was triggered
         self._pinned: set[int] = set()  # checkpoints being copied into savepoints
         self._unpinned_discards: set[int] = set()  # pinned checkpoints retention deleted meanwhile
         self._outcomes: collections.deque[dict[str, Any]] = collections.deque(maxlen=_OUTCOMES_KEPT)
@@ -238,6 +245,10 @@ class CoordinatorActor:
         for action in actions:
             if isinstance(action, TriggerCheckpoint):
                 log.debug("job %s: triggering checkpoint %d", self._job, action.checkpoint_id)
+                latest = self._core.store.latest
+                self._bases[action.checkpoint_id] = latest.checkpoint_id if latest else None
+                for old in [c for c in self._bases if c < action.checkpoint_id - _BASES_KEPT]:
+                    del self._bases[old]
                 for source in self._sources:
                     source.trigger_checkpoint.remote(action.checkpoint_id, action.timestamp)
             elif isinstance(action, PersistCheckpoint):
@@ -454,6 +465,14 @@ class CoordinatorActor:
         reason = self._fatal.get(attempt, f"another run ({self._lost_to}) took over the checkpoint storage")
         msg = f"job {self._job!r}: {reason}"
         raise CheckpointError(msg, reason=LEASE_LOST if self._lost_to is not None else "too many failures")
+
+    def base_of(self, checkpoint_id: int) -> int | None:
+        """The newest completed checkpoint when ``checkpoint_id`` was triggered (an incremental snapshot's base).
+
+        It stays in storage until ``checkpoint_id`` completes or is aborted,
+        so the pieces it names may be named again; ``None``: write everything.
+        """
+        return self._bases.get(checkpoint_id)
 
     def _record(self, event: str, **fields: Any) -> None:
         self._outcome_seq += 1

@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 
 from onceflow.checkpoint.state import read_source_state
-from onceflow.checkpoint.storage import StateHandle, matches
+from onceflow.checkpoint.storage import StateHandle, matches, state_handles
 from onceflow.errors import PlanError
 from onceflow.operators.keygroups import hash_columns, in_key_groups, key_group_range
 from onceflow.operators.sources.base import RescaledOffsets
@@ -70,6 +70,8 @@ class CheckpointSetup:
             coordinator, so a restore reads it from memory (Ray only).
         unaligned: barriers overtake the messages in flight (``CheckpointConfig.mode="unaligned"``).
         aligned_timeout_s: an aligned checkpoint whose alignment runs longer switches to unaligned.
+        incremental: write only the state pieces the newest completed checkpoint does not hold
+            (``CheckpointConfig.incremental``).
     """
 
     coordinator: ActorHandle
@@ -77,6 +79,7 @@ class CheckpointSetup:
     cache: bool = True
     unaligned: bool = False
     aligned_timeout_s: float | None = None
+    incremental: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +106,20 @@ class RestoredState:
             object store copy is gone (the coordinator restarted).
         recorded: the file's handle as the checkpoint recorded it (size and
             CRC-32, checked when the file is read); ``None`` reads it unchecked.
+        pieces: an incremental snapshot's files (head first); ``path`` and
+            ``recorded`` are then the head's, and ``cached`` a list of tables.
     """
 
     path: str
     cached: Any = None
     recorded: StateHandle | None = None
+    pieces: tuple[StateHandle, ...] = ()
 
     @classmethod
     def recorded_in(cls, state: dict[str, Any], cached: Any = None) -> RestoredState:
-        """The state a manifest entry (:meth:`StateHandle.to_manifest`) names, checked when it is read."""
-        handle = StateHandle.from_manifest(state)
-        return cls(handle.path, cached, handle)
+        """The state a manifest entry (:meth:`StateHandle.to_manifest`, or pieces) names, checked when read."""
+        handles = state_handles(state)
+        return cls(handles[0].path, cached, handles[0], tuple(handles) if "pieces" in state else ())
 
 
 @dataclass(slots=True)
@@ -132,7 +138,23 @@ def load_restored(restore: SubtaskRestore | None, storage: CheckpointStorage | N
     """Read every state table ``restore`` names: state key -> tables (one per old subtask whose state lands here)."""
     if restore is None:
         return {}
-    return {key: [_load(handle, storage) for handle in handles] for key, handles in restore.states.items()}
+    return {key: [table for handle in handles for table in _load_pieces(handle, storage)]
+            for key, handles in restore.states.items()}
+
+
+def _load_pieces(handle: RestoredState, storage: CheckpointStorage | None) -> list[pa.Table]:
+    """The tables of one restored state: one, or an incremental snapshot's pieces (head first)."""
+    if not handle.pieces:
+        return [_load(handle, storage)]
+    cached = None
+    if handle.cached is not None:
+        with contextlib.suppress(Exception):
+            cached = ray.get(handle.cached, timeout=30)
+    if isinstance(cached, list) and len(cached) == len(handle.pieces) and all(
+            isinstance(t, pa.Table) and (h.crc32 is None or matches(h, t)) for h, t in zip(handle.pieces, cached,
+                                                                                           strict=True)):
+        return cached
+    return [_load(RestoredState(piece.path, None, piece), storage) for piece in handle.pieces]
 
 
 def _load(handle: RestoredState, storage: CheckpointStorage | None) -> pa.Table:

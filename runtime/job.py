@@ -682,6 +682,9 @@ class JobHandle:
         except (CheckpointError, TimeoutError):
             raise
         except Exception as error:
+            if self._done.wait(1.0) or self.status() is not JobStatus.RUNNING:
+                msg = f"job {self.job!r} ended or restarted before its savepoint completed; none was written"
+                raise CheckpointError(msg, reason="not running") from error
             cause = getattr(error, "cause", None)
             if isinstance(cause, OnceflowError):
                 raise cause from None
@@ -937,7 +940,8 @@ class JobHandle:
         if manifest is None:
             msg = f"checkpoint {checkpoint_id} of job {self.job!r} is not complete in {self._storage.uri!r}"
             raise CheckpointError(msg, reason="missing")
-        paths = {task: {key: StateHandle.from_manifest(state) for key, state in entry["states"].items()}
+        paths = {task: {key: StateHandle.from_manifest(state) for key, state in entry["states"].items()
+                        if "pieces" not in state}  # a sink's state is never in pieces
                  for task, entry in manifest["tasks"].items()}
         found: dict[str, list[CommittableRecord]] = {}
         for uid, handles in restored_sink_states(self._plan, paths).items():
@@ -963,7 +967,8 @@ class JobHandle:
                 coordinator = self._coordinator or self._start_coordinator(restore_id)
                 setup = CheckpointSetup(coordinator, self._checkpoint.storage, cache=self._executor.object_store,
                                         unaligned=self._checkpoint.mode == "unaligned",
-                                        aligned_timeout_s=self._checkpoint.aligned_timeout_s)
+                                        aligned_timeout_s=self._checkpoint.aligned_timeout_s,
+                                        incremental=self._checkpoint.incremental)
                 if restore_id is not None:
                     restore = self._executor.get(coordinator.restore_point.remote(restore_id),  # type: ignore[assignment]
                                       timeout=_CALL_TIMEOUT_S)

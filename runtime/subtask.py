@@ -52,11 +52,11 @@ import ray
 
 from onceflow.checkpoint.coordinator import TaskAck
 from onceflow.checkpoint.state import source_state
-from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.storage import CheckpointStorage, StateHandle
 from onceflow.checkpoint.two_phase_commit import SinkContext
 from onceflow.errors import OnceflowError
 from onceflow.operators.keygroups import key_group_range
-from onceflow.operators.logic import Emitted, OperatorContext, OperatorLogic
+from onceflow.operators.logic import Emitted, OperatorContext, OperatorLogic, StatePieces
 from onceflow.operators.sources.base import Idle, PerSplitWatermarks, SideOutputs, SourceContext, SourceReader
 from onceflow.runtime.chain import INTO_SINK, OperatorChain, Output, operator_failure
 from onceflow.runtime.channel import (
@@ -147,6 +147,8 @@ class Subtask:
         self.task = f"{vertex.name}/{subtask}"
         self._label = f"{plan.job}/{self.task}"
         self._node = _node_id()
+        self._written_pieces: dict[int, dict[int, tuple[object, StateHandle]]] = {}
+        """Per checkpoint this subtask acknowledged (incremental): the pieces it named, by their identity."""
         self._storage = CheckpointStorage(checkpointing.storage, plan.job) if checkpointing else None
         self._restored_from = restore.checkpoint_id if restore else None
         restored = load_restored(restore, self._storage)
@@ -343,7 +345,7 @@ class Subtask:
         self._spawn(self._persist(checkpoint_id, tables, metrics))
 
     async def _snapshot(self, checkpoint_id: int, triggered_at: float, alignment_s: float, *,
-                        unaligned: bool = False) -> tuple[dict[str, pa.Table], dict[str, float]]:
+                        unaligned: bool = False) -> tuple[dict[str, pa.Table | StatePieces], dict[str, float]]:
         """The synchronous part, under the lock: state tables, pre-commit, barrier downstream.
 
         An unaligned snapshot sends its barriers ahead of the messages
@@ -351,8 +353,9 @@ class Subtask:
         snapshot's timings, for :meth:`_persist`.
         """
         started = time.monotonic()
-        tables = self._input_state()
-        tables.update(self._chain.snapshot(self._uids))
+        tables: dict[str, pa.Table | StatePieces] = dict(self._input_state())
+        incremental = self._checkpointing is not None and self._checkpointing.incremental
+        tables.update(self._chain.snapshot(self._uids, pieces=incremental))
         if self._sink is not None and self._sink_stage is not None:
             with self._blame(self._sink_stage):
                 tables[self._uids[self._sink_stage]] = self._sink.pre_commit(checkpoint_id)
@@ -367,7 +370,8 @@ class Subtask:
         }
         return tables, metrics
 
-    async def _persist(self, checkpoint_id: int, tables: dict[str, pa.Table], metrics: dict[str, float]) -> None:
+    async def _persist(self, checkpoint_id: int, tables: dict[str, pa.Table | StatePieces],
+                       metrics: dict[str, float]) -> None:
         """The asynchronous part: cache in the object store, write durably, acknowledge."""
         assert self._checkpointing is not None and self._storage is not None  # barriers come only with checkpoints
         coordinator = self._checkpointing.coordinator
@@ -375,14 +379,29 @@ class Subtask:
         try:
             states: dict[str, dict[str, Any]] = {}
             cache: dict[str, Any] = {}
+            reusable = await self._reusable_pieces(checkpoint_id, tables)
+            written: dict[int, tuple[object, StateHandle]] = {}
+            written_bytes = 0
             for operator, table in tables.items():
-                handle = await asyncio.to_thread(self._storage.write_state, checkpoint_id, self.task, operator, table)
-                states[operator] = handle.to_manifest()
+                if isinstance(table, StatePieces):
+                    states[operator], new_bytes = await self._write_pieces(checkpoint_id, operator, table, reusable,
+                                                                           written)
+                    written_bytes += new_bytes
+                    cached: Any = [table.head, *(piece for _, piece in table.pieces)]
+                else:
+                    handle = await asyncio.to_thread(self._storage.write_state, checkpoint_id, self.task, operator,
+                                                     table)
+                    states[operator] = handle.to_manifest()
+                    written_bytes += handle.bytes
+                    cached = table
                 if self._checkpointing.cache:
                     with contextlib.suppress(Exception):  # the cache is optional; the file is not
-                        cache[operator] = await asyncio.to_thread(ray.put, table, _owner=coordinator)
+                        cache[operator] = await asyncio.to_thread(ray.put, cached, _owner=coordinator)
+            if self._checkpointing.incremental:
+                self._written_pieces[checkpoint_id] = written
             metrics = {**metrics, "async_s": time.monotonic() - started,
-                       "state_bytes": float(sum(s["bytes"] for s in states.values()))}
+                       "state_bytes": float(sum(s["bytes"] for s in states.values())),
+                       "written_bytes": float(written_bytes)}
             log.debug("%s: checkpoint %d snapshot: sync %.3f s, async %.3f s, alignment %.3f s, %d bytes",
                       self._label, checkpoint_id, metrics["sync_s"], metrics["async_s"], metrics["alignment_s"],
                       int(metrics["state_bytes"]))
@@ -391,6 +410,44 @@ class Subtask:
         except Exception as error:  # noqa: BLE001 - a failed snapshot declines the checkpoint
             log.warning("%s: checkpoint %d failed: %s", self._label, checkpoint_id, error)
             coordinator.decline.remote(checkpoint_id, self.task, str(error))
+
+    async def _reusable_pieces(self, checkpoint_id: int,
+                               tables: dict[str, pa.Table | StatePieces]) -> dict[int, tuple[object, StateHandle]]:
+        """The pieces this checkpoint need not write: those the newest completed checkpoint holds.
+
+        The coordinator says which checkpoint was the newest completed when it
+        triggered this one: that checkpoint (and so every file it names) stays
+        until this one completes (incremental checkpoints run one at a time),
+        while an older one may be deleted meanwhile. Pieces are known by the
+        identity of their object, which lives as long as the piece is unchanged.
+        """
+        assert self._checkpointing is not None
+        if not any(isinstance(t, StatePieces) for t in tables.values()):
+            return {}
+        base = await self._checkpointing.coordinator.base_of.remote(checkpoint_id)
+        for old in [c for c in self._written_pieces if base is None or c < base]:
+            del self._written_pieces[old]  # older than the base: never named again
+        return self._written_pieces.get(base, {}) if base is not None else {}
+
+    async def _write_pieces(self, checkpoint_id: int, operator: str, snapshot: StatePieces,
+                            reusable: dict[int, tuple[object, StateHandle]],
+                            written: dict[int, tuple[object, StateHandle]]) -> tuple[dict[str, Any], int]:
+        """Write the head and the pieces ``reusable`` does not hold; return the entry naming all, and bytes written."""
+        assert self._storage is not None
+        head = await asyncio.to_thread(self._storage.write_state, checkpoint_id, self.task, operator, snapshot.head)
+        handles = [head]
+        new_bytes = head.bytes
+        for identity, piece in snapshot.pieces:
+            known = reusable.get(id(identity))
+            if known is not None and known[0] is identity:
+                handle = known[1]
+            else:
+                handle = await asyncio.to_thread(self._storage.write_shared, self.task, operator, piece)
+                new_bytes += handle.bytes
+            written[id(identity)] = (identity, handle)
+            handles.append(handle)
+        return {"pieces": [h.to_manifest() for h in handles], "bytes": sum(h.bytes for h in handles),
+                "rows": sum(h.rows for h in handles)}, new_bytes
 
     async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
         """Checkpoint ``checkpoint_id`` is complete: a sink commits everything pre-committed up to it.
