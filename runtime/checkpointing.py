@@ -162,6 +162,8 @@ class CoordinatorActor:
 
     async def start(self, attempt: int, sources: list[ActorHandle], subtasks: list[ActorHandle]) -> None:
         """Open ``attempt``: trigger checkpoints for these subtasks, from a clean failure count."""
+        if self._config.incremental:  # the last attempt's subtasks are dead: nothing is in flight
+            await asyncio.to_thread(self._storage.discard_unreferenced_shared)
         self._attempt = attempt
         self._sources = sources
         self._subtasks = subtasks

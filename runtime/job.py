@@ -1138,6 +1138,8 @@ class JobHandle:
         self._executor.confirm_dead(actors)
         if self._storage is not None:
             with contextlib.suppress(OnceflowError):
+                if self._checkpoint is not None and self._checkpoint.incremental:
+                    self._storage.discard_unreferenced_shared()  # pieces of checkpoints that never completed
                 self._storage.release_lease(self.run_id)
 
 

@@ -51,7 +51,7 @@ import pyarrow.dataset as ds
 import ray
 
 import onceflow as of
-from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.storage import SHARED_DIR, CheckpointStorage, state_handles
 from onceflow.checkpoint.supervisor import JobPhase
 from onceflow.runtime.ray_env import NAMESPACE
 from onceflow.testing import failpoints
@@ -759,14 +759,17 @@ class _ChaosThread(threading.Thread):
             self.record.chaos_errors.append(f"{type(error).__name__}: {error}")
 
 
-MODES = ("aligned", "unaligned", "timeout")
-"""Checkpoint modes of a schedule: aligned, unaligned, or aligned switching to unaligned once it waits at all."""
+MODES = ("aligned", "unaligned", "timeout", "incremental")
+"""Checkpoint modes of a schedule: aligned, unaligned, aligned switching to unaligned once it waits at all, or
+aligned and incremental."""
 
 
 def checkpoint_config(mode: str, storage: str) -> of.CheckpointConfig:
     """The checkpoint settings of a schedule in ``mode`` (one of :data:`MODES`)."""
     if mode == "timeout":
         return of.CheckpointConfig(interval_s=0.3, storage=storage, aligned_timeout_s=0.0)
+    if mode == "incremental":
+        return of.CheckpointConfig(interval_s=0.3, storage=storage, incremental=True)
     return of.CheckpointConfig(interval_s=0.3, storage=storage, mode=mode)
 
 
@@ -876,6 +879,23 @@ def verify(shape: JobShape, workspace: Workspace, record: ChaosRecord) -> None:
     actors = leftover_actors(record.job)
     if actors:
         record.leftovers.append(f"named actors left: {actors}")
+    record.leftovers += _checkpoint_leftovers(record.job, workspace)
+
+
+def _checkpoint_leftovers(job: str, workspace: Workspace) -> list[str]:
+    """Shared pieces of incremental checkpoints that no manifest names, and named files that are gone."""
+    storage = CheckpointStorage(workspace.storage, job)
+    shared_dir = Path(storage.root, SHARED_DIR)
+    shared = {str(p) for p in shared_dir.glob("*")} if shared_dir.exists() else set()
+    named = {h.path for c in storage.completed_ids() for entry in (storage.manifest(c) or {})["tasks"].values()
+             for state in entry["states"].values() for h in state_handles(state)}
+    found = []
+    if shared - named:
+        found.append(f"{len(shared - named)} shared checkpoint piece(s) no checkpoint names")
+    missing = [p for p in named if not Path(p).exists()]
+    if missing:
+        found.append(f"{len(missing)} checkpoint file(s) named by a manifest are gone, e.g. {missing[0]}")
+    return found
 
 
 def _postgres_leftovers(workspace: Workspace) -> list[str]:

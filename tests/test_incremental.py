@@ -12,7 +12,7 @@ import pytest
 import onceflow as of
 from onceflow.checkpoint.savepoint import read_savepoint
 from onceflow.checkpoint.storage import SHARED_DIR, CheckpointStorage, state_handles
-from onceflow.testing.workload import feature_events
+from onceflow.testing.workload import feature_events, feature_window_reference
 from tests.helpers import assert_feature_reference, fails_once_after, wait_until
 
 
@@ -111,6 +111,33 @@ def test_a_savepoint_of_incremental_checkpoints_copies_its_pieces(tmp_path: Path
     of.run(feature_flow("inc-sp", total, first), parallelism=3, executor="local", from_savepoint=location,
            checkpoint=of.CheckpointConfig(storage=str(tmp_path / "cp2"), incremental=True))
     assert_feature_reference(first.table(), total)  # the same sink: see tests/test_savepoints.py
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_on_ray_a_killed_window_subtask_restores_exactly_from_shared_pieces(tmp_path: Path) -> None:
+    sink = of.sinks.TestingSink()
+    flow = feature_flow("inc-ray", 240_000, sink, window_ms=10**9, rate=60_000)
+
+    def reused() -> bool:  # a checkpoint named pieces an earlier one wrote
+        return any(h["written_bytes"] < h["state_bytes"] for h in CheckpointStorage(str(tmp_path), "inc-ray").history())
+
+    handle = of.submit(flow, parallelism=2, restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1),
+                       checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path), incremental=True))
+    try:
+        wait_until(reused, timeout_s=60, what="a checkpoint that reuses pieces")
+        import ray
+
+        ray.kill(ray.get_actor("inc-ray/features/1", namespace="onceflow"), no_restart=True)
+        result = handle.wait(120)
+    finally:
+        handle.cancel()
+    assert result.metrics["restarts"] == 1 and result.metrics["restored_from"]
+    order = [("window_start", "ascending"), ("user_id", "ascending")]
+    got, expected = sink.table().sort_by(order), feature_window_reference(240_000, window_ms=10**9).sort_by(order)
+    assert got.num_rows == expected.num_rows
+    for column in ("user_id", "window_start", "count"):
+        assert got[column].equals(expected[column]), column
+    assert_shared_pieces_are_exactly_the_named_ones(CheckpointStorage(str(tmp_path), "inc-ray"))
 
 
 def test_incremental_needs_one_checkpoint_at_a_time() -> None:
