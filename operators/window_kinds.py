@@ -213,18 +213,22 @@ class FixedWindows(WindowKind):
                 pieces[:] = self._compacted(pieces)
 
     def _compacted(self, pieces: list[pa.Table]) -> list[pa.Table]:
-        """Fewer pieces: those after the largest combined, while they hold fewer rows than it; else all.
+        """Fewer pieces, size-tiered: the pieces of the smallest size tier (powers of 4 rows) that has several.
 
-        The largest piece (most of a long window's keys) then stays as it is
-        for a long time, so an incremental checkpoint does not write it again
-        at every compaction; it is combined with the rest once they have grown
-        as large, so each row is rewritten a logarithmic number of times.
+        Small recent pieces are combined among themselves, and a large piece
+        (most of a long window's keys) only once others have grown about as
+        large, so each row is rewritten a logarithmic number of times and an
+        incremental checkpoint rarely writes the bulk of the state again.
+        Partials combine in any order, so which pieces go together is free.
         """
-        sizes = [p.num_rows for p in pieces]
-        largest = sizes.index(max(sizes))
-        tail = pieces[largest + 1:]
-        if len(tail) >= 2 and sum(sizes[largest + 1:]) < sizes[largest]:
-            return [*pieces[: largest + 1], self._combine(tail)]
+        tiers: dict[int, list[pa.Table]] = {}
+        for piece in pieces:
+            tiers.setdefault(max(piece.num_rows, 1).bit_length() // 2, []).append(piece)
+        for tier in sorted(tiers):
+            group = tiers[tier]
+            if len(group) >= 2:
+                members = {id(p) for p in group}
+                return [*(p for p in pieces if id(p) not in members), self._combine(group)]
         return [self._combine(pieces)]
 
     def _combine(self, pieces: list[pa.Table]) -> pa.Table:

@@ -104,7 +104,7 @@ if TYPE_CHECKING:
     from onceflow.operators.watermark import SplitWatermarkGenerator, WatermarkGenerator
     from onceflow.runtime.plan import PhysicalPlan, VertexSpec
 
-__all__ = ["OperatorSubtask", "SourceSubtask", "Subtask", "subtask_class"]
+__all__ = ["OperatorSubtask", "SourceSubtask", "Subtask", "subtask_class", "write_pieces"]
 
 log = logging.getLogger("onceflow")
 
@@ -384,8 +384,8 @@ class Subtask:
             written_bytes = 0
             for operator, table in tables.items():
                 if isinstance(table, StatePieces):
-                    states[operator], new_bytes = await self._write_pieces(checkpoint_id, operator, table, reusable,
-                                                                           written)
+                    states[operator], new_bytes = await asyncio.to_thread(
+                        write_pieces, self._storage, checkpoint_id, self.task, operator, table, reusable, written)
                     written_bytes += new_bytes
                     cached: Any = [table.head, *(piece for _, piece in table.pieces)]
                 else:
@@ -428,26 +428,6 @@ class Subtask:
         for old in [c for c in self._written_pieces if base is None or c < base]:
             del self._written_pieces[old]  # older than the base: never named again
         return self._written_pieces.get(base, {}) if base is not None else {}
-
-    async def _write_pieces(self, checkpoint_id: int, operator: str, snapshot: StatePieces,
-                            reusable: dict[int, tuple[object, StateHandle]],
-                            written: dict[int, tuple[object, StateHandle]]) -> tuple[dict[str, Any], int]:
-        """Write the head and the pieces ``reusable`` does not hold; return the entry naming all, and bytes written."""
-        assert self._storage is not None
-        head = await asyncio.to_thread(self._storage.write_state, checkpoint_id, self.task, operator, snapshot.head)
-        handles = [head]
-        new_bytes = head.bytes
-        for identity, piece in snapshot.pieces:
-            known = reusable.get(id(identity))
-            if known is not None and known[0] is identity:
-                handle = known[1]
-            else:
-                handle = await asyncio.to_thread(self._storage.write_shared, self.task, operator, piece)
-                new_bytes += handle.bytes
-            written[id(identity)] = (identity, handle)
-            handles.append(handle)
-        return {"pieces": [h.to_manifest() for h in handles], "bytes": sum(h.bytes for h in handles),
-                "rows": sum(h.rows for h in handles)}, new_bytes
 
     async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
         """Checkpoint ``checkpoint_id`` is complete: a sink commits everything pre-committed up to it.
@@ -824,6 +804,39 @@ class OperatorSubtask(Subtask):
 
     def _input_watermark(self) -> int:
         return self._input.watermark
+
+
+def write_pieces(storage: CheckpointStorage, checkpoint_id: int, task: str, operator: str, snapshot: StatePieces,
+                 reusable: dict[int, tuple[object, StateHandle]],
+                 written: dict[int, tuple[object, StateHandle]]) -> tuple[dict[str, Any], int]:
+    """Write an incremental snapshot: its head, and the pieces ``reusable`` (the base's, by identity) lacks.
+
+    Args:
+        storage: the job's checkpoint storage.
+        checkpoint_id: the checkpoint.
+        task: the subtask.
+        operator: the operator's uid.
+        snapshot: the head and the pieces.
+        reusable: the pieces the base checkpoint named: ``id(identity) -> (identity, handle)``.
+        written: filled with every piece this checkpoint names (for the next one's ``reusable``).
+
+    Returns:
+        The manifest entry (``{"pieces": [head, ...], "bytes", "rows"}``) and the bytes written now.
+    """
+    head = storage.write_state(checkpoint_id, task, operator, snapshot.head)
+    handles = [head]
+    new_bytes = head.bytes
+    for identity, piece in snapshot.pieces:
+        known = reusable.get(id(identity))
+        if known is not None and known[0] is identity:
+            handle = known[1]
+        else:
+            handle = storage.write_shared(task, operator, piece)
+            new_bytes += handle.bytes
+        written[id(identity)] = (identity, handle)
+        handles.append(handle)
+    return ({"pieces": [h.to_manifest() for h in handles], "bytes": sum(h.bytes for h in handles),
+             "rows": sum(h.rows for h in handles)}, new_bytes)
 
 
 def _node_id() -> str:
