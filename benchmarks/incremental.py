@@ -106,7 +106,8 @@ def main() -> None:
         r = results[str(keys)]
         print(f"{keys:>9,} keys: full {r['full']['bytes_median'] / 2**20:8.2f} MiB in "
               f"{r['full']['seconds_median'] * 1000:7.1f} ms; incremental "
-              f"{r['incremental']['bytes_median'] / 2**20:8.2f} MiB in {r['incremental']['seconds_median'] * 1000:7.1f} ms "
+              f"{r['incremental']['bytes_median'] / 2**20:8.2f} MiB in "
+              f"{r['incremental']['seconds_median'] * 1000:7.1f} ms "
               f"(bytes x{r['full']['bytes_median'] / max(r['incremental']['bytes_median'], 1):.1f} fewer)")
     path = write_json("incremental", {"changed_per_interval": 0.01, "intervals": intervals, "warm_up": WARM_UP,
                                       "by_keys": results})
