@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import onceflow as of
+from onceflow.checkpoint.s3 import with_s3_environment
 from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError
 from onceflow.testing.workload import feature_events
 from tests.helpers import assert_feature_reference, fails_once_after, run_killing_a_subtask, wait_until
@@ -43,6 +44,17 @@ def feature_flow(name: str, total: int, sink: of.sinks.TestingSink, rate: int = 
     (events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
      .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(sink))
     return flow
+
+
+def test_the_driver_environment_goes_into_the_uri_and_the_uri_wins() -> None:
+    env = {"AWS_ENDPOINT_URL": "http://a:1", "AWS_ENDPOINT_URL_S3": "https://b:2", "AWS_DEFAULT_REGION": "r1",
+           "AWS_REGION": "r2", "AWS_ACCESS_KEY_ID": "K", "AWS_SECRET_ACCESS_KEY": "S"}
+    assert with_s3_environment("s3://bkt/p", env) == "s3://K:S@bkt/p?endpoint_override=b%3A2&scheme=https&region=r2"
+    assert (with_s3_environment("s3://k:s@bkt/p?endpoint_override=c:3&scheme=http&region=r3", env)
+            == "s3://k:s@bkt/p?endpoint_override=c%3A3&scheme=http&region=r3")
+    temporary = with_s3_environment("s3://bkt/p", {**env, "AWS_SESSION_TOKEN": "T"})
+    assert "@" not in temporary, "temporary credentials cannot travel without their token"
+    assert with_s3_environment("gs://bkt/p", env) == "gs://bkt/p"
 
 
 def test_a_killed_subtask_restores_from_checkpoints_on_s3(s3_environment: S3Server,
