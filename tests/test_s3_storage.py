@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from urllib.parse import quote
 
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
@@ -18,7 +19,7 @@ import onceflow as of
 from onceflow.checkpoint.s3 import with_s3_environment
 from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError
 from onceflow.testing.workload import feature_events
-from tests.helpers import assert_feature_reference, fails_once_after, run_killing_a_subtask, wait_until
+from tests.helpers import assert_feature_reference, run_killing_a_subtask, wait_until
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -34,13 +35,32 @@ def s3_environment(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3
     yield s3
 
 
+class FailsOnceACheckpointCompleted:
+    """A ``map_batches`` function that raises once ``job`` has a complete checkpoint in ``storage`` (``None``: never).
+
+    It looks the storage up from the subtask's process, so a URI that carries all its settings is needed.
+    """
+
+    def __init__(self, storage: str | None = None, job: str = "") -> None:
+        self._storage, self._job = storage, job
+        self._store: CheckpointStorage | None = None
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if self._storage is not None:
+            self._store = self._store or CheckpointStorage(self._storage, self._job)
+            if self._store.completed_ids():
+                msg = "the network blinked"
+                raise ConnectionError(msg)
+        return batch
+
+
 def feature_flow(name: str, total: int, sink: of.sinks.TestingSink, rate: int = 20_000,
-                 fail_after: int | None = None) -> of.Dataflow:
+                 fail_after: FailsOnceACheckpointCompleted | None = None) -> of.Dataflow:
     flow = of.Dataflow(name)
     events = flow.source(of.sources.GeneratorSource(feature_events, total=total, batch_size=2_000,
                                                     max_events_per_s=rate),
                          watermark=of.BoundedOutOfOrderness("event_time"))
-    events = events.map_batches(fails_once_after(fail_after), name="flaky")  # None: never fails
+    events = events.map_batches(fail_after or FailsOnceACheckpointCompleted(), name="flaky")
     (events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
      .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(sink))
     return flow
@@ -95,7 +115,8 @@ def test_resume_from_s3_after_the_job_failed_for_good_and_the_cli_verifies_it(s3
     sink = of.sinks.TestingSink()
     config = of.CheckpointConfig(interval_s=0.2, storage=storage)
     with pytest.raises(of.JobFailedError, match="resume=True") as failed:
-        of.run(feature_flow(job, total, sink, fail_after=15_000), parallelism=2, checkpoint=config,
+        of.run(feature_flow(job, total, sink, rate=10_000, fail_after=FailsOnceACheckpointCompleted(storage, job)),
+               parallelism=2, checkpoint=config,
                restart=of.RestartStrategy.no_restart(), timeout_s=60)
     assert quote(SECRET_KEY, safe="") not in str(failed.value) and SECRET_KEY not in str(failed.value)
     store = CheckpointStorage(storage, job)
