@@ -9,12 +9,15 @@ Layout under ``<storage>/<job>``::
     checkpoint-history.jsonl        one JSON line per completed checkpoint
 
 A checkpoint is complete only when its ``_manifest.json`` exists and parses.
-The manifest is written to a temporary name in the same directory, flushed,
-fsynced and renamed over the final name (and, on a local disk, the directory is
-fsynced after the rename), so a crash at any point leaves either the whole
-manifest or none: the previous complete checkpoint stays the recovery point.
-Deleting a checkpoint removes its manifest first, so a half-deleted checkpoint
-is never mistaken for a complete one.
+On a filesystem the manifest is written to a temporary name in the same
+directory, flushed, fsynced and renamed over the final name (and, on a local
+disk, the directory is fsynced after the rename). An object store (S3, GCS,
+Azure) has no atomic rename but creates or replaces an object whole, so the
+manifest is put once under its final name: no reader ever sees part of it.
+Either way a crash at any point leaves either the whole manifest or none: the
+previous complete checkpoint stays the recovery point. The lease and the
+history are replaced the same way. Deleting a checkpoint removes its manifest
+first, so a half-deleted checkpoint is never mistaken for a complete one.
 
 Every state file's size and CRC-32 are recorded in its :class:`StateHandle`
 (and so in the manifest), and :meth:`CheckpointStorage.read_state` checks both:
@@ -39,6 +42,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -48,7 +52,8 @@ from onceflow.checkpoint.lease import JobLease
 from onceflow.errors import OnceflowError, PlanError
 from onceflow.redaction import dsn_secrets, redact_uri, scrub
 
-__all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle", "ipc_file_bytes", "matches", "state_handles"]
+__all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle", "ipc_file_bytes", "job_names", "matches",
+           "state_handles"]
 
 MANIFEST_NAME = "_manifest.json"
 LEASE_NAME = "_lease.json"
@@ -62,6 +67,10 @@ MANIFEST_FORMAT = 2
 """The manifest's format: 2 adds ``"_integrity"`` (format and CRC-32) and each state file's ``"crc32"``."""
 _INTEGRITY = "_integrity"
 _CHECKPOINT_DIR = re.compile(r"chk-(\d+)")
+_LEASE_READS = 3
+"""How often a lease that does not parse is read before it counts as damaged."""
+_OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
+"""``pyarrow.fs`` type names of object stores: no directories, no atomic rename, an object is put whole."""
 
 
 class CheckpointStorageError(OnceflowError):
@@ -153,6 +162,153 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def _read_or_empty(fs: pafs.FileSystem, path: str) -> bytes:
+    try:
+        with fs.open_input_stream(path) as source:
+            return bytes(source.read())
+    except FileNotFoundError:
+        return b""
+
+
+def _ended(existing: bytes) -> bytes:
+    """``existing`` lines with a torn last line (a crash mid-append) ended, so a new line stays readable."""
+    return existing + b"\n" if existing and not existing.endswith(b"\n") else existing
+
+
+class _LocalWrites:
+    """Writes on a local disk: each file fsynced, a file replaced by renaming a fsynced temporary over it.
+
+    Args:
+        root: the job's directory, fsynced after a rename in it.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, root: str) -> None:
+        self._fs = fs
+        self._root = root
+
+    def write(self, directory: str, path: str, data: pa.Buffer) -> None:
+        self._fs.create_dir(directory, recursive=True)
+        with self._fs.open_output_stream(path) as sink:
+            sink.write(data)
+        _fsync_path(path)
+
+    def replace(self, directory: str, final: str, data: bytes) -> None:
+        self._fs.create_dir(directory, recursive=True)
+        temporary = f"{final}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(temporary, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, final)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        _fsync_path(os.path.dirname(final))
+        _fsync_path(self._root)
+
+    def append(self, path: str, lines: bytes) -> None:
+        with open(path, "ab+") as out:
+            if out.seek(0, os.SEEK_END) > 0:
+                out.seek(-1, os.SEEK_END)
+                if out.read(1) != b"\n":
+                    lines = b"\n" + lines
+            out.write(lines)
+            out.flush()
+            os.fsync(out.fileno())
+
+
+class _RenamingWrites:
+    """Writes on another filesystem with directories and a rename (HDFS...): a temporary moved over the file."""
+
+    def __init__(self, fs: pafs.FileSystem) -> None:
+        self._fs = fs
+
+    def write(self, directory: str, path: str, data: pa.Buffer) -> None:
+        self._fs.create_dir(directory, recursive=True)
+        with self._fs.open_output_stream(path) as sink:
+            sink.write(data)
+
+    def replace(self, directory: str, final: str, data: bytes) -> None:
+        self._fs.create_dir(directory, recursive=True)
+        temporary = f"{final}.{uuid.uuid4().hex}.tmp"
+        try:
+            with self._fs.open_output_stream(temporary) as out:
+                out.write(data)
+            self._fs.move(temporary, final)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._fs.delete_file(temporary)
+            raise
+
+    def append(self, path: str, lines: bytes) -> None:
+        self.replace(path.rpartition("/")[0], path, _ended(_read_or_empty(self._fs, path)) + lines)
+
+
+class _ObjectStoreWrites:
+    """Writes on an object store (S3, GCS, Azure): an object is created or replaced whole by one upload.
+
+    There is no rename to make a write atomic and no need for one: readers see
+    the old object or the new one, never part of either. Directories are only
+    key prefixes, so none is created.
+    """
+
+    def __init__(self, fs: pafs.FileSystem) -> None:
+        self._fs = fs
+
+    def write(self, directory: str, path: str, data: pa.Buffer | bytes) -> None:
+        with self._fs.open_output_stream(path) as sink:
+            sink.write(data)
+
+    def replace(self, directory: str, final: str, data: bytes) -> None:
+        self.write(directory, final, data)
+
+    def append(self, path: str, lines: bytes) -> None:
+        self.write("", path, _ended(_read_or_empty(self._fs, path)) + lines)
+
+
+_Writes = _LocalWrites | _RenamingWrites | _ObjectStoreWrites
+
+
+def _writes_for(fs: pafs.FileSystem, root: str) -> _Writes:
+    if isinstance(fs, pafs.LocalFileSystem):
+        return _LocalWrites(fs, root)
+    if fs.type_name in _OBJECT_STORES:
+        return _ObjectStoreWrites(fs)
+    return _RenamingWrites(fs)
+
+
+def _open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and base path of a local directory or ``pyarrow.fs`` URI; errors name it redacted."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, OSError, ValueError) as error:
+        secrets = dsn_secrets(uri)
+        why = scrub(str(error), [uri, *secrets, *(unquote(secret) for secret in secrets)])
+        msg = (f"cannot open checkpoint storage {redact_uri(uri)!r}: {why}; pass a local directory or a "
+               "pyarrow.fs uri")
+        raise CheckpointStorageError(msg, path=redact_uri(uri)) from None
+
+
+def job_names(uri: str) -> list[str]:
+    """The jobs with a directory under checkpoint storage ``uri`` (a local directory or ``pyarrow.fs`` URI).
+
+    Raises:
+        CheckpointStorageError: the storage cannot be opened or listed.
+
+    """
+    fs, base = _open_uri(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base.rstrip("/"), allow_not_found=True))
+    except OSError as error:
+        msg = f"cannot list checkpoint storage {redact_uri(uri)!r}: {error}; check that it is reachable"
+        raise CheckpointStorageError(msg, path=redact_uri(uri)) from error
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+
+
 class CheckpointStorage:
     """Checkpoint files of one job under a local directory or a ``pyarrow.fs`` URI.
 
@@ -190,22 +346,11 @@ class CheckpointStorage:
         self._uri = uri
         self._job = job
         self._given_filesystem = filesystem
-        if filesystem is not None:
-            fs, base = filesystem, uri
-        elif "://" in uri:
-            try:
-                fs, base = pafs.FileSystem.from_uri(uri)
-            except (pa.ArrowInvalid, OSError, ValueError) as error:
-                why = scrub(str(error), [uri, *dsn_secrets(uri)])
-                msg = (f"cannot open checkpoint storage {redact_uri(uri)!r}: {why}; pass a local directory or a "
-                       "pyarrow.fs uri")
-                raise CheckpointStorageError(msg, path=redact_uri(uri)) from None
-        else:
-            fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+        fs, base = (filesystem, uri) if filesystem is not None else _open_uri(uri)
         self._fs: pafs.FileSystem = fs
-        self._local = isinstance(fs, pafs.LocalFileSystem)
         base = base.rstrip("/")
         self._root = f"{base}/{job}" if base else job
+        self._writes = _writes_for(fs, self._root)
         try:
             self._fs.create_dir(self._root, recursive=True)
         except OSError as error:
@@ -270,11 +415,7 @@ class CheckpointStorage:
         path = f"{directory}/{_file_part(task, 'task')}.{_file_part(operator, 'operator')}.arrow"
         try:
             data = ipc_file_bytes(table)
-            self._fs.create_dir(directory, recursive=True)
-            with self._fs.open_output_stream(path) as sink:
-                sink.write(data)
-            if self._local:
-                _fsync_path(path)
+            self._writes.write(directory, path, data)
         except (OSError, pa.ArrowException) as error:
             msg = f"cannot write checkpoint state file {path!r}: {error}; check that the checkpoint storage is writable"
             raise CheckpointStorageError(msg, path=path) from error
@@ -293,11 +434,7 @@ class CheckpointStorage:
         path = f"{self._root}/{SHARED_DIR}/{name}"
         try:
             data = ipc_file_bytes(table)
-            self._fs.create_dir(f"{self._root}/{SHARED_DIR}", recursive=True)
-            with self._fs.open_output_stream(path) as sink:
-                sink.write(data)
-            if self._local:
-                _fsync_path(path)
+            self._writes.write(f"{self._root}/{SHARED_DIR}", path, data)
         except (OSError, pa.ArrowException) as error:
             msg = f"cannot write checkpoint state file {path!r}: {error}; check that the checkpoint storage is writable"
             raise CheckpointStorageError(msg, path=path) from error
@@ -381,11 +518,7 @@ class CheckpointStorage:
                 msg = f"state file {expected.path!r} is damaged: {problem}; it was not copied"
                 raise CheckpointStorageError(msg, path=expected.path)
         try:
-            self._fs.create_dir(directory, recursive=True)
-            with self._fs.open_output_stream(path) as sink:
-                sink.write(buffer)
-            if self._local:
-                _fsync_path(path)
+            self._writes.write(directory, path, buffer)
         except OSError as error:
             msg = f"cannot write checkpoint state file {path!r}: {error}; check that the checkpoint storage is writable"
             raise CheckpointStorageError(msg, path=path) from error
@@ -441,10 +574,11 @@ class CheckpointStorage:
     def write_manifest(self, manifest: dict[str, Any]) -> str:
         """Write checkpoint ``manifest["checkpoint_id"]``'s manifest atomically, completing the checkpoint.
 
-        Write to a temporary name in the checkpoint's directory, flush, fsync,
-        rename over ``_manifest.json`` (and fsync the directories on a local
-        disk). On other filesystems the temporary object is written in full
-        and then moved.
+        On a local disk: write to a temporary name in the checkpoint's
+        directory, flush, fsync, rename over ``_manifest.json`` and fsync the
+        directories; on another filesystem with a rename, write the temporary
+        whole and move it. On an object store, put ``_manifest.json`` in one
+        upload, which creates the object whole or not at all.
 
         Args:
             manifest: a JSON-serialisable mapping with at least ``checkpoint_id``.
@@ -473,19 +607,10 @@ class CheckpointStorage:
         return final
 
     def _write_atomically(self, directory: str, final: str, data: bytes, what: str) -> None:
-        """Write ``data`` to a temporary name in ``directory``, then rename it over ``final``."""
-        temporary = f"{final}.{uuid.uuid4().hex}.tmp"
+        """Create or replace ``final`` with ``data`` so that a reader sees all of it or the previous version."""
         try:
-            self._fs.create_dir(directory, recursive=True)
-            if self._local:
-                self._replace_local(temporary, final, data)
-            else:
-                with self._fs.open_output_stream(temporary) as out:
-                    out.write(data)
-                self._fs.move(temporary, final)
+            self._writes.replace(directory, final, data)
         except OSError as error:
-            with contextlib.suppress(OSError):
-                self._fs.delete_file(temporary)
             msg = f"cannot write {what} {final!r}: {error}; check that the checkpoint storage is writable and has space"
             raise CheckpointStorageError(msg, path=final) from error
 
@@ -494,16 +619,26 @@ class CheckpointStorage:
     def read_lease(self) -> JobLease | None:
         """The job's storage lease (:mod:`onceflow.checkpoint.lease`), or ``None`` if no run holds one."""
         path = f"{self._root}/{LEASE_NAME}"
-        try:
-            with self._fs.open_input_stream(path) as source:
-                return JobLease.from_json(json.loads(source.read()))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            if not self._exists(path):
+        for attempt in range(_LEASE_READS):
+            try:
+                with self._fs.open_input_stream(path) as source:
+                    return JobLease.from_json(json.loads(source.read()))
+            except FileNotFoundError:
                 return None
-            msg = f"cannot read the job's lease {path!r}: {error}; check that the checkpoint storage is reachable"
-            raise CheckpointStorageError(msg, path=path) from error
+            except (ValueError, KeyError, TypeError) as error:
+                # An object store's read (size, then bytes) can meet a renewal replacing the object: read again.
+                if attempt + 1 < _LEASE_READS:
+                    continue
+                if not self._exists(path):
+                    return None
+                msg = f"the job's lease {path!r} does not parse: {error}; delete it if no run of the job is running"
+                raise CheckpointStorageError(msg, path=path) from error
+            except OSError as error:
+                if not self._exists(path):
+                    return None
+                msg = f"cannot read the job's lease {path!r}: {error}; check that the checkpoint storage is reachable"
+                raise CheckpointStorageError(msg, path=path) from error
+        return None  # not reached: the last attempt returns or raises
 
     def write_lease(self, lease: JobLease) -> None:
         """Replace the job's storage lease atomically (as a manifest is written)."""
@@ -519,15 +654,6 @@ class CheckpointStorage:
 
     def _exists(self, path: str) -> bool:
         return bool(self._fs.get_file_info(path).type != pafs.FileType.NotFound)
-
-    def _replace_local(self, temporary: str, final: str, data: bytes) -> None:
-        with open(temporary, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, final)
-        _fsync_path(os.path.dirname(final))
-        _fsync_path(self._root)
 
     def manifest(self, checkpoint_id: int) -> dict[str, Any] | None:
         """Checkpoint ``checkpoint_id``'s manifest, or ``None`` if the checkpoint is not complete or is damaged.
@@ -779,7 +905,7 @@ class CheckpointStorage:
         """Append JSON lines to ``<root>/<name>``.
 
         A torn last line left by a crash is ended first, so the new line stays readable.
-        Filesystems without appends (object stores) rewrite the file.
+        Filesystems without appends rewrite the file whole (one upload on an object store).
         """
         path = f"{self._root}/{name}"
         try:
@@ -790,33 +916,10 @@ class CheckpointStorage:
                    "store only str, int, float, bool, None, list and dict values")
             raise CheckpointStorageError(msg, path=path) from error
         try:
-            if self._local:
-                with open(path, "ab+") as out:
-                    if out.seek(0, os.SEEK_END) > 0:
-                        out.seek(-1, os.SEEK_END)
-                        if out.read(1) != b"\n":
-                            lines = b"\n" + lines
-                    out.write(lines)
-                    out.flush()
-                    os.fsync(out.fileno())
-            else:
-                self._append_remote(path, lines)
+            self._writes.append(path, lines)
         except OSError as error:
             msg = f"cannot append to {what} {path!r}: {error}; check that the checkpoint storage is writable"
             raise CheckpointStorageError(msg, path=path) from error
-
-    def _append_remote(self, path: str, line: bytes) -> None:
-        try:
-            with self._fs.open_input_stream(path) as source:
-                existing = source.read()
-        except FileNotFoundError:
-            existing = b""
-        if existing and not existing.endswith(b"\n"):
-            existing += b"\n"
-        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-        with self._fs.open_output_stream(temporary) as out:
-            out.write(existing + line)
-        self._fs.move(temporary, path)
 
     def _read_lines(self, name: str, what: str) -> list[dict[str, Any]]:
         path = f"{self._root}/{name}"

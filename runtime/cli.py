@@ -26,7 +26,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError, job_names
+from onceflow.redaction import redact_uri
 from onceflow.runtime import progress
 from onceflow.runtime.monitor import find_monitor, list_monitors
 
@@ -232,14 +233,10 @@ def checkpoints() -> None:
 
 
 def _jobs(storage: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    if "://" in storage:
-        fs, root = pafs.FileSystem.from_uri(storage)
-    else:
-        fs, root = pafs.LocalFileSystem(), str(Path(storage).resolve())
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    try:
+        return job_names(storage)
+    except CheckpointStorageError as error:
+        raise click.ClickException(str(error)) from None
 
 
 def _size(n: float) -> str:
@@ -256,7 +253,7 @@ def list_checkpoints(storage: str) -> None:
     """List the retained checkpoints and the history of every job under STORAGE."""
     jobs = _jobs(storage)
     if not jobs:
-        _console().print(f"no jobs under {storage}")
+        _console().print(f"no jobs under {redact_uri(storage)}")
         return
     for job in jobs:
         store = CheckpointStorage(storage, job)
@@ -286,7 +283,7 @@ def show_checkpoint(storage: str, job: str, checkpoint_id: int | None) -> None:
     store = CheckpointStorage(storage, job)
     manifest = store.manifest(checkpoint_id) if checkpoint_id is not None else store.latest_manifest()
     if manifest is None:
-        msg = f"no complete checkpoint {checkpoint_id or ''} of job {job!r} in {storage}"
+        msg = f"no complete checkpoint {checkpoint_id or ''} of job {job!r} in {redact_uri(storage)}"
         raise click.ClickException(msg)
     table = Table(title=f"job {job}, checkpoint {manifest['checkpoint_id']}: {_size(manifest['state_bytes'])}")
     for column in ("subtask", "operator", "rows", "bytes", "barrier", "sync", "async", "barrier wait",

@@ -75,7 +75,7 @@ class CheckpointSetup:
     """
 
     coordinator: ActorHandle
-    storage: str
+    storage: str = field(repr=False)  # may carry S3 credentials (see onceflow.checkpoint.s3)
     cache: bool = True
     unaligned: bool = False
     aligned_timeout_s: float | None = None

@@ -36,17 +36,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 
 from onceflow.checkpoint.config import CheckpointConfig
 from onceflow.checkpoint.lease import may_take, taken
+from onceflow.checkpoint.s3 import with_s3_environment
 from onceflow.checkpoint.savepoint import import_savepoint, read_savepoint
 from onceflow.checkpoint.state import read_sink_state
 from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError, StateHandle
@@ -78,6 +80,7 @@ from onceflow.checkpoint.supervisor import (
 )
 from onceflow.checkpoint.two_phase_commit import CommittableRecord, SinkContext
 from onceflow.errors import CheckpointError, DataError, JobFailedError, OnceflowError, PlanError
+from onceflow.redaction import redact_uri
 from onceflow.runtime import progress
 from onceflow.runtime.checkpointing import LEASE_LOST, CoordinatorActor, RestorePoint
 from onceflow.runtime.dataflow import NodeKind
@@ -246,12 +249,15 @@ class JobHandle:
         self.run_id = uuid.uuid4().hex[:12]
         self._plan = plan_
         self._options = options
-        self._checkpoint = checkpoint
+        # The actors' processes need not share this driver's environment: the S3 settings travel in the URI.
+        self._checkpoint = (replace(checkpoint, storage=with_s3_environment(checkpoint.storage, os.environ))
+                            if checkpoint is not None else None)
         self._actor_options = actor_options
         self._allow_non_restored_state = allow_non_restored_state
         self._supervisor = JobSupervisor(restart, checkpointing=checkpoint is not None)
         self._restart_counter = RestartCounter(flow.name)
-        self._storage = CheckpointStorage(checkpoint.storage, self.job) if checkpoint is not None else None
+        self._storage = (CheckpointStorage(self._checkpoint.storage, self.job) if self._checkpoint is not None
+                         else None)
         # The supervisor thread owns everything below; other threads only read it.
         self._coordinator: ActorHandle | None = None
         self._attempt = _Attempt(0)
@@ -1121,7 +1127,7 @@ class JobHandle:
                             f"({self._supervisor.strategy.kind})")
             if self._checkpoint is not None and finish.latest_checkpoint is not None:
                 message += (f"; it can resume from checkpoint {finish.latest_checkpoint} in "
-                            f"{self._checkpoint.storage!r} (resume=True)")
+                            f"{redact_uri(self._checkpoint.storage)!r} (resume=True)")
             error = JobFailedError(message, job=self.job, operator=finish.operator)
         error.__cause__ = cause
         return error

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import ray
 
 import onceflow as of
@@ -183,16 +184,18 @@ class Workspace:
         root: a directory of its own.
         dsn: a libpq connection string, for shapes with PostgreSQL sinks.
         kafka: the ``bootstrap.servers`` of a Kafka broker, for shapes that read and write Kafka.
+        checkpoints: the checkpoint storage as a ``pyarrow.fs`` URI (``s3://...``); ``None``: under ``root``.
     """
 
     root: Path
     dsn: str | None = None
     kafka: str | None = None
+    checkpoints: str | None = None
 
     @property
     def storage(self) -> str:
         """The checkpoint storage."""
-        return str(self.root / "checkpoints")
+        return self.checkpoints or str(self.root / "checkpoints")
 
     @property
     def out(self) -> Path:
@@ -876,6 +879,8 @@ def verify(shape: JobShape, workspace: Workspace, record: ChaosRecord) -> None:
         record.leftovers += _postgres_leftovers(workspace)
     if shape.kafka:
         record.leftovers += _kafka_leftovers(record.job, workspace)
+    if workspace.checkpoints is not None:
+        record.leftovers += _storage_leftovers(record.job, workspace)
     actors = leftover_actors(record.job)
     if actors:
         record.leftovers.append(f"named actors left: {actors}")
@@ -896,6 +901,14 @@ def _checkpoint_leftovers(job: str, workspace: Workspace) -> list[str]:
     if missing:
         found.append(f"{len(missing)} checkpoint file(s) named by a manifest are gone, e.g. {missing[0]}")
     return found
+
+
+def _storage_leftovers(job: str, workspace: Workspace) -> list[str]:
+    """Temporary objects in a checkpoint storage URI (an object store's writes never make any)."""
+    store = CheckpointStorage(workspace.storage, job)
+    infos = store.filesystem.get_file_info(pafs.FileSelector(store.root, recursive=True, allow_not_found=True))
+    temporary = sorted(info.path for info in infos if info.path.endswith(".tmp"))
+    return [f"temporary checkpoint objects left: {temporary[:5]}"] if temporary else []
 
 
 def _postgres_leftovers(workspace: Workspace) -> list[str]:

@@ -12,6 +12,7 @@ import ray
 
 from tests.kafka_server import KafkaServer
 from tests.postgres_server import PostgresServer
+from tests.s3_server import S3Server
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +45,17 @@ def postgres() -> Iterator[PostgresServer]:
 def kafka() -> Iterator[KafkaServer]:
     """A Kafka-protocol broker on loopback (noida-db), for the whole session."""
     server = KafkaServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """An S3-compatible server (moto) on loopback with one bucket, for the whole session."""
+    pytest.importorskip("moto.server", reason="moto is not installed: pip install -e '.[test]' installs it")
+    server = S3Server().start()
     try:
         yield server
     finally:

@@ -3,8 +3,9 @@
 The normal suite runs a fixed set of seeded schedules that together aim at
 every phase (start-up, just after start-up, running, two kills at once,
 fencing, resolving, recovery, the final checkpoint), arm each crash point once,
-cover the six job shapes (the retry loop and Kafka to Kafka among them) and
-include a driver killed with SIGKILL and resumed with ``resume=True``.
+cover the six job shapes (the retry loop and Kafka to Kafka among them),
+include a driver killed with SIGKILL and resumed with ``resume=True``, and
+one schedule keeps its checkpoints on S3 (a moto server on loopback).
 ``ONCEFLOW_SLOW=1`` adds 200 random schedules and prints their figures at the
 end. A failing schedule prints its story (seed, moves, every kill with the
 phase it landed in); ``run_schedule`` with the same arguments replays it.
@@ -142,6 +143,20 @@ LOOP_SCHEDULES = [
     (22, [Aim.RUNNING, Aim.RECOVERY], "sink.after_pre_commit", "unaligned"),
     (23, [Aim.TWO_AT_ONCE], None, "timeout"),
 ]
+
+
+def test_a_chaos_schedule_with_checkpoints_on_s3_commits_exactly_the_reference(
+        tmp_path: Path, request: pytest.FixtureRequest, figures: Figures, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window shape with its checkpoints in a real S3-compatible server (moto), the driver's environment
+    pointing at it; two kills, the second during the recovery from the first."""
+    s3 = request.getfixturevalue("s3")
+    for name, value in s3.environment.items():
+        monkeypatch.setenv(name, value)
+    workspace = Workspace(tmp_path, checkpoints=f"s3://{s3.bucket}/chaos-41")
+    record = run_schedule(SHAPES["window-parquet"], workspace, seed=41, aims=[Aim.RUNNING, Aim.RECOVERY],
+                          failpoint="coordinator.after_manifest")
+    _check(record, figures)
+    assert s3.keys("chaos-41/"), "no checkpoint reached the bucket"
 
 
 MID_RUN = (Aim.RUNNING, Aim.TWO_AT_ONCE, Aim.FENCING, Aim.RESOLVING, Aim.RECOVERY)
