@@ -100,7 +100,9 @@ def test_a_cancelled_job_records_the_request_and_the_end(tmp_path: Path) -> None
     handle = of.submit(flow, executor="local", checkpoint=of.CheckpointConfig(interval_s=0.05, storage=str(tmp_path)))
     handle.cancel()
     kinds = [e["event"] for e in events_of(tmp_path, "ev-cancel")]
-    assert kinds[0] == "started" and kinds[-2:] == ["cancel_requested", "cancelled"], kinds
+    assert kinds[0] == "started" and kinds[-1] == "cancelled", kinds
+    after = kinds[kinds.index("cancel_requested") + 1:-1]
+    assert set(after) <= {"checkpoint_failed"}, kinds  # a checkpoint in flight is aborted by the cancel
     assert handle.view()["status"] == "CANCELLED" and handle.metrics()["status"] == "CANCELLED"
 
 
