@@ -7,7 +7,6 @@ the object store copy, or from durable storage when that copy is gone).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -138,8 +137,12 @@ def load_restored(restore: SubtaskRestore | None, storage: CheckpointStorage | N
 def _load(handle: RestoredState, storage: CheckpointStorage | None) -> pa.Table:
     """The object-store copy if it is there and matches the recorded file's CRC-32, else the file (checked)."""
     if handle.cached is not None:
-        with contextlib.suppress(Exception):
+        try:
             table = ray.get(handle.cached, timeout=30)
+        except Exception as error:  # noqa: BLE001 - the copy is only a cache: read the file
+            log.info("restoring %s from its checkpoint file: the object-store copy is gone (%s)", handle.path,
+                     type(error).__name__)
+        else:
             if isinstance(table, pa.Table):
                 if handle.recorded is None or handle.recorded.crc32 is None or matches(handle.recorded, table):
                     return table

@@ -87,6 +87,7 @@ from onceflow.runtime.metrics import JobCounters, SubtaskCounters
 from onceflow.runtime.monitor import Observer
 from onceflow.runtime.options import JobKeywords, JobOptions
 from onceflow.runtime.output import DownstreamFailedError
+from onceflow.runtime.placement import PlacementDecision, check_pinned_operators, decide_placement, describe_placement
 from onceflow.runtime.plan import PhysicalPlan, plan
 from onceflow.runtime.ray_env import ensure_ray
 from onceflow.runtime.restart import RestartStrategy
@@ -96,6 +97,8 @@ from onceflow.runtime.subtask import subtask_class
 from onceflow.runtime.telemetry import RestartCounter
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from ray.actor import ActorHandle
 
     from onceflow.runtime.dataflow import Dataflow
@@ -236,7 +239,8 @@ class JobHandle:
     def __init__(self, flow: Dataflow, plan_: PhysicalPlan, options: RuntimeOptions,
                  checkpoint: CheckpointConfig | None, restart: RestartStrategy,
                  actor_options: dict[str, Any], resume: bool = False,
-                 allow_non_restored_state: bool = False, executor: Executor | None = None) -> None:
+                 allow_non_restored_state: bool = False, executor: Executor | None = None,
+                 placement: str | Mapping[str, Sequence[str]] = "spread") -> None:
         self.job = flow.name
         self._executor: Executor = executor or RayExecutor()
         self.run_id = uuid.uuid4().hex[:12]
@@ -244,6 +248,8 @@ class JobHandle:
         self._options = options
         self._checkpoint = checkpoint
         self._actor_options = actor_options
+        self._placement_policy = placement
+        self._placement: dict[str, str] = {}  # task or "coordinator" -> the node it runs on, as it reported
         self._allow_non_restored_state = allow_non_restored_state
         self._supervisor = JobSupervisor(restart, checkpointing=checkpoint is not None)
         self._restart_counter = RestartCounter(flow.name)
@@ -437,17 +443,51 @@ class JobHandle:
 
     # -- actors -----------------------------------------------------------------------
 
-    def _create(self, cls: type, name: str, *args: Any, **kwargs: Any) -> ActorHandle:
-        options = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1000, **self._actor_options}
+    def _create(self, cls: type, name: str, node: str, *args: Any, **kwargs: Any) -> ActorHandle:
+        """Create actor ``name``, asking for ``node`` (``""``: anywhere); ``actor_options`` win over the placement."""
+        options = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1000, **self._executor.on_node(node),
+                   **self._actor_options}
         return self._executor.create(cls, name, options, *args, **kwargs)
 
-    def _start_coordinator(self, baseline: int | None) -> ActorHandle:
+    def _start_coordinator(self, baseline: int | None, node: str) -> ActorHandle:
         assert self._checkpoint is not None
         tasks = [f"{v.name}/{i}" for v in self._plan.vertices for i in range(v.parallelism)]
-        self._coordinator = self._create(CoordinatorActor, f"{self.job}/coordinator", self.job,
+        self._coordinator = self._create(CoordinatorActor, f"{self.job}/coordinator", node, self.job,
                                          self._checkpoint, tasks, self._options.log_level, self.run_id, baseline)
         self._coordinators += 1
         return self._coordinator
+
+    def _decide_placement(self) -> PlacementDecision:
+        """Where this attempt's actors go, among the nodes alive now (a surviving coordinator stays put)."""
+        tasks = [(tuple(n.name for n in v.nodes), f"{v.name}/{i}")
+                 for v in self._plan.vertices for i in range(v.parallelism)]
+        nodes, driver = self._executor.nodes()
+        staying = self._placement.get("coordinator", "") if self._coordinator is not None else ""
+        decision = decide_placement(self._placement_policy, tasks, nodes=nodes, driver=driver, coordinator=staying)
+        for warning in decision.warnings:
+            log.warning("job %s: %s", self.job, warning)
+        return decision
+
+    def _record_placement(self, attempt: _Attempt) -> None:
+        """Ask every actor of the attempt (and the coordinator) which node it runs on; log it at INFO."""
+        actors: dict[str, Any] = {name.split("/", 1)[1]: actor for actor, name in attempt.names.items()}
+        if self._coordinator is not None:
+            actors["coordinator"] = self._coordinator
+        names = list(actors)
+        nodes = self._executor.get([actors[n].node.remote() for n in names], timeout=_CALL_TIMEOUT_S)
+        self._placement = dict(zip(names, nodes, strict=True))
+        log.info("job %s: attempt %d placement (%s):\n%s", self.job, attempt.number,
+                 self._placement_policy if isinstance(self._placement_policy, str) else "pinned",
+                 describe_placement(self._placement))
+
+    def placement(self) -> dict[str, str]:
+        """Where the current attempt's actors run: task (``<vertex>/<subtask>``) or ``"coordinator"`` -> node id.
+
+        Recorded when the attempt deploys, as each actor reported its Ray node
+        (``""`` for the local executor's actors, which run in this process
+        when Ray is not initialised). See :mod:`onceflow.runtime.placement`.
+        """
+        return dict(self._placement)
 
     # -- observation --------------------------------------------------------------------
 
@@ -881,8 +921,9 @@ class JobHandle:
         try:
             setup = None
             restore: RestorePoint | None = None
+            decision = self._decide_placement()
             if self._checkpoint is not None:
-                coordinator = self._coordinator or self._start_coordinator(restore_id)
+                coordinator = self._coordinator or self._start_coordinator(restore_id, decision.coordinator)
                 setup = CheckpointSetup(coordinator, self._checkpoint.storage, cache=self._executor.object_store,
                                         unaligned=self._checkpoint.mode == "unaligned",
                                         aligned_timeout_s=self._checkpoint.aligned_timeout_s)
@@ -900,8 +941,9 @@ class JobHandle:
                     task_restore = None
                     if restore is not None:
                         task_restore = SubtaskRestore(restore[0], assigned[f"{vertex.name}/{subtask}"])
-                    actor = self._create(cls, name, self._plan, vertex.id, subtask, self._options, setup,
-                                         task_restore, attempt=identity)
+                    actor = self._create(cls, name, decision.subtasks.get(f"{vertex.name}/{subtask}", ""),
+                                         self._plan, vertex.id, subtask, self._options, setup, task_restore,
+                                         attempt=identity)
                     group.append(actor)
                     attempt.names[actor] = name
                     attempt.actors[vertex.id] = group
@@ -919,6 +961,7 @@ class JobHandle:
                 self._waits[actor.done.remote()] = (_Wait.DONE, attempt.names[actor])
                 self._waits[actor.watch.remote()] = (_Wait.WATCH, attempt.names[actor])
             self._loops = self._loop_watches(attempt)
+            self._record_placement(attempt)
             for source in attempt.sources:
                 source.run.remote()
         except Exception as error:  # noqa: BLE001 - a failure while deploying is one failure like any other
@@ -1093,6 +1136,9 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
             - ``credits`` (2): unacknowledged messages per channel.
             - ``chaining`` (``True``): fuse forward-connected operators into one actor.
             - ``actor_options`` (``None``): extra Ray actor options for every subtask (``num_cpus``, ...).
+            - ``placement`` (``"spread"``): where the subtasks run on a cluster: ``"spread"``,
+              ``"pack"``, or ``{operator name: node id or [node ids]}``; chosen again at each
+              restart from the nodes alive (see :mod:`onceflow.runtime.placement`).
 
     Returns once the first attempt runs (its actors deployed and wired), or
     the job already ended; failures from then on are the job's to recover.
@@ -1107,6 +1153,7 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
     """
     job = JobOptions.from_keywords(options, keywords)
     physical = plan(flow, job.parallelism, max_parallelism=job.max_parallelism, chaining=job.chaining)
+    check_pinned_operators(job.placement, {v.name: [n.name for n in v.nodes] for v in physical.vertices})
     defaults = RuntimeOptions()
     runtime_options = RuntimeOptions(
         batch_bytes=job.batch_bytes or defaults.batch_bytes,
@@ -1128,7 +1175,7 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
     for sink in sinks:
         sink.prepare()
     return JobHandle(flow, physical, runtime_options, job.checkpoint, job.restart_strategy, job.actor_options or {},
-                     job.resume, job.allow_non_restored_state, executor_named(job.executor))
+                     job.resume, job.allow_non_restored_state, executor_named(job.executor), job.placement)
 
 
 def run(flow: Dataflow, *, options: JobOptions | None = None, timeout_s: float | None = None,

@@ -322,6 +322,10 @@ class Subtask:
         self._finished_at = time.monotonic()
         self._finished.set()
 
+    def node(self) -> str:
+        """The id of the Ray node this subtask runs on (``""`` outside Ray)."""
+        return self._node
+
     async def done(self) -> None:
         """Return when this subtask processed its end of input; raise its failure if it failed."""
         await self._finished.wait()
