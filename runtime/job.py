@@ -87,7 +87,13 @@ from onceflow.runtime.metrics import JobCounters, SubtaskCounters
 from onceflow.runtime.monitor import Observer
 from onceflow.runtime.options import JobKeywords, JobOptions
 from onceflow.runtime.output import DownstreamFailedError
-from onceflow.runtime.placement import PlacementDecision, check_pinned_operators, decide_placement, describe_placement
+from onceflow.runtime.placement import (
+    PlacementDecision,
+    check_pinned_operators,
+    decide_placement,
+    describe_placement,
+    silent_nodes,
+)
 from onceflow.runtime.plan import PhysicalPlan, plan
 from onceflow.runtime.ray_env import ensure_ray
 from onceflow.runtime.restart import RestartStrategy
@@ -250,6 +256,8 @@ class JobHandle:
         self._actor_options = actor_options
         self._placement_policy = placement
         self._placement: dict[str, str] = {}  # task or "coordinator" -> the node it runs on, as it reported
+        self._placed_attempt = 0  # the attempt whose actors _placement records
+        self._silent_nodes: set[str] = set()  # nodes where no subtask of the failed attempt answered: kept out
         self._allow_non_restored_state = allow_non_restored_state
         self._supervisor = JobSupervisor(restart, checkpointing=checkpoint is not None)
         self._restart_counter = RestartCounter(flow.name)
@@ -462,6 +470,13 @@ class JobHandle:
         tasks = [(tuple(n.name for n in v.nodes), f"{v.name}/{i}")
                  for v in self._plan.vertices for i in range(v.parallelism)]
         nodes, driver = self._executor.nodes()
+        left = [n for n in nodes if n not in self._silent_nodes]
+        if left and len(left) < len(nodes):
+            log.warning("job %s: no subtask on node(s) %s answered after the failure (lost, most likely); "
+                        "placing this attempt on the other %d node(s)", self.job,
+                        ", ".join(sorted(set(nodes) - set(left))), len(left))
+            nodes = left
+        self._silent_nodes = set()
         staying = self._placement.get("coordinator", "") if self._coordinator is not None else ""
         decision = decide_placement(self._placement_policy, tasks, nodes=nodes, driver=driver, coordinator=staying)
         for warning in decision.warnings:
@@ -476,6 +491,7 @@ class JobHandle:
         names = list(actors)
         nodes = self._executor.get([actors[n].node.remote() for n in names], timeout=_CALL_TIMEOUT_S)
         self._placement = dict(zip(names, nodes, strict=True))
+        self._placed_attempt = attempt.number
         log.info("job %s: attempt %d placement (%s):\n%s", self.job, attempt.number,
                  self._placement_policy if isinstance(self._placement_policy, str) else "pinned",
                  describe_placement(self._placement))
@@ -1000,7 +1016,10 @@ class JobHandle:
     def _fence(self, number: int) -> SupervisorEvent:
         """Kill the attempt's actors, confirm their death, settle the coordinator; report the restore point."""
         attempt = self._attempt
-        self._collect_attempt_counts()
+        answered = self._collect_attempt_counts()
+        if self._placed_attempt == attempt.number:
+            subtasks = {task: node for task, node in self._placement.items() if task != "coordinator"}
+            self._silent_nodes = silent_nodes(subtasks, answered)
         actors = attempt.everyone
         self._executor.kill(actors)
         self._waits = {}
@@ -1035,10 +1054,15 @@ class JobHandle:
         """The counters of the attempt's subtasks that answer within ``timeout_s`` (a dead one's are lost)."""
         return _gather(self._executor, [a.metrics.remote() for a in self._attempt.everyone], timeout_s)
 
-    def _collect_attempt_counts(self) -> None:
-        """The attempt is fenced: its subtasks' last figures (a dead one's as last known) become earlier counts."""
-        self._known.update(self._attempt.number, self._attempt_counters(timeout_s=2.0))
+    def _collect_attempt_counts(self) -> set[str]:
+        """The attempt is fenced: its subtasks' last figures (a dead one's as last known) become earlier counts.
+
+        Returns the tasks that answered.
+        """
+        counters = self._attempt_counters(timeout_s=2.0)
+        self._known.update(self._attempt.number, counters)
         self._known.retire(self._attempt.number)
+        return {c.task for c in counters}
 
     def _finish(self, finish: Finish) -> None:
         if finish.end is JobEnd.FINISHED:

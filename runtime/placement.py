@@ -23,6 +23,13 @@ strategy like any other: the next attempt is planned on the nodes left.
 A pinned node must have room for what ``actor_options`` asks (the subtasks
 ask for no CPU by default), or the actor waits for it.
 
+A node that dies without a word (its raylet killed, the machine gone) is
+still listed alive for a while (until Ray's health checks give up on it), and
+an actor placed there then never starts. So when an attempt fails, the nodes
+on which none of its subtasks answered any more (:func:`silent_nodes`: a lost
+node takes all of its actors; a killed actor leaves its neighbours) are left
+out of the next attempt, as long as another node is left.
+
 The coordinator is placed apart from the subtasks as far as the cluster
 allows: on the node with the fewest subtasks, the driver's node first among
 equals. It owns the object-store copies of every snapshot (``ray.put(...,
@@ -51,14 +58,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from onceflow.errors import PlanError
 
 __all__ = ["PLACEMENTS", "Placement", "PlacementDecision", "check_pinned_operators", "check_placement",
-           "decide_placement", "describe_placement"]
+           "decide_placement", "describe_placement", "silent_nodes"]
 
 Placement: TypeAlias = str | Mapping[str, str | Sequence[str]]
 """``"spread"``, ``"pack"``, or ``{operator name: node id or [node ids]}`` (see the module)."""
@@ -193,3 +200,16 @@ def describe_placement(placement: Mapping[str, str]) -> str:
         by_node.setdefault(node, []).append(actor)
     ordered = sorted(by_node.items(), key=lambda item: (-len(item[1]), item[0]))
     return "\n".join(f"node {node or '(this process)'}: {', '.join(sorted(actors))}" for node, actors in ordered)
+
+
+def silent_nodes(placement: Mapping[str, str], answered: Collection[str]) -> set[str]:
+    """The nodes on which no task of ``placement`` (task -> node) is among ``answered``: lost, most likely.
+
+    Example:
+        >>> sorted(silent_nodes({"a/0": "n1", "a/1": "n2", "b/0": "n2"}, answered={"a/0", "b/0"}))
+        []
+        >>> sorted(silent_nodes({"a/0": "n1", "a/1": "n2", "b/0": "n2"}, answered={"a/0"}))
+        ['n2']
+    """
+    nodes = {node for node in placement.values() if node}
+    return {node for node in nodes if not any(placement[t] == node for t in answered if t in placement)}

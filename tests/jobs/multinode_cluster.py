@@ -12,7 +12,8 @@ line of stdout. Cases:
   the most subtasks is removed; then the job's placement before and after
   the restart, its result, the committed output checked against the
   reference, the actors and the hidden files left.
-- ``node_loss_slow``: the same with more events and parallelism 3 (``ONCEFLOW_SLOW=1``).
+- ``node_loss_slow``: the same with more events, parallelism 3, and the node
+  killed without a graceful shutdown (``ONCEFLOW_SLOW=1``).
 
 Usage: ``python tests/jobs/multinode_cluster.py WORKSPACE CASE [CASE ...]``
 """
@@ -75,7 +76,7 @@ def pack_case(workspace: Path, nodes: dict[str, str]) -> dict[str, Any]:
 
 
 def node_loss_case(workspace: Path, cluster: Cluster, nodes: dict[str, str], *, total: int, rate: int,
-                   parallelism: int, name: str) -> dict[str, Any]:
+                   parallelism: int, name: str, graceful: bool = True) -> dict[str, Any]:
     out = workspace / f"{name}-out"
     storage = str(workspace / f"{name}-chk")
     handle = of.submit(feature_flow(name, total, rate, str(out)), parallelism=parallelism,
@@ -88,7 +89,7 @@ def node_loss_case(workspace: Path, cluster: Cluster, nodes: dict[str, str], *, 
     load = {node: sum(1 for task, n in before.items() if n == node and task != "coordinator") for node in workers}
     lost = max(load, key=lambda node: load[node])
     removed_at = time.monotonic()
-    cluster.remove_node(workers[lost])
+    cluster.remove_node(workers[lost], allow_graceful=graceful)
     result = handle.wait(timeout_s=240)
     after = handle.placement()
     verdict: dict[str, Any] = {
@@ -133,7 +134,7 @@ def main() -> None:
                                                    parallelism=2, name="mn-loss")
                 elif case == "node_loss_slow":
                     verdict[case] = node_loss_case(workspace, cluster, nodes, total=1_000_000, rate=100_000,
-                                                   parallelism=3, name="mn-loss-slow")
+                                                   parallelism=3, name="mn-loss-slow", graceful=False)
                 else:
                     verdict[case] = {"error": f"no case {case!r}"}
             except Exception:  # reported in the verdict, which the test asserts on
