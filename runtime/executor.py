@@ -58,8 +58,8 @@ class Executor(Protocol):
     def running(self, prefix: str) -> list[str]:
         """The names of live actors that start with ``prefix``."""
 
-    def nodes(self) -> tuple[list[str], str]:
-        """The ids of the alive nodes, and the node this driver runs on (none, ``""``, without nodes)."""
+    def nodes(self) -> tuple[dict[str, dict[str, float]], str]:
+        """The alive nodes (id -> total resources), and the node this driver runs on (none, ``""``, without nodes)."""
 
     def on_node(self, node: str) -> dict[str, Any]:
         """Actor options that place an actor on node ``node`` (``{}`` for ``""``: anywhere)."""
@@ -109,8 +109,8 @@ class RayExecutor:
         return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                       if a["namespace"] == NAMESPACE and a["name"].startswith(prefix))
 
-    def nodes(self) -> tuple[list[str], str]:
-        alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    def nodes(self) -> tuple[dict[str, dict[str, float]], str]:
+        alive = {n["NodeID"]: dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")}
         return alive, ray.get_runtime_context().get_node_id()
 
     def on_node(self, node: str) -> dict[str, Any]:
@@ -316,8 +316,8 @@ class LocalExecutor:
         with self._names:
             return sorted(name for name in self._actors if name.startswith(prefix))
 
-    def nodes(self) -> tuple[list[str], str]:
-        return [], ""
+    def nodes(self) -> tuple[dict[str, dict[str, float]], str]:
+        return {}, ""
 
     def on_node(self, node: str) -> dict[str, Any]:
         return {}

@@ -92,6 +92,7 @@ from onceflow.runtime.placement import (
     check_pinned_operators,
     decide_placement,
     describe_placement,
+    room_on,
     silent_nodes,
 )
 from onceflow.runtime.plan import PhysicalPlan, plan
@@ -469,16 +470,22 @@ class JobHandle:
         """Where this attempt's actors go, among the nodes alive now (a surviving coordinator stays put)."""
         tasks = [(tuple(n.name for n in v.nodes), f"{v.name}/{i}")
                  for v in self._plan.vertices for i in range(v.parallelism)]
-        nodes, driver = self._executor.nodes()
-        left = [n for n in nodes if n not in self._silent_nodes]
-        if left and len(left) < len(nodes):
+        totals, driver = self._executor.nodes()
+        nodes = [n for n in totals if n not in self._silent_nodes]
+        if nodes and len(nodes) < len(totals):
             log.warning("job %s: no subtask on node(s) %s answered after the failure (lost, most likely); "
                         "placing this attempt on the other %d node(s)", self.job,
-                        ", ".join(sorted(set(nodes) - set(left))), len(left))
-            nodes = left
+                        ", ".join(sorted(set(totals) - set(nodes))), len(nodes))
+        else:
+            nodes = list(totals)
         self._silent_nodes = set()
         staying = self._placement.get("coordinator", "") if self._coordinator is not None else ""
-        decision = decide_placement(self._placement_policy, tasks, nodes=nodes, driver=driver, coordinator=staying)
+        options = {"num_cpus": 0, **self._actor_options}
+        demand = {"CPU": options.get("num_cpus") or 0, "GPU": options.get("num_gpus") or 0,
+                  "memory": options.get("memory") or 0, **(options.get("resources") or {})}
+        room = {n: room_on(totals[n], demand) for n in nodes}
+        decision = decide_placement(self._placement_policy, tasks, nodes=nodes, driver=driver, coordinator=staying,
+                                    room=room)
         for warning in decision.warnings:
             log.warning("job %s: %s", self.job, warning)
         return decision

@@ -20,8 +20,11 @@ places every subtask on the remaining nodes, one pinned to the lost node
 included (with a warning). A node that dies between the choice and the
 actor's start fails that deployment, which is one failure for the restart
 strategy like any other: the next attempt is planned on the nodes left.
-A pinned node must have room for what ``actor_options`` asks (the subtasks
-ask for no CPU by default), or the actor waits for it.
+The subtasks ask for no CPU by default; when ``actor_options`` asks for
+resources (``num_cpus``, ``num_gpus``, ``memory``, ``resources``),
+spreading and packing skip the nodes without room for one more (by their
+total resources), and a subtask that fits nowhere is left to Ray's
+scheduler. A pinned node must have room, or the actor waits for it.
 
 A node that dies without a word (its raylet killed, the machine gone) is
 still listed alive for a while (until Ray's health checks give up on it), and
@@ -65,7 +68,7 @@ from typing import TypeAlias
 from onceflow.errors import PlanError
 
 __all__ = ["PLACEMENTS", "Placement", "PlacementDecision", "check_pinned_operators", "check_placement",
-           "decide_placement", "describe_placement", "silent_nodes"]
+           "decide_placement", "describe_placement", "room_on", "silent_nodes"]
 
 Placement: TypeAlias = str | Mapping[str, str | Sequence[str]]
 """``"spread"``, ``"pack"``, or ``{operator name: node id or [node ids]}`` (see the module)."""
@@ -138,8 +141,24 @@ class PlacementDecision:
         return sum(1 for n in self.subtasks.values() if n == node)
 
 
+def room_on(totals: Mapping[str, float], demand: Mapping[str, float]) -> int | None:
+    """How many actors asking for ``demand`` (resource -> amount) a node with ``totals`` holds (``None``: any number).
+
+    Example:
+        >>> room_on({"CPU": 4.0, "GPU": 1.0}, {"CPU": 1.0}), room_on({"CPU": 0.0}, {"CPU": 1.0})
+        (4, 0)
+        >>> room_on({"CPU": 1.0}, {}) is None
+        True
+    """
+    wanted = {key: amount for key, amount in demand.items() if amount > 0}
+    if not wanted:
+        return None
+    return min(int(totals.get(key, 0.0) / amount + 1e-9) for key, amount in wanted.items())
+
+
 def decide_placement(placement: str | Mapping[str, Sequence[str]], tasks: Sequence[tuple[tuple[str, ...], str]], *,
-                     nodes: Sequence[str], driver: str = "", coordinator: str = "") -> PlacementDecision:
+                     nodes: Sequence[str], driver: str = "", coordinator: str = "",
+                     room: Mapping[str, int | None] | None = None) -> PlacementDecision:
     """Choose a node for every task and for the coordinator (see the module for the rules).
 
     Args:
@@ -150,15 +169,28 @@ def decide_placement(placement: str | Mapping[str, Sequence[str]], tasks: Sequen
         nodes: the alive node ids.
         driver: the driver's node id (``""``: unknown).
         coordinator: the node of a coordinator that survives from an earlier attempt (``""``: none).
+        room: per node, how many actors it can hold (:func:`room_on`; ``None`` or absent:
+            any number). Spreading and packing skip a full node; a task no node
+            has room for is left to Ray (``""``). A pin is honoured regardless.
 
     Returns:
         The decision; empty when there are no nodes.
     """
     if not nodes:
         return PlacementDecision()
+    left = {n: r for n, r in (room or {}).items() if r is not None}
     alive = sorted(set(nodes))
     anchor = next((n for n in (coordinator, driver) if n in alive), alive[-1])
     order = [n for n in alive if n != anchor] + [anchor]  # the anchor is filled last
+
+    def fits(node: str) -> bool:
+        return left.get(node, 1) > 0
+
+    def take(node: str) -> str:
+        if node in left:
+            left[node] -= 1
+        return node
+
     chosen: dict[str, str] = {}
     warnings: list[str] = []
     spread = 0
@@ -171,19 +203,24 @@ def decide_placement(placement: str | Mapping[str, Sequence[str]], tasks: Sequen
         if pinned is not None:
             node = pinned[index % len(pinned)]
             if node in alive:
-                chosen[task] = node
+                chosen[task] = take(node)
                 continue
             warnings.append(f"{task} is pinned to node {node}, which is not alive; placing it on another node")
         if placement == "pack":
-            chosen[task] = order[0]
-        else:
-            chosen[task] = order[spread % len(order)]
-            spread += 1
+            chosen[task] = next((take(n) for n in order if fits(n)), "")
+            continue
+        candidates = [(spread + k) % len(order) for k in range(len(order))]
+        position = next((i for i in candidates if fits(order[i])), None)
+        if position is None:
+            chosen[task] = ""
+            continue
+        chosen[task] = take(order[position])
+        spread = position + 1
     if coordinator in alive:
         home = coordinator
     else:
-        preference = [n for n in (driver,) if n in alive] + order
-        home = min(preference, key=lambda n: sum(1 for c in chosen.values() if c == n))
+        preference = [n for n in [*(n for n in (driver,) if n in alive), *order] if fits(n)]
+        home = min(preference, key=lambda n: sum(1 for c in chosen.values() if c == n), default="")
     return PlacementDecision(chosen, home, tuple(warnings))
 
 

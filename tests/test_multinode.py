@@ -19,7 +19,7 @@ import pytest
 
 import onceflow as of
 from onceflow.errors import PlanError
-from onceflow.runtime.placement import decide_placement, describe_placement, silent_nodes
+from onceflow.runtime.placement import decide_placement, describe_placement, room_on, silent_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +78,19 @@ def test_a_node_is_silent_only_when_none_of_its_subtasks_answered() -> None:
     assert silent_nodes(placement, {"src/0", "src/1", "win/1"}) == set()  # one killed actor: b still answers
     assert silent_nodes(placement, {"src/0", "win/1"}) == {"b"}  # b lost every actor: a lost node
     assert silent_nodes({"src/0": ""}, set()) == set()  # the local executor has no nodes
+
+
+def test_nodes_without_room_for_the_actors_resources_are_skipped() -> None:
+    totals = {"head": {"CPU": 0.0}, "a": {"CPU": 1.0}, "b": {"CPU": 2.0}}
+    room = {node: room_on(resources, {"CPU": 1.0}) for node, resources in totals.items()}
+    spread = decide_placement("spread", TASKS, nodes=list(totals), driver="head", room=room)
+    assert sorted(spread.subtasks.values()) == ["", "a", "b", "b"]  # the fourth fits nowhere: Ray places it
+    assert spread.coordinator == ""  # no room left anywhere
+    pack = decide_placement("pack", TASKS[:3], nodes=list(totals), driver="head", room=room)
+    assert sorted(pack.subtasks.values()) == ["a", "b", "b"] and pack.load("head") == 0
+    free = decide_placement("spread", TASKS, nodes=list(totals), driver="head",
+                            room={node: room_on(resources, {}) for node, resources in totals.items()})
+    assert free.load("head") == 1 and free.coordinator == "head"  # no demand: every node, any number
 
 
 def test_without_nodes_nothing_is_decided() -> None:
