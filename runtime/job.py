@@ -160,11 +160,14 @@ class JobResult:
             ``operators`` (per operator: counts summed over subtasks, ratios
             such as a dedupe filter's fill as the largest over subtasks).
         plan: the physical plan, one line per vertex.
+        placement: where the last attempt's actors ran: task (``<vertex>/<subtask>``)
+            or ``"coordinator"`` -> Ray node id (see :meth:`JobHandle.placement`).
     """
 
     job: str
     metrics: dict[str, Any] = field(default_factory=dict)
     plan: str = ""
+    placement: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -1099,7 +1102,7 @@ class JobHandle:
         if self._coordinator is not None:
             for stats in _gather(self._executor, [self._coordinator.stats.remote()]):
                 metrics.update(stats)
-        return JobResult(self.job, metrics, self._plan.describe())
+        return JobResult(self.job, metrics, self._plan.describe(), dict(self._placement))
 
     def _end_error(self, finish: Finish) -> JobFailedError:
         cause = self._last_failure

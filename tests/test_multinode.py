@@ -119,7 +119,7 @@ def test_the_local_executor_reports_every_actor_in_its_placement(tmp_path: Path)
     handle = of.submit(small_flow("mn-local"), parallelism=2, executor="local",
                        checkpoint=of.CheckpointConfig(interval_s=0.1, storage=str(tmp_path)))
     placement = handle.placement()
-    handle.wait(timeout_s=60)
+    assert handle.wait(timeout_s=60).placement == placement
     assert set(placement) == {name.split("/", 1)[1] for name in handle.actor_names} | {"coordinator"}
 
 
