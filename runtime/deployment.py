@@ -7,6 +7,7 @@ the object store copy, or from durable storage when that copy is gone).
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -127,14 +128,20 @@ class SubtaskRestore:
     states: dict[str, list[RestoredState]] = field(default_factory=dict)
 
 
-def load_restored(restore: SubtaskRestore | None, storage: CheckpointStorage | None) -> dict[str, list[pa.Table]]:
-    """Read every state table ``restore`` names: state key -> tables (one per old subtask whose state lands here)."""
+def load_restored(restore: SubtaskRestore | None, storage: CheckpointStorage | None,
+                  tally: collections.Counter[str] | None = None) -> dict[str, list[pa.Table]]:
+    """Read every state table ``restore`` names: state key -> tables (one per old subtask whose state lands here).
+
+    ``tally`` (if given) counts where each table came from: ``"cache"`` (the
+    object store) or ``"storage"`` (its checkpoint file).
+    """
     if restore is None:
         return {}
-    return {key: [_load(handle, storage) for handle in handles] for key, handles in restore.states.items()}
+    tally = tally if tally is not None else collections.Counter()
+    return {key: [_load(handle, storage, tally) for handle in handles] for key, handles in restore.states.items()}
 
 
-def _load(handle: RestoredState, storage: CheckpointStorage | None) -> pa.Table:
+def _load(handle: RestoredState, storage: CheckpointStorage | None, tally: collections.Counter[str]) -> pa.Table:
     """The object-store copy if it is there and matches the recorded file's CRC-32, else the file (checked)."""
     if handle.cached is not None:
         try:
@@ -145,13 +152,16 @@ def _load(handle: RestoredState, storage: CheckpointStorage | None) -> pa.Table:
         else:
             if isinstance(table, pa.Table):
                 if handle.recorded is None or handle.recorded.crc32 is None or matches(handle.recorded, table):
+                    tally["cache"] += 1
                     return table
                 log.warning("the object-store copy of %s does not match its checkpoint file's CRC-32; "
                             "restoring from the file", handle.path)
     if storage is None:
         msg = f"restoring {handle.path!r} needs the checkpoint storage"
         raise ValueError(msg)
-    return storage.read_state(handle.recorded or handle.path)
+    table = storage.read_state(handle.recorded or handle.path)
+    tally["storage"] += 1
+    return table
 
 
 def restored_position(tables: list[pa.Table], subtask: int, parallelism: int) -> tuple[Any, int | None]:

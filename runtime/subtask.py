@@ -42,6 +42,7 @@ Locks (asyncio, all on the actor's event loop):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -149,7 +150,8 @@ class Subtask:
         self._node = _node_id()
         self._storage = CheckpointStorage(checkpointing.storage, plan.job) if checkpointing else None
         self._restored_from = restore.checkpoint_id if restore else None
-        restored = load_restored(restore, self._storage)
+        self._restored_tables: collections.Counter[str] = collections.Counter()
+        restored = load_restored(restore, self._storage, self._restored_tables)
         self._uids = [node.uid for node in vertex.nodes]
         self._sink_stage: int | None = None
         self._sink: SinkCommitter | None = None
@@ -459,6 +461,8 @@ class Subtask:
             active_s=active,
             ended=self._ended,
             restored_from=self._restored_from,
+            restored_from_cache=self._restored_tables["cache"],
+            restored_from_storage=self._restored_tables["storage"],
             first_record_at=self._first_record_at,
             max_event_time=self._max_event_time(),
             node=self._node,

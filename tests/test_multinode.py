@@ -147,6 +147,8 @@ def assert_survived_the_node_loss(seen: dict[str, Any]) -> None:
     assert set(after) == set(before) and lost not in after.values(), after  # all placed on the nodes left
     # One restart: the attempt after the loss is placed only on nodes that answered, never on the lost one.
     assert seen["restarts"] == 1 and seen["restored_from"], seen
+    # The lost node's snapshot copies are gone: at least those states come from the checkpoint files.
+    assert seen["restored_from_storage"] >= seen["lost_subtasks"], seen
     assert seen["output"] == "exact", seen["output"]
     assert seen["leftover_actors"] == [] and seen["hidden_files"] == [], seen
 
@@ -164,3 +166,17 @@ def test_a_job_spreads_packs_and_survives_a_lost_node_on_a_three_node_cluster(tm
 def test_a_larger_job_at_parallelism_three_survives_a_lost_node(tmp_path: Path) -> None:
     verdict = run_cluster(tmp_path, "node_loss_slow", timeout_s=600)
     assert_survived_the_node_loss(verdict["node_loss_slow"])
+
+
+@pytest.mark.slow
+def test_a_job_whose_coordinators_node_is_lost_restores_from_the_checkpoint_files(tmp_path: Path) -> None:
+    seen = run_cluster(tmp_path, "coordinator_loss", timeout_s=600)["coordinator_loss"]
+    before, after = seen["before"], seen["after"]
+    assert {node for task, node in before.items() if task != "coordinator"} == {"head"}, before
+    assert before["coordinator"] != "head" and seen["lost"] == before["coordinator"], seen
+    assert seen["lost_subtasks"] == 0 and after["coordinator"] != seen["lost"], after
+    assert seen["restarts"] == 1 and seen["restored_from"], seen
+    # Every object-store copy died with its owner: the whole restore reads the checkpoint files.
+    assert seen["restored_from_cache"] == 0 and seen["restored_from_storage"] >= 1, seen
+    assert seen["output"] == "exact", seen["output"]
+    assert seen["leftover_actors"] == [] and seen["hidden_files"] == [], seen

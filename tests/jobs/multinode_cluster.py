@@ -14,6 +14,9 @@ line of stdout. Cases:
   reference, the actors and the hidden files left.
 - ``node_loss_slow``: the same with more events, parallelism 3, and the node
   killed without a graceful shutdown (``ONCEFLOW_SLOW=1``).
+- ``coordinator_loss``: every subtask pinned to the head node, so the
+  coordinator goes to a worker node, which is removed: the coordinator and
+  every object-store copy it owned are lost (``ONCEFLOW_SLOW=1``).
 
 Usage: ``python tests/jobs/multinode_cluster.py WORKSPACE CASE [CASE ...]``
 """
@@ -76,10 +79,12 @@ def pack_case(workspace: Path, nodes: dict[str, str]) -> dict[str, Any]:
 
 
 def node_loss_case(workspace: Path, cluster: Cluster, nodes: dict[str, str], *, total: int, rate: int,
-                   parallelism: int, name: str, graceful: bool = True) -> dict[str, Any]:
+                   parallelism: int, name: str, graceful: bool = True,
+                   placement: str | dict[str, str] = "spread") -> dict[str, Any]:
+    """Remove the worker node with the most subtasks (the coordinator's, when every subtask is pinned to the head)."""
     out = workspace / f"{name}-out"
     storage = str(workspace / f"{name}-chk")
-    handle = of.submit(feature_flow(name, total, rate, str(out)), parallelism=parallelism,
+    handle = of.submit(feature_flow(name, total, rate, str(out)), parallelism=parallelism, placement=placement,
                        checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage),
                        restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
     before = handle.placement()
@@ -87,7 +92,7 @@ def node_loss_case(workspace: Path, cluster: Cluster, nodes: dict[str, str], *, 
     wait_until(store.completed_ids, timeout_s=60, what="a first checkpoint")
     workers = {n.node_id: n for n in cluster.worker_nodes}
     load = {node: sum(1 for task, n in before.items() if n == node and task != "coordinator") for node in workers}
-    lost = max(load, key=lambda node: load[node])
+    lost = max(load, key=lambda node: (load[node], node == before["coordinator"]))
     removed_at = time.monotonic()
     cluster.remove_node(workers[lost], allow_graceful=graceful)
     result = handle.wait(timeout_s=240)
@@ -99,6 +104,8 @@ def node_loss_case(workspace: Path, cluster: Cluster, nodes: dict[str, str], *, 
         "after": {task: nodes.get(node, node) for task, node in after.items()},
         "restarts": result.metrics["restarts"],
         "restored_from": result.metrics["restored_from"],
+        "restored_from_cache": result.metrics["restored_from_cache"],
+        "restored_from_storage": result.metrics["restored_from_storage"],
         "recovered_in_s": time.monotonic() - removed_at,
         "leftover_actors": leftovers(name),
         "hidden_files": hidden_files(out),
@@ -135,6 +142,11 @@ def main() -> None:
                 elif case == "node_loss_slow":
                     verdict[case] = node_loss_case(workspace, cluster, nodes, total=1_000_000, rate=100_000,
                                                    parallelism=3, name="mn-loss-slow", graceful=False)
+                elif case == "coordinator_loss":
+                    head = cluster.head_node.node_id
+                    verdict[case] = node_loss_case(workspace, cluster, nodes, total=300_000, rate=100_000,
+                                                   parallelism=2, name="mn-coordinator-loss",
+                                                   placement={"source_0": head, "window_2": head})
                 else:
                     verdict[case] = {"error": f"no case {case!r}"}
             except Exception:  # reported in the verdict, which the test asserts on
