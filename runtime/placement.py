@@ -45,7 +45,9 @@ driver's node is preferred because losing it ends the job anyway (the
 driver runs there), so the coordinator adds no failure there; spreading
 fills that node last, so it is the one with the fewest subtasks. A
 coordinator that survived a restart stays where it is, and that node is
-filled last instead.
+filled last instead. (Where ``ray.put`` takes no owner, from Ray 2.56 on,
+no object-store copy is made; apart still means that losing subtasks does
+not also cost the coordinator and its in-flight checkpoint.)
 
 Example:
     >>> decision = decide_placement("spread", [(("src",), "src/0"), (("src",), "src/1"), (("win",), "win/0")],
