@@ -27,6 +27,8 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
+import ray
+
 from onceflow.checkpoint.coordinator import (
     AbortCheckpoint,
     CheckpointAction,
@@ -159,6 +161,12 @@ class CoordinatorActor:
         self._outcome_seq = 0
 
     # -- lifecycle --------------------------------------------------------------------
+
+    def node(self) -> str:
+        """The id of the Ray node the coordinator runs on (``""`` outside Ray)."""
+        if not ray.is_initialized():
+            return ""
+        return ray.get_runtime_context().get_node_id()
 
     async def start(self, attempt: int, sources: list[ActorHandle], subtasks: list[ActorHandle]) -> None:
         """Open ``attempt``: trigger checkpoints for these subtasks, from a clean failure count."""

@@ -7,6 +7,7 @@ the object store copy, or from durable storage when that copy is gone).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -134,18 +135,25 @@ class SubtaskRestore:
     states: dict[str, list[RestoredState]] = field(default_factory=dict)
 
 
-def load_restored(restore: SubtaskRestore | None, storage: CheckpointStorage | None) -> dict[str, list[pa.Table]]:
-    """Read every state table ``restore`` names: state key -> tables (one per old subtask whose state lands here)."""
+def load_restored(restore: SubtaskRestore | None, storage: CheckpointStorage | None,
+                  tally: collections.Counter[str] | None = None) -> dict[str, list[pa.Table]]:
+    """Read every state table ``restore`` names: state key -> tables (one per old subtask whose state lands here).
+
+    ``tally`` (if given) counts where each table came from: ``"cache"`` (the
+    object store) or ``"storage"`` (its checkpoint file).
+    """
     if restore is None:
         return {}
-    return {key: [table for handle in handles for table in _load_pieces(handle, storage)]
+    tally = tally if tally is not None else collections.Counter()
+    return {key: [table for handle in handles for table in _load_pieces(handle, storage, tally)]
             for key, handles in restore.states.items()}
 
 
-def _load_pieces(handle: RestoredState, storage: CheckpointStorage | None) -> list[pa.Table]:
+def _load_pieces(handle: RestoredState, storage: CheckpointStorage | None,
+                 tally: collections.Counter[str]) -> list[pa.Table]:
     """The tables of one restored state: one, or an incremental snapshot's pieces (head first)."""
     if not handle.pieces:
-        return [_load(handle, storage)]
+        return [_load(handle, storage, tally)]
     cached = None
     if handle.cached is not None:
         with contextlib.suppress(Exception):
@@ -153,24 +161,32 @@ def _load_pieces(handle: RestoredState, storage: CheckpointStorage | None) -> li
     if isinstance(cached, list) and len(cached) == len(handle.pieces) and all(
             isinstance(t, pa.Table) and (h.crc32 is None or matches(h, t)) for h, t in zip(handle.pieces, cached,
                                                                                            strict=True)):
+        tally["cache"] += len(cached)
         return cached
-    return [_load(RestoredState(piece.path, None, piece), storage) for piece in handle.pieces]
+    return [_load(RestoredState(piece.path, None, piece), storage, tally) for piece in handle.pieces]
 
 
-def _load(handle: RestoredState, storage: CheckpointStorage | None) -> pa.Table:
+def _load(handle: RestoredState, storage: CheckpointStorage | None, tally: collections.Counter[str]) -> pa.Table:
     """The object-store copy if it is there and matches the recorded file's CRC-32, else the file (checked)."""
     if handle.cached is not None:
-        with contextlib.suppress(Exception):
+        try:
             table = ray.get(handle.cached, timeout=30)
+        except Exception as error:  # noqa: BLE001 - the copy is only a cache: read the file
+            log.info("restoring %s from its checkpoint file: the object-store copy is gone (%s)", handle.path,
+                     type(error).__name__)
+        else:
             if isinstance(table, pa.Table):
                 if handle.recorded is None or handle.recorded.crc32 is None or matches(handle.recorded, table):
+                    tally["cache"] += 1
                     return table
                 log.warning("the object-store copy of %s does not match its checkpoint file's CRC-32; "
                             "restoring from the file", handle.path)
     if storage is None:
         msg = f"restoring {handle.path!r} needs the checkpoint storage"
         raise ValueError(msg)
-    return storage.read_state(handle.recorded or handle.path)
+    table = storage.read_state(handle.recorded or handle.path)
+    tally["storage"] += 1
+    return table
 
 
 def restored_position(tables: list[pa.Table], subtask: int, parallelism: int) -> tuple[Any, int | None]:

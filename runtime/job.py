@@ -93,6 +93,14 @@ from onceflow.runtime.metrics import JobCounters, SubtaskCounters
 from onceflow.runtime.monitor import Observer
 from onceflow.runtime.options import JobKeywords, JobOptions
 from onceflow.runtime.output import DownstreamFailedError
+from onceflow.runtime.placement import (
+    PlacementDecision,
+    check_pinned_operators,
+    decide_placement,
+    describe_placement,
+    room_on,
+    silent_nodes,
+)
 from onceflow.runtime.plan import PhysicalPlan, plan
 from onceflow.runtime.ray_env import ensure_ray
 from onceflow.runtime.restart import RestartStrategy
@@ -102,6 +110,8 @@ from onceflow.runtime.subtask import subtask_class
 from onceflow.runtime.telemetry import RestartCounter
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from ray.actor import ActorHandle
 
     from onceflow.runtime.dataflow import Dataflow
@@ -156,11 +166,14 @@ class JobResult:
             ``operators`` (per operator: counts summed over subtasks, ratios
             such as a dedupe filter's fill as the largest over subtasks).
         plan: the physical plan, one line per vertex.
+        placement: where the last attempt's actors ran: task (``<vertex>/<subtask>``)
+            or ``"coordinator"`` -> Ray node id (see :meth:`JobHandle.placement`).
     """
 
     job: str
     metrics: dict[str, Any] = field(default_factory=dict)
     plan: str = ""
+    placement: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -243,7 +256,8 @@ class JobHandle:
                  checkpoint: CheckpointConfig | None, restart: RestartStrategy,
                  actor_options: dict[str, Any], resume: bool = False,
                  allow_non_restored_state: bool = False, executor: Executor | None = None,
-                 from_savepoint: str | None = None) -> None:
+                 from_savepoint: str | None = None,
+                 placement: str | Mapping[str, Sequence[str]] = "spread") -> None:
         self.job = flow.name
         self._executor: Executor = executor or RayExecutor()
         self.run_id = uuid.uuid4().hex[:12]
@@ -253,6 +267,10 @@ class JobHandle:
         self._checkpoint = (replace(checkpoint, storage=with_s3_environment(checkpoint.storage, os.environ))
                             if checkpoint is not None else None)
         self._actor_options = actor_options
+        self._placement_policy = placement
+        self._placement: dict[str, str] = {}  # task or "coordinator" -> the node it runs on, as it reported
+        self._placed_attempt = 0  # the attempt whose actors _placement records
+        self._silent_nodes: set[str] = set()  # nodes where no subtask of the failed attempt answered: kept out
         self._allow_non_restored_state = allow_non_restored_state
         self._supervisor = JobSupervisor(restart, checkpointing=checkpoint is not None)
         self._restart_counter = RestartCounter(flow.name)
@@ -457,17 +475,65 @@ class JobHandle:
 
     # -- actors -----------------------------------------------------------------------
 
-    def _create(self, cls: type, name: str, *args: Any, **kwargs: Any) -> ActorHandle:
-        options = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1000, **self._actor_options}
+    def _create(self, cls: type, name: str, node: str, *args: Any, **kwargs: Any) -> ActorHandle:
+        """Create actor ``name``, asking for ``node`` (``""``: anywhere); ``actor_options`` win over the placement."""
+        options = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1000, **self._executor.on_node(node),
+                   **self._actor_options}
         return self._executor.create(cls, name, options, *args, **kwargs)
 
-    def _start_coordinator(self, baseline: int | None) -> ActorHandle:
+    def _start_coordinator(self, baseline: int | None, node: str) -> ActorHandle:
         assert self._checkpoint is not None
         tasks = [f"{v.name}/{i}" for v in self._plan.vertices for i in range(v.parallelism)]
-        self._coordinator = self._create(CoordinatorActor, f"{self.job}/coordinator", self.job,
+        self._coordinator = self._create(CoordinatorActor, f"{self.job}/coordinator", node, self.job,
                                          self._checkpoint, tasks, self._options.log_level, self.run_id, baseline)
         self._coordinators += 1
         return self._coordinator
+
+    def _decide_placement(self) -> PlacementDecision:
+        """Where this attempt's actors go, among the nodes alive now (a surviving coordinator stays put)."""
+        tasks = [(tuple(n.name for n in v.nodes), f"{v.name}/{i}")
+                 for v in self._plan.vertices for i in range(v.parallelism)]
+        totals, driver = self._executor.nodes()
+        nodes = [n for n in totals if n not in self._silent_nodes]
+        if nodes and len(nodes) < len(totals):
+            log.warning("job %s: no subtask on node(s) %s answered after the failure (lost, most likely); "
+                        "placing this attempt on the other %d node(s)", self.job,
+                        ", ".join(sorted(set(totals) - set(nodes))), len(nodes))
+        else:
+            nodes = list(totals)
+        self._silent_nodes = set()
+        staying = self._placement.get("coordinator", "") if self._coordinator is not None else ""
+        options = {"num_cpus": 0, **self._actor_options}
+        demand = {"CPU": options.get("num_cpus") or 0, "GPU": options.get("num_gpus") or 0,
+                  "memory": options.get("memory") or 0, **(options.get("resources") or {})}
+        room = {n: room_on(totals[n], demand) for n in nodes}
+        decision = decide_placement(self._placement_policy, tasks, nodes=nodes, driver=driver, coordinator=staying,
+                                    room=room)
+        for warning in decision.warnings:
+            log.warning("job %s: %s", self.job, warning)
+        return decision
+
+    def _record_placement(self, attempt: _Attempt) -> None:
+        """Ask every actor of the attempt (and the coordinator) which node it runs on; log it at INFO."""
+        actors: dict[str, Any] = {name.split("/", 1)[1]: actor for actor, name in attempt.names.items()}
+        if self._coordinator is not None:
+            actors["coordinator"] = self._coordinator
+        names = list(actors)
+        nodes = self._executor.get([actors[n].node.remote() for n in names], timeout=_CALL_TIMEOUT_S)
+        self._placement = dict(zip(names, nodes, strict=True))
+        self._placed_attempt = attempt.number
+        log.info("job %s: attempt %d placement (%s):\n%s", self.job, attempt.number,
+                 self._placement_policy if isinstance(self._placement_policy, str) else "pinned",
+                 describe_placement(self._placement))
+
+    def placement(self) -> dict[str, str]:
+        """Where the current attempt's actors run: task (``<vertex>/<subtask>``) or ``"coordinator"`` -> node id.
+
+        Recorded when the attempt deploys, as each actor reported its Ray node
+        (``""`` for the local executor's actors, which run in this process
+        when Ray is not initialised). See :mod:`onceflow.runtime.placement`.
+        """
+        return dict(self._placement)
 
     # -- observation --------------------------------------------------------------------
 
@@ -969,8 +1035,9 @@ class JobHandle:
         try:
             setup = None
             restore: RestorePoint | None = None
+            decision = self._decide_placement()
             if self._checkpoint is not None:
-                coordinator = self._coordinator or self._start_coordinator(restore_id)
+                coordinator = self._coordinator or self._start_coordinator(restore_id, decision.coordinator)
                 setup = CheckpointSetup(coordinator, self._checkpoint.storage, cache=self._executor.object_store,
                                         unaligned=self._checkpoint.mode == "unaligned",
                                         aligned_timeout_s=self._checkpoint.aligned_timeout_s,
@@ -989,8 +1056,9 @@ class JobHandle:
                     task_restore = None
                     if restore is not None:
                         task_restore = SubtaskRestore(restore[0], assigned[f"{vertex.name}/{subtask}"])
-                    actor = self._create(cls, name, self._plan, vertex.id, subtask, self._options, setup,
-                                         task_restore, attempt=identity)
+                    actor = self._create(cls, name, decision.subtasks.get(f"{vertex.name}/{subtask}", ""),
+                                         self._plan, vertex.id, subtask, self._options, setup, task_restore,
+                                         attempt=identity)
                     group.append(actor)
                     attempt.names[actor] = name
                     attempt.actors[vertex.id] = group
@@ -1008,6 +1076,7 @@ class JobHandle:
                 self._waits[actor.done.remote()] = (_Wait.DONE, attempt.names[actor])
                 self._waits[actor.watch.remote()] = (_Wait.WATCH, attempt.names[actor])
             self._loops = self._loop_watches(attempt)
+            self._record_placement(attempt)
             for source in attempt.sources:
                 source.run.remote()
         except Exception as error:  # noqa: BLE001 - a failure while deploying is one failure like any other
@@ -1046,7 +1115,10 @@ class JobHandle:
     def _fence(self, number: int) -> SupervisorEvent:
         """Kill the attempt's actors, confirm their death, settle the coordinator; report the restore point."""
         attempt = self._attempt
-        self._collect_attempt_counts()
+        answered = self._collect_attempt_counts()
+        if self._placed_attempt == attempt.number:
+            subtasks = {task: node for task, node in self._placement.items() if task != "coordinator"}
+            self._silent_nodes = silent_nodes(subtasks, answered)
         actors = attempt.everyone
         self._executor.kill(actors)
         self._waits = {}
@@ -1081,10 +1153,15 @@ class JobHandle:
         """The counters of the attempt's subtasks that answer within ``timeout_s`` (a dead one's are lost)."""
         return _gather(self._executor, [a.metrics.remote() for a in self._attempt.everyone], timeout_s)
 
-    def _collect_attempt_counts(self) -> None:
-        """The attempt is fenced: its subtasks' last figures (a dead one's as last known) become earlier counts."""
-        self._known.update(self._attempt.number, self._attempt_counters(timeout_s=2.0))
+    def _collect_attempt_counts(self) -> set[str]:
+        """The attempt is fenced: its subtasks' last figures (a dead one's as last known) become earlier counts.
+
+        Returns the tasks that answered.
+        """
+        counters = self._attempt_counters(timeout_s=2.0)
+        self._known.update(self._attempt.number, counters)
         self._known.retire(self._attempt.number)
+        return {c.task for c in counters}
 
     def _finish(self, finish: Finish) -> None:
         if finish.end is JobEnd.FINISHED:
@@ -1114,7 +1191,7 @@ class JobHandle:
         if self._coordinator is not None:
             for stats in _gather(self._executor, [self._coordinator.stats.remote()]):
                 metrics.update(stats)
-        return JobResult(self.job, metrics, self._plan.describe())
+        return JobResult(self.job, metrics, self._plan.describe(), dict(self._placement))
 
     def _end_error(self, finish: Finish) -> JobFailedError:
         cause = self._last_failure
@@ -1184,6 +1261,9 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
             - ``credits`` (2): unacknowledged messages per channel.
             - ``chaining`` (``True``): fuse forward-connected operators into one actor.
             - ``actor_options`` (``None``): extra Ray actor options for every subtask (``num_cpus``, ...).
+            - ``placement`` (``"spread"``): where the subtasks run on a cluster: ``"spread"``,
+              ``"pack"``, or ``{operator name: node id or [node ids]}``; chosen again at each
+              restart from the nodes alive (see :mod:`onceflow.runtime.placement`).
 
     Returns once the first attempt runs (its actors deployed and wired), or
     the job already ended; failures from then on are the job's to recover.
@@ -1198,6 +1278,7 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
     """
     job = JobOptions.from_keywords(options, keywords)
     physical = plan(flow, job.parallelism, max_parallelism=job.max_parallelism, chaining=job.chaining)
+    check_pinned_operators(job.placement, {v.name: [n.name for n in v.nodes] for v in physical.vertices})
     defaults = RuntimeOptions()
     runtime_options = RuntimeOptions(
         batch_bytes=job.batch_bytes or defaults.batch_bytes,
@@ -1220,7 +1301,7 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
         sink.prepare()
     return JobHandle(flow, physical, runtime_options, job.checkpoint, job.restart_strategy, job.actor_options or {},
                      job.resume, job.allow_non_restored_state, executor_named(job.executor),
-                     from_savepoint=job.from_savepoint)
+                     from_savepoint=job.from_savepoint, placement=job.placement)
 
 
 def run(flow: Dataflow, *, options: JobOptions | None = None, timeout_s: float | None = None,

@@ -47,6 +47,10 @@ class SubtaskCounters:
             it runs); ``None`` before it started.
         ended: whether it processed its end of input.
         restored_from: the checkpoint it restored, if any.
+        restored_from_cache: state tables it restored from the object store.
+        restored_from_storage: state tables it restored from their checkpoint
+            files (the object-store copy was gone: its node or its owner, the
+            coordinator, was lost).
         first_record_at: when (wall clock) it first processed rows, ``None`` before
             (the recovery benchmark measures a restore up to it).
         max_event_time: a source subtask's newest event time read (ms), ``None``
@@ -64,6 +68,8 @@ class SubtaskCounters:
     active_s: float | None = None
     ended: bool = False
     restored_from: int | None = None
+    restored_from_cache: int = 0
+    restored_from_storage: int = 0
     first_record_at: float | None = None
     max_event_time: int | None = None
     node: str = ""
@@ -84,6 +90,8 @@ class JobCounters:
             before any has one (this attempt only).
         max_event_time: the newest event time any source read, ``None`` before
             any (this attempt only).
+        restored_from_cache: state tables restores read from the object store.
+        restored_from_storage: state tables restores read from checkpoint files.
         operators: per operator: counts summed over its subtasks, ratios (such
             as a dedupe filter's fill) as the largest over them, and
             ``subtasks`` (this attempt only).
@@ -97,6 +105,8 @@ class JobCounters:
     messages: int = 0
     watermark: int | None = None
     max_event_time: int | None = None
+    restored_from_cache: int = 0
+    restored_from_storage: int = 0
     operators: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -129,6 +139,8 @@ class JobCounters:
             messages=sum(e.messages_out for e in subtasks),
             watermark=min(watermarks) if watermarks else None,
             max_event_time=max(newest) if newest else None,
+            restored_from_cache=sum(e.restored_from_cache for e in subtasks),
+            restored_from_storage=sum(e.restored_from_storage for e in subtasks),
             operators=operators,
         )
 
@@ -140,6 +152,8 @@ class JobCounters:
         self.dead_letters += earlier.dead_letters
         self.backpressure_s += earlier.backpressure_s
         self.messages += earlier.messages
+        self.restored_from_cache += earlier.restored_from_cache
+        self.restored_from_storage += earlier.restored_from_storage
 
     def as_dict(self) -> dict[str, Any]:
         """The keys of ``JobResult.metrics`` these counters fill."""
@@ -152,5 +166,7 @@ class JobCounters:
             "dead_letters": self.dead_letters,
             "backpressure_s": self.backpressure_s,
             "messages": self.messages,
+            "restored_from_cache": self.restored_from_cache,
+            "restored_from_storage": self.restored_from_storage,
             "operators": self.operators,
         }

@@ -18,6 +18,7 @@ from typing import Any, TypedDict, Unpack
 from onceflow.checkpoint.config import CheckpointConfig, require_int, require_number
 from onceflow.errors import PlanError
 from onceflow.operators.keygroups import DEFAULT_MAX_PARALLELISM
+from onceflow.runtime.placement import Placement, check_placement
 from onceflow.runtime.restart import RestartStrategy
 
 __all__ = ["EXECUTORS", "JobKeywords", "JobOptions"]
@@ -43,6 +44,7 @@ class JobKeywords(TypedDict, total=False):
     from_savepoint: str | None
     allow_non_restored_state: bool
     executor: str
+    placement: Placement
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,16 @@ class JobOptions:
             ``"local"`` runs the same subtasks, channels, checkpoints and
             commits in this process without Ray (for pipeline tests and
             notebooks: a job starts in milliseconds, on one core).
+        placement: where the subtasks run on a Ray cluster, chosen again at
+            every restart from the nodes then alive: ``"spread"`` (the
+            default: round-robin over the nodes), ``"pack"`` (all on one
+            node), or ``{operator name: node id or [node ids]}`` to pin the
+            subtasks of those operators (the others are spread). Only alive
+            nodes are chosen, so a restart after a node was lost places
+            everything on the nodes left. The checkpoint coordinator
+            goes to the node with the fewest subtasks (the driver's first
+            among equals); see :mod:`onceflow.runtime.placement`. A
+            ``scheduling_strategy`` in ``actor_options`` overrides it.
 
     Raises:
         PlanError: an option is out of range or of the wrong type, or
@@ -117,6 +129,7 @@ class JobOptions:
     from_savepoint: str | None = None
     allow_non_restored_state: bool = False
     executor: str = "ray"
+    placement: Placement = "spread"
 
     def __post_init__(self) -> None:
         require_int("parallelism", self.parallelism, 1, hint="pass parallelism=1 or more")
@@ -166,6 +179,7 @@ class JobOptions:
             msg = (f"executor must be one of {', '.join(map(repr, EXECUTORS))}, got {self.executor!r}; pass "
                    "executor='local' to run in this process without Ray")
             raise PlanError(msg)
+        object.__setattr__(self, "placement", check_placement(self.placement))
         if self.resume and self.checkpoint is None:
             msg = "resume=True needs checkpoint=CheckpointConfig(...) naming the storage to resume from"
             raise PlanError(msg)

@@ -42,6 +42,7 @@ Locks (asyncio, all on the actor's event loop):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -151,7 +152,8 @@ class Subtask:
         """Per checkpoint this subtask acknowledged (incremental): the pieces it named, by their identity."""
         self._storage = CheckpointStorage(checkpointing.storage, plan.job) if checkpointing else None
         self._restored_from = restore.checkpoint_id if restore else None
-        restored = load_restored(restore, self._storage)
+        self._restored_tables: collections.Counter[str] = collections.Counter()
+        restored = load_restored(restore, self._storage, self._restored_tables)
         self._uids = [node.uid for node in vertex.nodes]
         self._sink_stage: int | None = None
         self._sink: SinkCommitter | None = None
@@ -324,6 +326,10 @@ class Subtask:
         self._finished_at = time.monotonic()
         self._finished.set()
 
+    def node(self) -> str:
+        """The id of the Ray node this subtask runs on (``""`` outside Ray)."""
+        return self._node
+
     async def done(self) -> None:
         """Return when this subtask processed its end of input; raise its failure if it failed."""
         await self._finished.wait()
@@ -492,6 +498,8 @@ class Subtask:
             active_s=active,
             ended=self._ended,
             restored_from=self._restored_from,
+            restored_from_cache=self._restored_tables["cache"],
+            restored_from_storage=self._restored_tables["storage"],
             first_record_at=self._first_record_at,
             max_event_time=self._max_event_time(),
             node=self._node,

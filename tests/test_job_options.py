@@ -46,6 +46,14 @@ def test_options_are_frozen_picklable_and_public() -> None:
     assert of.RestartStrategy is RestartStrategy
 
 
+def test_placement_defaults_to_spread_and_pins_are_stored_as_tuples() -> None:
+    assert JobOptions().placement == "spread"
+    assert JobOptions(placement="pack").placement == "pack"
+    options = JobOptions(placement={"window": "node-a", "source": ["node-b", "node-c"]})
+    assert options.placement == {"window": ("node-a",), "source": ("node-b", "node-c")}
+    assert pickle.loads(pickle.dumps(options)) == options
+
+
 def test_actor_options_are_copied() -> None:
     given = {"num_cpus": 1}
     options = JobOptions(actor_options=given)
@@ -69,6 +77,10 @@ def test_actor_options_are_copied() -> None:
         ({"actor_options": ["num_cpus"]}, "actor_options must be a dict"),
         ({"address": 6379}, "address must be a string"),
         ({"resume": True}, "resume=True needs checkpoint="),
+        ({"placement": "random"}, "placement must be one of 'spread', 'pack'"),
+        ({"placement": 3}, "placement must be 'spread', 'pack' or a mapping"),
+        ({"placement": {"window": []}}, "placement pins operator 'window' to"),
+        ({"placement": {"window": 7}}, "placement pins operator 'window' to 7"),
     ],
 )
 def test_invalid_options_are_plan_errors_that_say_what_to_do(options: dict[str, Any], words: str) -> None:

@@ -54,6 +54,9 @@ def test_named_actors_exist_while_the_job_runs() -> None:
     try:
         expected = {"named/source_0/0", "named/source_0/1", "named/window_2/0", "named/window_2/1"}
         assert set(handle.actor_names) == expected
+        # One node (the embedded Ray, no checkpoints: no coordinator): every subtask on the driver's node.
+        assert handle.placement() == {name.split("/", 1)[1]: ray.get_runtime_context().get_node_id()
+                                      for name in expected}
 
         def listed() -> set[str]:
             return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
