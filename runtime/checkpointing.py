@@ -398,14 +398,7 @@ class CoordinatorActor:
         Raises:
             CheckpointError: the attempt was fenced, or the checkpoint was aborted.
         """
-        while True:
-            if self._attempt != attempt:
-                msg = f"job {self._job!r}: attempt {attempt} was fenced before its final checkpoint"
-                raise CheckpointError(msg, reason="fenced")
-            actions = self._core.trigger_now()
-            if actions:
-                break
-            await asyncio.sleep(0.01)
+        actions = await self._trigger_now(attempt, "its final checkpoint")
         checkpoint_id = actions[0].checkpoint_id  # type: ignore[union-attr]
         # The input has ended: no periodic checkpoint after the final one (retention would delete it).
         self._core.paused = True
@@ -413,6 +406,21 @@ class CoordinatorActor:
         self._waiters[checkpoint_id] = waiter
         await self._execute(actions)
         return await waiter
+
+    async def _trigger_now(self, attempt: int, what: str) -> list[CheckpointAction]:
+        """Trigger a checkpoint of ``attempt`` at once, waiting while one is in flight; the trigger's actions.
+
+        Raises:
+            CheckpointError: the attempt was fenced before it could be triggered.
+        """
+        while True:
+            if self._attempt != attempt:
+                msg = f"job {self._job!r}: attempt {attempt} was fenced before {what} was triggered"
+                raise CheckpointError(msg, reason="fenced")
+            actions = self._core.trigger_now()
+            if actions:
+                return actions
+            await asyncio.sleep(0.01)
 
     async def savepoint(self, target: str | None = None, stop: bool = False) -> dict[str, Any]:
         """Take a checkpoint now, wait until it completed and its transactions committed, copy it into a savepoint.
@@ -432,14 +440,7 @@ class CoordinatorActor:
         if not attempt:
             msg = f"job {self._job!r} is not running (it is restarting or ending); take the savepoint once it runs"
             raise CheckpointError(msg, reason="not running")
-        while True:
-            if self._attempt != attempt:
-                msg = f"job {self._job!r}: attempt {attempt} was fenced before its savepoint was triggered"
-                raise CheckpointError(msg, reason="fenced")
-            actions = self._core.trigger_now()
-            if actions:
-                break
-            await asyncio.sleep(0.01)
+        actions = await self._trigger_now(attempt, "its savepoint")
         checkpoint_id = actions[0].checkpoint_id  # type: ignore[union-attr]
         self._pinned.add(checkpoint_id)  # retention keeps it until it is copied
         if stop:

@@ -131,3 +131,38 @@ def run_killing_a_subtask(flow: Any, storage: str, pick: Callable[[list[str]], s
     assert result.metrics["restarts"] >= 1, f"killing {name or 'a subtask'} restarted nothing"
     assert result.metrics["restored_from"], "the restart restored no checkpoint"
     return result, name, seen
+
+
+def stop_process_group(process: Any, timeout_s: float = 20.0) -> None:
+    """Stop ``process`` (a ``subprocess.Popen`` leading its own session) and everything in its process group.
+
+    SIGTERM, then SIGKILL; returns once no member is left (a server's port is then closed).
+    """
+    import contextlib
+    import os
+    import signal
+
+    group = process.pid
+    for signal_ in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal_)
+        deadline = time.monotonic() + timeout_s
+        while _group_alive(group) and time.monotonic() < deadline:
+            process.poll()  # reap the leader
+            time.sleep(0.05)
+        if not _group_alive(group):
+            break
+    process.wait()
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of process group ``group`` is still running (zombies do not count)."""
+    import os
+    import subprocess
+
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    listing = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True, check=True).stdout
+    return any(int(p) == group and not s.startswith("Z") for p, s in (line.split() for line in listing.splitlines()))

@@ -16,9 +16,7 @@ aborted transactions from its start. Clients are the real librdkafka
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.helpers import stop_process_group
 
 __all__ = ["KafkaServer", "create_topic", "noida_db", "open_transactions", "read_messages", "topic_exists"]
 
@@ -115,28 +115,8 @@ class KafkaServer:
         this returns once no member is left: the port is closed.
         """
         if self._process is not None:
-            group = self._process.pid
-            for signal_ in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(group, signal_)
-                deadline = time.monotonic() + timeout_s
-                while _group_alive(group) and time.monotonic() < deadline:
-                    self._process.poll()  # reap the leader
-                    time.sleep(0.05)
-                if not _group_alive(group):
-                    break
-            self._process.wait()
+            stop_process_group(self._process, timeout_s)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _group_alive(group: int) -> bool:
-    """Whether a process of process group ``group`` is still running (zombies do not count)."""
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    listing = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True, check=True).stdout
-    return any(int(p) == group and not s.startswith("Z") for p, s in (line.split() for line in listing.splitlines()))
 
 
 def create_topic(bootstrap_servers: str, topic: str, partitions: int) -> None:

@@ -10,9 +10,7 @@ comes back empty, and :meth:`S3Server.start` creates the bucket again.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from tests.helpers import stop_process_group
 
 __all__ = ["S3Server"]
 
@@ -102,30 +102,10 @@ class S3Server:
         """Stop the server: its whole process group, and return once no member is left (the port is closed)."""
         if self._process is None:
             return
-        group = self._process.pid
-        for signal_ in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal_)
-            deadline = time.monotonic() + timeout_s
-            while _group_alive(group) and time.monotonic() < deadline:
-                self._process.poll()  # reap the leader
-                time.sleep(0.05)
-            if not _group_alive(group):
-                break
-        self._process.wait()
+        stop_process_group(self._process, timeout_s)
         self._process = None
 
     def destroy(self) -> None:
         """Stop the server if it runs and delete its files."""
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _group_alive(group: int) -> bool:
-    """Whether a process of process group ``group`` is still running (zombies do not count)."""
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    listing = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True, check=True).stdout
-    return any(int(p) == group and not s.startswith("Z") for p, s in (line.split() for line in listing.splitlines()))
