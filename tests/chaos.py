@@ -890,14 +890,15 @@ def verify(shape: JobShape, workspace: Workspace, record: ChaosRecord) -> None:
 def _checkpoint_leftovers(job: str, workspace: Workspace) -> list[str]:
     """Shared pieces of incremental checkpoints that no manifest names, and named files that are gone."""
     storage = CheckpointStorage(workspace.storage, job)
-    shared_dir = Path(storage.root, SHARED_DIR)
-    shared = {str(p) for p in shared_dir.glob("*")} if shared_dir.exists() else set()
+    fs = storage.filesystem
+    listed = fs.get_file_info(pafs.FileSelector(f"{storage.root}/{SHARED_DIR}", allow_not_found=True))
+    shared = {info.path for info in listed if info.type == pafs.FileType.File}
     named = {h.path for c in storage.completed_ids() for entry in (storage.manifest(c) or {})["tasks"].values()
              for state in entry["states"].values() for h in state_handles(state)}
     found = []
     if shared - named:
         found.append(f"{len(shared - named)} shared checkpoint piece(s) no checkpoint names")
-    missing = [p for p in named if not Path(p).exists()]
+    missing = sorted(p for p in named if fs.get_file_info(p).type == pafs.FileType.NotFound)
     if missing:
         found.append(f"{len(missing)} checkpoint file(s) named by a manifest are gone, e.g. {missing[0]}")
     return found
