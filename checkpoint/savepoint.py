@@ -24,7 +24,6 @@ and both restore.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import time
 import uuid
@@ -34,7 +33,13 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from onceflow.checkpoint.storage import CheckpointStorage, CheckpointStorageError, StateHandle, state_handles
+from onceflow.checkpoint.storage import (
+    CheckpointStorage,
+    CheckpointStorageError,
+    StateHandle,
+    open_uri,
+    state_handles,
+)
 from onceflow.errors import CheckpointError, PlanError
 from onceflow.redaction import redact_uri
 
@@ -93,14 +98,11 @@ def _with_paths(state: dict[str, Any], path: Callable[[StateHandle], StateHandle
 
 
 def _open(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        try:
-            fs, root = pafs.FileSystem.from_uri(uri)
-        except (pa.ArrowInvalid, OSError, ValueError) as error:
-            msg = f"cannot open savepoint location {redact_uri(uri)!r}: {error}; pass a directory or a pyarrow.fs uri"
-            raise PlanError(msg) from None
-        return fs, root.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        fs, root = open_uri(uri, "savepoint location")
+    except CheckpointStorageError as error:
+        raise PlanError(str(error)) from None
+    return fs, root.rstrip("/")
 
 
 def write_savepoint(storage: CheckpointStorage, checkpoint_id: int, target: str | None = None) -> str:

@@ -53,7 +53,7 @@ from onceflow.errors import OnceflowError, PlanError
 from onceflow.redaction import dsn_secrets, redact_uri, scrub
 
 __all__ = ["CheckpointStorage", "CheckpointStorageError", "StateHandle", "ipc_file_bytes", "job_names", "matches",
-           "state_handles"]
+           "open_uri", "state_handles"]
 
 MANIFEST_NAME = "_manifest.json"
 LEASE_NAME = "_lease.json"
@@ -279,8 +279,12 @@ def _writes_for(fs: pafs.FileSystem, root: str) -> _Writes:
     return _RenamingWrites(fs)
 
 
-def _open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and base path of a local directory or ``pyarrow.fs`` URI; errors name it redacted."""
+def open_uri(uri: str, what: str = "checkpoint storage") -> tuple[pafs.FileSystem, str]:
+    """The filesystem and base path of a local directory or ``pyarrow.fs`` URI (``what`` it is, for errors).
+
+    Raises:
+        CheckpointStorageError: it cannot be opened; the message names it with its credentials masked.
+    """
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     try:
@@ -288,8 +292,7 @@ def _open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     except (pa.ArrowInvalid, OSError, ValueError) as error:
         secrets = dsn_secrets(uri)
         why = scrub(str(error), [uri, *secrets, *(unquote(secret) for secret in secrets)])
-        msg = (f"cannot open checkpoint storage {redact_uri(uri)!r}: {why}; pass a local directory or a "
-               "pyarrow.fs uri")
+        msg = f"cannot open {what} {redact_uri(uri)!r}: {why}; pass a local directory or a pyarrow.fs uri"
         raise CheckpointStorageError(msg, path=redact_uri(uri)) from None
 
 
@@ -300,7 +303,7 @@ def job_names(uri: str) -> list[str]:
         CheckpointStorageError: the storage cannot be opened or listed.
 
     """
-    fs, base = _open_uri(uri)
+    fs, base = open_uri(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(base.rstrip("/"), allow_not_found=True))
     except OSError as error:
@@ -346,7 +349,7 @@ class CheckpointStorage:
         self._uri = uri
         self._job = job
         self._given_filesystem = filesystem
-        fs, base = (filesystem, uri) if filesystem is not None else _open_uri(uri)
+        fs, base = (filesystem, uri) if filesystem is not None else open_uri(uri)
         self._fs: pafs.FileSystem = fs
         base = base.rstrip("/")
         self._root = f"{base}/{job}" if base else job
@@ -412,14 +415,8 @@ class CheckpointStorage:
 
         """
         directory = self.checkpoint_path(checkpoint_id)
-        path = f"{directory}/{_file_part(task, 'task')}.{_file_part(operator, 'operator')}.arrow"
-        try:
-            data = ipc_file_bytes(table)
-            self._writes.write(directory, path, data)
-        except (OSError, pa.ArrowException) as error:
-            msg = f"cannot write checkpoint state file {path!r}: {error}; check that the checkpoint storage is writable"
-            raise CheckpointStorageError(msg, path=path) from error
-        return StateHandle(path=path, bytes=data.size, rows=table.num_rows, crc32=zlib.crc32(data))
+        return self._put(directory, f"{directory}/{_file_part(task, 'task')}.{_file_part(operator, 'operator')}.arrow",
+                         table)
 
     def write_shared(self, task: str, operator: str, table: pa.Table) -> StateHandle:
         """Write one piece of an incremental snapshot as ``<root>/shared/<task>.<operator>.<random>.arrow``.
@@ -431,14 +428,18 @@ class CheckpointStorage:
             CheckpointStorageError: the file cannot be written.
         """
         name = f"{_file_part(task, 'task')}.{_file_part(operator, 'operator')}.{uuid.uuid4().hex}.arrow"
-        path = f"{self._root}/{SHARED_DIR}/{name}"
+        return self._put(f"{self._root}/{SHARED_DIR}", f"{self._root}/{SHARED_DIR}/{name}", table)
+
+    def _put(self, directory: str, path: str, table: pa.Table | pa.Buffer, rows: int = -1) -> StateHandle:
+        """Write a state file (a table as Arrow IPC, or a file's bytes with ``rows``); its handle."""
         try:
-            data = ipc_file_bytes(table)
-            self._writes.write(f"{self._root}/{SHARED_DIR}", path, data)
+            data = ipc_file_bytes(table) if isinstance(table, pa.Table) else table
+            self._writes.write(directory, path, data)
         except (OSError, pa.ArrowException) as error:
             msg = f"cannot write checkpoint state file {path!r}: {error}; check that the checkpoint storage is writable"
             raise CheckpointStorageError(msg, path=path) from error
-        return StateHandle(path=path, bytes=data.size, rows=table.num_rows, crc32=zlib.crc32(data))
+        rows = table.num_rows if isinstance(table, pa.Table) else rows
+        return StateHandle(path=path, bytes=data.size, rows=rows, crc32=zlib.crc32(data))
 
     def read_state(self, path: str | StateHandle) -> pa.Table:
         """Read a snapshot written by :meth:`write_state`.
@@ -517,13 +518,7 @@ class CheckpointStorage:
             if problem:
                 msg = f"state file {expected.path!r} is damaged: {problem}; it was not copied"
                 raise CheckpointStorageError(msg, path=expected.path)
-        try:
-            self._writes.write(directory, path, buffer)
-        except OSError as error:
-            msg = f"cannot write checkpoint state file {path!r}: {error}; check that the checkpoint storage is writable"
-            raise CheckpointStorageError(msg, path=path) from error
-        rows = expected.rows if expected is not None else -1
-        return StateHandle(path=path, bytes=buffer.size, rows=rows, crc32=zlib.crc32(buffer))
+        return self._put(directory, path, buffer, expected.rows if expected is not None else -1)
 
     def record_savepoint(self, entry: dict[str, Any]) -> None:
         """Note a savepoint taken of this job (``<root>/savepoints.jsonl``), for ``onceflow checkpoints list``."""

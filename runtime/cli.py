@@ -119,8 +119,8 @@ def list_jobs(address: str | None) -> None:
                    "run"):
         table.add_column(column, justify="left" if column in ("job", "status", "run") else "right")
     for name in names:
-        view = find_monitor(name)
-        view = _view(view) if view is not None else None
+        monitor = find_monitor(name)
+        view = _view(monitor) if monitor is not None else None
         if view is None:
             continue  # it ended between the listing and the call
         checkpoints = view.get("checkpoints") or {}

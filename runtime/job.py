@@ -89,7 +89,7 @@ from onceflow.runtime.events import JobEvents
 from onceflow.runtime.executor import Executor, RayExecutor, executor_named
 from onceflow.runtime.figures import LastKnown
 from onceflow.runtime.loops import LoopTermination
-from onceflow.runtime.metrics import JobCounters, SubtaskCounters
+from onceflow.runtime.metrics import SubtaskCounters
 from onceflow.runtime.monitor import Observer
 from onceflow.runtime.options import JobKeywords, JobOptions
 from onceflow.runtime.output import DownstreamFailedError
@@ -1144,10 +1144,6 @@ class JobHandle:
         """Without a coordinator: the newest checkpoint of this run in storage, or the one it resumed from."""
         assert self._storage is not None
         return self._storage.latest_id(run=self.run_id, otherwise=self._supervisor.latest_checkpoint)
-
-    def _sum(self, per_subtask: list[SubtaskCounters]) -> JobCounters:
-        return JobCounters.of(per_subtask, {n.name for v in self._plan.vertices for n in v.nodes
-                                            if n.kind is NodeKind.SOURCE})
 
     def _attempt_counters(self, timeout_s: float = 10.0) -> list[SubtaskCounters]:
         """The counters of the attempt's subtasks that answer within ``timeout_s`` (a dead one's are lost)."""

@@ -156,7 +156,7 @@ class Observer:
         self.latest: dict[str, Any] = {"job": job, "run": run, "status": "STARTING"}
         self.monitor: Any = None
         self._request: Any = None
-        self._first_publish: Any = None  # a call answered once the monitor's process runs
+        self._ready_probe: Any = None  # answered once the monitor's process runs
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one sample at a time: the thread's, or the final one
         self._thread = threading.Thread(target=self._run_loop, daemon=True, name=f"onceflow-observer-{job}")
@@ -168,7 +168,7 @@ class Observer:
                                                  {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 100},
                                                  self.latest)
             self._request = self.monitor.next_request.remote()
-            self._first_publish = self.monitor.ready.remote()
+            self._ready_probe = self.monitor.ready.remote()
         except Exception as error:  # noqa: BLE001 - the job runs on without being watchable from elsewhere
             log.warning("job %s: could not start its monitor actor (onceflow jobs/watch/stop will not find it): %s",
                         self._job, error)
@@ -249,7 +249,7 @@ class Observer:
         return self.monitor
 
     def _answered(self) -> bool:
-        ready, _ = self._executor.wait([self._first_publish], num_returns=1, timeout=0)
+        ready, _ = self._executor.wait([self._ready_probe], num_returns=1, timeout=0)
         return bool(ready)
 
 
