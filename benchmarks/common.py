@@ -40,7 +40,7 @@ class PeakMemory:
         total = psutil.Process().memory_info().rss
         for proc in psutil.process_iter(["cmdline"]):
             cmdline = proc.info.get("cmdline") or []
-            if cmdline and cmdline[0].startswith(("ray::SourceSubtask", "ray::OperatorSubtask")):
+            if cmdline and cmdline[0].startswith(("ray::SubtaskActor",)):
                 try:
                     total += proc.memory_info().rss
                 except psutil.Error:

@@ -1,13 +1,19 @@
 """Recovery time against state size: kill a window subtask holding K keys, time until every subtask runs again.
 
-The feature-window job (parallelism 2, checkpoints every second, full or
-incremental) runs with K users and one long window, so its keyed state holds
+The feature-window job (parallelism 2, checkpoints every second) runs in
+three kinds: full checkpoints with every actor replaced on a restart
+(``restart_in_place=False``, how every restart went before), full
+checkpoints with the surviving actors reset in place (the default), and
+incremental checkpoints in place. It runs with K users and one long window, so its keyed state holds
 every key seen. Once a checkpoint holds at least 80% of the K keys, a window
 subtask actor is killed (``ray.kill``) and the recovery is timed as
 ``benchmarks/common.kill_and_time_recovery`` does: from the kill to the last
 subtask of the next attempt processing rows again (failure detected, attempt
-fenced, actors deployed, state read and restored). Repeated ``--repeats``
-times per size. Writes ``benchmarks/results/recovery.json`` and ``recovery.png``.
+fenced, actors deployed, state read and restored). The job's own record of
+the restart splits it: ``fence_s`` (the failed attempt fenced),
+``deploy_s`` (actors created or reset, state restored, wired), and the
+failure's detection before them. Repeated ``--repeats`` times per size.
+Writes ``benchmarks/results/recovery.json`` and ``recovery.png``.
 
     python benchmarks/recovery.py [--keys 10000 100000 1000000 10000000] [--repeats 2] [--quick]
 """
@@ -36,15 +42,22 @@ from benchmarks.common import (
 )
 from onceflow.checkpoint.storage import CheckpointStorage
 
+KINDS = {
+    "full, new actors": {"incremental": False, "in_place": False},
+    "full, in place": {"incremental": False, "in_place": True},
+    "incremental, in place": {"incremental": True, "in_place": True},
+}
+"""The kinds measured: checkpoints full or incremental; a restart replaces every actor, or resets the survivors."""
 
-def one(keys: int, incremental: bool, number: int) -> dict[str, Any]:
-    name = f"recovery-{keys}-{int(incremental)}-{number}"
+
+def one(keys: int, incremental: bool, in_place: bool, number: int) -> dict[str, Any]:
+    name = f"recovery-{keys}-{int(incremental)}{int(in_place)}-{number}"
     storage = tempfile.mkdtemp(prefix="onceflow-recovery-")
     flow = feature_flow(name, of.sinks.TestingSink(), events=None, batch_size=min(100_000, max(keys // 10, 1_000)),
                         users=keys, window_ms=10**12, rate=max(keys // 4, 20_000))
     handle = of.submit(flow, parallelism=2, checkpoint=of.CheckpointConfig(interval_s=1.0, storage=storage,
                                                                            incremental=incremental),
-                       restart=of.RestartStrategy.fixed_delay(attempts=2, delay_s=0.0))
+                       restart=of.RestartStrategy.fixed_delay(attempts=2, delay_s=0.0), restart_in_place=in_place)
     try:
         store = CheckpointStorage(storage, name)
 
@@ -55,10 +68,14 @@ def one(keys: int, incremental: bool, number: int) -> dict[str, Any]:
 
         state_bytes = wait_until(held, timeout_s=600, what="state of the keys in a checkpoint")
         timing = kill_and_time_recovery(handle, f"{name}/window_2/0", timeout_s=600)
+        restart = wait_until(lambda: (handle.view().get("restarts") or [None])[-1], timeout_s=30,
+                             what="the restart in the job's view")
     finally:
         handle.cancel()
         shutil.rmtree(storage, ignore_errors=True)
-    return {"recovery_s": timing["recovery_s"], "state_bytes": state_bytes}
+    return {"recovery_s": timing["recovery_s"], "state_bytes": state_bytes,
+            "detect_s": restart["at"] - timing["killed_at"], "fence_s": restart["fence_s"],
+            "deploy_s": restart["deploy_s"], "replaced": restart["replaced"]}
 
 
 def main() -> None:
@@ -70,20 +87,23 @@ def main() -> None:
     sizes, repeats = ([10_000, 100_000], 1) if args.quick else (args.keys, args.repeats)
     start_ray()
     results: dict[str, dict[str, Any]] = {}
-    for incremental in (False, True):
-        kind = "incremental" if incremental else "full"
+    for kind, settings in KINDS.items():
         for keys in sizes:
-            runs = [one(keys, incremental, i) for i in range(repeats)]
+            runs = [one(keys, settings["incremental"], settings["in_place"], i) for i in range(repeats)]
             seconds = [r["recovery_s"] for r in runs]
             results.setdefault(kind, {})[str(keys)] = {
                 "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
-                "state_bytes": statistics.median(r["state_bytes"] for r in runs), "runs": runs}
-            print(f"{kind:>11} {keys:>10,} keys ({results[kind][str(keys)]['state_bytes'] / 2**20:8.1f} MiB): "
-                  f"recovery {statistics.median(seconds):.2f} s [{min(seconds):.2f} .. {max(seconds):.2f}]")
+                "state_bytes": statistics.median(r["state_bytes"] for r in runs),
+                **{phase: statistics.median(r[phase] for r in runs) for phase in ("detect_s", "fence_s", "deploy_s")},
+                "runs": runs}
+            figures = results[kind][str(keys)]
+            print(f"{kind:>22} {keys:>10,} keys ({figures['state_bytes'] / 2**20:8.1f} MiB): "
+                  f"recovery {figures['median_s']:.2f} s [{min(seconds):.2f} .. {max(seconds):.2f}]; detect "
+                  f"{figures['detect_s']:.2f}, fence {figures['fence_s']:.2f}, deploy {figures['deploy_s']:.2f} s")
     path = write_json("recovery", {"repeats": repeats, "by_kind": results})
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for kind, colour in (("full", "tab:gray"), ("incremental", "tab:blue")):
+    for kind, colour in zip(KINDS, ("tab:gray", "tab:blue", "tab:green"), strict=True):
         xs = [int(k) for k in results[kind]]
         med = [results[kind][k]["median_s"] for k in results[kind]]
         low = [m - results[kind][k]["min_s"] for m, k in zip(med, results[kind], strict=True)]

@@ -46,7 +46,7 @@ from benchmarks.common import pyplot, save_figure, start_ray, write_json
 USERS = 10_000
 HOT_SHARE = 0.3
 WINDOW_MS = 1_000
-ACTORS = ("ray::SourceSubtask", "ray::OperatorSubtask", "ray::CoordinatorActor")
+ACTORS = ("ray::SubtaskActor", "ray::CoordinatorActor")
 
 
 def skewed_events(offset: int, n: int) -> pa.RecordBatch:

@@ -260,13 +260,14 @@ class CoordinatorActor:
                 for old in [c for c in self._bases if c < action.checkpoint_id - _BASES_KEPT]:
                     del self._bases[old]
                 for source in self._sources:
-                    source.trigger_checkpoint.remote(action.checkpoint_id, action.timestamp)
+                    source.trigger_checkpoint.remote(action.checkpoint_id, action.timestamp, self._attempt)
             elif isinstance(action, PersistCheckpoint):
                 task = asyncio.get_running_loop().create_task(self._persist(action.checkpoint))
                 self._persisting.add(task)
                 task.add_done_callback(self._persisting.discard)
             elif isinstance(action, NotifyCheckpointComplete):
-                refs = [t.notify_checkpoint_complete.remote(action.checkpoint_id) for t in self._subtasks]
+                refs = [t.notify_checkpoint_complete.remote(action.checkpoint_id, self._attempt)
+                        for t in self._subtasks]
                 waiter = self._waiters.pop(action.checkpoint_id, None)
                 if waiter is not None:
                     self._spawn(self._resolve(waiter, action.checkpoint_id, refs))
@@ -277,7 +278,7 @@ class CoordinatorActor:
                 if action.reason is not CheckpointFailureReason.SUBSUMED:  # a newer one completed: no failure
                     self._record("checkpoint_failed", checkpoint_id=action.checkpoint_id, reason=action.reason.value)
                 for subtask in self._subtasks:
-                    subtask.abort_checkpoint.remote(action.checkpoint_id)
+                    subtask.abort_checkpoint.remote(action.checkpoint_id, self._attempt)
                 waiter = self._waiters.pop(action.checkpoint_id, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_exception(CheckpointError(

@@ -106,7 +106,7 @@ from onceflow.runtime.ray_env import ensure_ray
 from onceflow.runtime.restart import RestartStrategy
 from onceflow.runtime.restore import assign_restored_state, restored_sink_states
 from onceflow.runtime.sink_committer import resolve_sink_operator
-from onceflow.runtime.subtask import subtask_class
+from onceflow.runtime.subtask_actor import FENCE_WAIT_S, SubtaskActor
 from onceflow.runtime.telemetry import RestartCounter
 
 if TYPE_CHECKING:
@@ -125,6 +125,9 @@ _NOT_RETRYABLE = (DataError, PlanError)
 
 _CALL_TIMEOUT_S = 60.0
 """How long the driver waits for one step of deploying, fencing or resolving before calling it a failure."""
+
+_ROOT_CAUSE_WAIT_S = 0.3
+"""After a failure, how long the failures of the same moment may take to surface before the root cause is chosen."""
 
 _TRACEBACK_CHARS = 8_000
 """How much of a failure's traceback the event log keeps (its end, where the error is)."""
@@ -257,7 +260,7 @@ class JobHandle:
                  actor_options: dict[str, Any], resume: bool = False,
                  allow_non_restored_state: bool = False, executor: Executor | None = None,
                  from_savepoint: str | None = None,
-                 placement: str | Mapping[str, Sequence[str]] = "spread") -> None:
+                 placement: str | Mapping[str, Sequence[str]] = "spread", restart_in_place: bool = True) -> None:
         self.job = flow.name
         self._executor: Executor = executor or RayExecutor()
         self.run_id = uuid.uuid4().hex[:12]
@@ -279,6 +282,8 @@ class JobHandle:
         # The supervisor thread owns everything below; other threads only read it.
         self._coordinator: ActorHandle | None = None
         self._attempt = _Attempt(0)
+        self._restart_in_place = restart_in_place
+        self._kept: dict[str, ActorHandle] = {}  # actor name -> a fenced actor the next attempt resets in place
         self._waits: dict[Any, tuple[_Wait, str]] = {}
         self._loops: list[_LoopWatch] = []
         self._timer: tuple[float, int] | None = None
@@ -922,21 +927,28 @@ class JobHandle:
 
     def _root_cause(self) -> Failed:
         """Among the attempt's failed calls, the error that explains the rest (not a downstream echo)."""
-        # Give the other failures of the same moment a little time to surface:
-        # the root cause (a bad batch) may report a moment after its echoes.
+        # Give the other failures of the same moment a little time to surface: the root cause (a bad
+        # batch) may report a moment after its echoes. A death or an error of onceflow's own explains
+        # the rest: no need to wait longer then.
         refs = dict(self._waits)
-        ready, _ = self._executor.wait(list(refs), num_returns=len(refs), timeout=0.3)
+        pending = list(refs)
+        deadline = time.monotonic() + _ROOT_CAUSE_WAIT_S
         root: BaseException | None = None
         actor = ""
-        for ref in ready:
-            try:
-                self._executor.get(ref, timeout=0)
-            except Exception as error:  # noqa: BLE001 - classified below
-                cause = getattr(error, "cause", None) or error
-                if isinstance(cause, DownstreamFailedError):
-                    continue
-                if root is None or (isinstance(cause, OnceflowError) and not isinstance(root, OnceflowError)):
-                    root, actor = cause, refs[ref][1]
+        while pending and not (root is not None and (isinstance(root, OnceflowError) or self._executor.died(root))):
+            ready, pending = self._executor.wait(pending, num_returns=1,
+                                                 timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                break
+            for ref in ready:
+                try:
+                    self._executor.get(ref, timeout=0)
+                except Exception as error:  # noqa: BLE001 - classified below
+                    cause = getattr(error, "cause", None) or error
+                    if isinstance(cause, DownstreamFailedError):
+                        continue
+                    if root is None or (isinstance(cause, OnceflowError) and not isinstance(root, OnceflowError)):
+                        root, actor = cause, refs[ref][1]
         attempt = self._attempt.number
         if root is None:
             return Failed(attempt, "a downstream subtask failed")
@@ -1048,20 +1060,25 @@ class JobHandle:
             identity = AttemptId(self.run_id, number)
             assigned = {} if restore is None else assign_restored_state(
                 self._plan, restore[1], allow_non_restored_state=self._allow_non_restored_state)
+            resets: list[Any] = []
             for vertex in self._plan.vertices:
                 group = []
-                cls = subtask_class(vertex)
                 for subtask in range(vertex.parallelism):
                     name = f"{self.job}/{vertex.name}/{subtask}"
                     task_restore = None
                     if restore is not None:
                         task_restore = SubtaskRestore(restore[0], assigned[f"{vertex.name}/{subtask}"])
-                    actor = self._create(cls, name, decision.subtasks.get(f"{vertex.name}/{subtask}", ""),
-                                         self._plan, vertex.id, subtask, self._options, setup, task_restore,
-                                         attempt=identity)
+                    actor = self._kept.pop(name, None)
+                    if actor is not None:  # fenced cleanly in place: the same process starts this attempt
+                        resets.append(actor.reset.remote(setup, task_restore, identity))
+                    else:
+                        actor = self._create(SubtaskActor, name, decision.subtasks.get(f"{vertex.name}/{subtask}", ""),
+                                             self._plan, vertex.id, subtask, self._options, setup, task_restore,
+                                             attempt=identity)
                     group.append(actor)
                     attempt.names[actor] = name
                     attempt.actors[vertex.id] = group
+            self._executor.get(resets, timeout=_CALL_TIMEOUT_S)
             everyone = attempt.everyone
             downstream = {v.id: attempt.actors[v.id] for v in self._plan.vertices}
             self._executor.get([a.connect.remote(downstream) for a in everyone], timeout=_CALL_TIMEOUT_S)
@@ -1094,7 +1111,8 @@ class JobHandle:
             self._restart_counter.inc()
             recovery = time.monotonic() - self._failure_seen if self._failure_seen is not None else None
             self._restarts.append({**self._pending_restart, "attempt": number,
-                                   "restored_from": restore[0] if restore else None, "recovery_s": recovery})
+                                   "restored_from": restore[0] if restore else None, "recovery_s": recovery,
+                                   "deploy_s": time.monotonic() - started})
             self._events_log.emit("restart", attempt=number, restored_from=restore[0] if restore else None,
                                   recovery_s=recovery)
         log.info("job %s: attempt %d: %d subtask actors running in %.2f s%s\n%s", self.job, number,
@@ -1115,11 +1133,15 @@ class JobHandle:
     def _fence(self, number: int) -> SupervisorEvent:
         """Kill the attempt's actors, confirm their death, settle the coordinator; report the restore point."""
         attempt = self._attempt
+        started = time.monotonic()
         answered = self._collect_attempt_counts()
         if self._placed_attempt == attempt.number:
             subtasks = {task: node for task, node in self._placement.items() if task != "coordinator"}
             self._silent_nodes = silent_nodes(subtasks, answered)
         actors = attempt.everyone
+        if self._restart_in_place:
+            self._kept.update(self._fence_in_place(attempt, answered))
+            actors = [a for a in actors if attempt.names[a] not in self._kept]
         self._executor.kill(actors)
         self._waits = {}
         self._loops = []
@@ -1137,8 +1159,35 @@ class JobHandle:
                 latest = self._latest_of_run()
         self._executor.confirm_dead(actors)
         self._attempt = _Attempt(number)
+        self._pending_restart.update(fence_s=time.monotonic() - started, replaced=len(actors))
         log.info("job %s: attempt %d fenced; the newest completed checkpoint is %s", self.job, number, latest)
         return Fenced(number, latest)
+
+    def _fence_in_place(self, attempt: _Attempt, answered: set[str]) -> dict[str, ActorHandle]:
+        """Fence ``attempt`` inside the actors whose subtask just answered; return those that stopped cleanly, by name.
+
+        The others (dead, hung, on a lost node, or with a write still running)
+        are left for the caller to kill, as every actor was before.
+        """
+        candidates = [a for a in attempt.everyone if attempt.names[a].split("/", 1)[1] in answered]
+        refs: list[Any] = [a.fence.remote(attempt.number) for a in candidates]
+        ready, _ = self._executor.wait(refs, num_returns=len(refs), timeout=2 * FENCE_WAIT_S + 2)
+        kept: dict[str, ActorHandle] = {}
+        for actor, ref in zip(candidates, refs, strict=True):
+            if ref not in ready:
+                continue
+            try:
+                clean = self._executor.get(ref, timeout=_CALL_TIMEOUT_S)
+            except Exception:  # it died while fencing: replaced like any dead actor
+                log.debug("job %s: %s died while its attempt was fenced", self.job, attempt.names[actor],
+                          exc_info=True)
+                continue
+            if clean:
+                kept[attempt.names[actor]] = actor
+        if len(kept) < len(attempt.everyone):
+            log.info("job %s: attempt %d fenced in place in %d of %d subtask actors; the others are replaced",
+                     self.job, attempt.number, len(kept), len(attempt.everyone))
+        return kept
 
     def _latest_of_run(self) -> int | None:
         """Without a coordinator: the newest checkpoint of this run in storage, or the one it resumed from."""
@@ -1207,7 +1256,8 @@ class JobHandle:
 
     def _remove_everything(self) -> None:
         """Kill every actor of the job that is left, coordinator included, confirm it, and release the storage."""
-        actors = self._attempt.everyone
+        actors = self._attempt.everyone + list(self._kept.values())
+        self._kept = {}
         if self._coordinator is not None:
             actors.append(self._coordinator)
             self._coordinator = None
@@ -1260,6 +1310,9 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
             - ``placement`` (``"spread"``): where the subtasks run on a cluster: ``"spread"``,
               ``"pack"``, or ``{operator name: node id or [node ids]}``; chosen again at each
               restart from the nodes alive (see :mod:`onceflow.runtime.placement`).
+            - ``restart_in_place`` (``True``): a restart resets the subtask actors that still
+              answer in place and replaces only the dead or hung ones; ``False`` replaces every
+              actor (see :mod:`onceflow.runtime.subtask_actor`).
 
     Returns once the first attempt runs (its actors deployed and wired), or
     the job already ended; failures from then on are the job's to recover.
@@ -1297,7 +1350,8 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
         sink.prepare()
     return JobHandle(flow, physical, runtime_options, job.checkpoint, job.restart_strategy, job.actor_options or {},
                      job.resume, job.allow_non_restored_state, executor_named(job.executor),
-                     from_savepoint=job.from_savepoint, placement=job.placement)
+                     from_savepoint=job.from_savepoint, placement=job.placement,
+                     restart_in_place=job.restart_in_place)
 
 
 def run(flow: Dataflow, *, options: JobOptions | None = None, timeout_s: float | None = None,

@@ -45,6 +45,7 @@ class JobKeywords(TypedDict, total=False):
     allow_non_restored_state: bool
     executor: str
     placement: Placement
+    restart_in_place: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,13 @@ class JobOptions:
             goes to the node with the fewest subtasks (the driver's first
             among equals); see :mod:`onceflow.runtime.placement`. A
             ``scheduling_strategy`` in ``actor_options`` overrides it.
+        restart_in_place: on a restart, fence the failed attempt inside the
+            subtask actors that still answer and reset them for the next one
+            (the same process restores the checkpoint), replacing only the
+            actors that died, hang, or could not stop their work cleanly, as
+            Flink redeploys into the TaskManagers left. ``False`` kills every
+            actor and starts a new process for each subtask (slower: starting
+            processes is most of a restart; see :mod:`onceflow.runtime.subtask_actor`).
 
     Raises:
         PlanError: an option is out of range or of the wrong type, or
@@ -130,6 +138,7 @@ class JobOptions:
     allow_non_restored_state: bool = False
     executor: str = "ray"
     placement: Placement = "spread"
+    restart_in_place: bool = True
 
     def __post_init__(self) -> None:
         require_int("parallelism", self.parallelism, 1, hint="pass parallelism=1 or more")
@@ -163,7 +172,7 @@ class JobOptions:
                 raise PlanError(msg)
         if self.credits is not None:
             require_int("credits", self.credits, 1, hint="pass credits=None for the default (2)")
-        for name in ("chaining", "resume", "allow_non_restored_state"):
+        for name in ("chaining", "resume", "allow_non_restored_state", "restart_in_place"):
             if not isinstance(getattr(self, name), bool):
                 msg = f"{name} must be True or False, got {getattr(self, name)!r}; pass {name}=True or {name}=False"
                 raise PlanError(msg)

@@ -42,9 +42,10 @@ class DownstreamFailedError(Exception):
 class OutputChannel:
     """One channel: a buffer, a sequence and credits, and the calls in flight."""
 
-    def __init__(self, handle: ActorHandle, channel: int, credits: int) -> None:
+    def __init__(self, handle: ActorHandle, channel: int, credits: int, attempt: int = 0) -> None:
         self._handle = handle
         self._channel = channel
+        self._attempt = attempt
         self._sender = ChannelSender(credits)
         self._in_flight: deque[Any] = deque()
         self._buffer: list[pa.RecordBatch] = []
@@ -110,7 +111,8 @@ class OutputChannel:
         """
         if self.pending:
             self._send()
-        self._handle.receive_barrier.remote(self._channel, checkpoint_id, timestamp, self._sender.next_seq - 1)
+        self._handle.receive_barrier.remote(self._channel, checkpoint_id, timestamp, self._sender.next_seq - 1,
+                                           self._attempt)
 
     def _send(self, *, eof: bool = False, barrier: tuple[int, float] | None = None) -> None:
         batch = None
@@ -121,7 +123,7 @@ class OutputChannel:
         self.buffered_rows = 0
         self.buffered_bytes = 0
         self._marks = []
-        self._in_flight.append(self._handle.push.remote(message))
+        self._in_flight.append(self._handle.push.remote(message, self._attempt))
         self.messages += 1
         self.data_messages += batch is not None or bool(message.watermarks) or eof
 
@@ -151,11 +153,12 @@ class OutputGate:
         max_parallelism: the number of key groups.
         credits: unacknowledged messages per channel.
         batch_bytes: flush a channel once it buffers this many bytes.
+        attempt: the sender's attempt: a receiver reset for a later one drops the message.
 
     """
 
     def __init__(self, spec: OutputSpec, subtask: int, handles: list[ActorHandle], *, operator: str,
-                 max_parallelism: int, credits: int, batch_bytes: int) -> None:
+                 max_parallelism: int, credits: int, batch_bytes: int, attempt: int = 0) -> None:
         self.spec = spec
         self._operator = operator
         self._batch_bytes = batch_bytes
@@ -163,9 +166,9 @@ class OutputGate:
         self._parallelism = len(handles)
         offset = subtask if spec.routing is not Routing.FORWARD else 0
         if spec.routing is Routing.FORWARD:
-            self.channels = [OutputChannel(handles[subtask], spec.channel_base, credits)]
+            self.channels = [OutputChannel(handles[subtask], spec.channel_base, credits, attempt)]
         else:
-            self.channels = [OutputChannel(h, spec.channel_base + offset, credits) for h in handles]
+            self.channels = [OutputChannel(h, spec.channel_base + offset, credits, attempt) for h in handles]
         self._next = subtask % len(self.channels)
         # Key group -> downstream subtask, for vectorised routing.
         self._subtask_of_group = np.zeros(max_parallelism, dtype=np.int64)

@@ -125,7 +125,7 @@ class SinkCommitter:
         self._committer().commit(self.final)
         return len(self.final)
 
-    def abort(self, wait_s: float, *, discard_final: bool) -> None:
+    def abort(self, wait_s: float, *, discard_final: bool) -> bool:
         """Abort the writer once the write in progress returns; later writes are dropped.
 
         A write blocked on its external system (a row lock that only a commit
@@ -134,6 +134,10 @@ class SinkCommitter:
         input's pre-committed transactions are aborted too; with checkpoints
         they are left for recovery, which commits those a completed checkpoint
         recorded.
+
+        Returns:
+            whether the writer was idle when it was aborted (``False``: a write
+            still runs in its thread, so the writer may not count as gone).
         """
         self.aborted = True
         acquired = self._writing.acquire(timeout=wait_s)
@@ -146,6 +150,7 @@ class SinkCommitter:
                 self._writing.release()
         if discard_final:
             self._committer().abort(self.final)
+        return acquired
 
     def _committer(self) -> Committer:
         return self._sink.create_committer(self._ctx)

@@ -105,7 +105,7 @@ if TYPE_CHECKING:
     from onceflow.operators.watermark import SplitWatermarkGenerator, WatermarkGenerator
     from onceflow.runtime.plan import PhysicalPlan, VertexSpec
 
-__all__ = ["OperatorSubtask", "SourceSubtask", "Subtask", "subtask_class", "write_pieces"]
+__all__ = ["AttemptFencedError", "OperatorSubtask", "SourceSubtask", "Subtask", "subtask_class", "write_pieces"]
 
 log = logging.getLogger("onceflow")
 
@@ -118,6 +118,10 @@ _ABORT_WAIT_S = 5.0
 
 _PUBLISH_S = 1.0
 """How often a subtask hands its counters and watermark to the metrics exporter."""
+
+
+class AttemptFencedError(Exception):
+    """The subtask's attempt was fenced: the job restarts, and this actor is reset for the next attempt."""
 
 
 class Subtask:
@@ -188,6 +192,8 @@ class Subtask:
         self._failed = asyncio.Event()
         self._failure: BaseException | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._persisting: set[asyncio.Task[None]] = set()
+        """The snapshots being written (a subset of ``_background``): a fence waits for them."""
         self._ended = False
         self._started_at: float | None = None
         self._finished_at: float | None = None
@@ -221,7 +227,7 @@ class Subtask:
             gate = OutputGate(
                 spec, self._subtask, downstream[spec.target], operator=self._vertex.nodes[spec.stage].name,
                 max_parallelism=self._plan.max_parallelism, credits=self._options.credits,
-                batch_bytes=self._options.batch_bytes,
+                batch_bytes=self._options.batch_bytes, attempt=self._attempt.number,
             )
             self._gates.setdefault((spec.stage, spec.port), []).append(gate)
             self._all_gates.append(gate)
@@ -230,10 +236,60 @@ class Subtask:
         self._spawn(self._publish_loop())
         return self._label
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], *, persist: bool = False) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        if persist:
+            self._persisting.add(task)
+            task.add_done_callback(self._persisting.discard)
+
+    def mark_fenced(self) -> None:
+        """Fail with :class:`AttemptFencedError` (quietly), before the calls in progress are cancelled."""
+        if self._failure is None:
+            self._failure = AttemptFencedError(f"{self._label}: attempt {self._attempt.number} was fenced")
+        for event in (self._finished, self._failed, self._connected):
+            event.set()
+
+    async def fence(self, wait_s: float) -> bool:
+        """Retire this subtask: its attempt was fenced, and its actor is reset in place for the next one.
+
+        Everything waiting on it wakes to a failure (:class:`AttemptFencedError`),
+        its timers stop, the snapshots being written land (their acknowledgements
+        are ignored: the coordinator fenced the attempt), a commit in progress
+        ends, the sink's writer is aborted (what it pre-committed stays for
+        recovery) and the source's reader is closed. The caller cancels the
+        calls in progress first (:class:`SubtaskActor`).
+
+        Returns:
+            whether all of it happened within ``wait_s``. ``False`` (a write or
+            a commit still runs in its thread) means that the actor must be
+            killed instead: recovery resolves the sinks' transactions only with
+            no writer of the job left.
+        """
+        self.mark_fenced()
+        deadline = time.monotonic() + wait_s
+        for task in self._background - self._persisting:
+            task.cancel()
+        if self._persisting:
+            _, pending = await asyncio.wait(self._persisting, timeout=wait_s)
+            if pending:
+                log.warning("%s: a snapshot was still being written %.1f s after the fence", self._label, wait_s)
+                return False
+        try:
+            await asyncio.wait_for(self._commit_lock.acquire(), max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            log.warning("%s: a commit still ran %.1f s after the fence", self._label, wait_s)
+            return False
+        clean = True
+        if self._sink is not None:
+            clean = await asyncio.to_thread(self._sink.abort, max(deadline - time.monotonic(), 0.0),
+                                            discard_final=self._checkpointing is None)
+        self._close_input()
+        return clean
+
+    def _close_input(self) -> None:
+        """Release the input side's resources (a source's reader) when the subtask is fenced."""
 
     async def _publish_loop(self) -> None:
         """Every second, hand the counters and the watermark to the metrics exporter (a sink's subtask too)."""
@@ -348,7 +404,7 @@ class Subtask:
                           unaligned: bool = False) -> None:
         """Take a snapshot (:meth:`_snapshot`) and persist it in the background."""
         tables, metrics = await self._snapshot(checkpoint_id, triggered_at, alignment_s, unaligned=unaligned)
-        self._spawn(self._persist(checkpoint_id, tables, metrics))
+        self._spawn(self._persist(checkpoint_id, tables, metrics), persist=True)
 
     async def _snapshot(self, checkpoint_id: int, triggered_at: float, alignment_s: float, *,
                         unaligned: bool = False) -> tuple[dict[str, pa.Table | StatePieces], dict[str, float]]:
@@ -526,6 +582,7 @@ class SourceSubtask(Subtask):
         elif node.watermark is not None:
             self._watermarks = node.watermark.build(node.name, max_event_time)
         self._stop_requested = False
+        self._reader_closed = False
         self._last_barrier = 0
         self._emitted_watermark = NO_WATERMARK
 
@@ -577,7 +634,7 @@ class SourceSubtask(Subtask):
             self._fail(error, self._vertex.nodes[0].name)
         finally:
             if self._checkpointing is None:
-                self._reader.close()
+                self._close_reader()
 
     async def _read(self, batch: pa.RecordBatch, side: Emitted) -> None:
         """Emit a read batch and the rows the reader set aside in the same step (one offset covers both)."""
@@ -600,6 +657,18 @@ class SourceSubtask(Subtask):
     def stop(self) -> None:
         """End the input now (a graceful, draining stop)."""
         self._stop_requested = True
+
+    def _close_input(self) -> None:
+        self._stop_requested = True
+        try:
+            self._close_reader()
+        except Exception as error:  # noqa: BLE001 - the attempt is over; a reader that fails to close leaks at most
+            log.warning("%s: closing the source's reader after the fence failed: %s", self._label, error)
+
+    def _close_reader(self) -> None:
+        if not self._reader_closed:
+            self._reader_closed = True
+            self._reader.close()
 
     async def trigger_checkpoint(self, checkpoint_id: int, triggered_at: float) -> None:
         """Snapshot the position and inject barrier ``checkpoint_id``."""
@@ -652,7 +721,8 @@ class OperatorSubtask(Subtask):
         self._recording = None
         table = channel_state_table(event.messages, subtask=self._subtask, parallelism=self._vertex.parallelism)
         tables[CHANNEL_STATE] = table
-        self._spawn(self._persist(checkpoint_id, tables, {**metrics, "channel_state_bytes": float(table.nbytes)}))
+        self._spawn(self._persist(checkpoint_id, tables, {**metrics, "channel_state_bytes": float(table.nbytes)}),
+                    persist=True)
 
     def _input_state(self) -> dict[str, pa.Table]:
         return {INPUT_WATERMARKS: self._input.watermarks.snapshot()}

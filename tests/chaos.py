@@ -537,6 +537,7 @@ class ChaosRecord:
         failpoint_fired: whether it fired, and the phase the job was in when it was seen gone.
         resume: whether the job resumed an earlier (killed) driver's checkpoints.
         mode: the checkpoint mode (see :data:`MODES`).
+        in_place: whether restarts reset the surviving actors in place.
         kills: every kill, in order.
         restarts: the job's restarts.
         restored_from: the checkpoints restored.
@@ -558,6 +559,7 @@ class ChaosRecord:
     failpoint_fired: str | None = None
     resume: bool = False
     mode: str = "aligned"
+    in_place: bool = True
     kills: list[Kill] = field(default_factory=list)
     restarts: int = 0
     restored_from: list[int] = field(default_factory=list)
@@ -588,7 +590,7 @@ class ChaosRecord:
         """The replayable story of the schedule: seed, moves, every kill with its phase, and the findings."""
         lines = [f"chaos schedule: shape={self.shape} job={self.job} seed={self.seed} "
                  f"aims={[a.value for a in self.aims]} failpoint={self.failpoint} resume={self.resume} "
-                 f"mode={self.mode}",
+                 f"mode={self.mode} in_place={self.in_place}",
                  f"  restarts={self.restarts} restored_from={self.restored_from} duration={self.duration_s:.1f}s "
                  f"failpoint_fired={self.failpoint_fired}"
                  + "".join(f" aborted[{label}]={n}" for label, n in self.aborted.items())]
@@ -778,7 +780,7 @@ def checkpoint_config(mode: str, storage: str) -> of.CheckpointConfig:
 
 def run_schedule(shape: JobShape, workspace: Workspace, *, seed: int, aims: Sequence[Aim],
                  failpoint: str | None = None, resume: bool = False, job: str | None = None,
-                 mode: str = "aligned") -> ChaosRecord:
+                 mode: str = "aligned", in_place: bool | None = None) -> ChaosRecord:
     """Run one job of ``shape`` through the moves ``aims`` (kills seeded by ``seed``) and verify it.
 
     Args:
@@ -790,12 +792,15 @@ def run_schedule(shape: JobShape, workspace: Workspace, *, seed: int, aims: Sequ
         resume: resume the newest checkpoint in the workspace (after a killed driver).
         job: the job name; ``chaos-<shape>-<seed>`` by default.
         mode: the checkpoint mode, one of :data:`MODES`.
+        in_place: restarts reset the surviving actors in place (``restart_in_place``); ``None``
+            draws it from the seed (three schedules in four), so both ways of restarting are exercised.
 
     Returns:
         The record; ``record.problems`` is empty when the output is exact and nothing was left behind.
     """
     job = job or f"chaos-{shape.name}-{seed}"
-    record = ChaosRecord(shape.name, job, seed, list(aims), failpoint, resume=resume, mode=mode)
+    in_place = random.Random(f"in-place-{seed}").random() < 0.75 if in_place is None else in_place
+    record = ChaosRecord(shape.name, job, seed, list(aims), failpoint, resume=resume, mode=mode, in_place=in_place)
     rng = random.Random(seed)
     budget = len(aims) * 2 + 4
     if failpoint is not None:
@@ -807,7 +812,8 @@ def run_schedule(shape: JobShape, workspace: Workspace, *, seed: int, aims: Sequ
     try:
         handle = of.submit(shape.build(job, workspace), parallelism=shape.parallelism, resume=resume,
                            checkpoint=checkpoint_config(mode, workspace.storage),
-                           restart=of.RestartStrategy.fixed_delay(attempts=budget, delay_s=0.1))
+                           restart=of.RestartStrategy.fixed_delay(attempts=budget, delay_s=0.1),
+                           restart_in_place=in_place)
         chaos.handle = handle
         chaos.handle_ready.set()
         watch_failpoint = failpoint is not None

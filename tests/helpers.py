@@ -24,10 +24,12 @@ class FakeDownstream:
 
     def __init__(self) -> None:
         self.messages: list[ChannelMessage] = []
+        self.attempts: list[int] = []
         self.push = self
 
-    def remote(self, message: ChannelMessage) -> asyncio.Future[bool]:
+    def remote(self, message: ChannelMessage, attempt: int) -> asyncio.Future[bool]:
         self.messages.append(message)
+        self.attempts.append(attempt)
         done = asyncio.get_running_loop().create_future()
         done.set_result(True)
         return done

@@ -27,13 +27,13 @@ class _Source:
     def __init__(self) -> None:
         self.triggered: list[int] = []
 
-    def trigger_checkpoint(self, checkpoint_id: int, triggered_at: float) -> None:
+    def trigger_checkpoint(self, checkpoint_id: int, triggered_at: float, attempt: int | None = None) -> None:
         self.triggered.append(checkpoint_id)
 
-    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+    def notify_checkpoint_complete(self, checkpoint_id: int, attempt: int | None = None) -> None:
         pass
 
-    def abort_checkpoint(self, checkpoint_id: int) -> None:
+    def abort_checkpoint(self, checkpoint_id: int, attempt: int | None = None) -> None:
         pass
 
     def triggers(self) -> list[int]:

@@ -251,11 +251,12 @@ def test_cancel_while_a_restarted_attempt_deploys_leaves_no_actor_and_the_job_ca
                        checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path / "chk")),
                        restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.0))
     wait_until(lambda: CheckpointStorage(str(tmp_path / "chk"), job).completed_ids(), what="a checkpoint")
-    first = actor_id(f"{job}/source_0/0")
+    killed = actor_id(f"{job}/window/1")
     assert kill(f"{job}/window/1")
-    # The sources deploy first: once the new attempt's source exists, its other actors are being created.
-    wait_until(lambda: actor_id(f"{job}/source_0/0") not in (None, first), timeout_s=60,
-               what="the restarted attempt's first actor")
+    # The killed actor is the one the restart must create anew (the others are reset in place):
+    # once it exists, the new attempt is being deployed.
+    wait_until(lambda: actor_id(f"{job}/window/1") not in (None, killed), timeout_s=60,
+               what="the restarted attempt's new actor")
     handle.cancel()
     assert handle.status() is of.JobStatus.CANCELLED
     wait_until(lambda: not job_actors(job), timeout_s=30, what="no actor of the job left")
