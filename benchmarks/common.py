@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+import pyarrow as pa
 import ray
 
 import onceflow as of
@@ -150,13 +151,16 @@ def kill_and_time_recovery(handle: of.JobHandle, victim: str, timeout_s: float =
 
 
 def feature_flow(name: str, sink: of.sinks.TransactionalSink, *, events: int | None, batch_size: int = 100_000,
-                 users: int = 100_000, window_ms: int = 10_000, rate: int | None = None) -> of.Dataflow:
-    """The feature-window job: key by user, tumbling windows, count and sum(amount)."""
+                 users: int = 100_000, window_ms: int = 10_000, rate: int | None = None,
+                 transform: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None) -> of.Dataflow:
+    """The feature-window job: key by user, tumbling windows, count and sum(amount) (``transform`` on the way in)."""
     make_batch = feature_events if users == 100_000 else functools.partial(feature_events, users=users)
     flow = of.Dataflow(name)
     stream = flow.source(of.sources.GeneratorSource(make_batch, total=events, batch_size=batch_size,
                                                     max_events_per_s=rate),
                          watermark=of.BoundedOutOfOrderness("event_time"))
+    if transform is not None:
+        stream = stream.map_batches(transform, name="transform")
     (stream.key_by("user_id").window(of.windows.Tumbling(size_ms=window_ms))
      .aggregate(count=of.agg.count(), total=of.agg.sum("amount")).sink(sink))
     return flow

@@ -1,10 +1,12 @@
 """Recovery time against state size: kill a window subtask holding K keys, time until every subtask runs again.
 
 The feature-window job (parallelism 2, checkpoints every second) runs in
-three kinds: full checkpoints with every actor replaced on a restart
-(``restart_in_place=False``, how every restart went before), full
-checkpoints with the surviving actors reset in place (the default), and
-incremental checkpoints in place. It runs with K users and one long window, so its keyed state holds
+four kinds (:data:`KINDS`): a killed window actor with every actor replaced on
+the restart (``restart_in_place=False``, how every restart went before), the
+same with the surviving actors reset in place (the default), with
+incremental checkpoints in place, and an error raised in a source subtask
+(a ``map_batches`` step fails once: no process is lost, all four actors are
+reset in place; timed from the raise). It runs with K users and one long window, so its keyed state holds
 every key seen. Once a checkpoint holds at least 80% of the K keys, a window
 subtask actor is killed (``ray.kill``) and the recovery is timed as
 ``benchmarks/common.kill_and_time_recovery`` does: from the kill to the last
@@ -21,12 +23,16 @@ Writes ``benchmarks/results/recovery.json`` and ``recovery.png``.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -35,6 +41,7 @@ from benchmarks.common import (
     feature_flow,
     kill_and_time_recovery,
     pyplot,
+    restored_and_running,
     save_figure,
     start_ray,
     wait_until,
@@ -43,18 +50,39 @@ from benchmarks.common import (
 from onceflow.checkpoint.storage import CheckpointStorage
 
 KINDS = {
-    "full, new actors": {"incremental": False, "in_place": False},
-    "full, in place": {"incremental": False, "in_place": True},
-    "incremental, in place": {"incremental": True, "in_place": True},
+    "killed, new actors": {"incremental": False, "in_place": False, "failure": "kill"},
+    "killed, in place": {"incremental": False, "in_place": True, "failure": "kill"},
+    "killed, incremental, in place": {"incremental": True, "in_place": True, "failure": "kill"},
+    "error, in place": {"incremental": False, "in_place": True, "failure": "error"},
 }
-"""The kinds measured: checkpoints full or incremental; a restart replaces every actor, or resets the survivors."""
+"""The kinds measured: checkpoints full or incremental; a restart replaces every actor, or resets the survivors;
+the failure kills a window subtask's actor, or is an error raised in a source subtask (no process lost)."""
 
 
-def one(keys: int, incremental: bool, in_place: bool, number: int) -> dict[str, Any]:
-    name = f"recovery-{keys}-{int(incremental)}{int(in_place)}-{number}"
+class FailOnFlag:
+    """A ``map_batches`` step that raises ``ConnectionError`` once, when its flag file appears; it notes when."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        fired = self.flag.with_suffix(".fired")
+        try:
+            os.rename(self.flag, fired)  # the subtask that renames it raises; the others go on
+        except FileNotFoundError:
+            return batch
+        fired.write_text(repr(time.time()))
+        msg = "injected by benchmarks/recovery.py: a transient error"
+        raise ConnectionError(msg)
+
+
+def one(keys: int, incremental: bool, in_place: bool, failure: str, number: int) -> dict[str, Any]:
+    name = f"recovery-{keys}-{int(incremental)}{int(in_place)}{failure}-{number}"
     storage = tempfile.mkdtemp(prefix="onceflow-recovery-")
+    flag = Path(storage) / "fail.flag"
     flow = feature_flow(name, of.sinks.TestingSink(), events=None, batch_size=min(100_000, max(keys // 10, 1_000)),
-                        users=keys, window_ms=10**12, rate=max(keys // 4, 20_000))
+                        users=keys, window_ms=10**12, rate=max(keys // 4, 20_000),
+                        transform=FailOnFlag(flag) if failure == "error" else None)
     handle = of.submit(flow, parallelism=2, checkpoint=of.CheckpointConfig(interval_s=1.0, storage=storage,
                                                                            incremental=incremental),
                        restart=of.RestartStrategy.fixed_delay(attempts=2, delay_s=0.0), restart_in_place=in_place)
@@ -67,7 +95,10 @@ def one(keys: int, incremental: bool, in_place: bool, number: int) -> dict[str, 
             return int(history[-1]["state_bytes"]) if enough else None
 
         state_bytes = wait_until(held, timeout_s=600, what="state of the keys in a checkpoint")
-        timing = kill_and_time_recovery(handle, f"{name}/window_2/0", timeout_s=600)
+        if failure == "kill":
+            timing = kill_and_time_recovery(handle, f"{name}/window_2/0", timeout_s=600)
+        else:
+            timing = fail_and_time_recovery(handle, flag)
         restart = wait_until(lambda: (handle.view().get("restarts") or [None])[-1], timeout_s=30,
                              what="the restart in the job's view")
     finally:
@@ -76,6 +107,19 @@ def one(keys: int, incremental: bool, in_place: bool, number: int) -> dict[str, 
     return {"recovery_s": timing["recovery_s"], "state_bytes": state_bytes,
             "detect_s": restart["at"] - timing["killed_at"], "fence_s": restart["fence_s"],
             "deploy_s": restart["deploy_s"], "replaced": restart["replaced"]}
+
+
+def fail_and_time_recovery(handle: of.JobHandle, flag: Path) -> dict[str, Any]:
+    """Raise the injected error and time the recovery, from the raise to every subtask processing rows again."""
+    names, attempt = handle.actor_names, handle.attempt
+    flag.touch()
+    fired = flag.with_suffix(".fired")
+    failed_at = wait_until(lambda: fired.exists() and fired.read_text() and float(fired.read_text()), timeout_s=60,
+                           what="the injected error")
+    recovered_at, restored_from = wait_until(
+        lambda: restored_and_running(names) if handle.attempt > attempt else None, 600, what="recovery")
+    return {"killed_at": failed_at, "recovered_at": recovered_at, "recovery_s": recovered_at - failed_at,
+            "restored_from": restored_from}
 
 
 def main() -> None:
@@ -89,7 +133,8 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for kind, settings in KINDS.items():
         for keys in sizes:
-            runs = [one(keys, settings["incremental"], settings["in_place"], i) for i in range(repeats)]
+            runs = [one(keys, settings["incremental"], settings["in_place"], settings["failure"], i)
+                    for i in range(repeats)]
             seconds = [r["recovery_s"] for r in runs]
             results.setdefault(kind, {})[str(keys)] = {
                 "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
@@ -103,7 +148,7 @@ def main() -> None:
     path = write_json("recovery", {"repeats": repeats, "by_kind": results})
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for kind, colour in zip(KINDS, ("tab:gray", "tab:blue", "tab:green"), strict=True):
+    for kind, colour in zip(KINDS, ("tab:gray", "tab:blue", "tab:green", "tab:orange"), strict=True):
         xs = [int(k) for k in results[kind]]
         med = [results[kind][k]["median_s"] for k in results[kind]]
         low = [m - results[kind][k]["min_s"] for m, k in zip(med, results[kind], strict=True)]
@@ -111,7 +156,7 @@ def main() -> None:
         ax.errorbar(xs, med, yerr=[low, high], marker="o", capsize=3, label=kind, color=colour)
     ax.set_xscale("log")
     ax.set_xlabel("keys in window state")
-    ax.set_ylabel("kill to every subtask running again (s)")
+    ax.set_ylabel("failure to every subtask running again (s)")
     ax.set_title("Recovery time against state size (median, min..max)")
     ax.legend()
     fig.tight_layout()

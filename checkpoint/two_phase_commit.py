@@ -202,6 +202,15 @@ class SinkWriter(ABC, Generic[C]):
     def abort(self) -> None:
         """Discard everything written and not yet pre-committed."""
 
+    def close(self) -> None:
+        """Let go of the writer's resources after :meth:`abort`, ending no pre-committed transaction.
+
+        Called when the subtask's attempt is fenced and its actor is reset in
+        place for the next attempt (a killed process lets go of everything by
+        dying). What stays pre-committed is recovery's to commit or abort, from
+        any process.
+        """
+
 
 class Committer(ABC, Generic[C]):
     """Makes pre-committed transactions visible; idempotent."""

@@ -626,7 +626,8 @@ class JobHandle:
         ``latest``, ``last``: the newest completed one's figures,
         ``in_progress``), ``restarts`` (one entry per restart: ``attempt``,
         ``at``, ``actor``, ``node``, ``cause``, ``restored_from``,
-        ``recovery_s``) and ``operators`` (per operator: ``task``, records in
+        ``recovery_s``; ``fence_s`` and ``deploy_s``, its two steps;
+        ``replaced``, the actors started anew) and ``operators`` (per operator: ``task``, records in
         and out, ``backpressure_s``, ``state_bytes`` and ``alignment_s`` of
         the last checkpoint, ``age_s``).
         """
@@ -1114,7 +1115,8 @@ class JobHandle:
                                    "restored_from": restore[0] if restore else None, "recovery_s": recovery,
                                    "deploy_s": time.monotonic() - started})
             self._events_log.emit("restart", attempt=number, restored_from=restore[0] if restore else None,
-                                  recovery_s=recovery)
+                                  recovery_s=recovery, **{k: self._restarts[-1].get(k)
+                                                          for k in ("fence_s", "deploy_s", "replaced")})
         log.info("job %s: attempt %d: %d subtask actors running in %.2f s%s\n%s", self.job, number,
                  len(attempt.everyone), time.monotonic() - started,
                  f" (restored from checkpoint {restore[0]})" if restore else "", self._plan.describe())

@@ -285,6 +285,11 @@ class Subtask:
         if self._sink is not None:
             clean = await asyncio.to_thread(self._sink.abort, max(deadline - time.monotonic(), 0.0),
                                             discard_final=self._checkpointing is None)
+            if clean:
+                try:
+                    self._sink.writer.close()
+                except Exception as error:  # noqa: BLE001 - the attempt is over; at most a leak
+                    log.warning("%s: closing the sink's writer after the fence failed: %s", self._label, error)
         self._close_input()
         return clean
 
