@@ -17,7 +17,7 @@ the restart splits it: ``fence_s`` (the failed attempt fenced),
 failure's detection before them. Repeated ``--repeats`` times per size.
 Writes ``benchmarks/results/recovery.json`` and ``recovery.png``.
 
-    python benchmarks/recovery.py [--keys 10000 100000 1000000 10000000] [--repeats 2] [--quick]
+    python benchmarks/recovery.py [--keys 10000 100000 1000000] [--repeats 2] [--kinds ...] [--output NAME] [--quick]
 """
 
 from __future__ import annotations
@@ -124,14 +124,16 @@ def fail_and_time_recovery(handle: of.JobHandle, flag: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keys", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--keys", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
+    parser.add_argument("--output", default="recovery", help="the name of the JSON and PNG written")
     parser.add_argument("--quick", action="store_true", help="10 k and 100 k keys, once")
     args = parser.parse_args()
     sizes, repeats = ([10_000, 100_000], 1) if args.quick else (args.keys, args.repeats)
     start_ray()
     results: dict[str, dict[str, Any]] = {}
-    for kind, settings in KINDS.items():
+    for kind, settings in ((k, KINDS[k]) for k in args.kinds):
         for keys in sizes:
             runs = [one(keys, settings["incremental"], settings["in_place"], settings["failure"], i)
                     for i in range(repeats)]
@@ -145,10 +147,11 @@ def main() -> None:
             print(f"{kind:>22} {keys:>10,} keys ({figures['state_bytes'] / 2**20:8.1f} MiB): "
                   f"recovery {figures['median_s']:.2f} s [{min(seconds):.2f} .. {max(seconds):.2f}]; detect "
                   f"{figures['detect_s']:.2f}, fence {figures['fence_s']:.2f}, deploy {figures['deploy_s']:.2f} s")
-    path = write_json("recovery", {"repeats": repeats, "by_kind": results})
+    path = write_json(args.output, {"repeats": repeats, "by_kind": results})
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for kind, colour in zip(KINDS, ("tab:gray", "tab:blue", "tab:green", "tab:orange"), strict=True):
+    colours = dict(zip(KINDS, ("tab:gray", "tab:blue", "tab:green", "tab:orange"), strict=True))
+    for kind, colour in ((k, colours[k]) for k in results):
         xs = [int(k) for k in results[kind]]
         med = [results[kind][k]["median_s"] for k in results[kind]]
         low = [m - results[kind][k]["min_s"] for m, k in zip(med, results[kind], strict=True)]
@@ -160,7 +163,7 @@ def main() -> None:
     ax.set_title("Recovery time against state size (median, min..max)")
     ax.legend()
     fig.tight_layout()
-    save_figure(fig, "recovery")
+    save_figure(fig, args.output)
     print(f"wrote {path}")
 
 
