@@ -31,6 +31,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from onceflow.runtime.subtask import AttemptFencedError, OperatorSubtask, SourceSubtask, Subtask, subtask_class
+from onceflow.testing.failpoints import crash_point
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -106,6 +107,8 @@ class SubtaskActor:
             _, running = await asyncio.wait(calls, timeout=FENCE_WAIT_S)
             if running:
                 return False
+        plan, _, subtask, _ = self._args
+        crash_point(plan.job, "subtask.fence", subtask)
         return await self._current.fence(FENCE_WAIT_S)
 
     async def reset(self, checkpointing: CheckpointSetup | None, restore: SubtaskRestore | None,
@@ -118,6 +121,8 @@ class SubtaskActor:
         if self._fencing is None or not self._fencing[1].done() or not self._fencing[1].result():
             msg = f"{self._current.task}: reset for attempt {attempt.number} without a clean fence of the last one"
             raise RuntimeError(msg)
+        plan, _, subtask, _ = self._args
+        crash_point(plan.job, "subtask.reset", subtask)
         # In a thread: restoring reads the checkpoint, and the actor keeps answering meanwhile.
         self._current = await asyncio.to_thread(self._build, checkpointing, restore, attempt)
         self._fencing = None

@@ -60,6 +60,7 @@ from onceflow.testing.workload import feature_events, retry_reference
 
 __all__ = [
     "FAILPOINTS",
+    "RESTART_FAILPOINTS",
     "SHAPES",
     "Aim",
     "ChaosRecord",
@@ -80,6 +81,9 @@ WINDOW_MS = 2_000
 """The tumbling window of the window shapes."""
 FAILPOINTS = ("sink.after_write", "sink.after_pre_commit", "sink.before_commit", "coordinator.after_manifest")
 """Crash points every sink passes through; PostgreSQL sinks also pass ``sink.mid_commit``."""
+RESTART_FAILPOINTS = ("subtask.fence", "subtask.reset")
+"""Crash points of a restart in place (a surviving actor dies while fenced, or while reset for the next
+attempt): they fire only in a schedule whose kills make the job restart, with ``in_place``."""
 _JOB_TIMEOUT_S = 240.0
 _POLL_S = 0.002
 

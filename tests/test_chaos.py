@@ -26,6 +26,7 @@ from onceflow.checkpoint.storage import CheckpointStorage
 from tests.chaos import (
     FAILPOINTS,
     MODES,
+    RESTART_FAILPOINTS,
     SHAPES,
     Aim,
     ChaosRecord,
@@ -272,7 +273,7 @@ def test_random_chaos_schedules(tmp_path: Path, request: pytest.FixtureRequest, 
     if number % 20 == 19:
         record = killed_driver_then_resume(tmp_path, request, shape, seed, [a for a in aims if a is not Aim.STARTUP])
     else:
-        points = [*FAILPOINTS, "sink.mid_commit"] if SHAPES[shape].postgres else list(FAILPOINTS)
+        points = [*FAILPOINTS, *RESTART_FAILPOINTS, *(["sink.mid_commit"] if SHAPES[shape].postgres else [])]
         failpoint = rng.choice(points) if rng.random() < 0.4 else None
         record = run_schedule(SHAPES[shape], _workspace(tmp_path, shape, request), seed=seed, aims=aims,
                               failpoint=failpoint, mode=MODES[number % len(MODES)])

@@ -27,6 +27,7 @@ from onceflow.runtime.channel import ChannelMessage
 from onceflow.runtime.deployment import AttemptId, RuntimeOptions
 from onceflow.runtime.plan import PhysicalPlan, VertexSpec, plan
 from onceflow.runtime.subtask_actor import SubtaskActor
+from onceflow.testing import failpoints
 from onceflow.testing.sink import TestingSinkWriter
 from onceflow.testing.workload import feature_events
 from tests.helpers import assert_feature_reference, wait_until
@@ -195,3 +196,38 @@ def test_a_restart_keeps_the_surviving_actors_and_commits_exactly(tmp_path: Path
     restart = handle.view()["restarts"][-1]
     assert restart["replaced"] == len(new)
     assert restart["fence_s"] >= 0 and restart["deploy_s"] > 0
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("point", ["subtask.reset", pytest.param("subtask.fence", marks=pytest.mark.slow)])
+def test_a_survivor_that_dies_while_fenced_or_reset_is_replaced_and_the_output_stays_exact(
+        tmp_path: Path, point: str) -> None:
+    """A kill makes the job restart; one surviving actor then crashes inside the restart itself.
+
+    Dying while fenced: that actor is replaced in the same restart. Dying
+    while reset: deploying fails, and the next restart replaces it. Either
+    way every row is committed once and nothing is left pending.
+    """
+    job = f"in-place-crash-{point.split('.')[1]}"
+    sink = of.sinks.TestingSink()
+    failpoints.arm(job, point)
+    try:
+        handle = of.submit(_feature_flow(job, 40_000, sink, rate=10_000), parallelism=2,
+                           checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path / "chk")),
+                           restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.0))
+        wait_until(lambda: handle.view().get("checkpoints", {}).get("completed"), what="a completed checkpoint")
+        victim = next(n for n in handle.actor_names if "/window" in n)
+        ray.kill(ray.get_actor(victim, namespace="onceflow"), no_restart=True)
+        result = handle.wait(120)
+        assert not failpoints.armed(job, point), f"{point} never fired"
+    finally:
+        failpoints.disarm(job, point)
+    assert_feature_reference(sink.table(), 40_000)
+    assert sink.pending_ids() == []
+    restarts = handle.view()["restarts"]
+    if point == "subtask.fence":
+        assert result.metrics["restarts"] == 1 and restarts[0]["replaced"] == 2
+    else:
+        # The first restart's deploy failed (the view lists restarts that deployed): the second replaced the crashed.
+        assert result.metrics["restarts"] == 2 and [r["replaced"] for r in restarts] == [1]
+    assert all(v is None for v in _actor_ids(handle.actor_names).values()), "an actor outlived the job"

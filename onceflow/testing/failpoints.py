@@ -42,8 +42,11 @@ POINTS = (
     "sink.before_commit",
     "sink.mid_commit",
     "coordinator.after_manifest",
+    "subtask.fence",
+    "subtask.reset",
 )
-"""The crash points the runtime and the sinks pass through."""
+"""The crash points the runtime and the sinks pass through (``subtask.fence`` and ``subtask.reset``: a surviving
+actor fenced, or reset for the next attempt, during a restart in place)."""
 
 PAUSE_POINTS = ("coordinator.before_manifest",)
 """The pause points: ``coordinator.before_manifest`` holds a fully acknowledged checkpoint's manifest write."""
