@@ -1145,8 +1145,7 @@ class JobHandle:
             self._kept.update(self._fence_in_place(attempt, answered))
             actors = [a for a in actors if attempt.names[a] not in self._kept]
         self._executor.kill(actors)
-        self._waits = {}
-        self._loops = []
+        self._drop_waits()
         latest: int | None = None
         if self._checkpoint is not None:
             if self._coordinator is not None:
@@ -1164,6 +1163,20 @@ class JobHandle:
         self._pending_restart.update(fence_s=time.monotonic() - started, replaced=len(actors))
         log.info("job %s: attempt %d fenced; the newest completed checkpoint is %s", self.job, number, latest)
         return Fenced(number, latest)
+
+    def _drop_waits(self) -> None:
+        """Stop waiting on the attempt's calls; read the failures already in, so Ray does not report them unread.
+
+        After a failure the supervisor reads only the root cause: the echoes
+        (a subtask whose downstream died) stay unread, and Ray logs every
+        failed result that is dropped unread as an unhandled error.
+        """
+        ready, _ = self._executor.wait(list(self._waits), num_returns=len(self._waits), timeout=0)
+        for ref in ready:
+            with contextlib.suppress(Exception):
+                self._executor.get(ref, timeout=0)
+        self._waits = {}
+        self._loops = []
 
     def _fence_in_place(self, attempt: _Attempt, answered: set[str]) -> dict[str, ActorHandle]:
         """Fence ``attempt`` inside the actors whose subtask just answered; return those that stopped cleanly, by name.
@@ -1264,8 +1277,7 @@ class JobHandle:
             actors.append(self._coordinator)
             self._coordinator = None
         self._executor.kill(actors)
-        self._waits = {}
-        self._loops = []
+        self._drop_waits()
         self._executor.confirm_dead(actors)
         if self._storage is not None:
             with contextlib.suppress(OnceflowError):
