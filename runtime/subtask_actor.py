@@ -55,15 +55,9 @@ FENCE_WAIT_S = 5.0
 class SubtaskActor:
     """One subtask of a job, as a Ray actor (``<job>/<vertex>/<subtask>``) that survives the job's restarts.
 
-    Args:
-        plan: the job's physical plan.
-        vertex_id: the vertex this actor runs.
-        subtask: its index among the vertex's subtasks.
-        options: data-plane settings.
-        checkpointing: the coordinator and storage, or ``None`` without checkpoints.
-        restore: the state to start from, or ``None`` for a fresh start.
-        attempt: the run and attempt the first subtask belongs to.
-
+    Takes the arguments of :class:`~onceflow.runtime.subtask.Subtask` and
+    builds the first attempt's subtask from them (a source's or an
+    operator's, as the vertex needs); :meth:`reset` builds the next ones.
     """
 
     def __init__(self, plan: PhysicalPlan, vertex_id: int, subtask: int, options: RuntimeOptions,
