@@ -170,7 +170,7 @@ class CoordinatorActor:
 
     async def start(self, attempt: int, sources: list[ActorHandle], subtasks: list[ActorHandle]) -> None:
         """Open ``attempt``: trigger checkpoints for these subtasks, from a clean failure count."""
-        if self._config.incremental:  # the last attempt's subtasks are dead: nothing is in flight
+        if self._config.incremental:  # the last attempt's subtasks are dead or fenced: nothing in flight
             await asyncio.to_thread(self._storage.discard_unreferenced_shared)
         self._attempt = attempt
         self._sources = sources
