@@ -50,17 +50,28 @@ def run_killing_a_dedupe_subtask(tmp_path: Path, job: str, **dedupe: Any) -> tup
                                                     max_events_per_s=80_000),
                          watermark=of.BoundedOutOfOrderness("event_time"))
     events.dedupe("id", within_ms=30_000, name="dedupe", **dedupe).sink(sink)
-    handle = of.submit(flow, parallelism=2, checkpoint=of.CheckpointConfig(interval_s=0.2, storage=storage),
+    handle = of.submit(flow, parallelism=2, checkpoint=of.CheckpointConfig(interval_s=0.5, storage=storage),
                        restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.1))
     errors: list[BaseException] = []
 
     def killer() -> None:
+        # Kill once the sources read rows past the newest completed checkpoint (at least its second), so
+        # that the restart replays them: a restart fences the survivors at once, so the sources read
+        # nothing more after the kill itself.
         try:
             deadline = time.monotonic() + 60
-            while completed(storage, job) < 2:
+            while True:
                 if time.monotonic() > deadline:
-                    raise AssertionError("no checkpoint completed")
-                time.sleep(0.02)
+                    raise AssertionError("no checkpoint completed with rows read after it")
+                newest = completed(storage, job)
+                if newest < 2:
+                    time.sleep(0.02)
+                    continue
+                seen = handle.metrics()["events_in"]
+                while handle.metrics()["events_in"] < seen + 8_000 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if completed(storage, job) == newest:
+                    break
             ray.kill(ray.get_actor(f"{job}/dedupe/1", namespace="onceflow"))
         except BaseException as error:  # reported by the test
             errors.append(error)
