@@ -117,7 +117,7 @@ class CoordinatorActor:
     """Coordinates the checkpoints of one job (an async Ray actor)."""
 
     def __init__(self, job: str, config: CheckpointConfig, tasks: list[str], log_level: int = logging.WARNING,
-                 run: str = "", baseline: int | None = None) -> None:
+                 run: str = "", baseline: int | None = None, counted: tuple[int, int] = (0, 0)) -> None:
         """Create the coordinator of ``run`` of ``job``.
 
         Args:
@@ -127,8 +127,11 @@ class CoordinatorActor:
             log_level: the ``onceflow`` logger's level here.
             run: this run's id; its manifests record it.
             baseline: a checkpoint this run restored from (a resume: another run's), or ``None``.
+            counted: the checkpoints completed and failed under the run's earlier coordinators, as
+                last reported (this one replaces a dead one): the counts it reports go on from them.
         """
         configure_logging(log_level)
+        self._counted = counted
         self._job = job
         self._config = config
         self._run_id = run
@@ -499,8 +502,8 @@ class CoordinatorActor:
         latest = self._core.store.latest
         now = time.time()
         return {
-            "checkpoints_completed": self._core.completed_count,
-            "checkpoints_failed": self._core.failed_count,
+            "checkpoints_completed": self._counted[0] + self._core.completed_count,
+            "checkpoints_failed": self._counted[1] + self._core.failed_count,
             "latest_checkpoint": latest.checkpoint_id if latest else None,
             "last": self._history[-1] if self._history else None,
             "in_progress": [{"checkpoint_id": p.checkpoint_id, "age_s": now - p.trigger_time,
@@ -517,8 +520,8 @@ class CoordinatorActor:
         alignments = [h["alignment_s"] for h in history]
         latest = self._core.store.latest
         return {
-            "checkpoints_completed": self._core.completed_count,
-            "checkpoints_failed": self._core.failed_count,
+            "checkpoints_completed": self._counted[0] + self._core.completed_count,
+            "checkpoints_failed": self._counted[1] + self._core.failed_count,
             "checkpoint_duration_p50_s": percentile(durations, 0.5),
             "checkpoint_duration_p99_s": percentile(durations, 0.99),
             "checkpoint_duration_mean_s": statistics.fmean(durations) if durations else 0.0,

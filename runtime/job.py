@@ -489,8 +489,11 @@ class JobHandle:
     def _start_coordinator(self, baseline: int | None, node: str) -> ActorHandle:
         assert self._checkpoint is not None
         tasks = [f"{v.name}/{i}" for v in self._plan.vertices for i in range(v.parallelism)]
+        counted = (self._checkpoint_stats.get("checkpoints_completed", 0),
+                   self._checkpoint_stats.get("checkpoints_failed", 0))  # a dead coordinator's, as last seen
         self._coordinator = self._create(CoordinatorActor, f"{self.job}/coordinator", node, self.job,
-                                         self._checkpoint, tasks, self._options.log_level, self.run_id, baseline)
+                                         self._checkpoint, tasks, self._options.log_level, self.run_id, baseline,
+                                         counted)
         self._coordinators += 1
         return self._coordinator
 

@@ -97,6 +97,9 @@ def test_metrics_and_status_never_raise_through_kills_of_every_kind_of_actor(tmp
     causes = {m["cause"] for m in restarting}
     for victim in victims:
         assert any(victim in cause for cause in causes), (victim, causes)
+    counts = [m["checkpoints_completed"] for m in poller.seen if "checkpoints_completed" in m]
+    assert counts == sorted(counts), "checkpoints_completed went back (the coordinator was replaced)"
+    assert result.metrics["checkpoints_completed"] >= max(counts)
     ages = [m["age_s"] for m in restarting]
     assert max(ages) > 0, "figures from dead actors are reported with their age"
     assert all(m["status"] in {"RUNNING", "RESTARTING", "FINISHED"} for m in poller.seen)
