@@ -231,6 +231,8 @@ def test_stop_during_a_restart_ends_the_job(tmp_path: Path) -> None:
                        restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=1.0))
     try:
         wait_until(lambda: CheckpointStorage(str(tmp_path / "chk"), job).completed_ids(), what="a checkpoint")
+        # Rows read before the kill: the restarted sources read none (stop() ends their input at once).
+        wait_until(lambda: handle.metrics()["events_in"] > 0, timeout_s=60, what="input to flow")
         assert kill(f"{job}/window/0")
         wait_until(lambda: handle.status() is of.JobStatus.RESTARTING, timeout_s=30, what="the restart")
         result = handle.stop(timeout_s=120)
