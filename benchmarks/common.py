@@ -125,29 +125,42 @@ def restored_and_running(names: list[str]) -> tuple[float, int] | None:
     return max(firsts), restored.pop()
 
 
-def kill_and_time_recovery(handle: of.JobHandle, victim: str, timeout_s: float = 120.0) -> dict[str, Any]:
-    """Kill the subtask actor named ``victim`` and time the job's recovery.
+def time_recovery(handle: of.JobHandle, fail: Callable[[], float], timeout_s: float = 120.0,
+                  what: str = "recovery") -> dict[str, Any]:
+    """Make the job fail with ``fail`` (it returns when, in epoch seconds) and time the recovery.
 
-    The clock starts just before ``ray.kill(..., no_restart=True)`` and stops at
-    the latest ``first_record_at`` over every subtask actor of the next attempt,
-    once each reports ``restored_from`` (so: failure detected, old attempt fenced,
-    new actors deployed and restored, and every one of them processing rows
-    again). Both are wall-clock times on this machine.
+    The clock stops at the latest ``first_record_at`` over every subtask actor
+    of the next attempt, once each reports ``restored_from`` (so: failure
+    detected, old attempt fenced, actors deployed or reset and restored, and
+    every one of them processing rows again). Both are wall-clock times on
+    this machine.
 
     Returns:
-        ``killed_at``, ``recovered_at`` (epoch seconds), ``recovery_s`` and
-        ``restored_from`` (the checkpoint id every new actor restored).
+        ``failed_at``, ``recovered_at`` (epoch seconds), ``recovery_s`` and
+        ``restored_from`` (the checkpoint id every actor of the next attempt restored).
     """
     names = handle.actor_names
     attempt = handle.attempt
-    actor = ray.get_actor(victim, namespace="onceflow")
-    killed_at = time.time()
-    ray.kill(actor, no_restart=True)
+    failed_at = fail()
     recovered_at, restored_from = wait_until(
-        lambda: restored_and_running(names) if handle.attempt > attempt else None, timeout_s,
-        what=f"recovery after killing {victim}")
-    return {"killed_at": killed_at, "recovered_at": recovered_at, "recovery_s": recovered_at - killed_at,
+        lambda: restored_and_running(names) if handle.attempt > attempt else None, timeout_s, what=what)
+    return {"failed_at": failed_at, "recovered_at": recovered_at, "recovery_s": recovered_at - failed_at,
             "restored_from": restored_from}
+
+
+def kill_and_time_recovery(handle: of.JobHandle, victim: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Kill the subtask actor named ``victim`` and time the job's recovery (:func:`time_recovery`).
+
+    The clock starts just before ``ray.kill(..., no_restart=True)``.
+    """
+    actor = ray.get_actor(victim, namespace="onceflow")
+
+    def kill() -> float:
+        killed_at = time.time()
+        ray.kill(actor, no_restart=True)
+        return killed_at
+
+    return time_recovery(handle, kill, timeout_s, what=f"recovery after killing {victim}")
 
 
 def feature_flow(name: str, sink: of.sinks.TransactionalSink, *, events: int | None, batch_size: int = 100_000,

@@ -176,7 +176,7 @@ def recovery(mode: str, checkpoints: int, name: str, timeout_s: float = 120.0) -
         "mode": mode, "killed": victim, "checkpoints_before_kill": checkpoints,
         "recovery_s": timing["recovery_s"],
         "restored_checkpoint_id": timing["restored_from"],
-        "restored_checkpoint_age_s": timing["killed_at"] - restored["trigger_time"],
+        "restored_checkpoint_age_s": timing["failed_at"] - restored["trigger_time"],
         "restored_unaligned": any(t["metrics"].get("unaligned") for t in tasks),
         "restored_channel_state_bytes": int(sum(t["metrics"].get("channel_state_bytes", 0) for t in tasks)),
         "restored_state_bytes": restored["state_bytes"],
