@@ -125,8 +125,6 @@ class RayExecutor:
         return ray.remote(num_cpus=0, max_retries=0)(fn).remote(*args)
 
     def wait(self, refs: Sequence[Any], num_returns: int, timeout: float | None) -> tuple[list[Any], list[Any]]:
-        if not refs:  # ray.wait refuses num_returns=0
-            return [], []
         return ray.wait(list(refs), num_returns=num_returns, timeout=timeout)
 
     def get(self, refs: Any, timeout: float | None = None) -> Any:

@@ -1136,7 +1136,11 @@ class JobHandle:
         return watches
 
     def _fence(self, number: int) -> SupervisorEvent:
-        """Kill the attempt's actors, confirm their death, settle the coordinator; report the restore point."""
+        """Fence the attempt, settle the coordinator, and report the restore point.
+
+        The actors that answer are fenced in place (:meth:`_fence_in_place`);
+        the others are killed and their death confirmed.
+        """
         attempt = self._attempt
         started = time.monotonic()
         answered = self._collect_attempt_counts()

@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 import pyarrow as pa
+import ray
 
+import onceflow as of
 from onceflow.operators.sources.base import Source, SourceContext, SourceReader
 from onceflow.runtime.channel import ChannelMessage
-from onceflow.testing.workload import feature_window_reference
+from onceflow.testing.workload import feature_events, feature_window_reference
 
 T = TypeVar("T")
 """What the polled condition returns."""
@@ -64,6 +66,28 @@ def wait_until(condition: Callable[[], T], timeout_s: float = 120.0, what: str =
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def feature_flow(name: str, total: int | None, sink: of.sinks.TransactionalSink, rate: int | None = None,
+                 transform: Any = None) -> of.Dataflow:
+    """The feature-window job of the recovery tests: windows named ``window``, the sink ``sink``."""
+    flow = of.Dataflow(name)
+    events = flow.source(of.sources.GeneratorSource(feature_events, total=total, batch_size=5_000,
+                                                    max_events_per_s=rate),
+                         watermark=of.BoundedOutOfOrderness("event_time"))
+    if transform is not None:
+        events = events.map_batches(transform, name="transform")
+    (events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
+     .aggregate(count=of.agg.count(), total=of.agg.sum("amount"), name="window").sink(sink, name="sink"))
+    return flow
+
+
+def actor_id(name: str) -> str | None:
+    """The id of the live actor named ``name`` in the ``onceflow`` namespace, or ``None``."""
+    try:
+        return ray.get_actor(name, namespace="onceflow")._actor_id.hex()
+    except ValueError:
+        return None
 
 
 def assert_feature_reference(table: pa.Table, total: int) -> None:

@@ -20,30 +20,9 @@ from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.checkpoint.two_phase_commit import CommittableRecord
 from onceflow.testing import failpoints
 from onceflow.testing.workload import feature_events
-from tests.helpers import assert_feature_reference, wait_until
+from tests.helpers import actor_id, assert_feature_reference, feature_flow, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def feature_flow(name: str, total: int | None, sink: of.sinks.TransactionalSink, rate: int | None = None,
-                 transform: Any = None) -> of.Dataflow:
-    flow = of.Dataflow(name)
-    events = flow.source(of.sources.GeneratorSource(feature_events, total=total, batch_size=5_000,
-                                                    max_events_per_s=rate),
-                         watermark=of.BoundedOutOfOrderness("event_time"))
-    if transform is not None:
-        events = events.map_batches(transform, name="transform")
-    (events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
-     .aggregate(count=of.agg.count(), total=of.agg.sum("amount"), name="window").sink(sink, name="sink"))
-    return flow
-
-
-def actor_id(name: str) -> str | None:
-    """The id of the live actor named ``name`` in the ``onceflow`` namespace, or ``None``."""
-    try:
-        return ray.get_actor(name, namespace="onceflow")._actor_id.hex()
-    except ValueError:
-        return None
 
 
 def kill(name: str) -> bool:

@@ -29,8 +29,7 @@ from onceflow.runtime.plan import PhysicalPlan, VertexSpec, plan
 from onceflow.runtime.subtask_actor import SubtaskActor
 from onceflow.testing import failpoints
 from onceflow.testing.sink import TestingSinkWriter
-from onceflow.testing.workload import feature_events
-from tests.helpers import assert_feature_reference, wait_until
+from tests.helpers import actor_id, assert_feature_reference, feature_flow, wait_until
 
 
 def _sink_vertex(sink: of.sinks.TestingSink) -> tuple[PhysicalPlan, VertexSpec]:
@@ -152,24 +151,8 @@ def test_a_fence_with_a_sink_write_still_running_reports_failure(monkeypatch: py
     assert (clean, pushed) == (False, False)
 
 
-def _feature_flow(name: str, total: int, sink: of.sinks.TestingSink, rate: int) -> of.Dataflow:
-    flow = of.Dataflow(name)
-    events = flow.source(of.sources.GeneratorSource(feature_events, total=total, batch_size=5_000,
-                                                    max_events_per_s=rate),
-                         watermark=of.BoundedOutOfOrderness("event_time"))
-    (events.key_by("user_id").window(of.windows.Tumbling(size_ms=10_000))
-     .aggregate(count=of.agg.count(), total=of.agg.sum("amount"), name="window").sink(sink, name="sink"))
-    return flow
-
-
 def _actor_ids(names: list[str]) -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in names:
-        try:
-            found[name] = ray.get_actor(name, namespace="onceflow")._actor_id.hex()
-        except ValueError:
-            found[name] = None
-    return found
+    return {name: actor_id(name) for name in names}
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -178,7 +161,7 @@ def test_a_restart_keeps_the_surviving_actors_and_commits_exactly(tmp_path: Path
     """Kill one window actor: in place, every other actor keeps its process; otherwise all are new."""
     job = f"in-place-{int(in_place)}"
     sink = of.sinks.TestingSink()
-    handle = of.submit(_feature_flow(job, 60_000, sink, rate=10_000), parallelism=2,
+    handle = of.submit(feature_flow(job, 60_000, sink, rate=10_000), parallelism=2,
                        checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path / "chk")),
                        restart=of.RestartStrategy.fixed_delay(attempts=2, delay_s=0.0), restart_in_place=in_place)
     names = handle.actor_names
@@ -212,7 +195,7 @@ def test_a_survivor_that_dies_while_fenced_or_reset_is_replaced_and_the_output_s
     sink = of.sinks.TestingSink()
     failpoints.arm(job, point)
     try:
-        handle = of.submit(_feature_flow(job, 40_000, sink, rate=10_000), parallelism=2,
+        handle = of.submit(feature_flow(job, 40_000, sink, rate=10_000), parallelism=2,
                            checkpoint=of.CheckpointConfig(interval_s=0.2, storage=str(tmp_path / "chk")),
                            restart=of.RestartStrategy.fixed_delay(attempts=3, delay_s=0.0))
         wait_until(lambda: handle.view().get("checkpoints", {}).get("completed"), what="a completed checkpoint")
