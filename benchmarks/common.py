@@ -17,15 +17,17 @@ import pyarrow as pa
 import ray
 
 import onceflow as of
+from onceflow.runtime.warm import embedded_system_config
 from onceflow.testing.workload import feature_events
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def start_ray() -> None:
-    """Start an embedded Ray with no dashboard (as ``of.run`` would)."""
+    """Start an embedded Ray with no dashboard, its workers preloading onceflow (as ``of.run`` would)."""
     if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 _system_config=embedded_system_config())
 
 
 class PeakMemory:

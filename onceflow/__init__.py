@@ -29,6 +29,7 @@ from onceflow.runtime.dataflow import Dataflow, KeyedStream, Stream, WindowedStr
 from onceflow.runtime.job import JobHandle, JobResult, JobStatus, run, submit
 from onceflow.runtime.options import JobOptions
 from onceflow.runtime.restart import RestartStrategy
+from onceflow.runtime.warm import prestart
 
 __all__ = [
     "BoundedOutOfOrderness",
@@ -51,6 +52,7 @@ __all__ = [
     "Stream",
     "WindowedStream",
     "agg",
+    "prestart",
     "run",
     "sinks",
     "sources",

@@ -37,6 +37,7 @@ import ray.exceptions
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from onceflow.runtime.ray_env import NAMESPACE
+from onceflow.runtime.warm import WarmWorkers
 from onceflow.testing import failpoints
 
 if TYPE_CHECKING:
@@ -78,6 +79,12 @@ class Executor(Protocol):
 
     def confirm_dead(self, actors: Sequence[Any]) -> None:
         """Wait until every killed actor is known dead, so nothing of it can act any more."""
+
+    def keep_warm(self, owner: str, per_node: dict[str, int]) -> None:
+        """Keep ``per_node[node]`` idle worker processes on each node while ``owner`` runs (see ``runtime.warm``)."""
+
+    def release_warm(self, owner: str) -> None:
+        """``owner`` ended: stop topping up the warm processes it asked for."""
 
     @staticmethod
     def died(error: BaseException) -> bool:
@@ -156,6 +163,12 @@ class RayExecutor:
             if pending and time.monotonic() - waited > 30:
                 log.warning("%d killed actor(s) not yet confirmed dead; still waiting", len(pending))
                 waited = time.monotonic()
+
+    def keep_warm(self, owner: str, per_node: dict[str, int]) -> None:
+        WarmWorkers.shared().keep(owner, per_node)
+
+    def release_warm(self, owner: str) -> None:
+        WarmWorkers.shared().release(owner)
 
     @staticmethod
     def died(error: BaseException) -> bool:
@@ -368,6 +381,12 @@ class LocalExecutor:
                 await asyncio.gather(*(t for a in actors for t in list(a.tasks)), return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(settled(), self.loop).result()
+
+    def keep_warm(self, owner: str, per_node: dict[str, int]) -> None:
+        """Nothing to keep: local actors start no process."""
+
+    def release_warm(self, owner: str) -> None:
+        """Nothing was kept."""
 
     @staticmethod
     def died(error: BaseException) -> bool:

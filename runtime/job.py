@@ -260,7 +260,8 @@ class JobHandle:
                  actor_options: dict[str, Any], resume: bool = False,
                  allow_non_restored_state: bool = False, executor: Executor | None = None,
                  from_savepoint: str | None = None,
-                 placement: str | Mapping[str, Sequence[str]] = "spread", restart_in_place: bool = True) -> None:
+                 placement: str | Mapping[str, Sequence[str]] = "spread", restart_in_place: bool = True,
+                 spare_workers: int = 1) -> None:
         self.job = flow.name
         self._executor: Executor = executor or RayExecutor()
         self.run_id = uuid.uuid4().hex[:12]
@@ -283,6 +284,7 @@ class JobHandle:
         self._coordinator: ActorHandle | None = None
         self._attempt = _Attempt(0)
         self._restart_in_place = restart_in_place
+        self._spare_workers = spare_workers
         self._kept: dict[str, ActorHandle] = {}  # actor name -> a fenced actor the next attempt resets in place
         self._waits: dict[Any, tuple[_Wait, str]] = {}
         self._loops: list[_LoopWatch] = []
@@ -1124,6 +1126,8 @@ class JobHandle:
                  len(attempt.everyone), time.monotonic() - started,
                  f" (restored from checkpoint {restore[0]})" if restore else "", self._plan.describe())
         self._deployed.set()
+        if self._spare_workers:  # in the background: a replaced actor's next process, warm
+            self._executor.keep_warm(self.run_id, dict.fromkeys(set(self._placement.values()), self._spare_workers))
         return Deployed(number)
 
     def _loop_watches(self, attempt: _Attempt) -> list[_LoopWatch]:
@@ -1284,6 +1288,7 @@ class JobHandle:
             actors.append(self._coordinator)
             self._coordinator = None
         self._executor.kill(actors)
+        self._executor.release_warm(self.run_id)
         self._drop_waits()
         self._executor.confirm_dead(actors)
         if self._storage is not None:
@@ -1334,6 +1339,8 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
             - ``restart_in_place`` (``True``): a restart resets the subtask actors that still
               answer in place and replaces only the dead or hung ones; ``False`` replaces every
               actor (see :mod:`onceflow.runtime.subtask_actor`).
+            - ``spare_workers`` (1): idle Ray worker processes kept on each node the job runs
+              on, so a replaced actor starts in one (see :mod:`onceflow.runtime.warm`).
 
     Returns once the first attempt runs (its actors deployed and wired), or
     the job already ended; failures from then on are the job's to recover.
@@ -1372,7 +1379,7 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
     return JobHandle(flow, physical, runtime_options, job.checkpoint, job.restart_strategy, job.actor_options or {},
                      job.resume, job.allow_non_restored_state, executor_named(job.executor),
                      from_savepoint=job.from_savepoint, placement=job.placement,
-                     restart_in_place=job.restart_in_place)
+                     restart_in_place=job.restart_in_place, spare_workers=job.spare_workers)
 
 
 def run(flow: Dataflow, *, options: JobOptions | None = None, timeout_s: float | None = None,

@@ -46,6 +46,7 @@ class JobKeywords(TypedDict, total=False):
     executor: str
     placement: Placement
     restart_in_place: bool
+    spare_workers: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,11 @@ class JobOptions:
             Flink redeploys into the TaskManagers left. ``False`` kills every
             actor and starts a new process for each subtask (slower: starting
             processes is most of a restart; see :mod:`onceflow.runtime.subtask_actor`).
+        spare_workers: idle Ray worker processes the job keeps on each node it
+            runs on, so that an actor replaced after a failure starts in one
+            instead of a new process (0.3 s instead of 0.75 s on 2 cores); see
+            :mod:`onceflow.runtime.warm`. They belong to this driver and
+            outlive the job for up to 5 minutes, for the jobs that follow. 0 keeps none.
 
     Raises:
         PlanError: an option is out of range or of the wrong type, or
@@ -139,6 +145,7 @@ class JobOptions:
     executor: str = "ray"
     placement: Placement = "spread"
     restart_in_place: bool = True
+    spare_workers: int = 1
 
     def __post_init__(self) -> None:
         require_int("parallelism", self.parallelism, 1, hint="pass parallelism=1 or more")
@@ -170,6 +177,7 @@ class JobOptions:
             if math.isinf(self.linger_s):
                 msg = f"linger_s must be finite, got {self.linger_s}; pass linger_s=None for the default (50 ms)"
                 raise PlanError(msg)
+        require_int("spare_workers", self.spare_workers, 0, hint="pass spare_workers=0 to keep none")
         if self.credits is not None:
             require_int("credits", self.credits, 1, hint="pass credits=None for the default (2)")
         for name in ("chaining", "resume", "allow_non_restored_state", "restart_in_place"):

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import ray
 
+from onceflow.runtime.warm import embedded_system_config
 from tests.kafka_server import KafkaServer
 from tests.postgres_server import PostgresServer
 from tests.s3_server import S3Server
@@ -17,13 +18,17 @@ from tests.s3_server import S3Server
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """An embedded local Ray for the whole session (a fresh temp dir avoids stale cluster files)."""
+    """An embedded local Ray for the whole session, its workers preloading onceflow as ``of.run``'s would.
+
+    A fresh temp dir avoids stale cluster files.
+    """
     if ray.is_initialized():
         yield
         return
     temp_dir = tempfile.mkdtemp(prefix="ray-of-")
     ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 2),
-             _temp_dir=temp_dir, logging_level="WARNING", namespace="onceflow-tests")
+             _temp_dir=temp_dir, logging_level="WARNING", namespace="onceflow-tests",
+             _system_config=embedded_system_config())
     try:
         yield
     finally:
