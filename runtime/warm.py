@@ -110,9 +110,11 @@ class _Raylet:
         # Generated protobuf classes: built at import time, so no type stubs know them.
         request = node_manager_pb2.GetNodeStatsRequest(include_memory_info=False)  # type: ignore[attr-defined]
         reply = self._stub.GetNodeStats(request, timeout=5)
+        # A worker of no job yet (one of those the raylet started with itself) has no runtime environment.
+        jobs = (job_id, _NIL_JOB) if _job_runtime_env().serialized_runtime_env in ("", "{}") else (job_id,)
         return [w.pid for w in reply.core_workers_stats
                 if w.worker_type == 0 and w.num_executed_tasks == 0 and not _has_actor(w.actor_id)
-                and w.job_id in (job_id, _NIL_JOB) and w.pid > 0]
+                and w.job_id in jobs and w.pid > 0]
 
     def prestart(self, job_id: bytes, count: int, keep_alive_s: float) -> None:
         from ray.core.generated import common_pb2, node_manager_pb2
@@ -120,7 +122,15 @@ class _Raylet:
         request = node_manager_pb2.PrestartWorkersRequest(  # type: ignore[attr-defined]
             language=common_pb2.Language.PYTHON, job_id=job_id,  # type: ignore[attr-defined]
             keep_alive_duration_secs=max(1, int(keep_alive_s)), num_workers=count)
+        # The job's runtime environment (``ray job submit --working-dir``, ``ray.init(runtime_env=...)``): an
+        # actor created without one of its own inherits it, and takes only a worker started with the same one.
+        request.runtime_env_info.CopyFrom(_job_runtime_env())
         self._stub.PrestartWorkers(request, timeout=5)
+
+
+def _job_runtime_env() -> Any:
+    """The runtime environment of this driver's Ray job (a ``RuntimeEnvInfo`` message)."""
+    return ray._private.worker.global_worker.core_worker.get_job_config().runtime_env_info
 
 
 def _cpu_ticks(pid: int) -> int:

@@ -10,7 +10,11 @@ The timings are measured by ``benchmarks/startup.py`` and ``recovery.py``.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +99,14 @@ def test_an_unreachable_raylet_costs_only_a_log_line(caplog: pytest.LogCaptureFi
         assert workers.ensure({node: 2}, keep_alive_s=5, timeout_s=5) == {}
     warnings = [r for r in caplog.records if "could not prestart" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_job_with_a_runtime_environment_gets_workers_started_with_it() -> None:
+    """Under ``ray job submit --working-dir`` a job has a runtime environment: spares must be started with it."""
+    script = Path(__file__).parent / "jobs" / "warm_runtime_env.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, check=False,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["counts"] == [2], seen
+    assert seen["pid"] in seen["idle"], f"the actor started a new process, not a prestarted one: {seen}"
