@@ -37,7 +37,7 @@ import ray.exceptions
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from onceflow.runtime.ray_env import NAMESPACE
-from onceflow.runtime.warm import WarmWorkers
+from onceflow.runtime.warm import WARM_WORKERS
 from onceflow.testing import failpoints
 
 if TYPE_CHECKING:
@@ -165,10 +165,10 @@ class RayExecutor:
                 waited = time.monotonic()
 
     def keep_warm(self, owner: str, per_node: dict[str, int]) -> None:
-        WarmWorkers.shared().keep(owner, per_node)
+        WARM_WORKERS.keep(owner, per_node)
 
     def release_warm(self, owner: str) -> None:
-        WarmWorkers.shared().release(owner)
+        WARM_WORKERS.release(owner)
 
     @staticmethod
     def died(error: BaseException) -> bool:

@@ -46,7 +46,7 @@ import ray
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
 
-__all__ = ["PRELOAD_MODULES", "WarmWorkers", "embedded_system_config", "idle_workers", "prestart"]
+__all__ = ["PRELOAD_MODULES", "WARM_WORKERS", "WarmWorkers", "embedded_system_config", "idle_workers", "prestart"]
 
 log = logging.getLogger("onceflow")
 
@@ -130,7 +130,8 @@ class _Raylet:
 
 def _job_runtime_env() -> Any:
     """The runtime environment of this driver's Ray job (a ``RuntimeEnvInfo`` message)."""
-    return ray._private.worker.global_worker.core_worker.get_job_config().runtime_env_info
+    worker: Any = ray._private.worker.global_worker  # its core_worker is set on connecting, untyped
+    return worker.core_worker.get_job_config().runtime_env_info
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -150,14 +151,11 @@ def _has_actor(actor_id: bytes) -> bool:
 class WarmWorkers:
     """The warm workers of this driver on each node: counted, and topped up to what jobs asked for.
 
-    One per driver process (:meth:`shared`). :meth:`keep` records a job's
+    One per driver process (:data:`WARM_WORKERS`). :meth:`keep` records a job's
     wish (node id -> warm workers) and tops the nodes up in a background
     thread, now and every 30 s while the job runs; :meth:`release` forgets
     it. :meth:`ensure` tops up and waits, for :func:`prestart`.
     """
-
-    _shared: WarmWorkers | None = None
-    _shared_lock = threading.Lock()
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -165,13 +163,6 @@ class WarmWorkers:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned = False
-
-    @classmethod
-    def shared(cls) -> WarmWorkers:
-        with cls._shared_lock:
-            if cls._shared is None:
-                cls._shared = cls()
-            return cls._shared
 
     # -- jobs' wishes -------------------------------------------------------------------
 
@@ -245,6 +236,10 @@ class WarmWorkers:
                 raylet.close()
 
 
+WARM_WORKERS = WarmWorkers()
+"""This driver's warm workers (jobs ask through their executor; :func:`prestart` directly)."""
+
+
 def _raylets(nodes: Collection[str]) -> dict[str, _Raylet]:
     return {info["NodeID"]: _Raylet(f"{info['NodeManagerAddress']}:{info['NodeManagerPort']}")
             for info in ray.nodes() if info.get("Alive") and info["NodeID"] in nodes}
@@ -286,4 +281,4 @@ def prestart(workers_per_node: int, *, keep_alive_s: float = KEEP_ALIVE_S, timeo
 
     ensure_ray(address)
     nodes = {n["NodeID"]: workers_per_node for n in ray.nodes() if n.get("Alive")}
-    return WarmWorkers.shared().ensure(nodes, keep_alive_s, timeout_s)
+    return WARM_WORKERS.ensure(nodes, keep_alive_s, timeout_s)
