@@ -7,7 +7,9 @@ same with the surviving actors reset in place (the default), with
 incremental checkpoints in place, and an error raised in a source subtask
 (a ``map_batches`` step fails once: no process is lost, all four actors are
 reset in place; timed from the raise). It runs with K users and one long window, so its keyed state holds
-every key seen. Once a checkpoint holds at least 80% of the K keys, a window
+every key seen. Once a checkpoint holds at least 80% of the K keys, and the
+job's spare worker process is up (:data:`onceflow.runtime.warm.SPARE_AFTER_S`
+after it deployed, and 2 s to start), a window
 subtask actor is killed (``ray.kill``) and the recovery is timed as
 ``benchmarks/common.kill_and_time_recovery`` does: from the kill to the last
 subtask of the next attempt processing rows again (failure detected, attempt
@@ -48,6 +50,8 @@ from benchmarks.common import (
     write_json,
 )
 from onceflow.checkpoint.storage import CheckpointStorage
+from onceflow.runtime import warm
+from onceflow.runtime.warm import SPARE_AFTER_S
 
 KINDS = {
     "killed, new actors": {"incremental": False, "in_place": False, "failure": "kill"},
@@ -83,6 +87,7 @@ def one(keys: int, incremental: bool, in_place: bool, failure: str, number: int)
     flow = feature_flow(name, of.sinks.TestingSink(), events=None, batch_size=min(100_000, max(keys // 10, 1_000)),
                         users=keys, window_ms=10**12, rate=max(keys // 4, 20_000),
                         transform=FailOnFlag(flag) if failure == "error" else None)
+    submitted = time.monotonic()
     handle = of.submit(flow, parallelism=2, checkpoint=of.CheckpointConfig(interval_s=1.0, storage=storage,
                                                                            incremental=incremental),
                        restart=of.RestartStrategy.fixed_delay(attempts=2, delay_s=0.0), restart_in_place=in_place)
@@ -95,6 +100,9 @@ def one(keys: int, incremental: bool, in_place: bool, failure: str, number: int)
             return int(history[-1]["state_bytes"]) if enough else None
 
         state_bytes = wait_until(held, timeout_s=600, what="state of the keys in a checkpoint")
+        # A job starts its spare worker SPARE_AFTER_S after deploying; give it 2 s more to start and import.
+        wait_until(lambda: time.monotonic() - submitted >= SPARE_AFTER_S + 2.0 and warm.idle_workers(),
+                   timeout_s=120, what="the job's spare worker")
         if failure == "kill":
             timing = kill_and_time_recovery(handle, f"{name}/window_2/0", timeout_s=600)
         else:

@@ -80,8 +80,11 @@ class Executor(Protocol):
     def confirm_dead(self, actors: Sequence[Any]) -> None:
         """Wait until every killed actor is known dead, so nothing of it can act any more."""
 
-    def keep_warm(self, owner: str, per_node: dict[str, int]) -> None:
-        """Keep ``per_node[node]`` idle worker processes on each node while ``owner`` runs (see ``runtime.warm``)."""
+    def keep_warm(self, owner: str, per_node: dict[str, int], after_s: float) -> None:
+        """Keep ``per_node[node]`` idle worker processes on each node while ``owner`` runs, from ``after_s`` on.
+
+        See :mod:`onceflow.runtime.warm`.
+        """
 
     def release_warm(self, owner: str) -> None:
         """``owner`` ended: stop topping up the warm processes it asked for."""
@@ -164,8 +167,8 @@ class RayExecutor:
                 log.warning("%d killed actor(s) not yet confirmed dead; still waiting", len(pending))
                 waited = time.monotonic()
 
-    def keep_warm(self, owner: str, per_node: dict[str, int]) -> None:
-        WARM_WORKERS.keep(owner, per_node)
+    def keep_warm(self, owner: str, per_node: dict[str, int], after_s: float) -> None:
+        WARM_WORKERS.keep(owner, per_node, after_s)
 
     def release_warm(self, owner: str) -> None:
         WARM_WORKERS.release(owner)
@@ -382,7 +385,7 @@ class LocalExecutor:
 
         asyncio.run_coroutine_threadsafe(settled(), self.loop).result()
 
-    def keep_warm(self, owner: str, per_node: dict[str, int]) -> None:
+    def keep_warm(self, owner: str, per_node: dict[str, int], after_s: float) -> None:
         """Nothing to keep: local actors start no process."""
 
     def release_warm(self, owner: str) -> None:

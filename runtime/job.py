@@ -108,6 +108,7 @@ from onceflow.runtime.restore import assign_restored_state, restored_sink_states
 from onceflow.runtime.sink_committer import resolve_sink_operator
 from onceflow.runtime.subtask_actor import FENCE_WAIT_S, SubtaskActor
 from onceflow.runtime.telemetry import RestartCounter
+from onceflow.runtime.warm import SPARE_AFTER_S
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -1126,8 +1127,9 @@ class JobHandle:
                  len(attempt.everyone), time.monotonic() - started,
                  f" (restored from checkpoint {restore[0]})" if restore else "", self._plan.describe())
         self._deployed.set()
-        if self._spare_workers:  # in the background: a replaced actor's next process, warm
-            self._executor.keep_warm(self.run_id, dict.fromkeys(set(self._placement.values()), self._spare_workers))
+        if self._spare_workers:  # a replaced actor's next process, warm; in the background, once the job ran a while
+            self._executor.keep_warm(self.run_id, dict.fromkeys(set(self._placement.values()), self._spare_workers),
+                                     after_s=SPARE_AFTER_S)
         return Deployed(number)
 
     def _loop_watches(self, attempt: _Attempt) -> list[_LoopWatch]:
@@ -1340,7 +1342,8 @@ def submit(flow: Dataflow, *, options: JobOptions | None = None, **keywords: Unp
               answer in place and replaces only the dead or hung ones; ``False`` replaces every
               actor (see :mod:`onceflow.runtime.subtask_actor`).
             - ``spare_workers`` (1): idle Ray worker processes kept on each node the job runs
-              on, so a replaced actor starts in one (see :mod:`onceflow.runtime.warm`).
+              on from 5 s after each deployment, so a replaced actor starts in one (see
+              :mod:`onceflow.runtime.warm`).
 
     Returns once the first attempt runs (its actors deployed and wired), or
     the job already ended; failures from then on are the job's to recover.
