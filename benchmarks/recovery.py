@@ -8,8 +8,8 @@ incremental checkpoints in place, and an error raised in a source subtask
 (a ``map_batches`` step fails once: no process is lost, all four actors are
 reset in place; timed from the raise). It runs with K users and one long window, so its keyed state holds
 every key seen. Once a checkpoint holds at least 80% of the K keys, and the
-job's spare worker process is up (:data:`onceflow.runtime.warm.SPARE_AFTER_S`
-after it deployed, and 2 s to start), a window
+job's spare worker process is ready (started
+:data:`onceflow.runtime.warm.SPARE_AFTER_S` after the job deployed), a window
 subtask actor is killed (``ray.kill``) and the recovery is timed as
 ``benchmarks/common.kill_and_time_recovery`` does: from the kill to the last
 subtask of the next attempt processing rows again (failure detected, attempt
@@ -100,8 +100,8 @@ def one(keys: int, incremental: bool, in_place: bool, failure: str, number: int)
             return int(history[-1]["state_bytes"]) if enough else None
 
         state_bytes = wait_until(held, timeout_s=600, what="state of the keys in a checkpoint")
-        # A job starts its spare worker SPARE_AFTER_S after deploying; give it 2 s more to start and import.
-        wait_until(lambda: time.monotonic() - submitted >= SPARE_AFTER_S + 2.0 and warm.idle_workers(),
+        # A job starts its spare worker SPARE_AFTER_S after deploying.
+        wait_until(lambda: time.monotonic() - submitted >= SPARE_AFTER_S and warm.idle_workers(ready=True),
                    timeout_s=120, what="the job's spare worker")
         if failure == "kill":
             timing = kill_and_time_recovery(handle, f"{name}/window_2/0", timeout_s=600)

@@ -92,8 +92,8 @@ class _Raylet:
     def close(self) -> None:
         self._channel.close()
 
-    def idle(self, job_id: bytes, local: bool) -> tuple[int, int]:
-        """Idle workers here that an actor of job ``job_id`` can take: (registered, ready).
+    def idle(self, job_id: bytes, local: bool) -> tuple[list[int], list[int]]:
+        """Idle workers here that an actor of job ``job_id`` can take: (registered, ready) process ids.
 
         Such a worker never ran anything, holds no actor, and belongs to this
         job or to none. On this driver's machine (``local``), a registered
@@ -104,11 +104,11 @@ class _Raylet:
         """
         pids = self.idle_pids(job_id)
         if not local:
-            return len(pids), len(pids)
+            return pids, pids
         cpu = {pid: _cpu_ticks(pid) for pid in pids}
-        ready = sum(1 for pid, ticks in cpu.items() if pid in self._cpu and ticks - self._cpu[pid] <= 1)
+        ready = [pid for pid, ticks in cpu.items() if pid in self._cpu and ticks - self._cpu[pid] <= 1]
         self._cpu = cpu
-        return len(pids), ready
+        return pids, ready
 
     def idle_pids(self, job_id: bytes) -> list[int]:
         """The process ids of the idle workers here that an actor of job ``job_id`` can take."""
@@ -236,7 +236,8 @@ class WarmWorkers:
         asked: dict[str, tuple[int, float]] = {}  # node -> (registered when last asked, when)
         try:
             while True:
-                counts = {node: raylet.idle(job_id, raylet.host == here) for node, raylet in raylets.items()}
+                counts = {node: tuple(map(len, raylet.idle(job_id, raylet.host == here)))
+                          for node, raylet in raylets.items()}
                 if all(ready >= per_node[n] for n, (_, ready) in counts.items()) or time.monotonic() > deadline:
                     return {node: ready for node, (_, ready) in counts.items()}
                 for node, (registered, _) in counts.items():
@@ -261,12 +262,21 @@ def _raylets(nodes: Collection[str]) -> dict[str, _Raylet]:
             for info in ray.nodes() if info.get("Alive") and info["NodeID"] in nodes}
 
 
-def idle_workers(node: str | None = None) -> list[int]:
-    """The process ids of the idle workers on ``node`` (default: this driver's) that this driver's actors can take."""
+def idle_workers(node: str | None = None, *, ready: bool = False) -> list[int]:
+    """The process ids of the idle workers on ``node`` (default: this driver's) that this driver's actors can take.
+
+    With ``ready``, only those done starting (see :meth:`_Raylet.idle`; it looks twice, 0.1 s apart).
+    """
     node = node or ray.get_runtime_context().get_node_id()
     raylet = _raylets([node])[node]
+    job_id = bytes.fromhex(ray.get_runtime_context().get_job_id())
+    local = raylet.host == ray.util.get_node_ip_address()
     try:
-        return raylet.idle_pids(bytes.fromhex(ray.get_runtime_context().get_job_id()))
+        if not ready:
+            return raylet.idle_pids(job_id)
+        raylet.idle(job_id, local)
+        time.sleep(_ROUND_S)
+        return raylet.idle(job_id, local)[1]
     finally:
         raylet.close()
 
