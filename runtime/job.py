@@ -830,9 +830,13 @@ class JobHandle:
             self._carry_out(self._supervisor.start(self._restore))
             while not self._supervisor.finished:
                 event = self._next_event()
-                if isinstance(event, Failed) and event.attempt == self._supervisor.attempt:
+                failed = isinstance(event, Failed) and event.attempt == self._supervisor.attempt
+                if isinstance(event, Failed) and failed:
                     self._on_failure(event)
-                self._carry_out(self._supervisor.on_event(event))
+                actions = self._supervisor.on_event(event)
+                if failed:  # the phase says so now: watchers see it before a fast restart is over
+                    self._observer.show({**self._where(), "phase": self._supervisor.phase.value})
+                self._carry_out(actions)
         except BaseException as error:
             log.exception("job %s: the job driver failed", self.job)
             if self._error is None and self._result is None:
@@ -1123,6 +1127,7 @@ class JobHandle:
             self._events_log.emit("restart", attempt=number, restored_from=restore[0] if restore else None,
                                   recovery_s=recovery, **{k: self._restarts[-1].get(k)
                                                           for k in ("fence_s", "deploy_s", "replaced")})
+            self._observer.nudge()
         log.info("job %s: attempt %d: %d subtask actors running in %.2f s%s\n%s", self.job, number,
                  len(attempt.everyone), time.monotonic() - started,
                  f" (restored from checkpoint {restore[0]})" if restore else "", self._plan.describe())

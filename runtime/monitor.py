@@ -158,6 +158,8 @@ class Observer:
         self._request: Any = None
         self._ready_probe: Any = None  # answered once the monitor's process runs
         self._stop = threading.Event()
+        self._wake = threading.Event()  # sample now, not at the end of the period
+        self._shown = 0  # frames published by show(): a sample begun before the newest is stale
         self._lock = threading.Lock()  # one sample at a time: the thread's, or the final one
         self._thread = threading.Thread(target=self._run_loop, daemon=True, name=f"onceflow-observer-{job}")
         self._thread.start()
@@ -175,7 +177,11 @@ class Observer:
             self.monitor = self._request = None
 
     def _run_loop(self) -> None:
-        while not self._stop.wait(self._period_s):
+        while not self._stop.is_set():
+            self._wake.wait(self._period_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.tick()
             except Exception:
@@ -184,6 +190,7 @@ class Observer:
     def tick(self) -> dict[str, Any]:
         """Sample the view, record checkpoint outcomes, publish, relay a request; return the view."""
         with self._lock:
+            shown = self._shown
             since = self._outcome_seq
             view = self._sample(since)
             self._record_outcomes(view, since)
@@ -194,8 +201,9 @@ class Observer:
             if not view.get("ended"):
                 (t0, n0), (t1, n1) = self._rates[0], self._rates[-1]
                 view["events_per_s"] = max(n1 - n0, 0) / (t1 - t0) if t1 > t0 else 0.0
-            self.latest = view
-            self._publish(view)
+            if shown == self._shown:  # else show() published a newer phase while this sampled: sample again
+                self.latest = view
+                self._publish(view)
             if not self._stop.is_set():
                 self._relay_requests()
             return view
@@ -236,9 +244,28 @@ class Observer:
         self._request = self.monitor.next_request.remote()
         self._on_request(kind)
 
+    def nudge(self) -> None:
+        """Sample now rather than at the end of the period (a restart is done: show it)."""
+        self._wake.set()
+
+    def show(self, fields: dict[str, Any]) -> None:
+        """Publish the newest view with ``fields`` (status, attempt, cause) changed, at once; sample soon after.
+
+        For a phase change: a restart can be over in a fraction of the
+        sampling period (0.3 s with a spare worker), and this frame is what
+        shows it to watchers as ``RESTARTING``, with its cause. It takes no
+        lock and makes no call that waits (the job's driver calls it on its
+        way to fencing); a sample begun before it is not published.
+        """
+        self._shown += 1
+        self.latest = {**self.latest, **fields}
+        self._publish(self.latest)
+        self._wake.set()
+
     def close(self, final: dict[str, Any] | None = None) -> Any:
         """Stop sampling; publish ``final`` (the ended job's view) and wait briefly for it; return the monitor."""
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=30)
         with self._lock:
             if final is not None:

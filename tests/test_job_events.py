@@ -12,6 +12,7 @@ import onceflow as of
 from onceflow.checkpoint.storage import CheckpointStorage
 from onceflow.runtime.figures import LastKnown
 from onceflow.runtime.metrics import SubtaskCounters
+from onceflow.runtime.monitor import Observer
 from onceflow.testing.workload import feature_events
 from tests.helpers import fails_once_after
 
@@ -124,3 +125,28 @@ def test_last_known_figures_ignore_a_retired_attempt_reporting_late() -> None:
     known.update(2, figures(30))
     totals, ages = known.totals()
     assert totals.events_in == 130 and ages == {"src/0": 0.0}
+
+
+def test_a_restart_faster_than_a_sample_is_still_shown_to_watchers_as_restarting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every restart reaches watchers as a RESTARTING frame with its cause, however fast it is over.
+
+    On the local executor a restart takes milliseconds, far less than the
+    observer's 0.5 s sampling period; what the observer publishes is recorded.
+    """
+    published: list[dict[str, object]] = []
+    original = Observer._publish
+
+    def record(self: Observer, view: dict[str, object]) -> None:
+        published.append(dict(view))
+        original(self, view)
+
+    monkeypatch.setattr(Observer, "_publish", record)
+    result = of.run(flow_with("ev-fast-restart", fails_once_after(30_000)), parallelism=2, executor="local",
+                    checkpoint=of.CheckpointConfig(interval_s=0.02, storage=str(tmp_path)),
+                    restart=of.RestartStrategy.fixed_delay(attempts=2, delay_s=0.0))
+    assert result.metrics["restarts"] == 1
+    restarting = [v for v in published if v.get("status") == "RESTARTING"]
+    assert restarting, [v.get("status") for v in published]
+    assert "the network blinked" in str(restarting[0]["cause"]), restarting[0]
+    assert restarting[0]["attempt"] == 1 and restarting[0]["phase"] == "fencing", restarting[0]
