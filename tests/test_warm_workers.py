@@ -101,6 +101,7 @@ def test_an_unreachable_raylet_costs_only_a_log_line(caplog: pytest.LogCaptureFi
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.slow  # its own Ray in a subprocess: 15 s
 def test_a_job_with_a_runtime_environment_gets_workers_started_with_it() -> None:
     """Under ``ray job submit --working-dir`` a job has a runtime environment: spares must be started with it."""
     script = Path(__file__).parent / "jobs" / "warm_runtime_env.py"
