@@ -77,9 +77,8 @@ def main() -> None:
     runs = 3 if args.quick else args.runs
     start_ray()
     one_run(-1, "cold")  # warm-up: the first job of a fresh Ray takes the workers Ray started with it
-    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
-    for mode in MODES:  # all cold runs first: a prestarted run leaves a worker idle (six for five actors)
-        results[mode] = [one_run(i, mode) for i in range(runs)]
+    # All cold runs first: a prestarted run leaves a worker idle (six for five actors).
+    results = {mode: [one_run(i, mode) for i in range(runs)] for mode in MODES}
     figures = {mode: {key: {"median_s": statistics.median(r[key] for r in results[mode]),
                             "min_s": min(r[key] for r in results[mode]),
                             "max_s": max(r[key] for r in results[mode])}

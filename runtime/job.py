@@ -830,11 +830,11 @@ class JobHandle:
             self._carry_out(self._supervisor.start(self._restore))
             while not self._supervisor.finished:
                 event = self._next_event()
-                failed = isinstance(event, Failed) and event.attempt == self._supervisor.attempt
-                if isinstance(event, Failed) and failed:
-                    self._on_failure(event)
+                failed = event if isinstance(event, Failed) and event.attempt == self._supervisor.attempt else None
+                if failed is not None:
+                    self._on_failure(failed)
                 actions = self._supervisor.on_event(event)
-                if failed:  # the phase says so now: watchers see it before a fast restart is over
+                if failed is not None:  # the phase says so now: watchers see it before a fast restart is over
                     self._observer.show({**self._where(), "phase": self._supervisor.phase.value})
                 self._carry_out(actions)
         except BaseException as error:
