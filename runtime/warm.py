@@ -61,7 +61,7 @@ KEEP_ALIVE_S = 300.0
 
 SPARE_AFTER_S = 5.0
 """How long after a deployment a job starts its spare workers. Measured on 2 cores, a spare started at once
-cut a 2 M-event job from 2.8 to 1.8 M events/s; a job that runs for less needs no spare."""
+cut a 2 M-event job from 2.8 to 1.8 M events/s (an ad-hoc A/B, 5 runs each); a job that runs for less needs no spare."""
 
 _ROUND_S = 0.1
 """How often a round of prestarting looks at the node's idle workers."""
@@ -288,7 +288,7 @@ def prestart(workers_per_node: int, *, keep_alive_s: float = KEEP_ALIVE_S, timeo
     A job's actors take these processes instead of starting new ones (with
     preloading, see :mod:`onceflow.runtime.warm`, onceflow is imported in them
     already): measured on 2 cores, a parallelism-2 job then starts in about
-    0.4 s instead of 2.4 s. Call it ahead of time, e.g. when a service that
+    0.44-0.51 s instead of 2.4 s (``benchmarks/startup.py``). Call it ahead of time, e.g. when a service that
     submits jobs starts.
 
     Args:
